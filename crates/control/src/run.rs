@@ -1,0 +1,195 @@
+//! The vCPU thread's loop: requests, the Dekker entry, exits.
+
+use std::cell::RefCell;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Instant;
+
+use crate::counters::Counters;
+use crate::requests::WAKES_PARKED;
+use crate::vcpu::CURRENT;
+use crate::{Classify, Flow, Guest, Mode, Request, VcpuCtl};
+
+/// Why [`VcpuCtl::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// A controller called [`VcpuCtl::request_exit`].
+    ExitRequested,
+    /// The exit handler returned [`Flow::Exit`].
+    GuestDone,
+}
+
+/// Marks the vCPU exited however `run` ends (return, error or panic), so no
+/// controller waits for a thread that is gone.
+struct ExitGuard<'a, G>(&'a VcpuCtl<G>);
+
+impl<G> Drop for ExitGuard<'_, G> {
+    fn drop(&mut self) {
+        let ctl = self.0;
+        CURRENT.with(|c| c.set((std::ptr::null(), std::ptr::null())));
+        ctl.mode.store(Mode::Exited);
+        let orphans = {
+            let mut slow = ctl.lock();
+            slow.exited = true;
+            slow.parked = false;
+            std::mem::take(&mut slow.work)
+        };
+        // Dropping unrun work drops its result senders: run_on waiters see
+        // `Exited` at once instead of waiting out their deadline.
+        drop(orphans);
+        ctl.ack_cv.notify_all();
+    }
+}
+
+impl<G: Guest> VcpuCtl<G> {
+    /// The vCPU thread's loop. Call it on the thread that will own `guest`;
+    /// returns when a controller asks it to exit, when `on_exit` returns
+    /// [`Flow::Exit`], or with the first error from the guest or handler.
+    ///
+    /// The exit path touches only atomics: the mutex is taken only to park,
+    /// halt or run work.
+    pub fn run<H>(&self, guest: G, mut on_exit: H) -> Result<RunEnd, G::Error>
+    where
+        H: FnMut(&mut G, G::Exit) -> Result<Flow, G::Error>,
+    {
+        let guest = RefCell::new(guest);
+        let interrupt = guest.borrow_mut().bind_thread();
+        // One thread per control block: a second `run` keeps the first binding.
+        let _ = self.interrupt.set(interrupt);
+        let _exit_guard = ExitGuard(self);
+        CURRENT.with(|c| {
+            c.set((
+                self as *const Self as *const (),
+                &guest as *const RefCell<G> as *const (),
+            ))
+        });
+
+        let mut halted = false;
+        loop {
+            // 1. Take and handle pending requests.
+            let req = self.requests.swap(0, SeqCst);
+            if req != 0 {
+                if let Some(end) = self.handle_requests(req, &guest)? {
+                    return Ok(end);
+                }
+            }
+            if halted {
+                // HLT with no interrupt controller in the kernel: block in
+                // user space until a kick, then let the guest continue after
+                // its HLT (a spurious wake-up, which x86 guests tolerate).
+                self.halt_wait();
+                halted = false;
+                continue;
+            }
+
+            let mut g = guest.borrow_mut();
+            // 2. Clear immediate_exit *before* publishing InGuest: a signal
+            // sent for this entry must find the flag cleared already.
+            g.set_immediate_exit(false);
+            self.mode.store(Mode::InGuest);
+            // 3. Dekker, vCPU side: published the mode, now look at requests.
+            if self.requests.load(SeqCst) != 0 {
+                self.mode.store(Mode::Outside);
+                continue;
+            }
+            // 4. Enter.
+            Counters::bump(&self.counters.entries);
+            let result = g.enter();
+            self.mode.store(Mode::Outside);
+            match result? {
+                None if self.requests.load(SeqCst) != 0 => {
+                    Counters::bump(&self.counters.kicked_exits)
+                }
+                None => Counters::bump(&self.counters.spurious_exits),
+                Some(exit) => {
+                    self.counters.exit(exit.kind());
+                    match on_exit(&mut g, exit)? {
+                        Flow::Continue => {}
+                        Flow::Halt => halted = true,
+                        Flow::Exit => return Ok(RunEnd::GuestDone),
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle_requests(&self, req: u32, guest: &RefCell<G>) -> Result<Option<RunEnd>, G::Error> {
+        if req & Request::Exit.bit() != 0 {
+            return Ok(Some(RunEnd::ExitRequested));
+        }
+        if req & (Request::Stop.bit() | Request::Work.bit()) != 0 {
+            // Parked vCPUs and run_on closures must see a finished
+            // instruction, not a PIO-in whose data is still in flight.
+            guest.borrow_mut().settle()?;
+        }
+        if req & Request::Work.bit() != 0 {
+            self.run_work(guest);
+        }
+        if req & Request::Stop.bit() != 0 {
+            return Ok(self.park(guest));
+        }
+        Ok(None)
+    }
+
+    fn run_work(&self, guest: &RefCell<G>) {
+        loop {
+            // Pop under the lock, run without it: work may call back into
+            // this control block (e.g. read counters or modes).
+            let Some(work) = self.lock().work.pop_front() else {
+                return;
+            };
+            work(&mut guest.borrow_mut());
+            Counters::bump(&self.counters.work_run);
+        }
+    }
+
+    /// Stay parked while paused, running work items as they come. Returns
+    /// `Some` if asked to exit while parked.
+    fn park(&self, guest: &RefCell<G>) -> Option<RunEnd> {
+        let start = Instant::now();
+        let mut slow = self.lock();
+        if !slow.paused {
+            return None; // resumed before we got here
+        }
+        slow.parked = true;
+        self.ack_cv.notify_all();
+        loop {
+            // The mode is stored under the lock so a kicker that sees
+            // Parked, then takes the lock to notify, cannot miss our wait.
+            self.mode.store(Mode::Parked);
+            while slow.paused && self.requests.load(SeqCst) & WAKES_PARKED == 0 {
+                slow = self.vcpu_cv.wait(slow).unwrap_or_else(|p| p.into_inner());
+            }
+            self.mode.store(Mode::Outside);
+            if !slow.paused {
+                break;
+            }
+            drop(slow);
+            let req = self.requests.swap(0, SeqCst);
+            if req & Request::Exit.bit() != 0 {
+                // Still parked: the exit guard clears `parked` and wakes waiters.
+                Self::add_ns(&self.counters.parked_ns, start);
+                return Some(RunEnd::ExitRequested);
+            }
+            if req & Request::Work.bit() != 0 {
+                self.run_work(guest);
+            }
+            slow = self.lock();
+        }
+        slow.parked = false;
+        drop(slow);
+        Self::add_ns(&self.counters.parked_ns, start);
+        None
+    }
+
+    fn halt_wait(&self) {
+        let start = Instant::now();
+        let mut slow = self.lock();
+        self.mode.store(Mode::Halted);
+        while self.requests.load(SeqCst) == 0 {
+            slow = self.vcpu_cv.wait(slow).unwrap_or_else(|p| p.into_inner());
+        }
+        self.mode.store(Mode::Outside);
+        drop(slow);
+        Self::add_ns(&self.counters.halted_ns, start);
+    }
+}

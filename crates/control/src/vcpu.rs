@@ -1,0 +1,277 @@
+//! The per-vCPU control block and the operations controllers call.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+use crate::counters::Counters;
+use crate::mode::AtomicMode;
+use crate::{Deadline, Error, Guest, Interrupt, Mode, Op, Request};
+
+pub(crate) type Work<G> = Box<dyn FnOnce(&mut G) + Send>;
+
+/// State behind the mutex: only the slow paths (park, halt, work) take it.
+pub(crate) struct Slow<G> {
+    /// A controller wants the vCPU parked.
+    pub(crate) paused: bool,
+    /// The vCPU thread is parked (acknowledges `paused`).
+    pub(crate) parked: bool,
+    /// The vCPU thread has left its loop.
+    pub(crate) exited: bool,
+    pub(crate) work: VecDeque<Work<G>>,
+}
+
+/// The control block of one vCPU, shared (in an `Arc`) between its thread
+/// and any number of controllers.
+pub struct VcpuCtl<G> {
+    id: usize,
+    pub(crate) mode: AtomicMode,
+    pub(crate) requests: AtomicU32,
+    pub(crate) slow: Mutex<Slow<G>>,
+    /// The vCPU thread waits here when halted or parked.
+    pub(crate) vcpu_cv: Condvar,
+    /// Controllers wait here for `parked` / `exited`.
+    pub(crate) ack_cv: Condvar,
+    pub(crate) interrupt: OnceLock<Box<dyn Interrupt>>,
+    pub(crate) counters: Counters,
+}
+
+thread_local! {
+    /// On a vCPU thread: (its control block, its `RefCell<G>`), both as
+    /// untyped pointers; lets `run_on` from that thread run inline.
+    pub(crate) static CURRENT: Cell<(*const (), *const ())> =
+        const { Cell::new((std::ptr::null(), std::ptr::null())) };
+}
+
+/// The pending result of [`VcpuCtl::run_on_async`].
+pub struct RunOnTicket<R> {
+    vcpu: usize,
+    rx: Receiver<R>,
+}
+
+impl<R> RunOnTicket<R> {
+    /// Wait for the closure's result.
+    pub fn wait(self, deadline: Deadline) -> Result<R, Error> {
+        match self.rx.recv_timeout(deadline.remaining()) {
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+                op: Op::RunOn,
+                vcpus: vec![self.vcpu],
+            }),
+            // The work item was dropped unrun: the thread left its loop.
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Exited {
+                op: Op::RunOn,
+                vcpu: self.vcpu,
+            }),
+        }
+    }
+}
+
+impl<G> VcpuCtl<G> {
+    /// A control block for vCPU `id`, not yet bound to a thread.
+    pub fn new(id: usize) -> Self {
+        VcpuCtl {
+            id,
+            mode: AtomicMode::new(Mode::Outside),
+            requests: AtomicU32::new(0),
+            slow: Mutex::new(Slow {
+                paused: false,
+                parked: false,
+                exited: false,
+                work: VecDeque::new(),
+            }),
+            vcpu_cv: Condvar::new(),
+            ack_cv: Condvar::new(),
+            interrupt: OnceLock::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The vCPU index.
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Where the vCPU thread is now.
+    pub fn mode(&self) -> Mode {
+        self.mode.load()
+    }
+
+    /// Live counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Whether a controller has asked this vCPU to stay parked.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Whether the vCPU is parked (acknowledged a stop).
+    pub fn is_parked(&self) -> bool {
+        self.lock().parked
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Slow<G>> {
+        // A panic while holding this lock leaves plain flags behind, which
+        // stay meaningful: keep going rather than poison every controller.
+        self.slow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Post `req` and make sure the vCPU notices before (or right after) its
+    /// next guest entry. Signals only if the vCPU is in the guest and no one
+    /// else has signalled this entry.
+    pub fn kick(&self, req: Request) {
+        Counters::bump(&self.counters.kicks);
+        // Dekker, requester side: publish the request, then look at the mode.
+        self.requests.fetch_or(req.bit(), SeqCst);
+        match self.mode.claim_exit() {
+            Ok(()) => {
+                // We won InGuest -> Exiting: ours is the one signal.
+                Counters::bump(&self.counters.signals_sent);
+                self.interrupt
+                    .get()
+                    .expect("a vCPU is InGuest only after its thread bound its interrupt")
+                    .interrupt();
+            }
+            Err(Mode::Halted) | Err(Mode::Parked) => {
+                // Blocked in user space: a futex wake, never a signal.
+                // Taking the lock orders us after its store of the mode, so
+                // the notify cannot slip in before it waits.
+                Counters::bump(&self.counters.signals_elided);
+                Counters::bump(&self.counters.wakeups);
+                let _guard = self.lock();
+                self.vcpu_cv.notify_all();
+            }
+            // Outside: it checks requests before entering. Exiting: already
+            // signalled. Exited: nobody to tell.
+            Err(_) => Counters::bump(&self.counters.signals_elided),
+        }
+    }
+
+    /// Ask the vCPU to park outside guest mode; returns once it has, with
+    /// any half-done PIO/MMIO completed. Stopping a parked vCPU costs no
+    /// signal and no wake-up.
+    pub fn stop(&self, deadline: Deadline) -> Result<(), Error> {
+        if self.begin_stop(Op::Stop)? {
+            self.wait_parked(Op::Stop, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Mark paused; kick unless already parked. Returns whether a wait is
+    /// needed.
+    pub(crate) fn begin_stop(&self, op: Op) -> Result<bool, Error> {
+        {
+            let mut slow = self.lock();
+            if slow.exited {
+                return Err(Error::Exited { op, vcpu: self.id });
+            }
+            slow.paused = true;
+            if slow.parked {
+                Counters::bump(&self.counters.kicks);
+                Counters::bump(&self.counters.signals_elided);
+                return Ok(false);
+            }
+        }
+        self.kick(Request::Stop);
+        Ok(true)
+    }
+
+    pub(crate) fn wait_parked(&self, op: Op, deadline: Deadline) -> Result<(), Error> {
+        let slow = self.lock();
+        let (slow, _) = self
+            .ack_cv
+            .wait_timeout_while(slow, deadline.remaining(), |s| {
+                s.paused && !s.parked && !s.exited
+            })
+            .unwrap_or_else(|p| p.into_inner());
+        if slow.parked || !slow.paused {
+            // Parked, or someone resumed it meanwhile: either way our stop
+            // is no longer pending.
+            Ok(())
+        } else if slow.exited {
+            Err(Error::Exited { op, vcpu: self.id })
+        } else {
+            Err(Error::Timeout {
+                op,
+                vcpus: vec![self.id],
+            })
+        }
+    }
+
+    /// Let a stopped vCPU run again. No signal: a parked thread waits on a
+    /// condition variable.
+    pub fn resume(&self) {
+        let mut slow = self.lock();
+        slow.paused = false;
+        self.vcpu_cv.notify_all();
+    }
+
+    /// Ask the vCPU thread to leave its run loop (from any state).
+    pub fn request_exit(&self) {
+        self.kick(Request::Exit);
+    }
+
+    /// Whether the calling thread is this vCPU's own thread.
+    fn on_own_thread(&self) -> Option<*const RefCell<G>> {
+        let (ctl, guest) = CURRENT.with(|c| c.get());
+        (ctl == self as *const Self as *const ()).then_some(guest as *const RefCell<G>)
+    }
+}
+
+impl<G: Guest> VcpuCtl<G> {
+    /// Run `f` on the vCPU thread, outside guest mode, and return its result.
+    /// From the vCPU's own thread `f` runs inline.
+    pub fn run_on<R, F>(&self, f: F, deadline: Deadline) -> Result<R, Error>
+    where
+        F: FnOnce(&mut G) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        if let Some(cell) = self.on_own_thread() {
+            // SAFETY: CURRENT holds this control block's address only while
+            // `run` is executing on this thread with the `RefCell<G>` it
+            // points to alive on that thread's stack, and `G` is the type
+            // `run` was called with (it is part of `Self`'s type).
+            let cell = unsafe { &*cell };
+            let mut guest = cell
+                .try_borrow_mut()
+                .map_err(|_| Error::Reentrant { vcpu: self.id })?;
+            return Ok(f(&mut guest));
+        }
+        self.run_on_async(f)?.wait(deadline)
+    }
+
+    /// Queue `f` to run on the vCPU thread and kick it; does not wait.
+    pub fn run_on_async<R, F>(&self, f: F) -> Result<RunOnTicket<R>, Error>
+    where
+        F: FnOnce(&mut G) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = mpsc::sync_channel(1);
+        {
+            let mut slow = self.lock();
+            if slow.exited {
+                return Err(Error::Exited {
+                    op: Op::RunOn,
+                    vcpu: self.id,
+                });
+            }
+            slow.work.push_back(Box::new(move |g: &mut G| {
+                // The waiter may have given up; the result is then dropped.
+                let _ = tx.send(f(g));
+            }));
+        }
+        self.kick(Request::Work);
+        Ok(RunOnTicket { vcpu: self.id, rx })
+    }
+
+    /// Time spent blocked, for the parked/halted counters.
+    pub(crate) fn add_ns(counter: &std::sync::atomic::AtomicU64, since: Instant) {
+        let ns = since.elapsed().as_nanos() as u64;
+        counter.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+}
