@@ -1,0 +1,15 @@
+//! brisk's KVM plumbing: the VM and its memory, vCPU file descriptors, and
+//! the kick signal that sets `kvm_run.immediate_exit`.
+//!
+//! [`KvmVcpu`] implements [`brisk_control::Guest`], so the control plane's
+//! run loop drives it without knowing it is KVM.
+
+mod error;
+mod kick;
+mod vcpu;
+mod vm;
+
+pub use error::{Error, Result};
+pub use kick::{kick_signal, SignalInterrupt};
+pub use vcpu::{Exit, KvmVcpu};
+pub use vm::{Irqchip, Vm};
