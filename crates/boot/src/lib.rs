@@ -1,0 +1,11 @@
+//! The platform brisk presents to built-in guests, and the set-up that
+//! starts every vCPU directly in 64-bit long mode.
+//!
+//! [`layout`] and [`ports`] are the contract between the VMM, its devices
+//! and the guest programs assembled in `brisk-guests`.
+
+pub mod layout;
+mod long_mode;
+pub mod ports;
+
+pub use long_mode::{load_program, start_vcpu_in_long_mode, write_tables, BootError};

@@ -1,0 +1,130 @@
+//! Page tables, GDT and registers for starting a vCPU in 64-bit mode.
+
+use std::fmt;
+
+use kvm_bindings::{kvm_regs, kvm_segment};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::*;
+
+const CR0_PE: u64 = 1;
+const CR0_NW: u64 = 1 << 29;
+const CR0_CD: u64 = 1 << 30;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+const PTE_PRESENT_RW: u64 = 0x3;
+const PDE_2M: u64 = 0x80;
+
+const GDT_ENTRIES: [u64; 4] = [
+    0,
+    0x00af_9b00_0000_ffff, // code: 64-bit, present, execute/read
+    0x00cf_9300_0000_ffff, // data: present, read/write, 4 GiB
+    0x0080_8b00_0000_0067, // TSS: present, 64-bit busy TSS, limit 0x67
+];
+const CODE_SEL: u16 = 0x8;
+const DATA_SEL: u16 = 0x10;
+const TSS_SEL: u16 = 0x18;
+
+/// Set-up failed.
+#[derive(Debug)]
+pub enum BootError {
+    /// The program or tables do not fit in guest memory.
+    Memory(String),
+    /// A register ioctl failed.
+    Kvm(&'static str, kvm_ioctls::Error),
+}
+
+impl fmt::Display for BootError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BootError::Memory(m) => write!(f, "{m}"),
+            BootError::Kvm(what, e) => write!(f, "{what} failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for BootError {}
+
+fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, addr: u64, v: T) -> Result<(), BootError> {
+    mem.write_obj(v, GuestAddress(addr))
+        .map_err(|e| BootError::Memory(format!("writing boot tables at {addr:#x}: {e}")))
+}
+
+/// Write the GDT and identity-mapping page tables (shared by all vCPUs).
+pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+    for (i, entry) in GDT_ENTRIES.iter().enumerate() {
+        write(mem, GDT + 8 * i as u64, *entry)?;
+    }
+    write(mem, PML4, PDPT | PTE_PRESENT_RW)?;
+    for g in 0..PD_COUNT {
+        let pd = PD + g * 0x1000;
+        write(mem, PDPT + 8 * g, pd | PTE_PRESENT_RW)?;
+        for i in 0..512u64 {
+            let phys = (g << 30) | (i << 21);
+            write(mem, pd + 8 * i, phys | PTE_PRESENT_RW | PDE_2M)?;
+        }
+    }
+    Ok(())
+}
+
+/// Copy a program to [`CODE`].
+pub fn load_program(mem: &GuestMemoryMmap, code: &[u8]) -> Result<(), BootError> {
+    mem.write_slice(code, GuestAddress(CODE)).map_err(|_| {
+        BootError::Memory(format!(
+            "a {}-byte program at {CODE:#x} does not fit in guest memory",
+            code.len()
+        ))
+    })
+}
+
+fn segment(selector: u16, type_: u8, l: u8, db: u8, s: u8) -> kvm_segment {
+    kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db,
+        s,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// Put vCPU `id` in 64-bit mode at [`CODE`] with `rdi = id`,
+/// `rsi = vcpu_count`, its own stack, and interrupts disabled.
+pub fn start_vcpu_in_long_mode(fd: &VcpuFd, id: usize, vcpu_count: usize) -> Result<(), BootError> {
+    let mut sregs = fd.get_sregs().map_err(|e| BootError::Kvm("KVM_GET_SREGS", e))?;
+    sregs.cs = segment(CODE_SEL, 0xb, 1, 0, 1);
+    let data = segment(DATA_SEL, 0x3, 0, 1, 1);
+    (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        g: 0,
+        ..segment(TSS_SEL, 0xb, 0, 0, 0)
+    };
+    sregs.gdt.base = GDT;
+    sregs.gdt.limit = (GDT_ENTRIES.len() * 8 - 1) as u16;
+    sregs.cr3 = PML4;
+    sregs.cr4 |= CR4_PAE;
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_PG) & !(CR0_CD | CR0_NW);
+    sregs.efer |= EFER_LME | EFER_LMA;
+    fd.set_sregs(&sregs).map_err(|e| BootError::Kvm("KVM_SET_SREGS", e))?;
+
+    let regs = kvm_regs {
+        rip: CODE,
+        rsp: stack_top(id),
+        rdi: id as u64,
+        rsi: vcpu_count as u64,
+        rflags: 0x2, // IF = 0
+        ..Default::default()
+    };
+    fd.set_regs(&regs).map_err(|e| BootError::Kvm("KVM_SET_REGS", e))
+}

@@ -1,0 +1,20 @@
+//! The I/O port map.
+
+/// 16550 UART (COM1), eight registers.
+pub const COM1: u16 = 0x3f8;
+/// isa-debug-exit: a write of `v` ends the VM with status `(v << 1) | 1`.
+pub const DEBUG_EXIT: u16 = 0xf4;
+/// ACPI PM1a control (as QEMU's PIIX4): writing SLP_EN powers off.
+pub const PM1A_CNT: u16 = 0x604;
+/// SLP_EN | SLP_TYP=0 written to [`PM1A_CNT`] powers the machine off.
+pub const PM1A_POWER_OFF: u16 = 0x2000;
+/// Per-vCPU counter devices: vCPU `i`'s is at `COUNTER + 4 * i`; each `in`
+/// returns the next value of a 32-bit counter.
+pub const COUNTER: u16 = 0x700;
+/// A port no device claims (reads all-ones).
+pub const UNCLAIMED: u16 = 0x80;
+
+/// Port of vCPU `id`'s counter device.
+pub const fn counter(id: usize) -> u16 {
+    COUNTER + 4 * id as u16
+}
