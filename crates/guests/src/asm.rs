@@ -70,8 +70,7 @@ impl Uart {
         a.ret()?;
 
         a.set_label(&mut self.puts)?;
-        let (mut next, mut done) = (a.create_label(), a.create_label());
-        a.set_label(&mut next)?;
+        let mut done = a.create_label();
         a.mov(al, byte_ptr(rsi))?;
         a.test(al, al)?;
         a.jz(done)?;
@@ -79,7 +78,7 @@ impl Uart {
         a.call(self.putc)?;
         a.pop(rsi)?;
         a.inc(rsi)?;
-        a.jmp(next)?;
+        a.jmp(self.puts)?;
         a.set_label(&mut done)?;
         a.ret()?;
 
