@@ -1,0 +1,36 @@
+//! A device whose every read returns the next value of a counter.
+
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::DevicePio;
+
+/// Read: the next value (0, 1, 2, ...), little-endian, truncated to the
+/// access size. Writes set the counter. Used by the `pio` guest and the
+/// exit-path benchmarks: one per vCPU, so vCPUs never share a cache line.
+#[derive(Debug, Default)]
+pub struct CounterDevice {
+    next: AtomicU32,
+}
+
+impl CounterDevice {
+    /// How many reads it has answered (since the last write).
+    pub fn value(&self) -> u32 {
+        self.next.load(Relaxed)
+    }
+}
+
+impl DevicePio for CounterDevice {
+    fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
+        let v = self.next.fetch_add(1, Relaxed).to_le_bytes();
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&v[..n]);
+    }
+
+    fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        self.next.store(u32::from_le_bytes(v), Relaxed);
+    }
+}

@@ -1,0 +1,58 @@
+//! brisk's exit dispatch and devices.
+//!
+//! [`Bus`] routes PIO and MMIO exits to devices by address range. It is
+//! built before the vCPUs start and only read afterwards, so dispatch takes
+//! no lock of its own: a device that has state takes its own lock.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use brisk_devices::{Bus, CounterDevice};
+//!
+//! let mut bus = Bus::new();
+//! bus.register_pio(0x700, 4, Arc::new(CounterDevice::default())).unwrap();
+//! let mut data = [0u8; 4];
+//! bus.pio_read(0x700, &mut data);
+//! bus.pio_read(0x700, &mut data);
+//! assert_eq!(u32::from_le_bytes(data), 1);
+//! bus.pio_read(0x1234, &mut data); // nobody there: all-ones
+//! assert_eq!(data, [0xff; 4]);
+//! assert_eq!(bus.unclaimed_accesses(), 1);
+//! ```
+
+mod bus;
+mod counter;
+mod debug_exit;
+mod power;
+mod serial;
+
+pub use bus::{Bus, BusError};
+pub use counter::CounterDevice;
+pub use debug_exit::DebugExit;
+pub use power::PowerOff;
+pub use serial::Uart;
+
+/// Why a device ended the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestStop {
+    /// The guest powered off (ACPI PM1a_CNT SLP_EN).
+    PowerOff,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+}
+
+impl GuestStop {
+    /// The process exit status QEMU's conventions give this stop:
+    /// 0 for power-off, `(v << 1) | 1` for the debug-exit port.
+    pub fn exit_status(self) -> i32 {
+        match self {
+            GuestStop::PowerOff => 0,
+            GuestStop::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
+        }
+    }
+}
+
+/// Where devices report that the guest asked to stop. The VMM implements
+/// it; it must not block (it is called on a vCPU thread).
+pub trait StopSink: Send + Sync {
+    fn guest_stopped(&self, why: GuestStop);
+}
