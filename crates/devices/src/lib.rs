@@ -40,17 +40,6 @@ pub enum GuestStop {
     DebugExit(u32),
 }
 
-impl GuestStop {
-    /// The process exit status QEMU's conventions give this stop:
-    /// 0 for power-off, `(v << 1) | 1` for the debug-exit port.
-    pub fn exit_status(self) -> i32 {
-        match self {
-            GuestStop::PowerOff => 0,
-            GuestStop::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
-        }
-    }
-}
-
 /// Where devices report that the guest asked to stop. The VMM implements
 /// it; it must not block (it is called on a vCPU thread).
 pub trait StopSink: Send + Sync {

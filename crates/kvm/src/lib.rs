@@ -12,4 +12,4 @@ mod vm;
 pub use error::{Error, Result};
 pub use kick::{kick_signal, SignalInterrupt};
 pub use vcpu::{Exit, KvmVcpu};
-pub use vm::{Irqchip, Vm};
+pub use vm::{Irqchip, Vm, MAX_LOW_RAM};

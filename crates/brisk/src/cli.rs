@@ -1,0 +1,134 @@
+//! Command-line interface.
+
+use std::time::Duration;
+
+use brisk_vmm::{Irqchip, Output, Vm, VmConfig, VmEnd};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::{signals, status};
+
+/// brisk: a KVM virtual machine monitor whose vCPU control plane never loses
+/// a kick and never sends a needless signal.
+#[derive(Parser, Debug)]
+#[command(name = "brisk", version, propagate_version = true)]
+pub struct Cli {
+    /// Log more (-v: info, -vv: debug). BRISK_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a built-in guest (with no options: `hello` on 2 vCPUs).
+    #[command(after_help = status::HELP)]
+    Run(RunArgs),
+    /// List the built-in guests.
+    Guests,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Built-in guest to boot (see `brisk guests`).
+    #[arg(long, default_value = "hello")]
+    guest: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 2)]
+    cpus: usize,
+    /// Guest memory, with a K, M or G suffix (e.g. 64M).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    memory: u64,
+    /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Where HLT is handled: `user` (HLT exits to brisk, which halts the
+    /// vCPU in user space) or `kernel` (KVM's in-kernel irqchip).
+    #[arg(long, value_enum, default_value_t = IrqchipArg::User)]
+    irqchip: IrqchipArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum IrqchipArg {
+    User,
+    Kernel,
+}
+
+/// Parse `64M`, `2G`, `512K` or a plain number of bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 10),
+        Some((i, 'M' | 'm')) => (&s[..i], 20),
+        Some((i, 'G' | 'g')) => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size like 64M, 1G or 4096"))?;
+    n.checked_shl(shift)
+        .filter(|v| v >> shift == n)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl Cli {
+    pub fn log_level(&self) -> &'static str {
+        match self.verbose {
+            0 => "warn",
+            1 => "info",
+            _ => "debug",
+        }
+    }
+
+    /// Run the command; returns the process exit status.
+    pub fn execute(self) -> i32 {
+        match self.command {
+            Command::Guests => {
+                for g in brisk_guests::ALL {
+                    println!("{:<11} {}", g.name, g.about);
+                }
+                status::OK
+            }
+            Command::Run(args) => run(args),
+        }
+    }
+}
+
+fn run(args: RunArgs) -> i32 {
+    let config = VmConfig {
+        guest: args.guest,
+        cpus: args.cpus,
+        memory: args.memory,
+        irqchip: match args.irqchip {
+            IrqchipArg::User => Irqchip::User,
+            IrqchipArg::Kernel => Irqchip::Kernel,
+        },
+    };
+    let interrupt = match signals::install() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("brisk: cannot install signal handlers: {e}");
+            return status::INTERNAL;
+        }
+    };
+    let vm = match Vm::start(&config, Output::Stdout) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("brisk: {e}");
+            return status::for_start_error(&e);
+        }
+    };
+    let end = vm.wait(args.timeout, Some(interrupt));
+    let code = status::for_end(&end, signals::last());
+    let joined = vm.shutdown();
+    match &end {
+        VmEnd::PowerOff | VmEnd::DebugExit(_) => log::info!("{end}"),
+        VmEnd::Interrupted => eprintln!("brisk: stopped by signal {}", signals::last()),
+        _ => eprintln!("brisk: {end}"),
+    }
+    if let Err(e) = joined {
+        eprintln!("brisk: {e}");
+        return status::INTERNAL;
+    }
+    code
+}

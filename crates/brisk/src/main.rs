@@ -1,0 +1,24 @@
+//! The `brisk` command: a thin layer over `brisk-vmm`.
+
+mod cli;
+mod signals;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version are "errors" that print and exit 0.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { status::USAGE as u8 } else { 0 });
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::new().filter_or("BRISK_LOG", cli.log_level()))
+        .format_timestamp_micros()
+        .init();
+    ExitCode::from(cli.execute() as u8)
+}

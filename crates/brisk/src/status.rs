@@ -1,0 +1,62 @@
+//! brisk's process exit statuses: the guest's when it chose one, distinct
+//! even numbers for VMM failures.
+
+use brisk_vmm::{StartError, VmEnd};
+
+/// Guest powered off cleanly.
+pub const OK: i32 = 0;
+/// Command-line error (clap's own code).
+pub const USAGE: i32 = 2;
+/// /dev/kvm missing, not accessible, or lacking a capability.
+pub const NO_KVM: i32 = 4;
+/// Bad configuration: unknown guest, bad vCPU count or memory size.
+pub const CONFIG: i32 = 6;
+/// The guest crashed: triple fault, emulation failure, unhandled exit.
+pub const GUEST_CRASH: i32 = 8;
+/// --timeout passed with the guest still running.
+pub const TIMEOUT: i32 = 10;
+/// Internal VMM failure: a KVM call or a vCPU thread failed.
+pub const INTERNAL: i32 = 12;
+
+/// The text `brisk run --help` shows.
+pub const HELP: &str = "\
+Exit status:
+  0      the guest powered off (ACPI PM1a_CNT at port 0x604)
+  odd    the guest wrote v to the debug-exit port 0xf4: (v << 1) | 1, as QEMU's isa-debug-exit
+  2      bad command line
+  4      /dev/kvm is missing, not accessible, or lacks a needed capability
+  6      bad configuration (unknown guest, vCPU count, memory size)
+  8      the guest crashed (triple fault, emulation failure, unhandled exit)
+  10     --timeout passed with the guest still running
+  12     internal VMM failure (a KVM call or a vCPU thread failed)
+  130    stopped by SIGINT (Ctrl-C); 143 by SIGTERM";
+
+/// Status for a VM that ran and ended.
+pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
+    match end {
+        VmEnd::PowerOff => OK,
+        VmEnd::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
+        VmEnd::Crash { .. } => GUEST_CRASH,
+        VmEnd::VcpuFailed { .. } => INTERNAL,
+        VmEnd::Timeout => TIMEOUT,
+        VmEnd::Interrupted => 128 + signal,
+    }
+}
+
+/// Status for a VM that could not start.
+pub fn for_start_error(e: &StartError) -> i32 {
+    match e {
+        StartError::Config(_) => CONFIG,
+        StartError::Kvm(brisk_kvm_error) if is_kvm_access(brisk_kvm_error) => NO_KVM,
+        StartError::Kvm(_) | StartError::Setup(_) => INTERNAL,
+    }
+}
+
+fn is_kvm_access(e: &brisk_vmm::KvmError) -> bool {
+    matches!(
+        e,
+        brisk_vmm::KvmError::NoKvm
+            | brisk_vmm::KvmError::KvmPermission
+            | brisk_vmm::KvmError::MissingCapability(_)
+    )
+}

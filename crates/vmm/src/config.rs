@@ -1,0 +1,75 @@
+//! What to build: guest, vCPUs, memory, irqchip.
+
+use std::fmt;
+
+use brisk_boot::layout::{MAX_VCPUS, MIN_MEMORY};
+use brisk_kvm::Irqchip;
+
+/// A VM's configuration.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Name of a built-in guest (see `brisk guests`).
+    pub guest: String,
+    /// Number of vCPUs.
+    pub cpus: usize,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Where HLT and interrupts are handled.
+    pub irqchip: Irqchip,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            guest: "hello".into(),
+            cpus: 2,
+            memory: 64 << 20,
+            irqchip: Irqchip::User,
+        }
+    }
+}
+
+/// A configuration brisk cannot build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    UnknownGuest(String),
+    Cpus(usize),
+    Memory(u64),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::UnknownGuest(g) => {
+                let names: Vec<&str> = brisk_guests::ALL.iter().map(|g| g.name).collect();
+                write!(f, "unknown guest '{g}' (built-in guests: {})", names.join(", "))
+            }
+            ConfigError::Cpus(n) => write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}"),
+            ConfigError::Memory(m) => write!(
+                f,
+                "{m} bytes of memory requested; need a multiple of 4 KiB from {} MiB to 3 GiB",
+                MIN_MEMORY >> 20
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl VmConfig {
+    /// Check the configuration without touching KVM.
+    pub fn validate(&self) -> Result<&'static brisk_guests::Builtin, ConfigError> {
+        let guest = brisk_guests::find(&self.guest)
+            .ok_or_else(|| ConfigError::UnknownGuest(self.guest.clone()))?;
+        if self.cpus == 0 || self.cpus > MAX_VCPUS {
+            return Err(ConfigError::Cpus(self.cpus));
+        }
+        if self.memory < MIN_MEMORY
+            || self.memory > brisk_kvm::MAX_LOW_RAM
+            || self.memory % 4096 != 0
+        {
+            return Err(ConfigError::Memory(self.memory));
+        }
+        Ok(guest)
+    }
+}

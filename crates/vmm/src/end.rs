@@ -1,0 +1,78 @@
+//! How a VM ended, and the one place that records it.
+
+use std::fmt;
+use std::sync::Mutex;
+
+use brisk_devices::{GuestStop, StopSink};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Why the VM stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmEnd {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// A vCPU hit something the guest cannot continue from.
+    Crash { vcpu: usize, what: String, rip: u64 },
+    /// A vCPU thread failed (KVM error or panic).
+    VcpuFailed { vcpu: usize, error: String },
+    /// The wait's timeout passed with the guest still running.
+    Timeout,
+    /// The caller's interrupt fd became readable (e.g. Ctrl-C).
+    Interrupted,
+}
+
+impl fmt::Display for VmEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmEnd::PowerOff => write!(f, "guest powered off"),
+            VmEnd::DebugExit(v) => write!(f, "guest wrote {v:#x} to the debug-exit port"),
+            VmEnd::Crash { vcpu, what, rip } => {
+                write!(f, "guest crashed: vCPU {vcpu}: {what} at RIP {rip:#x}")
+            }
+            VmEnd::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
+            VmEnd::Timeout => write!(f, "timed out with the guest still running"),
+            VmEnd::Interrupted => write!(f, "interrupted"),
+        }
+    }
+}
+
+/// Records the first end and wakes the thread waiting for it.
+pub(crate) struct EndLatch {
+    end: Mutex<Option<VmEnd>>,
+    pub(crate) fd: EventFd,
+}
+
+impl EndLatch {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(EndLatch {
+            end: Mutex::new(None),
+            fd: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Record `end` unless an earlier end is recorded.
+    pub(crate) fn end(&self, end: VmEnd) {
+        let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            log::debug!("VM end: {end}");
+            *slot = Some(end);
+            // Cannot fail short of a counter overflow; the slot is set anyway.
+            let _ = self.fd.write(1);
+        }
+    }
+
+    pub(crate) fn get(&self) -> Option<VmEnd> {
+        self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl StopSink for EndLatch {
+    fn guest_stopped(&self, why: GuestStop) {
+        self.end(match why {
+            GuestStop::PowerOff => VmEnd::PowerOff,
+            GuestStop::DebugExit(v) => VmEnd::DebugExit(v),
+        });
+    }
+}

@@ -1,0 +1,31 @@
+//! brisk's VMM: assemble a VM from a [`VmConfig`], run one thread per vCPU
+//! on the control plane, dispatch exits to the devices, and report how the
+//! VM ended ([`VmEnd`]).
+//!
+//! ```no_run
+//! use brisk_vmm::{Output, Vm, VmConfig, VmEnd};
+//! use std::time::Duration;
+//!
+//! let config = VmConfig { guest: "hello".into(), cpus: 2, ..VmConfig::default() };
+//! let vm = Vm::start(&config, Output::Stdout).unwrap();
+//! let end = vm.wait(Some(Duration::from_secs(10)), None);
+//! assert_eq!(end, VmEnd::PowerOff);
+//! vm.shutdown().unwrap();
+//! ```
+
+mod config;
+mod end;
+mod exits;
+mod output;
+mod vm;
+
+pub use config::{ConfigError, VmConfig};
+pub use end::VmEnd;
+pub use output::{Capture, Output};
+pub use vm::{StartError, Vm};
+
+pub use brisk_control as control;
+pub use brisk_kvm::{Error as KvmError, Irqchip, KvmVcpu};
+
+/// A vCPU's control block as the VMM uses it.
+pub type Vcpu = brisk_control::VcpuCtl<KvmVcpu>;

@@ -1,0 +1,244 @@
+//! A running VM: its vCPU threads, devices and how it ends.
+
+use std::fmt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use brisk_boot::{layout, ports};
+use brisk_control::RunEnd;
+use brisk_devices::{Bus, CounterDevice, DebugExit, PowerOff, Uart};
+use brisk_kvm::KvmVcpu;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+
+use crate::end::EndLatch;
+use crate::{exits, ConfigError, Output, Vcpu, VmConfig, VmEnd};
+
+/// Why a VM could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    Kvm(brisk_kvm::Error),
+    Setup(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Kvm(e) => e.fmt(f),
+            StartError::Setup(e) => write!(f, "setting up the VM: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<brisk_kvm::Error> for StartError {
+    fn from(e: brisk_kvm::Error) -> Self {
+        StartError::Kvm(e)
+    }
+}
+
+fn setup<E: fmt::Display>(e: E) -> StartError {
+    StartError::Setup(e.to_string())
+}
+
+/// A running VM. Dropping it stops and joins every vCPU thread.
+pub struct Vm {
+    kvm: brisk_kvm::Vm,
+    vcpus: Vec<Arc<Vcpu>>,
+    threads: Vec<JoinHandle<()>>,
+    bus: Arc<Bus>,
+    counters: Vec<Arc<CounterDevice>>,
+    end: Arc<EndLatch>,
+    started: Instant,
+}
+
+impl Vm {
+    /// Build the VM described by `config` and start its vCPUs.
+    pub fn start(config: &VmConfig, output: Output) -> Result<Vm, StartError> {
+        let guest = config.validate().map_err(StartError::Config)?;
+        let kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
+        let code = (guest.assemble)().map_err(setup)?;
+        brisk_boot::write_tables(kvm.memory()).map_err(setup)?;
+        brisk_boot::load_program(kvm.memory(), &code).map_err(setup)?;
+
+        let end = Arc::new(EndLatch::new().map_err(setup)?);
+        let mut bus = Bus::new();
+        bus.register_pio(ports::COM1, 8, Arc::new(Uart::new(output.into_writer())))
+            .map_err(setup)?;
+        bus.register_pio(ports::DEBUG_EXIT, 4, Arc::new(DebugExit::new(end.clone())))
+            .map_err(setup)?;
+        bus.register_pio(ports::PM1A_CNT, 2, Arc::new(PowerOff::new(end.clone())))
+            .map_err(setup)?;
+        let mut counters = Vec::new();
+        for id in 0..config.cpus {
+            let dev = Arc::new(CounterDevice::default());
+            bus.register_pio(ports::counter(id), 4, dev.clone())
+                .map_err(setup)?;
+            counters.push(dev);
+        }
+        let bus = Arc::new(bus);
+
+        let mut kvm_vcpus = Vec::new();
+        for id in 0..config.cpus {
+            let v = kvm.create_vcpu(id)?;
+            brisk_boot::start_vcpu_in_long_mode(v.fd(), id, config.cpus).map_err(setup)?;
+            kvm_vcpus.push(v);
+        }
+        let mut vm = Vm {
+            kvm,
+            vcpus: Vec::new(),
+            threads: Vec::new(),
+            bus,
+            counters,
+            end,
+            started: Instant::now(),
+        };
+        for v in kvm_vcpus {
+            vm.spawn(v).map_err(setup)?;
+        }
+        Ok(vm)
+    }
+
+    fn spawn(&mut self, v: KvmVcpu) -> std::io::Result<()> {
+        let id = v.id();
+        let ctl = Arc::new(Vcpu::new(id));
+        let (thread_ctl, bus, end) = (ctl.clone(), self.bus.clone(), self.end.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, &bus, &end)))
+                }));
+                let error = match run {
+                    Ok(Ok(RunEnd::ExitRequested | RunEnd::GuestDone)) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "the vCPU thread panicked".to_string(),
+                };
+                end.end(VmEnd::VcpuFailed { vcpu: id, error });
+            })?;
+        self.vcpus.push(ctl);
+        self.threads.push(thread);
+        Ok(())
+    }
+
+    /// The vCPUs' control blocks.
+    pub fn vcpus(&self) -> &[Arc<Vcpu>] {
+        &self.vcpus
+    }
+
+    /// One vCPU's control block.
+    pub fn vcpu(&self, id: usize) -> &Vcpu {
+        &self.vcpus[id]
+    }
+
+    /// The guest's progress counter for vCPU `id` (see `brisk_guests`).
+    pub fn progress(&self, id: usize) -> u64 {
+        self.guest_u64(layout::progress(id))
+    }
+
+    /// The last value vCPU `id`'s guest read from its counter device.
+    pub fn last_read(&self, id: usize) -> u64 {
+        self.guest_u64(layout::last_read(id))
+    }
+
+    fn guest_u64(&self, addr: u64) -> u64 {
+        let host = self
+            .kvm
+            .memory()
+            .get_host_address(GuestAddress(addr))
+            .expect("per-vCPU data lies in low memory, which every VM has");
+        // SAFETY: an 8-byte aligned address inside guest RAM, mapped for the
+        // VM's lifetime; the guest writes it concurrently, hence atomic.
+        unsafe { (*(host as *const AtomicU64)).load(Ordering::SeqCst) }
+    }
+
+    /// Reads answered by vCPU `id`'s counter device.
+    pub fn counter_reads(&self, id: usize) -> u32 {
+        self.counters[id].value()
+    }
+
+    /// Accesses to ports or addresses no device claims.
+    pub fn unclaimed_accesses(&self) -> u64 {
+        self.bus.unclaimed_accesses()
+    }
+
+    /// How the VM ended, if it has.
+    pub fn ended(&self) -> Option<VmEnd> {
+        self.end.get()
+    }
+
+    /// Time since the vCPUs were started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Block until the VM ends, `timeout` passes ([`VmEnd::Timeout`]) or
+    /// `interrupt` becomes readable ([`VmEnd::Interrupted`]).
+    pub fn wait(&self, timeout: Option<Duration>, interrupt: Option<RawFd>) -> VmEnd {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(end) = self.end.get() {
+                return end;
+            }
+            let mut fds = vec![libc::pollfd {
+                fd: self.end.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if let Some(fd) = interrupt {
+                fds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let ms = match deadline {
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return VmEnd::Timeout;
+                    }
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+            };
+            // SAFETY: `fds` is a valid array of pollfd for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+            if n > 0 && fds.get(1).is_some_and(|f| f.revents != 0) && self.end.get().is_none() {
+                return VmEnd::Interrupted;
+            }
+            // n == 0 (timeout) is caught at the top; EINTR just loops.
+        }
+    }
+
+    /// Stop every vCPU thread and join it. Returns the first thread error.
+    pub fn shutdown(mut self) -> Result<(), String> {
+        self.stop_threads()
+    }
+
+    fn stop_threads(&mut self) -> Result<(), String> {
+        // Ask all first, then join: no vCPU waits for another to be joined.
+        // An exit request also wakes a parked or halted vCPU.
+        for v in &self.vcpus {
+            v.request_exit();
+        }
+        let mut result = Ok(());
+        for (id, t) in self.threads.drain(..).enumerate() {
+            if t.join().is_err() && result.is_ok() {
+                result = Err(format!("vCPU {id} thread panicked"));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.stop_threads();
+    }
+}
