@@ -137,8 +137,9 @@ impl<G: Guest> VcpuCtl<G> {
             let Some(work) = self.lock().work.pop_front() else {
                 return;
             };
-            work(&mut guest.borrow_mut());
+            // Counted first, so a waiter that has its result sees the count.
             Counters::bump(&self.counters.work_run);
+            work(&mut guest.borrow_mut());
         }
     }
 

@@ -245,7 +245,9 @@ impl<G: Guest> VcpuCtl<G> {
         self.run_on_async(f)?.wait(deadline)
     }
 
-    /// Queue `f` to run on the vCPU thread and kick it; does not wait.
+    /// Queue `f` to run on the vCPU thread and kick it; does not wait. Work
+    /// still queued when the thread exits is dropped unrun, and its ticket
+    /// reports [`Error::Exited`].
     pub fn run_on_async<R, F>(&self, f: F) -> Result<RunOnTicket<R>, Error>
     where
         F: FnOnce(&mut G) -> R + Send + 'static,
