@@ -45,6 +45,7 @@ impl ExitKind {
 pub struct Counters {
     exits: [AtomicU64; ExitKind::ALL.len()],
     pub(crate) entries: AtomicU64,
+    pub(crate) cancelled_entries: AtomicU64,
     pub(crate) kicks: AtomicU64,
     pub(crate) signals_sent: AtomicU64,
     pub(crate) signals_elided: AtomicU64,
@@ -71,6 +72,7 @@ impl Counters {
         CounterSnapshot {
             exits: ExitKind::ALL.map(|k| (k, get(&self.exits[k as usize]))),
             entries: get(&self.entries),
+            cancelled_entries: get(&self.cancelled_entries),
             kicks: get(&self.kicks),
             signals_sent: get(&self.signals_sent),
             signals_elided: get(&self.signals_elided),
@@ -91,6 +93,10 @@ pub struct CounterSnapshot {
     pub exits: [(ExitKind, u64); ExitKind::ALL.len()],
     /// Guest entries (KVM_RUN calls that were not skipped).
     pub entries: u64,
+    /// Entries abandoned after publishing InGuest because a request was
+    /// already pending (Dekker step 3). A kicker may have signalled these
+    /// too, so signals_sent <= entries + cancelled_entries.
+    pub cancelled_entries: u64,
     /// Kicks requested (every `kick`, `stop`, `run_on`...).
     pub kicks: u64,
     /// Kick signals sent to the vCPU thread.

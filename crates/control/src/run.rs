@@ -89,6 +89,7 @@ impl<G: Guest> VcpuCtl<G> {
             // 3. Dekker, vCPU side: published the mode, now look at requests.
             if self.requests.load(SeqCst) != 0 {
                 self.mode.store(Mode::Outside);
+                Counters::bump(&self.counters.cancelled_entries);
                 continue;
             }
             // 4. Enter.

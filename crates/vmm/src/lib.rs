@@ -29,3 +29,14 @@ pub use brisk_kvm::{Error as KvmError, Irqchip, KvmVcpu};
 
 /// A vCPU's control block as the VMM uses it.
 pub type Vcpu = brisk_control::VcpuCtl<KvmVcpu>;
+
+/// Whether `/dev/kvm` can be opened here: tests that need KVM skip, loudly,
+/// only when it cannot.
+pub fn kvm_available() -> Result<(), String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| format!("/dev/kvm: {e}"))
+}

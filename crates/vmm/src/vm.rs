@@ -55,6 +55,7 @@ pub struct Vm {
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
     started: Instant,
+    guest: String,
 }
 
 impl Vm {
@@ -97,6 +98,7 @@ impl Vm {
             counters,
             end,
             started: Instant::now(),
+            guest: guest.name.to_string(),
         };
         for v in kvm_vcpus {
             vm.spawn(v).map_err(setup)?;
@@ -129,6 +131,11 @@ impl Vm {
     /// The vCPUs' control blocks.
     pub fn vcpus(&self) -> &[Arc<Vcpu>] {
         &self.vcpus
+    }
+
+    /// The guest's name.
+    pub fn guest(&self) -> &str {
+        &self.guest
     }
 
     /// One vCPU's control block.

@@ -1,0 +1,55 @@
+//! Helpers shared by the VMM's KVM tests.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use brisk_vmm::control::Deadline;
+use brisk_vmm::{Irqchip, Output, Vm, VmConfig};
+
+/// Skip (loudly) when /dev/kvm is absent.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if let Err(why) = brisk_vmm::kvm_available() {
+            eprintln!("\n*** SKIPPED: this test needs KVM ({why}) ***\n");
+            return;
+        }
+    };
+}
+
+pub fn start(guest: &str, cpus: usize, irqchip: Irqchip) -> Vm {
+    let config = VmConfig {
+        guest: guest.into(),
+        cpus,
+        irqchip,
+        ..VmConfig::default()
+    };
+    Vm::start(&config, Output::Null).expect("VM starts")
+}
+
+pub fn soon() -> Deadline {
+    Deadline::after(Duration::from_secs(10))
+}
+
+pub fn short() -> Deadline {
+    Deadline::after(Duration::from_millis(300))
+}
+
+/// Wait (bounded) until vCPU `id`'s guest progress passes `than`. The
+/// `halt` guest only progresses when a kick wakes it from HLT, so for it
+/// each poll also kicks.
+pub fn wait_progress(vm: &Vm, id: usize, than: u64) -> u64 {
+    let until = Instant::now() + Duration::from_secs(10);
+    let halts = vm.guest() == "halt";
+    loop {
+        let p = vm.progress(id);
+        if p > than {
+            return p;
+        }
+        if halts {
+            vm.vcpu(id).kick(brisk_vmm::control::Request::Kick);
+        }
+        assert!(Instant::now() < until, "vCPU {id} made no progress past {than} in 10 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
