@@ -54,6 +54,15 @@ enum IrqchipArg {
     Kernel,
 }
 
+impl IrqchipArg {
+    fn name(self) -> &'static str {
+        match self {
+            IrqchipArg::User => "user",
+            IrqchipArg::Kernel => "kernel",
+        }
+    }
+}
+
 /// Parse `64M`, `2G`, `512K` or a plain number of bytes.
 fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -118,6 +127,12 @@ fn run(args: RunArgs) -> i32 {
             return status::for_start_error(&e);
         }
     };
+    log::info!(
+        "guest '{}' running on {} vCPUs ({} irqchip)",
+        config.guest,
+        config.cpus,
+        args.irqchip.name()
+    );
     let end = vm.wait(args.timeout, Some(interrupt));
     let code = status::for_end(&end, signals::last());
     let joined = vm.shutdown();

@@ -1,0 +1,173 @@
+//! The `brisk` command as a user runs it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Command, Output, Stdio};
+
+fn brisk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("brisk runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+macro_rules! require_kvm {
+    () => {
+        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+            eprintln!("\n*** SKIPPED: this test needs KVM (/dev/kvm: {e}) ***\n");
+            return;
+        }
+    };
+}
+
+/// One line on stderr, starting with "brisk:" or clap's "error:", no backtrace.
+fn assert_one_sentence(out: &Output) {
+    let err = text(&out.stderr);
+    let first = err.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("brisk: ") || first.starts_with("error: "),
+        "stderr: {err}"
+    );
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "stderr: {err}");
+}
+
+#[test]
+fn run_with_no_options_boots_hello_on_two_vcpus_and_exits_0() {
+    require_kvm!();
+    let out = brisk(&["run"]);
+    assert_eq!(text(&out.stdout), "Hello from vCPU 0\nHello from vCPU 1\n");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn run_takes_guest_cpus_and_memory() {
+    require_kvm!();
+    let out = brisk(&["run", "--guest", "hello", "--cpus", "3", "--memory", "16M"]);
+    assert_eq!(text(&out.stdout).lines().count(), 3);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn the_debug_exit_value_becomes_the_exit_status() {
+    require_kvm!();
+    let out = brisk(&["run", "--guest", "debug-exit"]);
+    assert_eq!(out.status.code(), Some((0x21 << 1) | 1));
+}
+
+#[test]
+fn timeout_stops_an_endless_guest_with_status_10() {
+    require_kvm!();
+    let out = brisk(&["run", "--guest", "spin", "--timeout", "200ms"]);
+    assert_eq!(out.status.code(), Some(10));
+    assert_one_sentence(&out);
+}
+
+#[test]
+fn bad_input_is_one_sentence_and_a_distinct_status() {
+    // None of these needs KVM: they fail before it is opened.
+    for (args, status, needle) in [
+        (&["run", "--guest", "nope"][..], 6, "unknown guest 'nope'"),
+        (&["run", "--cpus", "0"][..], 6, "0 vCPUs"),
+        (&["run", "--cpus", "65"][..], 6, "65 vCPUs"),
+        (&["run", "--memory", "1K"][..], 6, "memory"),
+        (&["run", "--memory", "lots"][..], 2, "not a size"),
+        (&["run", "--timeout", "soon"][..], 2, "--timeout"),
+        (&["run", "--irqchip", "magic"][..], 2, "magic"),
+        (&["fly"][..], 2, "fly"),
+    ] {
+        let out = brisk(args);
+        assert_eq!(out.status.code(), Some(status), "{args:?}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
+        assert_one_sentence(&out);
+    }
+}
+
+#[test]
+fn guests_lists_every_builtin_guest_once() {
+    let out = brisk(&["guests"]);
+    assert_eq!(out.status.code(), Some(0));
+    let listing = text(&out.stdout);
+    for g in brisk_guests::ALL {
+        assert_eq!(
+            listing.lines().filter(|l| l.split_whitespace().next() == Some(g.name)).count(),
+            1,
+            "{}",
+            g.name
+        );
+    }
+}
+
+#[test]
+fn help_documents_the_exit_statuses() {
+    let out = brisk(&["run", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = text(&out.stdout);
+    for needle in ["Exit status", "debug-exit", "--timeout", "130"] {
+        assert!(help.contains(needle), "missing {needle}");
+    }
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_vm_cleanly() {
+    require_kvm!();
+    for (sig, status) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
+            .args(["-v", "run", "--guest", "spin", "--timeout", "60s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // brisk logs "running" after its handlers are installed and the
+        // vCPUs started: signal only then (earlier, the default action
+        // would kill it).
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("running on") {
+            line.clear();
+            assert_ne!(stderr.read_line(&mut line).unwrap(), 0, "brisk ended early");
+        }
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let mut rest = String::new();
+        stderr.read_to_string(&mut rest).unwrap();
+        let status_code = child.wait().unwrap().code();
+        assert_eq!(status_code, Some(status), "{rest}");
+        assert!(rest.contains("stopped by signal"), "{rest}");
+        assert!(!rest.contains("panicked"), "{rest}");
+    }
+}
+
+#[test]
+fn kvm_missing_or_forbidden_is_status_4_with_one_sentence() {
+    require_kvm!();
+    let exe = env!("CARGO_BIN_EXE_brisk");
+    // No /dev/kvm: an empty /dev in a private mount namespace (needs root).
+    let missing = Command::new("unshare")
+        .args(["--mount", "sh", "-c", &format!("mount -t tmpfs none /dev && exec {exe} run")])
+        .output();
+    match missing {
+        Ok(out) if !text(&out.stderr).contains("unshare:") && !text(&out.stderr).contains("mount:") => {
+            assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+            assert!(text(&out.stderr).contains("/dev/kvm does not exist"));
+            assert_one_sentence(&out);
+        }
+        _ => eprintln!("*** SKIPPED the missing-/dev/kvm case: cannot unshare a mount namespace here ***"),
+    }
+    // No permission: run as nobody (needs root to switch, and /dev/kvm not
+    // world-accessible).
+    let forbidden = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", exe, "run"])
+        .output();
+    match forbidden {
+        Ok(out) if !text(&out.stderr).contains("setpriv:") && out.status.code() != Some(0) => {
+            assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+            assert!(text(&out.stderr).contains("no permission to open /dev/kvm"));
+            assert_one_sentence(&out);
+        }
+        _ => eprintln!("*** SKIPPED the no-permission case: cannot drop privileges, or /dev/kvm is open to all ***"),
+    }
+}
