@@ -48,7 +48,11 @@ impl fmt::Display for BootError {
 
 impl std::error::Error for BootError {}
 
-fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, addr: u64, v: T) -> Result<(), BootError> {
+fn write<T: vm_memory::ByteValued>(
+    mem: &GuestMemoryMmap,
+    addr: u64,
+    v: T,
+) -> Result<(), BootError> {
     mem.write_obj(v, GuestAddress(addr))
         .map_err(|e| BootError::Memory(format!("writing boot tables at {addr:#x}: {e}")))
 }
@@ -101,7 +105,9 @@ fn segment(selector: u16, type_: u8, l: u8, db: u8, s: u8) -> kvm_segment {
 /// Put vCPU `id` in 64-bit mode at [`CODE`] with `rdi = id`,
 /// `rsi = vcpu_count`, its own stack, and interrupts disabled.
 pub fn start_vcpu_in_long_mode(fd: &VcpuFd, id: usize, vcpu_count: usize) -> Result<(), BootError> {
-    let mut sregs = fd.get_sregs().map_err(|e| BootError::Kvm("KVM_GET_SREGS", e))?;
+    let mut sregs = fd
+        .get_sregs()
+        .map_err(|e| BootError::Kvm("KVM_GET_SREGS", e))?;
     sregs.cs = segment(CODE_SEL, 0xb, 1, 0, 1);
     let data = segment(DATA_SEL, 0x3, 0, 1, 1);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
@@ -116,7 +122,8 @@ pub fn start_vcpu_in_long_mode(fd: &VcpuFd, id: usize, vcpu_count: usize) -> Res
     sregs.cr4 |= CR4_PAE;
     sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_PG) & !(CR0_CD | CR0_NW);
     sregs.efer |= EFER_LME | EFER_LMA;
-    fd.set_sregs(&sregs).map_err(|e| BootError::Kvm("KVM_SET_SREGS", e))?;
+    fd.set_sregs(&sregs)
+        .map_err(|e| BootError::Kvm("KVM_SET_SREGS", e))?;
 
     let regs = kvm_regs {
         rip: CODE,
@@ -126,5 +133,6 @@ pub fn start_vcpu_in_long_mode(fd: &VcpuFd, id: usize, vcpu_count: usize) -> Res
         rflags: 0x2, // IF = 0
         ..Default::default()
     };
-    fd.set_regs(&regs).map_err(|e| BootError::Kvm("KVM_SET_REGS", e))
+    fd.set_regs(&regs)
+        .map_err(|e| BootError::Kvm("KVM_SET_REGS", e))
 }

@@ -14,7 +14,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // --help and --version are "errors" that print and exit 0.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { status::USAGE as u8 } else { 0 });
+            return ExitCode::from(if e.use_stderr() {
+                status::USAGE as u8
+            } else {
+                0
+            });
         }
     };
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("BRISK_LOG", cli.log_level()))

@@ -17,7 +17,11 @@ fn text(b: &[u8]) -> String {
 
 macro_rules! require_kvm {
     () => {
-        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
             eprintln!("\n*** SKIPPED: this test needs KVM (/dev/kvm: {e}) ***\n");
             return;
         }
@@ -32,7 +36,10 @@ fn assert_one_sentence(out: &Output) {
         first.starts_with("brisk: ") || first.starts_with("error: "),
         "stderr: {err}"
     );
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "stderr: {err}"
+    );
 }
 
 #[test]
@@ -80,8 +87,17 @@ fn bad_input_is_one_sentence_and_a_distinct_status() {
         (&["fly"][..], 2, "fly"),
     ] {
         let out = brisk(args);
-        assert_eq!(out.status.code(), Some(status), "{args:?}: {}", text(&out.stderr));
-        assert!(text(&out.stderr).contains(needle), "{args:?}: {}", text(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(status),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
         assert_one_sentence(&out);
     }
 }
@@ -93,7 +109,10 @@ fn guests_lists_every_builtin_guest_once() {
     let listing = text(&out.stdout);
     for g in brisk_guests::ALL {
         assert_eq!(
-            listing.lines().filter(|l| l.split_whitespace().next() == Some(g.name)).count(),
+            listing
+                .lines()
+                .filter(|l| l.split_whitespace().next() == Some(g.name))
+                .count(),
             1,
             "{}",
             g.name
@@ -147,20 +166,35 @@ fn kvm_missing_or_forbidden_is_status_4_with_one_sentence() {
     let exe = env!("CARGO_BIN_EXE_brisk");
     // No /dev/kvm: an empty /dev in a private mount namespace (needs root).
     let missing = Command::new("unshare")
-        .args(["--mount", "sh", "-c", &format!("mount -t tmpfs none /dev && exec {exe} run")])
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            &format!("mount -t tmpfs none /dev && exec {exe} run"),
+        ])
         .output();
     match missing {
-        Ok(out) if !text(&out.stderr).contains("unshare:") && !text(&out.stderr).contains("mount:") => {
+        Ok(out)
+            if !text(&out.stderr).contains("unshare:") && !text(&out.stderr).contains("mount:") =>
+        {
             assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
             assert!(text(&out.stderr).contains("/dev/kvm does not exist"));
             assert_one_sentence(&out);
         }
-        _ => eprintln!("*** SKIPPED the missing-/dev/kvm case: cannot unshare a mount namespace here ***"),
+        _ => eprintln!(
+            "*** SKIPPED the missing-/dev/kvm case: cannot unshare a mount namespace here ***"
+        ),
     }
     // No permission: run as nobody (needs root to switch, and /dev/kvm not
     // world-accessible).
     let forbidden = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", exe, "run"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            exe,
+            "run",
+        ])
         .output();
     match forbidden {
         Ok(out) if !text(&out.stderr).contains("setpriv:") && out.status.code() != Some(0) => {

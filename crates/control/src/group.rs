@@ -19,7 +19,10 @@ pub fn pause_all<'a, G: 'a>(
     }
     let late: Vec<usize> = waiting
         .into_iter()
-        .filter(|v| v.wait_parked(Op::PauseAll, deadline).is_err_and(|e| matches!(e, Error::Timeout { .. })))
+        .filter(|v| {
+            v.wait_parked(Op::PauseAll, deadline)
+                .is_err_and(|e| matches!(e, Error::Timeout { .. }))
+        })
         .map(|v| v.id())
         .collect();
     if late.is_empty() {

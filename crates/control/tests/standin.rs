@@ -169,7 +169,11 @@ fn stop_parks_and_resume_continues_for_every_behaviour() {
         assert!(vm.ctl.is_parked());
         assert_eq!(vm.ctl.mode(), Mode::Parked);
         let frozen = vm.progress();
-        assert_eq!(vm.progress(), frozen, "a parked vCPU must not enter the guest");
+        assert_eq!(
+            vm.progress(),
+            frozen,
+            "a parked vCPU must not enter the guest"
+        );
         vm.ctl.resume();
         // Each behaviour re-enters after resume; wait for progress by polling
         // through run_on (which itself kicks, so Halt wakes too).
@@ -205,7 +209,10 @@ fn many_racing_kickers_send_exactly_one_signal_per_entry() {
     }
     let c = vm.ctl.counters().snapshot();
     assert_eq!(c.kicks, 800);
-    assert_eq!(c.signals_sent, 1, "only the kicker that won InGuest->Exiting signals");
+    assert_eq!(
+        c.signals_sent, 1,
+        "only the kicker that won InGuest->Exiting signals"
+    );
     assert_eq!(c.signals_elided, 799);
     assert_eq!(vm.shared.signals.load(SeqCst), 1);
 }
@@ -269,7 +276,10 @@ fn run_on_from_the_vcpu_thread_runs_inline_or_reports_reentry() {
     // same vCPU must report re-entry, not deadlock.
     let nested = vm
         .ctl
-        .run_on(move |_f: &mut Fake| ctl.run_on(|f: &mut Fake| f.progress, short()), soon())
+        .run_on(
+            move |_f: &mut Fake| ctl.run_on(|f: &mut Fake| f.progress, short()),
+            soon(),
+        )
         .unwrap();
     assert_eq!(nested, Err(Error::Reentrant { vcpu: 0 }));
 }
@@ -285,10 +295,19 @@ fn stop_reports_a_vcpu_that_does_not_acknowledge() {
         .unwrap();
     assert_eq!(
         vm.ctl.stop(short()),
-        Err(Error::Timeout { op: Op::Stop, vcpus: vec![0] })
+        Err(Error::Timeout {
+            op: Op::Stop,
+            vcpus: vec![0]
+        })
     );
     let r = vm.ctl.run_on(|f: &mut Fake| f.progress, short());
-    assert_eq!(r, Err(Error::Timeout { op: Op::RunOn, vcpus: vec![0] }));
+    assert_eq!(
+        r,
+        Err(Error::Timeout {
+            op: Op::RunOn,
+            vcpus: vec![0]
+        })
+    );
     release_tx.send(()).unwrap();
     ticket.wait(soon()).unwrap();
     // Once released it acknowledges the stop it was asked for.
@@ -297,7 +316,9 @@ fn stop_reports_a_vcpu_that_does_not_acknowledge() {
 
 #[test]
 fn pause_all_names_only_the_vcpus_that_did_not_park() {
-    let vms: Vec<Running> = (0..3).map(|i| Running::start_id(i, Behaviour::Spin)).collect();
+    let vms: Vec<Running> = (0..3)
+        .map(|i| Running::start_id(i, Behaviour::Spin))
+        .collect();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let ticket = vms[1]
         .ctl
@@ -306,7 +327,10 @@ fn pause_all_names_only_the_vcpus_that_did_not_park() {
     let ctls: Vec<&VcpuCtl<Fake>> = vms.iter().map(|r| &*r.ctl).collect();
     assert_eq!(
         pause_all(ctls.iter().copied(), short()),
-        Err(Error::Timeout { op: Op::PauseAll, vcpus: vec![1] })
+        Err(Error::Timeout {
+            op: Op::PauseAll,
+            vcpus: vec![1]
+        })
     );
     assert!(vms[0].ctl.is_parked() && vms[2].ctl.is_parked());
     release_tx.send(()).unwrap();
@@ -335,9 +359,18 @@ fn a_halted_vcpu_is_woken_without_a_signal() {
 fn operations_on_an_exited_vcpu_fail_at_once() {
     let mut vm = Running::start(Behaviour::Io);
     vm.ctl.request_exit();
-    assert_eq!(vm.thread.take().unwrap().join().unwrap(), Ok(RunEnd::ExitRequested));
+    assert_eq!(
+        vm.thread.take().unwrap().join().unwrap(),
+        Ok(RunEnd::ExitRequested)
+    );
     assert_eq!(vm.ctl.mode(), Mode::Exited);
-    assert_eq!(vm.ctl.stop(soon()), Err(Error::Exited { op: Op::Stop, vcpu: 0 }));
+    assert_eq!(
+        vm.ctl.stop(soon()),
+        Err(Error::Exited {
+            op: Op::Stop,
+            vcpu: 0
+        })
+    );
     assert!(matches!(
         vm.ctl.run_on(|f: &mut Fake| f.progress, soon()),
         Err(Error::Exited { .. })

@@ -105,4 +105,3 @@ impl Uart {
         a.ret()
     }
 }
-

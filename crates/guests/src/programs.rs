@@ -13,8 +13,12 @@ type Program = Result<Vec<u8>, IcedError>;
 pub(crate) fn hello() -> Program {
     let mut a = asm::new()?;
     let uart = Uart::new(&mut a);
-    let (mut msg, mut wait, mut go, mut done) =
-        (a.create_label(), a.create_label(), a.create_label(), a.create_label());
+    let (mut msg, mut wait, mut go, mut done) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
     a.mov(r12, rdi)?;
     a.mov(r13, rsi)?;
     a.set_label(&mut wait)?;
@@ -124,6 +128,10 @@ pub(crate) fn debug_exit() -> Program {
     halt_forever(&mut a, &mut others)?;
     uart.emit(&mut a)?;
     a.set_label(&mut msg)?;
-    a.db(format!("debug-exit: writing {DEBUG_EXIT_VALUE:#x} to port {:#x}\n\0", ports::DEBUG_EXIT).as_bytes())?;
+    a.db(format!(
+        "debug-exit: writing {DEBUG_EXIT_VALUE:#x} to port {:#x}\n\0",
+        ports::DEBUG_EXIT
+    )
+    .as_bytes())?;
     asm::finish(a)
 }

@@ -132,15 +132,24 @@ impl KvmVcpu {
                 KVM_EXIT_MMIO => {
                     let m = run.__bindgen_anon_1.mmio;
                     if m.is_write != 0 {
-                        Exit::MmioWrite { addr: m.phys_addr, len: m.len }
+                        Exit::MmioWrite {
+                            addr: m.phys_addr,
+                            len: m.len,
+                        }
                     } else {
-                        Exit::MmioRead { addr: m.phys_addr, len: m.len }
+                        Exit::MmioRead {
+                            addr: m.phys_addr,
+                            len: m.len,
+                        }
                     }
                 }
                 KVM_EXIT_HLT => Exit::Hlt,
                 KVM_EXIT_SHUTDOWN => Exit::Shutdown,
                 KVM_EXIT_FAIL_ENTRY => Exit::FailEntry {
-                    reason: run.__bindgen_anon_1.fail_entry.hardware_entry_failure_reason,
+                    reason: run
+                        .__bindgen_anon_1
+                        .fail_entry
+                        .hardware_entry_failure_reason,
                 },
                 KVM_EXIT_INTERNAL_ERROR => Exit::InternalError {
                     suberror: run.__bindgen_anon_1.internal.suberror,

@@ -64,7 +64,8 @@ impl Vm {
                 .map_err(Error::sys("KVM_SET_USER_MEMORY_REGION"))?;
         }
         if irqchip == Irqchip::Kernel {
-            fd.create_irq_chip().map_err(Error::sys("KVM_CREATE_IRQCHIP"))?;
+            fd.create_irq_chip()
+                .map_err(Error::sys("KVM_CREATE_IRQCHIP"))?;
         }
         Ok(Vm {
             kvm,
@@ -109,7 +110,8 @@ impl Vm {
                 _ => {}
             }
         }
-        fd.set_cpuid2(&cpuid).map_err(Error::sys("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(Error::sys("KVM_SET_CPUID2"))?;
         if self.irqchip == Irqchip::Kernel && id != 0 {
             // With an in-kernel LAPIC, KVM parks APs waiting for SIPI;
             // built-in guests start every vCPU at the entry instead.
@@ -122,4 +124,3 @@ impl Vm {
         Ok(KvmVcpu::new(id, fd))
     }
 }
-

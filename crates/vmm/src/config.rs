@@ -42,9 +42,15 @@ impl fmt::Display for ConfigError {
         match self {
             ConfigError::UnknownGuest(g) => {
                 let names: Vec<&str> = brisk_guests::ALL.iter().map(|g| g.name).collect();
-                write!(f, "unknown guest '{g}' (built-in guests: {})", names.join(", "))
+                write!(
+                    f,
+                    "unknown guest '{g}' (built-in guests: {})",
+                    names.join(", ")
+                )
             }
-            ConfigError::Cpus(n) => write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}"),
+            ConfigError::Cpus(n) => {
+                write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")
+            }
             ConfigError::Memory(m) => write!(
                 f,
                 "{m} bytes of memory requested; need a multiple of 4 KiB from {} MiB to 3 GiB",

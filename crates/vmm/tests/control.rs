@@ -13,7 +13,6 @@ use common::{short, soon, start, wait_progress};
 
 const GUESTS: [&str; 3] = ["spin", "pio", "halt"];
 
-
 #[test]
 fn stop_freezes_the_guest_and_resume_lets_it_progress() {
     require_kvm!();
@@ -70,7 +69,11 @@ fn run_on_reads_registers_on_the_vcpu_thread() {
                 .run_on(
                     |v: &mut KvmVcpu| {
                         let regs = v.fd().get_regs().unwrap();
-                        (thread::current().name().map(String::from), regs.rip, regs.rdi)
+                        (
+                            thread::current().name().map(String::from),
+                            regs.rip,
+                            regs.rdi,
+                        )
                     },
                     soon(),
                 )
@@ -98,17 +101,29 @@ fn operations_report_a_vcpu_blocked_in_a_run_on_closure() {
             .unwrap();
         assert_eq!(
             vm.vcpu(0).stop(short()),
-            Err(Error::Timeout { op: Op::Stop, vcpus: vec![0] })
+            Err(Error::Timeout {
+                op: Op::Stop,
+                vcpus: vec![0]
+            })
         );
         assert_eq!(
             vm.vcpu(0).run_on(|v: &mut KvmVcpu| v.id(), short()),
-            Err(Error::Timeout { op: Op::RunOn, vcpus: vec![0] })
+            Err(Error::Timeout {
+                op: Op::RunOn,
+                vcpus: vec![0]
+            })
         );
         assert_eq!(
             pause_all(vm.vcpus().iter().map(|v| &**v), short()),
-            Err(Error::Timeout { op: Op::PauseAll, vcpus: vec![0] })
+            Err(Error::Timeout {
+                op: Op::PauseAll,
+                vcpus: vec![0]
+            })
         );
-        assert!(vm.vcpu(1).is_parked(), "{guest}: the responsive vCPU parked");
+        assert!(
+            vm.vcpu(1).is_parked(),
+            "{guest}: the responsive vCPU parked"
+        );
         release.send(()).unwrap();
         ticket.wait(soon()).unwrap();
         pause_all(vm.vcpus().iter().map(|v| &**v), soon()).unwrap();
@@ -158,13 +173,23 @@ fn racing_kickers_signal_each_guest_entry_at_most_once() {
     let elided = c.signals_elided - before.signals_elided;
     let published = c.entries + c.cancelled_entries - before.entries - before.cancelled_entries;
     assert_eq!(kicks, 8000);
-    assert_eq!(sent + elided, kicks, "every kick either signals or is elided");
+    assert_eq!(
+        sent + elided,
+        kicks,
+        "every kick either signals or is elided"
+    );
     assert!(sent >= 1, "a spinning vCPU needs a signal");
     // Only the kicker that moves InGuest -> Exiting signals, and only the
     // vCPU publishes InGuest: at most one signal per publication (plus the
     // one already published when the window opened).
-    assert!(sent <= published + 1, "{sent} signals for {published} InGuest publications");
-    assert!(sent < kicks / 2, "racing kicks coalesce: {sent} signals for {kicks} kicks");
+    assert!(
+        sent <= published + 1,
+        "{sent} signals for {published} InGuest publications"
+    );
+    assert!(
+        sent < kicks / 2,
+        "racing kicks coalesce: {sent} signals for {kicks} kicks"
+    );
     drop(vm);
 }
 
@@ -186,7 +211,10 @@ fn pio_exits_are_dispatched_and_counted() {
             let reads = vm.counter_reads(id) as u64;
             assert_eq!(rax, reads - 1, "vCPU {id}: rax vs device reads");
             let stored = vm.last_read(id);
-            assert!(stored == reads - 1 || stored + 2 == reads, "vCPU {id}: stored {stored}");
+            assert!(
+                stored == reads - 1 || stored + 2 == reads,
+                "vCPU {id}: stored {stored}"
+            );
         }
         resume_all(vm.vcpus().iter().map(|v| &**v));
     }
@@ -208,6 +236,10 @@ fn the_kernel_irqchip_halts_inside_kvm_and_kicks_still_land() {
     }
     let c = vm.vcpu(0).counters().snapshot();
     assert_eq!(c.exits_of(ExitKind::Halt), 0, "HLT stays in the kernel");
-    assert_eq!(vm.progress(0), 0, "HLT with IF=0 never returns in the kernel irqchip");
+    assert_eq!(
+        vm.progress(0),
+        0,
+        "HLT with IF=0 never returns in the kernel irqchip"
+    );
     vm.shutdown().unwrap();
 }

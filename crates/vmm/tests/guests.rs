@@ -26,7 +26,9 @@ fn hello_prints_one_line_per_vcpu_in_order_then_powers_off() {
     for irqchip in [Irqchip::User, Irqchip::Kernel] {
         for cpus in [1, 2, 4] {
             let (end, out) = run_to_end("hello", cpus, irqchip);
-            let expected: String = (0..cpus).map(|i| format!("Hello from vCPU {i}\n")).collect();
+            let expected: String = (0..cpus)
+                .map(|i| format!("Hello from vCPU {i}\n"))
+                .collect();
             assert_eq!(end, VmEnd::PowerOff, "{cpus} vCPUs, {irqchip:?}");
             assert_eq!(out, expected, "{cpus} vCPUs, {irqchip:?}");
         }
@@ -48,7 +50,10 @@ fn endless_guests_run_until_the_timeout() {
     require_kvm!();
     for guest in ["spin", "pio", "halt", "mixed"] {
         let vm = common::start(guest, 2, Irqchip::User);
-        assert_eq!(vm.wait(Some(Duration::from_millis(100)), None), VmEnd::Timeout);
+        assert_eq!(
+            vm.wait(Some(Duration::from_millis(100)), None),
+            VmEnd::Timeout
+        );
         assert_eq!(vm.ended(), None, "{guest} must still be running");
         vm.shutdown().unwrap();
     }

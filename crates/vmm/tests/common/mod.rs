@@ -49,7 +49,10 @@ pub fn wait_progress(vm: &Vm, id: usize, than: u64) -> u64 {
         if halts {
             vm.vcpu(id).kick(brisk_vmm::control::Request::Kick);
         }
-        assert!(Instant::now() < until, "vCPU {id} made no progress past {than} in 10 s");
+        assert!(
+            Instant::now() < until,
+            "vCPU {id} made no progress past {than} in 10 s"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
