@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# brisk's whole test suite: formatting, lints, unit/integration/doc tests.
+# Installs what the tests need where it can (as root, with apt-get), or says
+# exactly what is missing. Tests that need /dev/kvm skip loudly without it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_cmd() { command -v "$1" >/dev/null 2>&1; }
+
+if ! need_cmd cargo; then
+    echo "brisk tests need a Rust toolchain (cargo, rustc >= 1.85): install it with rustup" >&2
+    exit 1
+fi
+# The CLI tests use unshare and setpriv (util-linux) to run brisk without
+# /dev/kvm and without permission; they skip those cases if absent.
+if ! need_cmd setpriv || ! need_cmd unshare; then
+    if [ "$(id -u)" = 0 ] && need_cmd apt-get; then
+        apt-get update -qq && apt-get install -y -qq util-linux >/dev/null
+    else
+        echo "note: setpriv/unshare (util-linux) missing: the no-KVM CLI cases will be skipped" >&2
+    fi
+fi
+if [ ! -e /dev/kvm ]; then
+    echo "*** /dev/kvm is absent: every test that needs KVM will be SKIPPED ***" >&2
+fi
+for c in rustfmt clippy; do
+    if ! cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$c" >/dev/null 2>&1 || { echo "missing cargo $c: rustup component add $c" >&2; exit 1; }
+    fi
+done
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
