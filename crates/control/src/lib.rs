@@ -52,8 +52,10 @@ mod error;
 mod group;
 mod guest;
 mod mode;
+mod oneshot;
 mod requests;
 mod run;
+mod sync;
 mod vcpu;
 
 pub use counters::{CounterSnapshot, Counters, ExitKind};

@@ -1,6 +1,8 @@
 //! Where a vCPU thread is, published for requesters to read.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
+
+use crate::sync::AtomicU8;
 
 /// The vCPU thread's position, as requesters see it.
 ///
@@ -58,7 +60,7 @@ impl Mode {
 pub(crate) struct AtomicMode(AtomicU8);
 
 impl AtomicMode {
-    pub(crate) const fn new(m: Mode) -> Self {
+    pub(crate) fn new(m: Mode) -> Self {
         AtomicMode(AtomicU8::new(m as u8))
     }
 
@@ -67,6 +69,14 @@ impl AtomicMode {
     }
 
     pub(crate) fn store(&self, m: Mode) {
+        // loom 0.7 lets a plain store slip between the read and the write
+        // of a concurrent compare-exchange (tokio-rs/loom#254, #389): an
+        // execution C11 forbids, reported as a lost wake-up. In the model
+        // the store is a release swap, an RMW loom orders correctly, with no
+        // acquire edge the real store lacks.
+        #[cfg(loom)]
+        self.0.swap(m as u8, Ordering::Release);
+        #[cfg(not(loom))]
         self.0.store(m as u8, Ordering::SeqCst)
     }
 

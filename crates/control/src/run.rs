@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::counters::Counters;
 use crate::requests::WAKES_PARKED;
+use crate::sync;
 use crate::vcpu::CURRENT;
 use crate::{Classify, Flow, Guest, Mode, Request, VcpuCtl};
 
@@ -85,9 +86,8 @@ impl<G: Guest> VcpuCtl<G> {
             // 2. Clear immediate_exit *before* publishing InGuest: a signal
             // sent for this entry must find the flag cleared already.
             g.set_immediate_exit(false);
-            self.mode.store(Mode::InGuest);
-            // 3. Dekker, vCPU side: published the mode, now look at requests.
-            if self.requests.load(SeqCst) != 0 {
+            // 3. Publish InGuest, then look at requests.
+            if self.publish_in_guest() {
                 self.mode.store(Mode::Outside);
                 Counters::bump(&self.counters.cancelled_entries);
                 continue;
@@ -111,6 +111,26 @@ impl<G: Guest> VcpuCtl<G> {
                 }
             }
         }
+    }
+
+    /// Dekker, vCPU side: store `mode = InGuest`, then load `requests`.
+    /// Returns whether a request is pending (the entry must not happen).
+    #[inline]
+    fn publish_in_guest(&self) -> bool {
+        #[cfg(loom)]
+        if self
+            .model_broken_order
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // The bug of seed 004: look at requests, *then* publish. A kick
+            // in between sees "not in guest", sends nothing, and is lost.
+            let pending = self.requests.load(SeqCst) != 0;
+            self.mode.store(Mode::InGuest);
+            return pending;
+        }
+        self.mode.store(Mode::InGuest);
+        sync::dekker_fence();
+        self.requests.load(SeqCst) != 0
     }
 
     fn handle_requests(&self, req: u32, guest: &RefCell<G>) -> Result<Option<RunEnd>, G::Error> {
@@ -158,9 +178,10 @@ impl<G: Guest> VcpuCtl<G> {
             // The mode is stored under the lock so a kicker that sees
             // Parked, then takes the lock to notify, cannot miss our wait.
             self.mode.store(Mode::Parked);
-            while slow.paused && self.requests.load(SeqCst) & WAKES_PARKED == 0 {
-                slow = self.vcpu_cv.wait(slow).unwrap_or_else(|p| p.into_inner());
-            }
+            sync::dekker_fence();
+            slow = sync::wait_while(&self.vcpu_cv, slow, |s| {
+                s.paused && self.requests.load(SeqCst) & WAKES_PARKED == 0
+            });
             self.mode.store(Mode::Outside);
             if !slow.paused {
                 break;
@@ -185,11 +206,10 @@ impl<G: Guest> VcpuCtl<G> {
 
     fn halt_wait(&self) {
         let start = Instant::now();
-        let mut slow = self.lock();
+        let slow = self.lock();
         self.mode.store(Mode::Halted);
-        while self.requests.load(SeqCst) == 0 {
-            slow = self.vcpu_cv.wait(slow).unwrap_or_else(|p| p.into_inner());
-        }
+        sync::dekker_fence();
+        let slow = sync::wait_while(&self.vcpu_cv, slow, |_| self.requests.load(SeqCst) == 0);
         self.mode.store(Mode::Outside);
         drop(slow);
         Self::add_ns(&self.counters.halted_ns, start);

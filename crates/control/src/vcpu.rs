@@ -2,13 +2,14 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use crate::counters::Counters;
 use crate::mode::AtomicMode;
+use crate::oneshot::{self, RecvError};
+use crate::sync::{self, AtomicU32, Condvar, Mutex, MutexGuard};
 use crate::{Deadline, Error, Guest, Interrupt, Mode, Op, Request};
 
 pub(crate) type Work<G> = Box<dyn FnOnce(&mut G) + Send>;
@@ -37,32 +38,42 @@ pub struct VcpuCtl<G> {
     pub(crate) ack_cv: Condvar,
     pub(crate) interrupt: OnceLock<Box<dyn Interrupt>>,
     pub(crate) counters: Counters,
+    /// Model check only: enter with the broken order (see `run.rs`).
+    #[cfg(loom)]
+    pub(crate) model_broken_order: std::sync::atomic::AtomicBool,
 }
 
+type Current = Cell<(*const (), *const ())>;
+
+#[cfg(not(loom))]
 thread_local! {
     /// On a vCPU thread: (its control block, its `RefCell<G>`), both as
     /// untyped pointers; lets `run_on` from that thread run inline.
-    pub(crate) static CURRENT: Cell<(*const (), *const ())> =
-        const { Cell::new((std::ptr::null(), std::ptr::null())) };
+    pub(crate) static CURRENT: Current = const { Cell::new((std::ptr::null(), std::ptr::null())) };
+}
+
+#[cfg(loom)]
+loom::thread_local! {
+    pub(crate) static CURRENT: Current = Cell::new((std::ptr::null(), std::ptr::null()));
 }
 
 /// The pending result of [`VcpuCtl::run_on_async`].
 pub struct RunOnTicket<R> {
     vcpu: usize,
-    rx: Receiver<R>,
+    rx: oneshot::Receiver<R>,
 }
 
 impl<R> RunOnTicket<R> {
     /// Wait for the closure's result.
     pub fn wait(self, deadline: Deadline) -> Result<R, Error> {
-        match self.rx.recv_timeout(deadline.remaining()) {
+        match self.rx.recv(deadline) {
             Ok(r) => Ok(r),
-            Err(RecvTimeoutError::Timeout) => Err(Error::Timeout {
+            Err(RecvError::Timeout) => Err(Error::Timeout {
                 op: Op::RunOn,
                 vcpus: vec![self.vcpu],
             }),
             // The work item was dropped unrun: the thread left its loop.
-            Err(RecvTimeoutError::Disconnected) => Err(Error::Exited {
+            Err(RecvError::Closed) => Err(Error::Exited {
                 op: Op::RunOn,
                 vcpu: self.vcpu,
             }),
@@ -87,6 +98,8 @@ impl<G> VcpuCtl<G> {
             ack_cv: Condvar::new(),
             interrupt: OnceLock::new(),
             counters: Counters::default(),
+            #[cfg(loom)]
+            model_broken_order: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -116,9 +129,7 @@ impl<G> VcpuCtl<G> {
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Slow<G>> {
-        // A panic while holding this lock leaves plain flags behind, which
-        // stay meaningful: keep going rather than poison every controller.
-        self.slow.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.slow)
     }
 
     /// Post `req` and make sure the vCPU notices before (or right after) its
@@ -128,6 +139,7 @@ impl<G> VcpuCtl<G> {
         Counters::bump(&self.counters.kicks);
         // Dekker, requester side: publish the request, then look at the mode.
         self.requests.fetch_or(req.bit(), SeqCst);
+        sync::dekker_fence();
         match self.mode.claim_exit() {
             Ok(()) => {
                 // We won InGuest -> Exiting: ours is the one signal.
@@ -182,13 +194,9 @@ impl<G> VcpuCtl<G> {
     }
 
     pub(crate) fn wait_parked(&self, op: Op, deadline: Deadline) -> Result<(), Error> {
-        let slow = self.lock();
-        let (slow, _) = self
-            .ack_cv
-            .wait_timeout_while(slow, deadline.remaining(), |s| {
-                s.paused && !s.parked && !s.exited
-            })
-            .unwrap_or_else(|p| p.into_inner());
+        let slow = sync::wait_until(&self.ack_cv, self.lock(), deadline, |s| {
+            !s.paused || s.parked || s.exited
+        });
         if slow.parked || !slow.paused {
             // Parked, or someone resumed it meanwhile: either way our stop
             // is no longer pending.
@@ -214,6 +222,14 @@ impl<G> VcpuCtl<G> {
     /// Ask the vCPU thread to leave its run loop (from any state).
     pub fn request_exit(&self) {
         self.kick(Request::Exit);
+    }
+
+    /// Model check only: make this vCPU check requests *before* publishing
+    /// InGuest, the lost-kick bug the model must catch.
+    #[cfg(loom)]
+    pub fn model_break_entry_order(&self) {
+        self.model_broken_order
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the calling thread is this vCPU's own thread.
@@ -253,7 +269,7 @@ impl<G: Guest> VcpuCtl<G> {
         F: FnOnce(&mut G) -> R + Send + 'static,
         R: Send + 'static,
     {
-        let (tx, rx) = mpsc::sync_channel(1);
+        let (tx, rx) = oneshot::channel();
         {
             let mut slow = self.lock();
             if slow.exited {
@@ -264,7 +280,7 @@ impl<G: Guest> VcpuCtl<G> {
             }
             slow.work.push_back(Box::new(move |g: &mut G| {
                 // The waiter may have given up; the result is then dropped.
-                let _ = tx.send(f(g));
+                tx.send(f(g));
             }));
         }
         self.kick(Request::Work);
