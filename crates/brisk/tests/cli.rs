@@ -205,3 +205,13 @@ fn kvm_missing_or_forbidden_is_status_4_with_one_sentence() {
         _ => eprintln!("*** SKIPPED the no-permission case: cannot drop privileges, or /dev/kvm is open to all ***"),
     }
 }
+
+#[test]
+fn a_crashing_guest_is_status_8_with_vcpu_and_rip() {
+    require_kvm!();
+    let out = brisk(&["run", "--guest", "triple-fault", "--cpus", "1"]);
+    assert_eq!(out.status.code(), Some(8));
+    let err = text(&out.stderr);
+    assert!(err.contains("vCPU 0") && err.contains("RIP 0x"), "{err}");
+    assert_one_sentence(&out);
+}

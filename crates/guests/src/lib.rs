@@ -68,7 +68,57 @@ pub const ALL: &[Builtin] = &[
         ends: true,
         assemble: programs::debug_exit,
     },
+    Builtin {
+        name: "stress",
+        about: "vCPU i runs spin, pio or halt by i mod 3 (used by `brisk stress`)",
+        ends: false,
+        assemble: programs::stress,
+    },
+    Builtin {
+        name: "triple-fault",
+        about: "misbehaves: loads an empty IDT and executes ud2 (triple fault: status 8)",
+        ends: true,
+        assemble: programs::triple_fault,
+    },
+    Builtin {
+        name: "ud2",
+        about: "misbehaves: ud2 with no IDT (status 8)",
+        ends: true,
+        assemble: programs::ud2,
+    },
+    Builtin {
+        name: "int3",
+        about: "misbehaves: int3 with no IDT (status 8)",
+        ends: true,
+        assemble: programs::int3,
+    },
+    Builtin {
+        name: "mmio-unmapped",
+        about: "misbehaves: writes and reads unmapped MMIO; reports all-ones via debug-exit (status 33)",
+        ends: true,
+        assemble: programs::mmio_unmapped,
+    },
+    Builtin {
+        name: "pio-storm",
+        about: "misbehaves: out/in on an unclaimed port forever (keeps running, stoppable)",
+        ends: false,
+        assemble: programs::pio_storm,
+    },
+    Builtin {
+        name: "mwait",
+        about: "misbehaves: MONITOR/MWAIT 1000 times, then debug-exit (status 35), unless the host refuses them",
+        ends: true,
+        assemble: programs::mwait,
+    },
 ];
+
+/// An address with neither RAM nor a device (below the 4 GiB identity map's end).
+pub const UNMAPPED_MMIO: u64 = 0xfeb0_0000;
+/// `mmio-unmapped` writes this to the debug-exit port when its read of
+/// unmapped MMIO returned all-ones (status 33).
+pub const MMIO_ALL_ONES: u8 = 0x10;
+/// `mwait` writes this when its MONITOR/MWAIT loop completed (status 35).
+pub const MWAIT_DONE: u8 = 0x11;
 
 /// The value the `debug-exit` guest writes to the debug-exit port.
 pub const DEBUG_EXIT_VALUE: u8 = 0x21;

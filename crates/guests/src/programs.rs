@@ -135,3 +135,138 @@ pub(crate) fn debug_exit() -> Program {
     .as_bytes())?;
     asm::finish(a)
 }
+
+/// vCPU i runs `spin`, `pio` or `halt` by i mod 3: one VM with all three
+/// behaviours, for the stress test.
+pub(crate) fn stress() -> Program {
+    let mut a = asm::new()?;
+    asm::vcpu_data_to_rbx(&mut a)?;
+    asm::counter_port_to_edx(&mut a)?;
+    let (mut spin, mut pio, mut halt) = (a.create_label(), a.create_label(), a.create_label());
+    // role = rdi % 3
+    a.mov(rax, rdi)?;
+    a.xor(ecx, ecx)?;
+    a.mov(r8, rdx)?; // keep the port: div clobbers rdx
+    a.xor(edx, edx)?;
+    a.mov(ecx, 3)?;
+    a.div(rcx)?;
+    a.mov(rcx, rdx)?;
+    a.mov(rdx, r8)?;
+    a.test(rcx, rcx)?;
+    a.jz(spin)?;
+    a.cmp(rcx, 1)?;
+    a.je(pio)?;
+    a.jmp(halt)?;
+    a.set_label(&mut spin)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(spin)?;
+    a.set_label(&mut pio)?;
+    a.in_(eax, dx)?;
+    a.mov(qword_ptr(rbx + 8), rax)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(pio)?;
+    a.set_label(&mut halt)?;
+    a.cli()?;
+    a.hlt()?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(halt)?;
+    asm::finish(a)
+}
+
+/// Load an empty IDT (limit 0), then `ud2`: #UD cannot be delivered, nor
+/// can the #DF that follows: a triple fault (KVM_EXIT_SHUTDOWN).
+pub(crate) fn triple_fault() -> Program {
+    let mut a = asm::new()?;
+    let mut empty_idt = a.create_label();
+    a.lidt(ptr(empty_idt))?;
+    a.ud2()?;
+    let mut spin = a.create_label();
+    halt_forever(&mut a, &mut spin)?;
+    a.set_label(&mut empty_idt)?;
+    a.db(&[0; 10])?; // limit 0, base 0
+    asm::finish(a)
+}
+
+/// `ud2` with no IDT set up (IDTR as at reset).
+pub(crate) fn ud2() -> Program {
+    let mut a = asm::new()?;
+    a.ud2()?;
+    let mut spin = a.create_label();
+    halt_forever(&mut a, &mut spin)?;
+    asm::finish(a)
+}
+
+/// `int3` with no IDT set up.
+pub(crate) fn int3() -> Program {
+    let mut a = asm::new()?;
+    a.int3()?;
+    let mut spin = a.create_label();
+    halt_forever(&mut a, &mut spin)?;
+    asm::finish(a)
+}
+
+/// Write then read an address with no RAM and no device behind it (just
+/// below 4 GiB). brisk must answer the read with all-ones and ignore the
+/// write; the guest reports what it read through the debug-exit port:
+/// [`MMIO_ALL_ONES`](crate::MMIO_ALL_ONES) if all-ones, anything else
+/// otherwise.
+pub(crate) fn mmio_unmapped() -> Program {
+    let mut a = asm::new()?;
+    let mut wrong = a.create_label();
+    a.mov(rbx, crate::UNMAPPED_MMIO)?;
+    a.mov(dword_ptr(rbx), 0x1234_5678)?;
+    a.mov(eax, dword_ptr(rbx))?;
+    a.cmp(eax, -1)?;
+    a.jne(wrong)?;
+    a.mov(al, crate::MMIO_ALL_ONES as u32)?;
+    a.out(ports::DEBUG_EXIT as u32, al)?;
+    let mut spin = a.create_label();
+    halt_forever(&mut a, &mut spin)?;
+    a.set_label(&mut wrong)?;
+    a.mov(al, (crate::MMIO_ALL_ONES + 1) as u32)?;
+    a.out(ports::DEBUG_EXIT as u32, al)?;
+    let mut spin2 = a.create_label();
+    halt_forever(&mut a, &mut spin2)?;
+    asm::finish(a)
+}
+
+/// `out` and `in` on a port nobody claims, forever, counting iterations.
+pub(crate) fn pio_storm() -> Program {
+    let mut a = asm::new()?;
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(dx, ports::UNCLAIMED as u32)?;
+    let mut l = a.create_label();
+    a.set_label(&mut l)?;
+    a.out(dx, al)?;
+    a.in_(al, dx)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(l)?;
+    asm::finish(a)
+}
+
+/// MONITOR on the vCPU's data line, then MWAIT, 1000 times; then vCPU 0
+/// reports [`MWAIT_DONE`](crate::MWAIT_DONE) through the debug-exit port.
+pub(crate) fn mwait() -> Program {
+    let mut a = asm::new()?;
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(r12, rdi)?;
+    let mut l = a.create_label();
+    a.set_label(&mut l)?;
+    a.mov(rax, rbx)?;
+    a.xor(ecx, ecx)?;
+    a.xor(edx, edx)?;
+    a.monitor()?;
+    a.xor(eax, eax)?;
+    a.xor(ecx, ecx)?;
+    a.mwait()?;
+    a.inc(qword_ptr(rbx))?;
+    a.cmp(qword_ptr(rbx), 1000)?;
+    a.jb(l)?;
+    let mut others = a.create_label();
+    a.test(r12, r12)?;
+    a.jnz(others)?;
+    a.mov(al, crate::MWAIT_DONE as u32)?;
+    a.out(ports::DEBUG_EXIT as u32, al)?;
+    halt_forever(&mut a, &mut others)?;
+    asm::finish(a)
+}

@@ -1,0 +1,130 @@
+//! Guests that misbehave end with a clear report, or keep running and stay
+//! stoppable where that is right. Never a hang, never a panic.
+
+mod common;
+
+use std::time::Duration;
+
+use brisk_boot::layout::CODE;
+use brisk_vmm::control::{pause_all, resume_all, Mode};
+use brisk_vmm::{Irqchip, VmEnd};
+use common::{soon, start, wait_progress};
+
+fn end_of(guest: &str, irqchip: Irqchip) -> VmEnd {
+    let vm = start(guest, 2, irqchip);
+    let end = vm.wait(Some(Duration::from_secs(30)), None);
+    vm.shutdown().unwrap();
+    end
+}
+
+/// A crash report names a vCPU of the VM (every vCPU runs the faulting
+/// code; the first to fault is reported), a RIP inside the guest's code,
+/// and what happened.
+fn assert_crash(end: &VmEnd, accepted: &[&str]) {
+    match end {
+        VmEnd::Crash { vcpu, what, rip } => {
+            assert!(*vcpu < 2, "vCPU {vcpu}");
+            assert!((CODE..CODE + 0x1000).contains(rip), "RIP {rip:#x}");
+            assert!(accepted.iter().any(|a| what.contains(a)), "{what}");
+        }
+        other => panic!("expected a crash report, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_triple_fault_is_reported_with_vcpu_and_rip() {
+    require_kvm!();
+    for irqchip in [Irqchip::User, Irqchip::Kernel] {
+        for guest in ["triple-fault", "ud2"] {
+            let end = end_of(guest, irqchip);
+            assert_crash(&end, &["triple fault"]);
+        }
+    }
+}
+
+#[test]
+fn int3_without_an_idt_is_reported() {
+    require_kvm!();
+    // Real hardware: a triple fault. Hosts whose KVM cannot emulate the
+    // instruction (PVM) report an emulation failure. Either is a clear end.
+    let end = end_of("int3", Irqchip::User);
+    assert_crash(&end, &["triple fault", "emulation failure"]);
+}
+
+#[test]
+fn monitor_mwait_either_completes_or_is_reported() {
+    require_kvm!();
+    // KVM treats MWAIT as a NOP by default; some hosts cannot emulate it.
+    match end_of("mwait", Irqchip::User) {
+        VmEnd::DebugExit(v) => assert_eq!(v, u32::from(brisk_guests::MWAIT_DONE)),
+        crash => assert_crash(&crash, &["emulation failure", "triple fault"]),
+    }
+}
+
+#[test]
+fn unmapped_mmio_reads_all_ones_and_ignores_writes() {
+    require_kvm!();
+    for irqchip in [Irqchip::User, Irqchip::Kernel] {
+        let vm = start("mmio-unmapped", 1, irqchip);
+        let end = vm.wait(Some(Duration::from_secs(30)), None);
+        assert_eq!(end, VmEnd::DebugExit(brisk_guests::MMIO_ALL_ONES.into()));
+        assert_eq!(vm.unclaimed_accesses(), 2, "one write, one read");
+        vm.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn a_pio_storm_keeps_running_and_stays_stoppable() {
+    require_kvm!();
+    let vm = start("pio-storm", 2, Irqchip::User);
+    let p = wait_progress(&vm, 0, 1000);
+    for _ in 0..20 {
+        pause_all(vm.vcpus().iter().map(|v| &**v), soon()).unwrap();
+        resume_all(vm.vcpus().iter().map(|v| &**v));
+    }
+    wait_progress(&vm, 1, p);
+    assert!(vm.unclaimed_accesses() >= 2000);
+    assert_eq!(vm.ended(), None);
+    vm.shutdown().unwrap();
+}
+
+#[test]
+fn hlt_with_interrupts_off_forever_stays_stoppable() {
+    require_kvm!();
+    for irqchip in [Irqchip::User, Irqchip::Kernel] {
+        let vm = start("halt", 2, irqchip);
+        assert_eq!(
+            vm.wait(Some(Duration::from_millis(50)), None),
+            VmEnd::Timeout
+        );
+        for v in vm.vcpus() {
+            v.stop(soon()).unwrap();
+            assert_eq!(v.mode(), Mode::Parked);
+        }
+        vm.shutdown().unwrap();
+    }
+}
+
+#[test]
+fn a_failing_vcpu_thread_stops_the_vm_and_is_reported() {
+    require_kvm!();
+    let vm = start("spin", 3, Irqchip::User);
+    // A panic on vCPU 1's thread (here: inside a run_on closure).
+    let ticket = vm
+        .vcpu(1)
+        .run_on_async(|_v: &mut brisk_vmm::KvmVcpu| panic!("deliberate test panic"))
+        .unwrap();
+    let end = vm.wait(Some(Duration::from_secs(30)), None);
+    assert_eq!(
+        end,
+        VmEnd::VcpuFailed {
+            vcpu: 1,
+            error: "the vCPU thread panicked".into()
+        }
+    );
+    assert!(ticket.wait(soon()).is_err(), "the closure never returned");
+    assert_eq!(vm.vcpu(1).mode(), Mode::Exited);
+    // The others are still controllable and shut down cleanly.
+    vm.vcpu(0).stop(soon()).unwrap();
+    vm.shutdown().unwrap();
+}
