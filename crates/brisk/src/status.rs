@@ -17,6 +17,8 @@ pub const GUEST_CRASH: i32 = 8;
 pub const TIMEOUT: i32 = 10;
 /// Internal VMM failure: a KVM call or a vCPU thread failed.
 pub const INTERNAL: i32 = 12;
+/// `brisk stress` found a violated property.
+pub const STRESS_FAILED: i32 = 14;
 
 /// The text `brisk run --help` shows.
 pub const HELP: &str = "\

@@ -17,6 +17,7 @@ mod config;
 mod end;
 mod exits;
 mod output;
+pub mod stress;
 mod vm;
 
 pub use config::{ConfigError, VmConfig};
