@@ -246,6 +246,9 @@ fn final_checks(s: &Shared, elapsed: Duration) -> Result<StressReport, StressFai
     })
 }
 
+/// An outstanding run_on_async: (vCPU, token, ticket for (vCPU id, token)).
+type Pending = (usize, u64, RunOnTicket<(usize, u64)>);
+
 struct Controller<'a> {
     s: &'a Shared,
     rng: fastrand::Rng,
@@ -255,7 +258,7 @@ struct Controller<'a> {
     /// Per owned vCPU: guest progress when we last resumed it, until we
     /// have seen it move past that.
     resumed_at: Vec<Option<u64>>,
-    tickets: VecDeque<(usize, u64, RunOnTicket<(usize, u64)>)>,
+    tickets: VecDeque<Pending>,
 }
 
 impl<'a> Controller<'a> {
@@ -387,10 +390,7 @@ impl<'a> Controller<'a> {
         Ok(())
     }
 
-    fn check_ticket(
-        (vcpu, token, ticket): (usize, u64, RunOnTicket<(usize, u64)>),
-        deadline: Deadline,
-    ) -> Check {
+    fn check_ticket((vcpu, token, ticket): Pending, deadline: Deadline) -> Check {
         match ticket.wait(deadline) {
             Ok(r) if r == (vcpu, token) => Ok(()),
             other => fail(format!("run_on_async on vCPU {vcpu}: {other:?}")),
