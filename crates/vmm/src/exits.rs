@@ -5,14 +5,15 @@ use brisk_control::Flow;
 use brisk_devices::Bus;
 use brisk_kvm::{Exit, KvmVcpu};
 
-use crate::end::{EndLatch, VmEnd};
+use crate::VmEnd;
 
 /// KVM_INTERNAL_ERROR_EMULATION: an instruction KVM could not emulate.
 const EMULATION_FAILURE: u32 = 1;
 
-/// The exit handler of one vCPU thread. No allocation, no lock of its own:
-/// devices lock what they need.
-pub(crate) fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, end: &EndLatch) -> Flow {
+/// The exit handler of a vCPU thread: I/O to the bus, HLT to a user-space
+/// halt, fatal exits to `fatal` (with the vCPU and RIP) and [`Flow::Exit`].
+/// No allocation, no lock of its own: devices lock what they need.
+pub fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, fatal: &dyn Fn(VmEnd)) -> Flow {
     match exit {
         Exit::IoIn { port, size, .. } => {
             // String I/O (`rep ins`) arrives as `count` elements of `size`.
@@ -37,7 +38,7 @@ pub(crate) fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, end: &EndLatch) -> 
         }
         Exit::Hlt => Flow::Halt,
         fatal => {
-            end.end(VmEnd::Crash {
+            fatal(VmEnd::Crash {
                 vcpu: v.id(),
                 what: describe_fatal(fatal),
                 rip: v.fd().get_regs().map(|r| r.rip).unwrap_or(0),

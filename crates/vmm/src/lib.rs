@@ -15,7 +15,7 @@
 
 mod config;
 mod end;
-mod exits;
+pub mod exits;
 mod output;
 pub mod stress;
 mod vm;
@@ -26,7 +26,7 @@ pub use output::{Capture, Output};
 pub use vm::{StartError, Vm};
 
 pub use brisk_control as control;
-pub use brisk_kvm::{Error as KvmError, Irqchip, KvmVcpu};
+pub use brisk_kvm::{Error as KvmError, Exit, Irqchip, KvmVcpu};
 
 /// A vCPU's control block as the VMM uses it.
 pub type Vcpu = brisk_control::VcpuCtl<KvmVcpu>;

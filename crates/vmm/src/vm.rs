@@ -114,7 +114,8 @@ impl Vm {
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, &bus, &end)))
+                    let fatal = |e| end.end(e);
+                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, &bus, &fatal)))
                 }));
                 let error = match run {
                     Ok(Ok(RunEnd::ExitRequested | RunEnd::GuestDone)) => return,
