@@ -37,10 +37,10 @@ pub fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, fatal: &dyn Fn(VmEnd)) -> 
             Flow::Continue
         }
         Exit::Hlt => Flow::Halt,
-        fatal => {
+        other => {
             fatal(VmEnd::Crash {
                 vcpu: v.id(),
-                what: describe_fatal(fatal),
+                what: describe_fatal(other),
                 rip: v.fd().get_regs().map(|r| r.rip).unwrap_or(0),
             });
             Flow::Exit
