@@ -33,6 +33,37 @@ enum Command {
         after_help = "Exit status: 0 when every property held, 14 when one failed, 4/6/12 as for `run`."
     )]
     Stress(StressArgs),
+    /// Measure the exit path, kick latency and pause-all against baselines
+    /// run side by side (medians, p99, ratios).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Which benchmark.
+    #[arg(value_enum, default_value_t = BenchWhich::All)]
+    which: BenchWhich,
+    /// Fewer samples: `all` in under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    json: Option<std::path::PathBuf>,
+    /// Also write SVG latency distributions (CDFs) into this directory.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum BenchWhich {
+    /// PIO exit round trip: brisk vs raw KVM_RUN vs KVM_SET_SIGNAL_MASK; N-vCPU exits/s.
+    Exit,
+    /// Kick latency (spinning; halted in KVM's irqchip) for three strategies; stop on a parked vCPU.
+    Kick,
+    /// pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
+    Pause,
+    /// All of the above.
+    All,
 }
 
 #[derive(clap::Args, Debug)]
@@ -138,8 +169,41 @@ impl Cli {
             }
             Command::Run(args) => run(args),
             Command::Stress(args) => stress(args),
+            Command::Bench(args) => bench(args),
         }
     }
+}
+
+fn bench(args: BenchArgs) -> i32 {
+    if let Err(e) = brisk_vmm::kvm_available() {
+        eprintln!("brisk: {e}");
+        return status::NO_KVM;
+    }
+    let which = match args.which {
+        BenchWhich::Exit => brisk_bench::Which::Exit,
+        BenchWhich::Kick => brisk_bench::Which::Kick,
+        BenchWhich::Pause => brisk_bench::Which::Pause,
+        BenchWhich::All => brisk_bench::Which::All,
+    };
+    let opts = brisk_bench::Opts { quick: args.quick };
+    let report = brisk_bench::run(which, &opts, |t| println!("{t}\n"));
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).expect("report serialises");
+        if let Err(e) = std::fs::write(path, json) {
+            eprintln!("brisk: cannot write {}: {e}", path.display());
+            return status::CONFIG;
+        }
+    }
+    if let Some(dir) = &args.plot {
+        match brisk_bench::plot::write(dir, &report.tables) {
+            Ok(files) => println!("plots: {}", files.join(", ")),
+            Err(e) => {
+                eprintln!("brisk: cannot write plots: {e}");
+                return status::CONFIG;
+            }
+        }
+    }
+    status::OK
 }
 
 fn stress(args: StressArgs) -> i32 {

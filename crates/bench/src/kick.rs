@@ -1,0 +1,249 @@
+//! kick: latency from a kick to the vCPU thread being out of KVM_RUN, for
+//! a spinning vCPU and for one halted inside KVM's irqchip, under three
+//! strategies; and the cost of stopping a vCPU that is already parked.
+
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use brisk_control::{Deadline, Flow, Guest, Interrupt, Request, VcpuCtl};
+use brisk_kvm::{Irqchip, SignalInterrupt};
+
+use crate::rig::{answer, Flag, Rig, Timed};
+use crate::sigmask;
+use crate::stats::{Row, Table};
+use crate::Opts;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Strategy {
+    /// Set the request, CAS InGuest -> Exiting, signal only if won.
+    Brisk,
+    /// Set the flag and always signal (NVMM as in seed 000), with
+    /// immediate_exit closing the race.
+    AlwaysSignal,
+    /// Set the flag and signal; the vCPU runs with KVM_SET_SIGNAL_MASK and
+    /// eats the signal with sigtimedwait (pre-immediate_exit QEMU).
+    SignalMask,
+}
+
+const STRATEGIES: [(Strategy, &str); 3] = [
+    (Strategy::Brisk, "brisk (mode check + immediate_exit)"),
+    (Strategy::AlwaysSignal, "always-signal (NVMM)"),
+    (Strategy::SignalMask, "signal-mask (old QEMU)"),
+];
+
+/// A vCPU thread under one strategy, and how to kick it.
+struct Kickable {
+    kick: Box<dyn Fn()>,
+    returns: Receiver<u64>,
+    epoch: Instant,
+    stop: Box<dyn FnOnce()>,
+}
+
+fn start(strategy: Strategy, guest: &str, irqchip: Irqchip) -> Kickable {
+    let mut rig = Rig::new(guest, 1, irqchip);
+    let bus = rig.bus.clone();
+    let vcpu = rig.vcpus.pop().unwrap();
+    let epoch = Instant::now();
+    let (tx, returns) = mpsc::channel();
+    let mut timed = Timed::kicks(vcpu, epoch, tx);
+    match strategy {
+        Strategy::Brisk => {
+            let ctl = Arc::new(VcpuCtl::<Timed>::new(0));
+            let c = ctl.clone();
+            let t = thread::spawn(move || {
+                let _rig = rig;
+                c.run(timed, |t, exit| {
+                    Ok(if answer(&mut t.inner, exit, &bus) {
+                        Flow::Continue
+                    } else {
+                        Flow::Exit
+                    })
+                })
+            });
+            let k = ctl.clone();
+            Kickable {
+                kick: Box::new(move || k.kick(Request::Kick)),
+                returns,
+                epoch,
+                stop: Box::new(move || {
+                    ctl.request_exit();
+                    t.join().unwrap().expect("brisk loop");
+                }),
+            }
+        }
+        Strategy::AlwaysSignal | Strategy::SignalMask => {
+            let (flag, exit) = (Arc::new(Flag::default()), Arc::new(Flag::default()));
+            let (f, e) = (flag.clone(), exit.clone());
+            let (itx, irx) = mpsc::channel();
+            let t = thread::spawn(move || {
+                let _rig = rig;
+                if strategy == Strategy::SignalMask {
+                    sigmask::install(&timed.inner);
+                } else {
+                    timed.inner.bind_thread(); // the handler sets immediate_exit
+                }
+                itx.send(SignalInterrupt::current_thread()).unwrap();
+                while !e.get() {
+                    f.take();
+                    timed.inner.set_immediate_exit(false);
+                    let r = timed.inner.enter().expect("KVM_RUN");
+                    timed.returned(r.is_none());
+                    match r {
+                        None if strategy == Strategy::SignalMask => sigmask::eat_signal(),
+                        None => {}
+                        Some(exit) => assert!(answer(&mut timed.inner, exit, &bus)),
+                    }
+                }
+            });
+            let interrupt = Arc::new(irx.recv().unwrap());
+            let i = interrupt.clone();
+            Kickable {
+                kick: Box::new(move || {
+                    flag.set();
+                    i.interrupt();
+                }),
+                returns,
+                epoch,
+                stop: Box::new(move || {
+                    exit.set();
+                    interrupt.interrupt();
+                    t.join().unwrap();
+                }),
+            }
+        }
+    }
+}
+
+/// Kick `n` times, a gap apart (the vCPU is back in the guest, or blocked
+/// in HLT, by then); latency = kick call -> KVM_RUN returned on the vCPU.
+fn latencies(k: &Kickable, n: usize, gap: Duration) -> Vec<u64> {
+    let mut out = Vec::with_capacity(n);
+    thread::sleep(Duration::from_millis(20));
+    for _ in 0..n {
+        thread::sleep(gap);
+        while k.returns.try_recv().is_ok() {}
+        let t0 = k.epoch.elapsed().as_nanos() as u64;
+        (k.kick)();
+        if let Ok(t1) = k.returns.recv_timeout(Duration::from_secs(1)) {
+            out.push(t1.saturating_sub(t0));
+        }
+    }
+    out
+}
+
+pub fn run(opts: &Opts) -> Vec<Table> {
+    let n = if opts.quick { 150 } else { 1500 };
+    let mut tables = Vec::new();
+    for (scenario, guest, irqchip, gap) in [
+        (
+            "spinning vCPU",
+            "spin",
+            Irqchip::User,
+            Duration::from_micros(500),
+        ),
+        (
+            "vCPU halted in KVM's irqchip (HLT, IF=0)",
+            "halt",
+            Irqchip::Kernel,
+            Duration::from_millis(1),
+        ),
+    ] {
+        // Interleave strategies in rounds against machine noise.
+        let mut samples: Vec<Vec<u64>> = vec![Vec::new(); STRATEGIES.len()];
+        for _ in 0..3 {
+            for (i, (s, _)) in STRATEGIES.iter().enumerate() {
+                let k = start(*s, guest, irqchip);
+                samples[i].extend(latencies(&k, n / 3, gap));
+                (k.stop)();
+            }
+        }
+        let rows = STRATEGIES
+            .iter()
+            .zip(samples)
+            .map(|((_, name), s)| Row::new(*name, s))
+            .collect();
+        tables.push(Table::new(
+            &format!("kick: kick() -> out of KVM_RUN, {scenario}"),
+            "latency from the kick call to KVM_RUN returning on the vCPU thread",
+            rows,
+        ));
+    }
+    tables.push(stop_parked(opts));
+    tables
+}
+
+/// stop() on a vCPU that is already parked: brisk needs no signal and no
+/// wake-up; always-signal sends one per stop.
+fn stop_parked(opts: &Opts) -> Table {
+    let n = if opts.quick { 2_000 } else { 20_000 };
+    let deadline = || Deadline::after(Duration::from_secs(5));
+
+    // brisk
+    let mut rig = Rig::new("spin", 1, Irqchip::User);
+    let bus = rig.bus.clone();
+    let ctl = Arc::new(VcpuCtl::new(0));
+    let c = ctl.clone();
+    let vcpu = rig.vcpus.pop().unwrap();
+    let t = thread::spawn(move || {
+        let _rig = rig;
+        c.run(vcpu, |v, exit| {
+            Ok(if answer(v, exit, &bus) {
+                Flow::Continue
+            } else {
+                Flow::Exit
+            })
+        })
+    });
+    ctl.stop(deadline()).unwrap();
+    let before = ctl.counters().snapshot();
+    let mut brisk = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        ctl.stop(deadline()).unwrap();
+        brisk.push(t0.elapsed().as_nanos() as u64);
+    }
+    let after = ctl.counters().snapshot();
+    ctl.request_exit();
+    t.join().unwrap().unwrap();
+    let signals = (after.signals_sent - before.signals_sent) as f64 / n as f64;
+    let wakes = (after.wakeups - before.wakeups) as f64 / n as f64;
+
+    // always-signal: a parked thread that a stop still signals.
+    let parked = Arc::new((Mutex::new(true), Condvar::new()));
+    let p = parked.clone();
+    let (itx, irx) = mpsc::channel();
+    let t = thread::spawn(move || {
+        itx.send(SignalInterrupt::current_thread()).unwrap();
+        let (m, cv) = &*p;
+        let mut g = m.lock().unwrap();
+        while *g {
+            g = cv.wait(g).unwrap(); // signals interrupt the futex wait
+        }
+    });
+    let interrupt = irx.recv().unwrap();
+    let flag = Flag::default();
+    let mut always = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        flag.set();
+        interrupt.interrupt();
+        let _acked = *parked.0.lock().unwrap(); // already parked
+        always.push(t0.elapsed().as_nanos() as u64);
+    }
+    *parked.0.lock().unwrap() = false;
+    parked.1.notify_all();
+    t.join().unwrap();
+
+    Table::new(
+        "kick: stop() on a vCPU already parked (outside guest mode)",
+        "time per stop call; brisk's counters show the signals and futex wake-ups it sent",
+        vec![
+            Row::new("brisk stop()", brisk)
+                .with("signals/stop", signals)
+                .with("wakeups/stop", wakes),
+            Row::new("always-signal stop", always).with("signals/stop", 1.0),
+        ],
+    )
+}

@@ -1,0 +1,98 @@
+//! brisk's benchmarks. Each one measures brisk against a baseline in the
+//! same run (the machines are shared and noisy: medians and ratios, with
+//! variants interleaved in rounds), and reports nanoseconds from a
+//! monotonic clock.
+//!
+//! - [`exit`]: PIO exit round trip through brisk's loop vs a raw KVM_RUN
+//!   loop (the floor) vs a KVM_SET_SIGNAL_MASK loop; aggregate exits/s.
+//! - [`kick`]: kick latency (spinning, halted in KVM's irqchip) for brisk,
+//!   always-signal and signal-mask; cost of stopping a parked vCPU.
+//! - [`pause`]: pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
+
+pub mod exit;
+pub mod kick;
+pub mod pause;
+pub mod plot;
+mod rig;
+mod sigmask;
+pub mod stats;
+
+use serde::Serialize;
+pub use stats::{Row, Table};
+
+/// Which benchmarks to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Which {
+    Exit,
+    Kick,
+    Pause,
+    All,
+}
+
+/// Options shared by the benchmarks.
+#[derive(Clone, Debug, Default)]
+pub struct Opts {
+    /// Fewer samples: the whole suite in well under a minute.
+    pub quick: bool,
+}
+
+/// Everything one `brisk bench` run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub quick: bool,
+    pub host: Host,
+    pub tables: Vec<Table>,
+}
+
+/// Where it ran.
+#[derive(Debug, Serialize)]
+pub struct Host {
+    pub cores: usize,
+    pub kernel: String,
+    pub kvm_module: String,
+}
+
+impl Host {
+    fn probe() -> Host {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+        let kvm_module = modules
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|m| m.starts_with("kvm_"))
+            .collect::<Vec<_>>()
+            .join(",");
+        Host {
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            kernel: kernel.trim().to_string(),
+            kvm_module,
+        }
+    }
+}
+
+/// Run the selected benchmarks, printing each table as it completes.
+pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
+    let mut tables = Vec::new();
+    let mut go = |f: fn(&Opts) -> Vec<Table>| {
+        for t in f(opts) {
+            print(&t);
+            tables.push(t);
+        }
+    };
+    if matches!(which, Which::Exit | Which::All) {
+        go(exit::run);
+    }
+    if matches!(which, Which::Kick | Which::All) {
+        go(kick::run);
+    }
+    if matches!(which, Which::Pause | Which::All) {
+        go(pause::run);
+    }
+    Report {
+        quick: opts.quick,
+        host: Host::probe(),
+        tables,
+    }
+}

@@ -1,0 +1,98 @@
+//! Latency distributions as SVG charts (one CDF per table), so the tails
+//! are visible.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use crate::stats::Table;
+
+const COLORS: [RGBColor; 8] = [
+    BLUE,
+    RED,
+    GREEN,
+    MAGENTA,
+    CYAN,
+    BLACK,
+    RGBColor(255, 140, 0),
+    RGBColor(128, 0, 128),
+];
+
+/// Write `DIR/<n>-<slug>.svg` for each table; returns the files written.
+pub fn write(dir: &Path, tables: &[Table]) -> Result<Vec<String>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut files = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let slug: String = t
+            .title
+            .chars()
+            .take_while(|c| *c != ',')
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_lowercase()
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let path = dir.join(format!("{i:02}-{}.svg", slug.trim_matches('-')));
+        cdf(&path, t).map_err(|e| format!("{}: {e}", path.display()))?;
+        files.push(path.display().to_string());
+    }
+    Ok(files)
+}
+
+fn cdf(path: &Path, t: &Table) -> Result<(), Box<dyn std::error::Error>> {
+    let lo = t
+        .rows
+        .iter()
+        .filter_map(|r| r.sorted.first())
+        .min()
+        .copied()
+        .unwrap_or(1)
+        .max(1);
+    let hi = t
+        .rows
+        .iter()
+        .filter_map(|r| r.sorted.last())
+        .max()
+        .copied()
+        .unwrap_or(2)
+        .max(lo + 1);
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&t.title, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((lo as f64 / 1e3..hi as f64 / 1e3).log_scale(), 0f64..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (us, log scale)")
+        .y_desc("fraction of samples <= x")
+        .draw()?;
+    for (i, r) in t.rows.iter().enumerate() {
+        let n = r.sorted.len().max(1) as f64;
+        let color = COLORS[i % COLORS.len()];
+        let step = (r.sorted.len() / 2000).max(1);
+        let points = r
+            .sorted
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .map(|(k, v)| (*v as f64 / 1e3, (k + 1) as f64 / n));
+        chart
+            .draw_series(LineSeries::new(points, color))?
+            .label(r.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

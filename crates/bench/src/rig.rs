@@ -1,0 +1,155 @@
+//! A VM set up as brisk sets one up, with its vCPUs handed to the benchmark
+//! instead of to brisk's threads, plus the loops the benchmark compares.
+
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use brisk_boot::ports;
+use brisk_control::{Guest, Interrupt};
+use brisk_devices::{Bus, CounterDevice};
+use brisk_kvm::{Exit, Irqchip, KvmVcpu, Vm};
+
+/// VM, bus (per-vCPU counter devices, as brisk registers them) and vCPUs.
+pub struct Rig {
+    /// Owns the VM and its memory; must outlive the vCPUs.
+    pub _vm: Vm,
+    pub bus: Arc<Bus>,
+    pub vcpus: Vec<KvmVcpu>,
+}
+
+impl Rig {
+    pub fn new(guest: &str, cpus: usize, irqchip: Irqchip) -> Rig {
+        let program = brisk_guests::find(guest).expect("built-in guest");
+        let vm = Vm::new(64 << 20, irqchip).expect("KVM VM");
+        let code = (program.assemble)().expect("guest assembles");
+        brisk_boot::write_tables(vm.memory()).expect("boot tables");
+        brisk_boot::load_program(vm.memory(), &code).expect("guest loads");
+        let mut bus = Bus::new();
+        for id in 0..cpus {
+            bus.register_pio(ports::counter(id), 4, Arc::new(CounterDevice::default()))
+                .expect("counter device");
+        }
+        let vcpus = (0..cpus)
+            .map(|id| {
+                let v = vm.create_vcpu(id).expect("vCPU");
+                brisk_boot::start_vcpu_in_long_mode(v.fd(), id, cpus).expect("long mode");
+                v
+            })
+            .collect();
+        Rig {
+            _vm: vm,
+            bus: Arc::new(bus),
+            vcpus,
+        }
+    }
+}
+
+/// Records when each KVM_RUN returns: the interval between returns (one
+/// exit round trip, for the exit benchmark) and, when armed, the instant an
+/// interrupted entry came back (for kick latency).
+pub struct Timed {
+    pub inner: KvmVcpu,
+    epoch: Instant,
+    last: Instant,
+    intervals: Vec<u64>,
+    want: usize,
+    done: Option<Sender<Vec<u64>>>,
+    /// Interrupted returns are reported here (ns since `epoch`).
+    kicked: Option<Sender<u64>>,
+}
+
+impl Timed {
+    /// Collect `want` exit-to-exit intervals, then send them on `done`.
+    pub fn intervals(inner: KvmVcpu, want: usize, done: Sender<Vec<u64>>) -> Timed {
+        let now = Instant::now();
+        Timed {
+            inner,
+            epoch: now,
+            last: now,
+            intervals: Vec::with_capacity(want),
+            want,
+            done: Some(done),
+            kicked: None,
+        }
+    }
+
+    /// Report every interrupted return on `kicked`, in ns since `epoch`.
+    pub fn kicks(inner: KvmVcpu, epoch: Instant, kicked: Sender<u64>) -> Timed {
+        Timed {
+            inner,
+            epoch,
+            last: epoch,
+            intervals: Vec::new(),
+            want: 0,
+            done: None,
+            kicked: Some(kicked),
+        }
+    }
+
+    /// Record one KVM_RUN return.
+    pub fn returned(&mut self, interrupted: bool) {
+        let now = Instant::now();
+        if self.intervals.len() < self.want {
+            self.intervals.push((now - self.last).as_nanos() as u64);
+            if self.intervals.len() == self.want {
+                if let Some(done) = self.done.take() {
+                    let _ = done.send(std::mem::take(&mut self.intervals));
+                }
+            }
+        }
+        self.last = now;
+        if interrupted {
+            if let Some(k) = &self.kicked {
+                let _ = k.send((now - self.epoch).as_nanos() as u64);
+            }
+        }
+    }
+}
+
+impl Guest for Timed {
+    type Exit = Exit;
+    type Error = brisk_kvm::Error;
+
+    fn bind_thread(&mut self) -> Box<dyn Interrupt> {
+        self.inner.bind_thread()
+    }
+
+    fn set_immediate_exit(&mut self, on: bool) {
+        self.inner.set_immediate_exit(on)
+    }
+
+    fn enter(&mut self) -> Result<Option<Exit>, Self::Error> {
+        let r = self.inner.enter();
+        self.returned(matches!(r, Ok(None)));
+        r
+    }
+
+    fn settle(&mut self) -> Result<(), Self::Error> {
+        self.inner.settle()
+    }
+}
+
+/// Answer the exits of the benchmark guests (`pio`, `spin`, `halt`) on
+/// brisk's bus; anything else ends the loop.
+pub fn answer(v: &mut KvmVcpu, exit: Exit, bus: &Bus) -> bool {
+    let fatal = |e| panic!("benchmark guest failed: {e}");
+    brisk_vmm::exits::handle(v, exit, bus, &fatal) != brisk_control::Flow::Exit
+}
+
+/// A stop flag polled by the hand-written loops.
+#[derive(Default)]
+pub struct Flag(AtomicBool);
+
+impl Flag {
+    pub fn set(&self) {
+        self.0.store(true, SeqCst)
+    }
+    pub fn take(&self) -> bool {
+        self.0.swap(false, SeqCst)
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(SeqCst)
+    }
+}
