@@ -34,7 +34,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked
+# A hang is a failure, not a stalled CI run: bound the whole suite.
+timeout --kill-after=30s 40m cargo test --workspace --locked
 echo "== loom model check of the control protocol (release, own target dir)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
-    cargo test -p brisk-control --test model --release --locked
+    timeout --kill-after=30s 20m cargo test -p brisk-control --test model --release --locked

@@ -66,9 +66,10 @@ impl Guest for Fake {
     }
 
     fn enter(&mut self) -> Result<Option<FakeExit>, String> {
-        self.shared.entries.fetch_add(1, SeqCst);
         let s = &self.shared;
         let mut hold = s.hold.lock().unwrap();
+        s.entries.fetch_add(1, SeqCst);
+        s.cv.notify_all(); // for wait_in_guest
         if s.immediate_exit.load(SeqCst) {
             return Ok(None);
         }
@@ -130,12 +131,19 @@ impl Running {
         self.ctl.run_on(|f: &mut Fake| f.progress, soon()).unwrap()
     }
 
-    /// Block until the vCPU thread is inside the stand-in guest.
+    /// Block until the (spinning, never yet kicked) vCPU is inside the
+    /// stand-in guest, where it stays until interrupted.
     fn wait_in_guest(&self) {
-        let start = self.shared.entries.load(SeqCst);
-        while self.ctl.mode() != Mode::InGuest || self.shared.entries.load(SeqCst) == start {
-            thread::yield_now();
-        }
+        let hold = self.shared.hold.lock().unwrap();
+        let (_hold, timeout) = self
+            .shared
+            .cv
+            .wait_timeout_while(hold, Duration::from_secs(10), |_| {
+                self.shared.entries.load(SeqCst) == 0
+            })
+            .unwrap();
+        assert!(!timeout.timed_out(), "the vCPU never entered the guest");
+        assert_eq!(self.ctl.mode(), Mode::InGuest);
     }
 }
 
@@ -150,6 +158,18 @@ impl Drop for Running {
                 assert_eq!(end, Ok(RunEnd::ExitRequested));
             }
         }
+    }
+}
+
+/// Poll `cond` (yielding) for at most 10 s; the tests never wait unbounded.
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}"
+        );
+        thread::yield_now();
     }
 }
 
@@ -177,12 +197,7 @@ fn stop_parks_and_resume_continues_for_every_behaviour() {
         vm.ctl.resume();
         // Each behaviour re-enters after resume; wait for progress by polling
         // through run_on (which itself kicks, so Halt wakes too).
-        let mut now = vm.progress();
-        while now == frozen {
-            thread::yield_now();
-            now = vm.progress();
-        }
-        assert!(now > frozen);
+        until("progress after resume", || vm.progress() > frozen);
     }
 }
 
@@ -345,9 +360,7 @@ fn pause_all_names_only_the_vcpus_that_did_not_park() {
 #[test]
 fn a_halted_vcpu_is_woken_without_a_signal() {
     let vm = Running::start(Behaviour::Halt);
-    while vm.ctl.mode() != Mode::Halted {
-        thread::yield_now();
-    }
+    until("the vCPU to halt", || vm.ctl.mode() == Mode::Halted);
     let before = vm.ctl.counters().snapshot();
     vm.ctl.stop(soon()).unwrap();
     let after = vm.ctl.counters().snapshot();
