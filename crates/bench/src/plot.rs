@@ -23,23 +23,29 @@ pub fn write(dir: &Path, tables: &[Table]) -> Result<Vec<String>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut files = Vec::new();
     for (i, t) in tables.iter().enumerate() {
-        let slug: String = t
-            .title
-            .chars()
-            .take_while(|c| *c != ',')
-            .map(|c| {
-                if c.is_ascii_alphanumeric() {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
-            .collect();
-        let path = dir.join(format!("{i:02}-{}.svg", slug.trim_matches('-')));
+        let path = dir.join(format!("{i:02}-{}.svg", slug(&t.title)));
         cdf(&path, t).map_err(|e| format!("{}: {e}", path.display()))?;
         files.push(path.display().to_string());
     }
     Ok(files)
+}
+
+/// "kick: kick() -> out of KVM_RUN, spinning vCPU" -> "kick-kick-out-of-kvm-run-spinning-vcpu".
+fn slug(title: &str) -> String {
+    let words: Vec<String> = title
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let mut s: String = words.join("-").chars().take(60).collect();
+    while s.ends_with('-') {
+        s.pop();
+    }
+    s
+}
+
+fn log_us(ns: u64) -> f64 {
+    (ns.max(1) as f64 / 1e3).log10()
 }
 
 fn cdf(path: &Path, t: &Table) -> Result<(), Box<dyn std::error::Error>> {
@@ -66,9 +72,20 @@ fn cdf(path: &Path, t: &Table) -> Result<(), Box<dyn std::error::Error>> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d((lo as f64 / 1e3..hi as f64 / 1e3).log_scale(), 0f64..1f64)?;
+        // x is log10(us) on a linear axis: plotters' log axis leaves the
+        // low decades unlabelled.
+        .build_cartesian_2d(log_us(lo)..log_us(hi), 0f64..1f64)?;
     chart
         .configure_mesh()
+        .x_labels(12)
+        .x_label_formatter(&|v| {
+            let us = 10f64.powf(*v);
+            if us < 10.0 {
+                format!("{us:.1}")
+            } else {
+                format!("{us:.0}")
+            }
+        })
         .x_desc("latency (us, log scale)")
         .y_desc("fraction of samples <= x")
         .draw()?;
@@ -81,7 +98,7 @@ fn cdf(path: &Path, t: &Table) -> Result<(), Box<dyn std::error::Error>> {
             .iter()
             .enumerate()
             .step_by(step)
-            .map(|(k, v)| (*v as f64 / 1e3, (k + 1) as f64 / n));
+            .map(|(k, v)| (log_us(*v), (k + 1) as f64 / n));
         chart
             .draw_series(LineSeries::new(points, color))?
             .label(r.name.clone())
