@@ -1,6 +1,8 @@
 //! Smoke test of `brisk bench`: it runs and writes well-formed JSON. No
 //! timing is asserted (timings belong in the benchmark's own output).
 
+mod common;
+
 use std::process::Command;
 
 #[test]

@@ -1,5 +1,7 @@
 //! The `brisk` command as a user runs it.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
 
@@ -13,19 +15,6 @@ fn brisk(args: &[&str]) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-macro_rules! require_kvm {
-    () => {
-        if let Err(e) = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-        {
-            eprintln!("\n*** SKIPPED: this test needs KVM (/dev/kvm: {e}) ***\n");
-            return;
-        }
-    };
 }
 
 /// One line on stderr, starting with "brisk:" or clap's "error:", no backtrace.
