@@ -7,14 +7,7 @@ use std::process::Command;
 
 #[test]
 fn bench_quick_runs_and_writes_well_formed_json() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        eprintln!("\n*** SKIPPED: this test needs KVM (/dev/kvm: {e}) ***\n");
-        return;
-    }
+    require_kvm!();
     let dir = std::env::temp_dir().join(format!("brisk-bench-{}", std::process::id()));
     let json = dir.join("bench.json");
     let plots = dir.join("plots");
