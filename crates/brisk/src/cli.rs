@@ -33,9 +33,47 @@ enum Command {
         after_help = "Exit status: 0 when every property held, 14 when one failed, 4/6/12 as for `run`."
     )]
     Stress(StressArgs),
+    /// Drive a running VM through its API socket (`brisk run --api-socket`).
+    #[command(
+        after_help = "Exit status: 0 on success, 16 when the API answered an error, 18 when the socket cannot be reached."
+    )]
+    Ctl(CtlArgs),
     /// Measure the exit path, kick latency and pause-all against baselines
     /// run side by side (medians, p99, ratios).
     Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: std::path::PathBuf,
+    /// Print the raw JSON reply instead of a summary.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    op: CtlOp,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlOp {
+    /// State, guest, memory, uptime, and each vCPU's mode.
+    Info,
+    /// Pause every vCPU (returns once all are parked).
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// Shut the VM down (brisk exits 0).
+    Shutdown,
+    /// Per-vCPU counters.
+    Counters,
+    /// Kick one vCPU out of the guest once.
+    Kick {
+        /// vCPU index.
+        id: usize,
+    },
+    /// Check the VMM answers; prints its version.
+    Ping,
 }
 
 #[derive(clap::Args, Debug)]
@@ -106,12 +144,31 @@ struct RunArgs {
     /// vCPU in user space) or `kernel` (KVM's in-kernel irqchip).
     #[arg(long, value_enum, default_value_t = IrqchipArg::User)]
     irqchip: IrqchipArg,
+    /// Serve the HTTP API (see openapi.yaml, `brisk ctl`) on this Unix
+    /// socket, created 0600 and removed on exit.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<std::path::PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum IrqchipArg {
     User,
     Kernel,
+}
+
+impl From<CtlOp> for crate::ctl::Op {
+    fn from(op: CtlOp) -> Self {
+        use crate::ctl::Op;
+        match op {
+            CtlOp::Info => Op::Info,
+            CtlOp::Pause => Op::Pause,
+            CtlOp::Resume => Op::Resume,
+            CtlOp::Shutdown => Op::Shutdown,
+            CtlOp::Counters => Op::Counters,
+            CtlOp::Kick { id } => Op::Kick(id),
+            CtlOp::Ping => Op::Ping,
+        }
+    }
 }
 
 impl From<IrqchipArg> for Irqchip {
@@ -170,6 +227,7 @@ impl Cli {
             Command::Run(args) => run(args),
             Command::Stress(args) => stress(args),
             Command::Bench(args) => bench(args),
+            Command::Ctl(args) => crate::ctl::run(&args.api_socket, args.json, args.op.into()),
         }
     }
 }
@@ -268,14 +326,35 @@ fn run(args: RunArgs) -> i32 {
         config.cpus,
         args.irqchip.name()
     );
+    let vm = std::sync::Arc::new(vm);
+    let api = match &args.api_socket {
+        None => None,
+        Some(path) => match brisk_api::ApiServer::start(path, vm.clone()) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                eprintln!("brisk: {e}");
+                vm.request_shutdown();
+                return finish(vm, None, status::CONFIG);
+            }
+        },
+    };
     let end = vm.wait(args.timeout, Some(interrupt));
     let code = status::for_end(&end, signals::last());
-    let joined = vm.shutdown();
     match &end {
-        VmEnd::PowerOff | VmEnd::DebugExit(_) => log::info!("{end}"),
+        VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::ShutdownRequested => log::info!("{end}"),
         VmEnd::Interrupted => eprintln!("brisk: stopped by signal {}", signals::last()),
         _ => eprintln!("brisk: {end}"),
     }
+    finish(vm, api, code)
+}
+
+/// Stop the API (removing its socket), then the vCPUs; `code` unless that fails.
+fn finish(vm: std::sync::Arc<Vm>, api: Option<brisk_api::ApiServer>, code: i32) -> i32 {
+    drop(api);
+    let joined = match std::sync::Arc::try_unwrap(vm) {
+        Ok(vm) => vm.shutdown(),
+        Err(_) => Err("the VM is still referenced after the API stopped".into()),
+    };
     if let Err(e) = joined {
         eprintln!("brisk: {e}");
         return status::INTERNAL;

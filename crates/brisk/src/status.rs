@@ -19,15 +19,19 @@ pub const TIMEOUT: i32 = 10;
 pub const INTERNAL: i32 = 12;
 /// `brisk stress` found a violated property.
 pub const STRESS_FAILED: i32 = 14;
+/// `brisk ctl`: the API answered with an error.
+pub const API_ERROR: i32 = 16;
+/// `brisk ctl`: the API socket could not be reached.
+pub const API_UNREACHABLE: i32 = 18;
 
 /// The text `brisk run --help` shows.
 pub const HELP: &str = "\
 Exit status:
-  0      the guest powered off (ACPI PM1a_CNT at port 0x604)
+  0      the guest powered off (ACPI PM1a_CNT at port 0x604), or the API shut it down
   odd    the guest wrote v to the debug-exit port 0xf4: (v << 1) | 1, as QEMU's isa-debug-exit
   2      bad command line
   4      /dev/kvm is missing, not accessible, or lacks a needed capability
-  6      bad configuration (unknown guest, vCPU count, memory size)
+  6      bad configuration (unknown guest, vCPU count, memory size, API socket in use)
   8      the guest crashed (triple fault, emulation failure, unhandled exit)
   10     --timeout passed with the guest still running
   12     internal VMM failure (a KVM call or a vCPU thread failed)
@@ -36,7 +40,7 @@ Exit status:
 /// Status for a VM that ran and ended.
 pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
     match end {
-        VmEnd::PowerOff => OK,
+        VmEnd::PowerOff | VmEnd::ShutdownRequested => OK,
         VmEnd::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
         VmEnd::Crash { .. } => GUEST_CRASH,
         VmEnd::VcpuFailed { .. } => INTERNAL,

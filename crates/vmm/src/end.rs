@@ -21,6 +21,8 @@ pub enum VmEnd {
     Timeout,
     /// The caller's interrupt fd became readable (e.g. Ctrl-C).
     Interrupted,
+    /// A controller asked for it (e.g. `PUT /api/v1/vm.shutdown`).
+    ShutdownRequested,
 }
 
 impl fmt::Display for VmEnd {
@@ -34,6 +36,7 @@ impl fmt::Display for VmEnd {
             VmEnd::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
             VmEnd::Timeout => write!(f, "timed out with the guest still running"),
             VmEnd::Interrupted => write!(f, "interrupted"),
+            VmEnd::ShutdownRequested => write!(f, "shut down on request"),
         }
     }
 }

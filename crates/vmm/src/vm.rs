@@ -56,6 +56,7 @@ pub struct Vm {
     end: Arc<EndLatch>,
     started: Instant,
     guest: String,
+    memory_size: u64,
 }
 
 impl Vm {
@@ -99,6 +100,7 @@ impl Vm {
             end,
             started: Instant::now(),
             guest: guest.name.to_string(),
+            memory_size: config.memory,
         };
         for v in kvm_vcpus {
             vm.spawn(v).map_err(setup)?;
@@ -178,6 +180,22 @@ impl Vm {
     /// How the VM ended, if it has.
     pub fn ended(&self) -> Option<VmEnd> {
         self.end.get()
+    }
+
+    /// End the VM as [`VmEnd::ShutdownRequested`]: whoever waits in
+    /// [`Vm::wait`] returns and shuts it down. No effect if it has ended.
+    pub fn request_shutdown(&self) {
+        self.end.end(VmEnd::ShutdownRequested);
+    }
+
+    /// Guest RAM in bytes.
+    pub fn memory_size(&self) -> u64 {
+        self.memory_size
+    }
+
+    /// Where HLT and interrupts are handled.
+    pub fn irqchip(&self) -> brisk_kvm::Irqchip {
+        self.kvm.irqchip()
     }
 
     /// Time since the vCPUs were started.

@@ -1,0 +1,66 @@
+//! `GET /api/v1/vm.counters` in Prometheus' text exposition format.
+
+use std::fmt::Write;
+
+use brisk_control::{CounterSnapshot, ExitKind};
+
+/// One metric family per counter, one sample per vCPU.
+pub(crate) fn render(vcpus: &[(usize, CounterSnapshot)], unclaimed: u64) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, help: &str, value: &dyn Fn(&CounterSnapshot) -> u64| {
+        let _ = writeln!(out, "# HELP brisk_vcpu_{name} {help}");
+        let _ = writeln!(out, "# TYPE brisk_vcpu_{name} counter");
+        for (id, c) in vcpus {
+            let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{id}\"}} {}", value(c));
+        }
+    };
+    family("entries_total", "Guest entries.", &|c| c.entries);
+    family("kicks_total", "Kicks requested.", &|c| c.kicks);
+    family("signals_sent_total", "Kick signals sent.", &|c| {
+        c.signals_sent
+    });
+    family(
+        "signals_elided_total",
+        "Kicks that needed no signal.",
+        &|c| c.signals_elided,
+    );
+    family("wakeups_total", "Futex wake-ups of blocked vCPUs.", &|c| {
+        c.wakeups
+    });
+    family(
+        "spurious_exits_total",
+        "Entries cut short with nothing to do.",
+        &|c| c.spurious_exits,
+    );
+    family("work_run_total", "run_on closures executed.", &|c| {
+        c.work_run
+    });
+    family("parked_ns_total", "Nanoseconds parked.", &|c| c.parked_ns);
+    family(
+        "halted_ns_total",
+        "Nanoseconds halted in user space.",
+        &|c| c.halted_ns,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP brisk_vcpu_exits_total Guest exits handled in user space."
+    );
+    let _ = writeln!(out, "# TYPE brisk_vcpu_exits_total counter");
+    for (id, c) in vcpus {
+        for k in ExitKind::ALL {
+            let _ = writeln!(
+                out,
+                "brisk_vcpu_exits_total{{vcpu=\"{id}\",reason=\"{}\"}} {}",
+                k.name(),
+                c.exits_of(k)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP brisk_unclaimed_accesses_total PIO/MMIO accesses no device claimed."
+    );
+    let _ = writeln!(out, "# TYPE brisk_unclaimed_accesses_total counter");
+    let _ = writeln!(out, "brisk_unclaimed_accesses_total {unclaimed}");
+    out
+}

@@ -1,0 +1,237 @@
+//! The API as a function from request to reply.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use brisk_control::{pause_all, resume_all, Deadline, ExitKind, Request};
+use brisk_vmm::{Irqchip, Vm};
+use serde_json::{json, Value};
+
+use crate::prometheus;
+
+/// How long pause and resume may take before the API reports failure.
+const DEADLINE: Duration = Duration::from_secs(2);
+
+/// The paths and the methods each accepts.
+pub const PATHS: [(&str, &str); 7] = [
+    ("/api/v1/vmm.ping", "GET"),
+    ("/api/v1/vm.info", "GET"),
+    ("/api/v1/vm.counters", "GET"),
+    ("/api/v1/vm.pause", "PUT"),
+    ("/api/v1/vm.resume", "PUT"),
+    ("/api/v1/vm.shutdown", "PUT"),
+    ("/api/v1/vcpu.kick", "PUT"),
+];
+
+/// An HTTP reply.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Reply {
+    fn json(status: u16, v: Value) -> Reply {
+        Reply {
+            status,
+            content_type: "application/json",
+            body: v.to_string(),
+        }
+    }
+
+    fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            content_type: "application/json",
+            body: String::new(),
+        }
+    }
+
+    /// `{"error": msg}` with `status`.
+    pub fn error(status: u16, msg: impl Into<String>) -> Reply {
+        Reply::json(status, json!({ "error": msg.into() }))
+    }
+}
+
+/// The API's view of one running VM.
+pub struct Api {
+    vm: Arc<Vm>,
+    /// Paused through the API; the lock also serialises pause/resume.
+    paused: Mutex<bool>,
+}
+
+impl Api {
+    pub fn new(vm: Arc<Vm>) -> Api {
+        Api {
+            vm,
+            paused: Mutex::new(false),
+        }
+    }
+
+    /// Answer one request. `accept` is the Accept header, if any.
+    pub fn handle(&self, method: &str, path: &str, body: &[u8], accept: Option<&str>) -> Reply {
+        let path = path.split('?').next().unwrap_or(path);
+        let Some(&(_, allowed)) = PATHS.iter().find(|(p, _)| *p == path) else {
+            return Reply::error(404, format!("no such path: {path}"));
+        };
+        if method != allowed {
+            return Reply::error(405, format!("{path} takes {allowed}, not {method}"));
+        }
+        match path {
+            "/api/v1/vmm.ping" => Reply::json(
+                200,
+                json!({ "name": "brisk", "version": env!("CARGO_PKG_VERSION") }),
+            ),
+            "/api/v1/vm.info" => self.info(),
+            "/api/v1/vm.counters" => self.counters(accept),
+            "/api/v1/vm.pause" => self.pause(),
+            "/api/v1/vm.resume" => self.resume(),
+            "/api/v1/vm.shutdown" => {
+                self.vm.request_shutdown();
+                Reply::no_content()
+            }
+            "/api/v1/vcpu.kick" => self.kick(body),
+            _ => Reply::error(500, "route table and dispatch disagree"),
+        }
+    }
+
+    fn state(&self) -> &'static str {
+        if self.vm.ended().is_some() {
+            "shutdown"
+        } else if *self.lock() {
+            "paused"
+        } else {
+            "running"
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn info(&self) -> Reply {
+        let vcpus: Vec<Value> = self
+            .vm
+            .vcpus()
+            .iter()
+            .map(|v| {
+                let state = match (v.mode(), v.is_parked()) {
+                    (brisk_control::Mode::Exited, _) => "exited",
+                    (_, true) => "parked",
+                    _ => "running",
+                };
+                json!({ "id": v.id(), "mode": v.mode().name(), "state": state })
+            })
+            .collect();
+        Reply::json(
+            200,
+            json!({
+                "state": self.state(),
+                "guest": self.vm.guest(),
+                "memory_bytes": self.vm.memory_size(),
+                "irqchip": match self.vm.irqchip() { Irqchip::User => "user", Irqchip::Kernel => "kernel" },
+                "uptime_ms": self.vm.uptime().as_millis() as u64,
+                "vcpus": vcpus,
+            }),
+        )
+    }
+
+    fn counters(&self, accept: Option<&str>) -> Reply {
+        let snapshots: Vec<_> = self
+            .vm
+            .vcpus()
+            .iter()
+            .map(|v| (v.id(), v.counters().snapshot()))
+            .collect();
+        if accept.is_some_and(|a| a.contains("text/plain")) {
+            return Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4",
+                body: prometheus::render(&snapshots, self.vm.unclaimed_accesses()),
+            };
+        }
+        let vcpus: Vec<Value> = snapshots
+            .iter()
+            .map(|(id, c)| {
+                let exits: serde_json::Map<String, Value> = ExitKind::ALL
+                    .iter()
+                    .map(|k| (k.name().to_string(), json!(c.exits_of(*k))))
+                    .collect();
+                json!({
+                    "id": id,
+                    "exits": exits,
+                    "entries": c.entries,
+                    "cancelled_entries": c.cancelled_entries,
+                    "kicks": c.kicks,
+                    "signals_sent": c.signals_sent,
+                    "signals_elided": c.signals_elided,
+                    "wakeups": c.wakeups,
+                    "kicked_exits": c.kicked_exits,
+                    "spurious_exits": c.spurious_exits,
+                    "work_run": c.work_run,
+                    "parked_ns": c.parked_ns,
+                    "halted_ns": c.halted_ns,
+                })
+            })
+            .collect();
+        Reply::json(
+            200,
+            json!({ "vcpus": vcpus, "unclaimed_accesses": self.vm.unclaimed_accesses() }),
+        )
+    }
+
+    fn pause(&self) -> Reply {
+        let mut paused = self.lock();
+        if self.vm.ended().is_some() {
+            return Reply::error(409, "the VM has shut down");
+        }
+        if *paused {
+            return Reply::error(409, "the VM is already paused");
+        }
+        let vcpus = || self.vm.vcpus().iter().map(|v| &**v);
+        match pause_all(vcpus(), Deadline::after(DEADLINE)) {
+            Ok(()) => {
+                *paused = true;
+                Reply::no_content()
+            }
+            Err(e) => {
+                // Leave no vCPU half-paused.
+                resume_all(vcpus());
+                Reply::error(500, e.to_string())
+            }
+        }
+    }
+
+    fn resume(&self) -> Reply {
+        let mut paused = self.lock();
+        if !*paused {
+            return Reply::error(409, "the VM is not paused");
+        }
+        resume_all(self.vm.vcpus().iter().map(|v| &**v));
+        *paused = false;
+        Reply::no_content()
+    }
+
+    fn kick(&self, body: &[u8]) -> Reply {
+        let v: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return Reply::error(400, format!("body is not JSON: {e}")),
+        };
+        let Some(obj) = v.as_object() else {
+            return Reply::error(400, "body must be an object like {\"id\": 0}");
+        };
+        if let Some(k) = obj.keys().find(|k| *k != "id") {
+            return Reply::error(400, format!("unknown field '{k}'"));
+        }
+        let n = self.vm.vcpus().len();
+        match obj.get("id").and_then(Value::as_u64) {
+            Some(id) if (id as usize) < n => {
+                self.vm.vcpu(id as usize).kick(Request::Kick);
+                Reply::no_content()
+            }
+            Some(id) => Reply::error(400, format!("no vCPU {id}: this VM has {n}")),
+            None => Reply::error(400, "field 'id' (a vCPU index) is required"),
+        }
+    }
+}
