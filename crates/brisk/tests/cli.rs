@@ -204,3 +204,58 @@ fn a_crashing_guest_is_status_8_with_vcpu_and_rip() {
     assert!(err.contains("vCPU 0") && err.contains("RIP 0x"), "{err}");
     assert_one_sentence(&out);
 }
+
+#[test]
+fn ctl_drives_a_vm_through_its_api_socket_and_the_socket_goes_away() {
+    require_kvm!();
+    let sock = std::env::temp_dir().join(format!("brisk-cli-{}.sock", std::process::id()));
+    let sock_s = sock.to_str().unwrap();
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .args([
+            "-v",
+            "run",
+            "--guest",
+            "spin",
+            "--api-socket",
+            sock_s,
+            "--timeout",
+            "60s",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(vm.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("running on") {
+        line.clear();
+        assert_ne!(stderr.read_line(&mut line).unwrap(), 0, "brisk ended early");
+    }
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--api-socket", sock_s];
+        all.extend_from_slice(args);
+        brisk(&all)
+    };
+    let ping = ctl(&["ping"]);
+    assert_eq!(
+        text(&ping.stdout).trim(),
+        concat!("brisk ", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(text(&ctl(&["pause"]).stdout).trim(), "paused");
+    assert!(text(&ctl(&["info"]).stdout).contains("state:   paused"));
+    let again = ctl(&["pause"]);
+    assert_eq!(again.status.code(), Some(16));
+    assert!(text(&again.stderr).contains("API error 409"));
+    assert_eq!(text(&ctl(&["resume"]).stdout).trim(), "resumed");
+    let json = ctl(&["--json", "counters"]);
+    let counters: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(counters["vcpus"].as_array().unwrap().len(), 2);
+    assert_eq!(text(&ctl(&["kick", "1"]).stdout).trim(), "kicked");
+    assert_eq!(ctl(&["kick", "7"]).status.code(), Some(16));
+    assert_eq!(text(&ctl(&["shutdown"]).stdout).trim(), "shutting down");
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists(), "the socket is removed on exit");
+    let gone = ctl(&["ping"]);
+    assert_eq!(gone.status.code(), Some(18));
+    assert_one_sentence(&gone);
+}
