@@ -320,12 +320,6 @@ fn run(args: RunArgs) -> i32 {
             return status::for_start_error(&e);
         }
     };
-    log::info!(
-        "guest '{}' running on {} vCPUs ({} irqchip)",
-        config.guest,
-        config.cpus,
-        args.irqchip.name()
-    );
     let vm = std::sync::Arc::new(vm);
     let api = match &args.api_socket {
         None => None,
@@ -338,6 +332,13 @@ fn run(args: RunArgs) -> i32 {
             }
         },
     };
+    // Logged once the vCPUs run and the API (if any) answers.
+    log::info!(
+        "guest '{}' running on {} vCPUs ({} irqchip)",
+        config.guest,
+        config.cpus,
+        args.irqchip.name()
+    );
     let end = vm.wait(args.timeout, Some(interrupt));
     let code = status::for_end(&end, signals::last());
     match &end {
