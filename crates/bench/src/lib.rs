@@ -8,7 +8,9 @@
 //! - [`kick`]: kick latency (spinning, halted in KVM's irqchip) for brisk,
 //!   always-signal and signal-mask; cost of stopping a parked vCPU.
 //! - [`pause`]: pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
+//! - [`api`]: pause/resume through the API socket vs in-process.
 
+pub mod api;
 pub mod exit;
 pub mod kick;
 pub mod pause;
@@ -26,6 +28,7 @@ pub enum Which {
     Exit,
     Kick,
     Pause,
+    Api,
     All,
 }
 
@@ -89,6 +92,9 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Pause | Which::All) {
         go(pause::run);
+    }
+    if matches!(which, Which::Api | Which::All) {
+        go(api::run);
     }
     Report {
         quick: opts.quick,

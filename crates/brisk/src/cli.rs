@@ -100,6 +100,8 @@ enum BenchWhich {
     Kick,
     /// pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
     Pause,
+    /// Pause/resume round trips through the API socket vs in-process.
+    Api,
     /// All of the above.
     All,
 }
@@ -241,6 +243,7 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Exit => brisk_bench::Which::Exit,
         BenchWhich::Kick => brisk_bench::Which::Kick,
         BenchWhich::Pause => brisk_bench::Which::Pause,
+        BenchWhich::Api => brisk_bench::Which::Api,
         BenchWhich::All => brisk_bench::Which::All,
     };
     let opts = brisk_bench::Opts { quick: args.quick };
