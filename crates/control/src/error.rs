@@ -30,6 +30,8 @@ pub enum Error {
     /// `run_on` from the vCPU's own thread while its guest is in use there
     /// (inside an exit handler or another `run_on` closure).
     Reentrant { vcpu: usize },
+    /// The vCPU is not a member of the exclusive group.
+    NotMember { vcpu: usize },
 }
 
 impl fmt::Display for Error {
@@ -44,6 +46,7 @@ impl fmt::Display for Error {
                 )
             }
             Error::Exited { op, vcpu } => write!(f, "{op}: vCPU {vcpu} has exited"),
+            Error::NotMember { vcpu } => write!(f, "vCPU {vcpu} is not a member of this group"),
             Error::Reentrant { vcpu } => write!(
                 f,
                 "run_on: called on vCPU {vcpu}'s own thread while its state is borrowed"

@@ -49,21 +49,25 @@
 mod counters;
 mod deadline;
 mod error;
+mod exclusive;
 mod group;
 mod guest;
 mod mode;
 mod oneshot;
 mod requests;
 mod run;
+mod state;
 mod sync;
 mod vcpu;
 
 pub use counters::{CounterSnapshot, Counters, ExitKind};
 pub use deadline::Deadline;
 pub use error::{Error, Op};
+pub use exclusive::ExclusiveGroup;
 pub use group::{pause_all, resume_all};
 pub use guest::{Classify, Flow, Guest, Interrupt};
 pub use mode::Mode;
 pub use requests::Request;
 pub use run::RunEnd;
+pub use state::VcpuState;
 pub use vcpu::{RunOnTicket, VcpuCtl};

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use crate::counters::Counters;
 use crate::requests::WAKES_PARKED;
+use crate::state::VcpuState;
 use crate::sync;
 use crate::vcpu::CURRENT;
 use crate::{Classify, Flow, Guest, Mode, Request, VcpuCtl};
@@ -28,6 +29,7 @@ impl<G> Drop for ExitGuard<'_, G> {
         let ctl = self.0;
         CURRENT.with(|c| c.set((std::ptr::null(), std::ptr::null())));
         ctl.mode.store(Mode::Exited);
+        ctl.state.set(VcpuState::Exited);
         let orphans = {
             let mut slow = ctl.lock();
             slow.exited = true;
@@ -57,6 +59,7 @@ impl<G: Guest> VcpuCtl<G> {
         // One thread per control block: a second `run` keeps the first binding.
         let _ = self.interrupt.set(interrupt);
         let _exit_guard = ExitGuard(self);
+        self.state.set(VcpuState::Running);
         CURRENT.with(|c| {
             c.set((
                 self as *const Self as *const (),
@@ -173,6 +176,7 @@ impl<G: Guest> VcpuCtl<G> {
             return None; // resumed before we got here
         }
         slow.parked = true;
+        self.state.set(VcpuState::Parked);
         self.ack_cv.notify_all();
         loop {
             // The mode is stored under the lock so a kicker that sees
@@ -199,6 +203,7 @@ impl<G: Guest> VcpuCtl<G> {
             slow = self.lock();
         }
         slow.parked = false;
+        self.state.set(VcpuState::Running);
         drop(slow);
         Self::add_ns(&self.counters.parked_ns, start);
         None
@@ -207,10 +212,12 @@ impl<G: Guest> VcpuCtl<G> {
     fn halt_wait(&self) {
         let start = Instant::now();
         let slow = self.lock();
+        self.state.set(VcpuState::Halted);
         self.mode.store(Mode::Halted);
         sync::dekker_fence();
         let slow = sync::wait_while(&self.vcpu_cv, slow, |_| self.requests.load(SeqCst) == 0);
         self.mode.store(Mode::Outside);
+        self.state.set(VcpuState::Running);
         drop(slow);
         Self::add_ns(&self.counters.halted_ns, start);
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crate::counters::Counters;
 use crate::mode::AtomicMode;
 use crate::oneshot::{self, RecvError};
+use crate::state::{StateWatch, VcpuState};
 use crate::sync::{self, AtomicU32, Condvar, Mutex, MutexGuard};
 use crate::{Deadline, Error, Guest, Interrupt, Mode, Op, Request};
 
@@ -38,6 +39,7 @@ pub struct VcpuCtl<G> {
     pub(crate) ack_cv: Condvar,
     pub(crate) interrupt: OnceLock<Box<dyn Interrupt>>,
     pub(crate) counters: Counters,
+    pub(crate) state: StateWatch,
     /// Model check only: enter with the broken order (see `run.rs`).
     #[cfg(loom)]
     pub(crate) model_broken_order: std::sync::atomic::AtomicBool,
@@ -98,6 +100,7 @@ impl<G> VcpuCtl<G> {
             ack_cv: Condvar::new(),
             interrupt: OnceLock::new(),
             counters: Counters::default(),
+            state: StateWatch::new(),
             #[cfg(loom)]
             model_broken_order: std::sync::atomic::AtomicBool::new(false),
         }
@@ -111,6 +114,23 @@ impl<G> VcpuCtl<G> {
     /// Where the vCPU thread is now.
     pub fn mode(&self) -> Mode {
         self.mode.load()
+    }
+
+    /// Coarse state: running, halted, parked, exited.
+    pub fn state(&self) -> VcpuState {
+        self.state.get()
+    }
+
+    /// An eventfd that becomes readable whenever [`VcpuCtl::state`] changes
+    /// (put it in an epoll set; read it with [`VcpuCtl::take_transitions`]).
+    /// Owned by the control block: do not close it.
+    pub fn state_fd(&self) -> std::os::fd::RawFd {
+        self.state.raw_fd()
+    }
+
+    /// State changes since the last call, resetting the eventfd (0 if none).
+    pub fn take_transitions(&self) -> u64 {
+        self.state.take_transitions()
     }
 
     /// Live counters.

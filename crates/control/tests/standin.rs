@@ -46,9 +46,18 @@ impl Interrupt for FakeInterrupt {
     }
 }
 
+/// How many stand-in vCPUs are inside their guest right now (shared by the
+/// members of an exclusive group), and how often that exceeded one.
+#[derive(Default)]
+struct Occupancy {
+    now: AtomicU64,
+    violations: AtomicU64,
+}
+
 struct Fake {
     behaviour: Behaviour,
     shared: Arc<Shared>,
+    occupancy: Arc<Occupancy>,
     /// Guest-visible progress: entries that ran guest code.
     progress: u64,
 }
@@ -78,9 +87,13 @@ impl Guest for Fake {
             Behaviour::Io => Ok(Some(FakeExit(ExitKind::Io))),
             Behaviour::Halt => Ok(Some(FakeExit(ExitKind::Halt))),
             Behaviour::Spin => {
+                if self.occupancy.now.fetch_add(1, SeqCst) != 0 {
+                    self.occupancy.violations.fetch_add(1, SeqCst);
+                }
                 while !s.immediate_exit.load(SeqCst) || *hold {
                     hold = s.cv.wait(hold).unwrap();
                 }
+                self.occupancy.now.fetch_sub(1, SeqCst);
                 Ok(None)
             }
         }
@@ -103,11 +116,16 @@ impl Running {
     }
 
     fn start_id(id: usize, behaviour: Behaviour) -> Running {
+        Self::start_in(id, behaviour, Arc::default())
+    }
+
+    fn start_in(id: usize, behaviour: Behaviour, occupancy: Arc<Occupancy>) -> Running {
         let shared = Arc::new(Shared::default());
         let ctl = Arc::new(VcpuCtl::new(id));
         let fake = Fake {
             behaviour,
             shared: shared.clone(),
+            occupancy,
             progress: 0,
         };
         let c = ctl.clone();
@@ -414,4 +432,109 @@ fn queued_work_is_released_when_the_vcpu_exits() {
         Ok(_) | Err(Error::Exited { .. }) => {}
         Err(e) => panic!("unexpected {e}"),
     }
+}
+
+#[test]
+fn an_exclusive_group_never_runs_two_members_at_once() {
+    let occupancy = Arc::new(Occupancy::default());
+    let vms: Vec<Running> = (0..3)
+        .map(|i| Running::start_in(i, Behaviour::Spin, occupancy.clone()))
+        .collect();
+    let group =
+        ExclusiveGroup::new(vms.iter().map(|r| r.ctl.clone()).collect(), 0, soon()).unwrap();
+    assert_eq!(group.running(), Some(0));
+    // The members ran freely before the group existed: count from here.
+    occupancy.violations.store(0, SeqCst);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut ran = [false; 3];
+    for _ in 0..500 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let target = (rng % 3) as usize;
+        group.switch_to(target, soon()).unwrap();
+        assert_eq!(group.running(), Some(target));
+        for (i, v) in vms.iter().enumerate() {
+            if i != target {
+                assert!(v.ctl.is_parked(), "vCPU {i} runs beside {target}");
+            }
+        }
+        // Let the target actually enter now and then.
+        if rng % 4 == 0 {
+            until("the target to enter", || {
+                vms[target].ctl.mode() == Mode::InGuest
+            });
+            ran[target] = true;
+        }
+    }
+    assert_eq!(
+        occupancy.violations.load(SeqCst),
+        0,
+        "two members were in the guest at once"
+    );
+    assert!(ran.iter().all(|r| *r));
+    assert_eq!(
+        group.switch_to(7, soon()),
+        Err(Error::NotMember { vcpu: 7 })
+    );
+}
+
+/// Wait (bounded, blocking in poll) for the state eventfd to be readable.
+fn readable(fd: std::os::fd::RawFd, ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
+#[test]
+fn the_state_eventfd_follows_every_transition() {
+    let vm = Running::start(Behaviour::Halt);
+    let ctl = &vm.ctl;
+    let fd = ctl.state_fd();
+    // Created -> Running -> Halted, seen by blocking on the fd.
+    let mut seen = 0;
+    while ctl.state() != VcpuState::Halted {
+        assert!(readable(fd, 10_000), "no transition to Halted");
+        seen += ctl.take_transitions();
+    }
+    assert!(seen >= 2);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..300 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ctl.take_transitions();
+        match rng % 3 {
+            0 => {
+                let was = ctl.state();
+                ctl.stop(soon()).unwrap();
+                assert_eq!(ctl.state(), VcpuState::Parked);
+                if was != VcpuState::Parked {
+                    assert!(readable(fd, 0), "stopping from {was:?} left the fd silent");
+                }
+            }
+            1 if ctl.is_paused() => {
+                ctl.resume();
+                // Parked -> Running (-> Halted again): each readable.
+                assert!(readable(fd, 10_000), "resume left the fd silent");
+                assert!(ctl.take_transitions() >= 1);
+                until("the guest to halt again", || {
+                    ctl.state() == VcpuState::Halted
+                });
+            }
+            _ if ctl.state() == VcpuState::Halted => {
+                ctl.kick(Request::Kick); // Halted -> Running -> Halted
+                assert!(readable(fd, 10_000), "a wake-up left the fd silent");
+                assert!(ctl.take_transitions() >= 1);
+            }
+            _ => {}
+        }
+    }
+    ctl.request_exit();
+    until("exit", || ctl.state() == VcpuState::Exited);
+    assert!(readable(fd, 0));
 }
