@@ -4,7 +4,7 @@
 use std::thread;
 use std::time::{Duration, Instant};
 
-use brisk_control::{pause_all, resume_all, Deadline};
+use brisk_control::{pause_all, resume_all, Deadline, ExclusiveGroup};
 use brisk_vmm::{Output, Vm, VmConfig};
 
 use crate::stats::{Row, Table};
@@ -51,6 +51,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
         one_by_one.push(s);
     }
     vec![
+        exclusive_switch(iterations),
         Table::new(
             "pause: pause_all + resume_all (signal all, then wait for all), spinning vCPUs",
             "ratio: to 1 vCPU; the extra column is the one-by-one median divided by this one",
@@ -62,4 +63,43 @@ pub fn run(opts: &Opts) -> Vec<Table> {
             one_by_one,
         ),
     ]
+}
+
+/// An exclusive group of two spinning vCPUs (one runs at a time):
+/// `switch_to` the other (stop the running one synchronously, resume the
+/// other) against stopping and resuming the running one itself.
+fn exclusive_switch(iterations: usize) -> Table {
+    let deadline = || Deadline::after(Duration::from_secs(5));
+    let config = VmConfig {
+        guest: "spin".into(),
+        cpus: 2,
+        ..VmConfig::default()
+    };
+    let vm = Vm::start(&config, Output::Null).expect("VM");
+    let group = ExclusiveGroup::new(vm.vcpus().to_vec(), 0, deadline()).expect("group");
+    let (mut switch, mut stop_resume) = (Vec::new(), Vec::new());
+    for i in 0..2 * iterations {
+        thread::sleep(Duration::from_millis(2)); // the running one is in the guest
+        let running = group.running().expect("a member runs");
+        let t0 = Instant::now();
+        if i % 2 == 0 {
+            group.switch_to(1 - running, deadline()).expect("switch_to");
+            switch.push(t0.elapsed().as_nanos() as u64);
+        } else {
+            let v = vm.vcpu(running);
+            v.stop(deadline()).expect("stop");
+            v.resume();
+            stop_resume.push(t0.elapsed().as_nanos() as u64);
+        }
+    }
+    drop(group);
+    vm.shutdown().expect("VM shutdown");
+    Table::new(
+        "pause: exclusive group switch_to between 2 spinning vCPUs",
+        "switch_to = stop the running member (synchronous) + resume the other; baseline: stop + resume of the running member itself",
+        vec![
+            Row::new("stop + resume of the running vCPU", stop_resume),
+            Row::new("ExclusiveGroup::switch_to", switch),
+        ],
+    )
 }

@@ -58,6 +58,9 @@ pub struct Timed {
     done: Option<Sender<Vec<u64>>>,
     /// Interrupted returns are reported here (ns since `epoch`).
     kicked: Option<Sender<u64>>,
+    /// Report when the loop is back at its entry point (clearing
+    /// immediate_exit) instead of at interrupted returns.
+    at_entry: bool,
 }
 
 impl Timed {
@@ -72,6 +75,7 @@ impl Timed {
             want,
             done: Some(done),
             kicked: None,
+            at_entry: false,
         }
     }
 
@@ -85,6 +89,17 @@ impl Timed {
             want: 0,
             done: None,
             kicked: Some(kicked),
+            at_entry: false,
+        }
+    }
+
+    /// Report every time the run loop is back at its entry point: the
+    /// moment a woken vCPU thread is ready to enter the guest again, the
+    /// same point whether it was halted in user space or in KVM.
+    pub fn entries(inner: KvmVcpu, epoch: Instant, reached: Sender<u64>) -> Timed {
+        Timed {
+            at_entry: true,
+            ..Timed::kicks(inner, epoch, reached)
         }
     }
 
@@ -100,7 +115,7 @@ impl Timed {
             }
         }
         self.last = now;
-        if interrupted {
+        if interrupted && !self.at_entry {
             if let Some(k) = &self.kicked {
                 let _ = k.send((now - self.epoch).as_nanos() as u64);
             }
@@ -117,6 +132,11 @@ impl Guest for Timed {
     }
 
     fn set_immediate_exit(&mut self, on: bool) {
+        if self.at_entry && !on {
+            if let Some(k) = &self.kicked {
+                let _ = k.send((Instant::now() - self.epoch).as_nanos() as u64);
+            }
+        }
         self.inner.set_immediate_exit(on)
     }
 
