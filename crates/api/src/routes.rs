@@ -115,14 +115,7 @@ impl Api {
             .vm
             .vcpus()
             .iter()
-            .map(|v| {
-                let state = match (v.mode(), v.is_parked()) {
-                    (brisk_control::Mode::Exited, _) => "exited",
-                    (_, true) => "parked",
-                    _ => "running",
-                };
-                json!({ "id": v.id(), "mode": v.mode().name(), "state": state })
-            })
+            .map(|v| json!({ "id": v.id(), "mode": v.mode().name(), "state": v.state().name() }))
             .collect();
         Reply::json(
             200,

@@ -111,6 +111,19 @@ fn pause_and_resume_200_times_freeze_and_release_the_guest() {
             }
         }
         assert_eq!(s.json("vm.info")["state"], "running");
+        if guest == "halt" {
+            // Left alone, both vCPUs settle halted in user space.
+            let end = Instant::now() + Duration::from_secs(10);
+            while s.json("vm.info")["vcpus"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["state"] != "halted")
+            {
+                assert!(Instant::now() < end, "{}", s.json("vm.info"));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use brisk_control::{Flow, Guest, VcpuCtl};
+use brisk_control::{Guest, VcpuCtl};
 use brisk_kvm::{Exit, Irqchip};
 
 use crate::rig::{answer, Rig, Timed};
@@ -36,15 +36,8 @@ fn measure(kind: Loop, n: usize) -> Vec<u64> {
         Loop::Brisk => {
             let ctl = Arc::new(VcpuCtl::<Timed>::new(0));
             let c = ctl.clone();
-            let t = thread::spawn(move || {
-                c.run(timed, |t, exit| {
-                    Ok(if answer(&mut t.inner, exit, &bus) {
-                        Flow::Continue
-                    } else {
-                        Flow::Exit
-                    })
-                })
-            });
+            let t =
+                thread::spawn(move || c.run(timed, |t, exit| Ok(answer(&mut t.inner, exit, &bus))));
             let samples = rx.recv().expect("brisk loop samples");
             ctl.request_exit();
             t.join().unwrap().expect("brisk loop");

@@ -151,11 +151,12 @@ impl Guest for Timed {
     }
 }
 
-/// Answer the exits of the benchmark guests (`pio`, `spin`, `halt`) on
-/// brisk's bus; anything else ends the loop.
-pub fn answer(v: &mut KvmVcpu, exit: Exit, bus: &Bus) -> bool {
+/// Answer the exits of the benchmark guests (`pio`, `spin`, `halt`) with
+/// brisk's own dispatcher: the same `Flow` brisk's vCPU threads act on
+/// (HLT -> `Flow::Halt`: block in user space).
+pub fn answer(v: &mut KvmVcpu, exit: Exit, bus: &Bus) -> brisk_control::Flow {
     let fatal = |e| panic!("benchmark guest failed: {e}");
-    brisk_vmm::exits::handle(v, exit, bus, &fatal) != brisk_control::Flow::Exit
+    brisk_vmm::exits::handle(v, exit, bus, &fatal)
 }
 
 /// A stop flag polled by the hand-written loops.
