@@ -55,6 +55,8 @@ pub struct Counters {
     pub(crate) work_run: AtomicU64,
     pub(crate) parked_ns: AtomicU64,
     pub(crate) halted_ns: AtomicU64,
+    pub(crate) idle_tasks: AtomicU64,
+    pub(crate) idle_task_ns: AtomicU64,
 }
 
 impl Counters {
@@ -82,6 +84,8 @@ impl Counters {
             work_run: get(&self.work_run),
             parked_ns: get(&self.parked_ns),
             halted_ns: get(&self.halted_ns),
+            idle_tasks: get(&self.idle_tasks),
+            idle_task_ns: get(&self.idle_task_ns),
         }
     }
 }
@@ -114,8 +118,13 @@ pub struct CounterSnapshot {
     pub work_run: u64,
     /// Nanoseconds spent parked by controllers.
     pub parked_ns: u64,
-    /// Nanoseconds spent halted in user space.
+    /// Nanoseconds spent halted in user space (idle time, including idle
+    /// tasks).
     pub halted_ns: u64,
+    /// Idle-time tasks (`run_when_idle`) run while halted.
+    pub idle_tasks: u64,
+    /// Nanoseconds spent in idle-time tasks.
+    pub idle_task_ns: u64,
 }
 
 impl CounterSnapshot {

@@ -34,7 +34,9 @@ impl<G> Drop for ExitGuard<'_, G> {
             let mut slow = ctl.lock();
             slow.exited = true;
             slow.parked = false;
-            std::mem::take(&mut slow.work)
+            let mut orphans = std::mem::take(&mut slow.work);
+            orphans.append(&mut slow.idle);
+            orphans
         };
         // Dropping unrun work drops its result senders: run_on waiters see
         // `Exited` at once instead of waiting out their deadline.
@@ -80,7 +82,7 @@ impl<G: Guest> VcpuCtl<G> {
                 // HLT with no interrupt controller in the kernel: block in
                 // user space until a kick, then let the guest continue after
                 // its HLT (a spurious wake-up, which x86 guests tolerate).
-                self.halt_wait();
+                self.halt_wait(&guest);
                 halted = false;
                 continue;
             }
@@ -209,13 +211,35 @@ impl<G: Guest> VcpuCtl<G> {
         None
     }
 
-    fn halt_wait(&self) {
+    /// Block while the guest is halted (mode Halted) until a request
+    /// arrives, running idle-time tasks meanwhile. A request ends the idle
+    /// stretch between two tasks, so a task delays a due kick, stop or
+    /// interrupt by at most its own length.
+    fn halt_wait(&self, guest: &RefCell<G>) {
         let start = Instant::now();
-        let slow = self.lock();
+        let mut slow = self.lock();
         self.state.set(VcpuState::Halted);
         self.mode.store(Mode::Halted);
         sync::dekker_fence();
-        let slow = sync::wait_while(&self.vcpu_cv, slow, |_| self.requests.load(SeqCst) == 0);
+        loop {
+            slow = sync::wait_while(&self.vcpu_cv, slow, |s| {
+                self.requests.load(SeqCst) == 0 && s.idle.is_empty()
+            });
+            if self.requests.load(SeqCst) != 0 {
+                break;
+            }
+            let Some(task) = slow.idle.pop_front() else {
+                continue;
+            };
+            // Still Halted while the task runs: a kicker wakes us the same
+            // way, and we look at requests as soon as it returns.
+            drop(slow);
+            Counters::bump(&self.counters.idle_tasks);
+            let t = Instant::now();
+            task(&mut guest.borrow_mut());
+            Self::add_ns(&self.counters.idle_task_ns, t);
+            slow = self.lock();
+        }
         self.mode.store(Mode::Outside);
         self.state.set(VcpuState::Running);
         drop(slow);

@@ -24,6 +24,8 @@ pub(crate) struct Slow<G> {
     /// The vCPU thread has left its loop.
     pub(crate) exited: bool,
     pub(crate) work: VecDeque<Work<G>>,
+    /// Low-priority tasks that run only while the guest is halted.
+    pub(crate) idle: VecDeque<Work<G>>,
 }
 
 /// The control block of one vCPU, shared (in an `Arc`) between its thread
@@ -95,6 +97,7 @@ impl<G> VcpuCtl<G> {
                 parked: false,
                 exited: false,
                 work: VecDeque::new(),
+                idle: VecDeque::new(),
             }),
             vcpu_cv: Condvar::new(),
             ack_cv: Condvar::new(),
@@ -304,6 +307,34 @@ impl<G: Guest> VcpuCtl<G> {
             }));
         }
         self.kick(Request::Work);
+        Ok(RunOnTicket { vcpu: self.id, rx })
+    }
+
+    /// Queue `f` to run on the vCPU thread only while its guest is halted
+    /// (low priority: never kicks the guest out; [`VcpuCtl::run_on`] is the
+    /// path that preempts). Tasks should be short: a kick, stop or due
+    /// interrupt waits for the running task to return. Tasks still queued
+    /// when the thread exits are dropped (their tickets report Exited).
+    pub fn run_when_idle<R, F>(&self, f: F) -> Result<RunOnTicket<R>, Error>
+    where
+        F: FnOnce(&mut G) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let mut slow = self.lock();
+        if slow.exited {
+            return Err(Error::Exited {
+                op: Op::RunOn,
+                vcpu: self.id,
+            });
+        }
+        slow.idle
+            .push_back(Box::new(move |g: &mut G| tx.send(f(g))));
+        // A halted vCPU waits on this condvar with the lock released and
+        // re-checks the queue: no request bit, no signal.
+        if self.mode.load() == Mode::Halted {
+            self.vcpu_cv.notify_all();
+        }
         Ok(RunOnTicket { vcpu: self.id, rx })
     }
 

@@ -538,3 +538,88 @@ fn the_state_eventfd_follows_every_transition() {
     until("exit", || ctl.state() == VcpuState::Exited);
     assert!(readable(fd, 0));
 }
+
+#[test]
+fn idle_tasks_run_only_while_the_guest_is_halted() {
+    let vm = Running::start(Behaviour::Halt);
+    let tickets: Vec<_> = (0..100)
+        .map(|_| {
+            let ctl = vm.ctl.clone();
+            vm.ctl
+                .run_when_idle(move |f: &mut Fake| (ctl.mode(), ctl.state(), f.progress))
+                .unwrap()
+        })
+        .collect();
+    let results: Vec<_> = tickets
+        .into_iter()
+        .map(|t| t.wait(soon()).unwrap())
+        .collect();
+    for (mode, state, _) in &results {
+        assert_eq!((*mode, *state), (Mode::Halted, VcpuState::Halted));
+    }
+    // One halt stretch, no guest code in between: the guest did not move.
+    assert!(results.windows(2).all(|w| w[0].2 == w[1].2));
+    let c = vm.ctl.counters().snapshot();
+    assert_eq!(c.idle_tasks, 100);
+    assert_eq!(c.signals_sent, 0, "queueing idle work never signals");
+}
+
+#[test]
+fn idle_tasks_never_run_while_the_guest_runs() {
+    let mut vm = Running::start(Behaviour::Spin);
+    vm.wait_in_guest();
+    let ticket = vm.ctl.run_when_idle(|f: &mut Fake| f.progress).unwrap();
+    assert_eq!(
+        ticket.wait(short()),
+        Err(Error::Timeout {
+            op: Op::RunOn,
+            vcpus: vec![0]
+        })
+    );
+    let queued = vm.ctl.run_when_idle(|f: &mut Fake| f.progress).unwrap();
+    assert_eq!(vm.ctl.counters().snapshot().idle_tasks, 0);
+    assert_eq!(
+        vm.ctl.counters().snapshot().kicks,
+        0,
+        "idle work does not kick"
+    );
+    vm.ctl.request_exit();
+    vm.thread.take().unwrap().join().unwrap().unwrap();
+    assert!(matches!(queued.wait(soon()), Err(Error::Exited { .. })));
+}
+
+#[test]
+fn a_request_is_served_before_the_next_idle_task() {
+    let vm = Running::start(Behaviour::Halt);
+    until("the vCPU to halt", || vm.ctl.mode() == Mode::Halted);
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started) = std::sync::mpsc::channel::<()>();
+    let first = vm
+        .ctl
+        .run_when_idle(move |_f: &mut Fake| {
+            started_tx.send(()).unwrap();
+            blocked.recv().unwrap()
+        })
+        .unwrap();
+    let rest: Vec<_> = (0..10)
+        .map(|_| vm.ctl.run_when_idle(|_f: &mut Fake| ()).unwrap())
+        .collect();
+    started.recv().unwrap();
+    // High priority work arrives while the first idle task runs.
+    let ctl = vm.ctl.clone();
+    let urgent = vm
+        .ctl
+        .run_on_async(move |_f: &mut Fake| ctl.counters().snapshot().idle_tasks)
+        .unwrap();
+    release.send(()).unwrap();
+    assert_eq!(
+        urgent.wait(soon()).unwrap(),
+        1,
+        "run_on ran right after the running idle task"
+    );
+    first.wait(soon()).unwrap();
+    for t in rest {
+        t.wait(soon()).unwrap(); // the rest run at the next halt
+    }
+    assert_eq!(vm.ctl.counters().snapshot().idle_tasks, 11);
+}

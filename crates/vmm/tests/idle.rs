@@ -110,3 +110,58 @@ fn an_exclusive_group_of_real_vcpus_runs_one_at_a_time() {
     drop(group);
     vm.shutdown().unwrap();
 }
+
+#[test]
+fn idle_tasks_use_halted_vcpus_and_leave_running_ones_alone() {
+    require_kvm!();
+    let vm = Arc::new(start("halt", 2, Irqchip::User));
+    let tickets: Vec<_> = (0..200)
+        .map(|i| {
+            let v = vm.clone();
+            vm.vcpu(i % 2)
+                .run_when_idle(move |k: &mut brisk_vmm::KvmVcpu| {
+                    let id = k.id();
+                    // Runs on the vCPU's own thread while its guest is halted.
+                    (
+                        id,
+                        v.vcpu(id).state(),
+                        v.progress(id),
+                        k.fd().get_regs().unwrap().rip,
+                    )
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut progress_seen: HashMap<usize, Vec<u64>> = HashMap::new();
+    for t in tickets {
+        let (id, state, progress, rip) = t.wait(soon()).unwrap();
+        assert_eq!(state, VcpuState::Halted, "vCPU {id}");
+        assert!((brisk_boot::layout::CODE..brisk_boot::layout::CODE + 0x100).contains(&rip));
+        progress_seen.entry(id).or_default().push(progress);
+    }
+    for (id, seen) in &progress_seen {
+        assert!(
+            seen.windows(2).all(|w| w[0] == w[1]),
+            "vCPU {id}'s guest ran between idle tasks"
+        );
+        let c = vm.vcpu(*id).counters().snapshot();
+        assert_eq!(c.idle_tasks, 100);
+        assert_eq!(c.signals_sent, 0);
+    }
+    let vm = Arc::try_unwrap(vm).ok().unwrap();
+    vm.shutdown().unwrap();
+
+    let vm = start("spin", 1, Irqchip::User);
+    wait_progress(&vm, 0, 0);
+    let ticket = vm
+        .vcpu(0)
+        .run_when_idle(|k: &mut brisk_vmm::KvmVcpu| k.id())
+        .unwrap();
+    let short = brisk_vmm::control::Deadline::after(std::time::Duration::from_millis(200));
+    assert!(
+        ticket.wait(short).is_err(),
+        "an idle task ran while the guest was spinning"
+    );
+    assert_eq!(vm.vcpu(0).counters().snapshot().idle_tasks, 0);
+    vm.shutdown().unwrap();
+}
