@@ -49,24 +49,7 @@ fn start(strategy: Strategy, guest: &str, irqchip: Irqchip) -> Kickable {
     let (tx, returns) = mpsc::channel();
     let mut timed = Timed::kicks(vcpu, epoch, tx);
     match strategy {
-        Strategy::Brisk => {
-            let ctl = Arc::new(VcpuCtl::<Timed>::new(0));
-            let c = ctl.clone();
-            let t = thread::spawn(move || {
-                let _rig = rig;
-                c.run(timed, |t, exit| Ok(answer(&mut t.inner, exit, &bus)))
-            });
-            let k = ctl.clone();
-            Kickable {
-                kick: Box::new(move || k.kick(Request::Kick)),
-                returns,
-                epoch,
-                stop: Box::new(move || {
-                    ctl.request_exit();
-                    t.join().unwrap().expect("brisk loop");
-                }),
-            }
-        }
+        Strategy::Brisk => brisk_loop(rig, timed, returns, epoch).0,
         Strategy::AlwaysSignal | Strategy::SignalMask => {
             let (flag, exit) = (Arc::new(Flag::default()), Arc::new(Flag::default()));
             let (f, e) = (flag.clone(), exit.clone());
@@ -110,6 +93,34 @@ fn start(strategy: Strategy, guest: &str, irqchip: Irqchip) -> Kickable {
             }
         }
     }
+}
+
+/// brisk's own loop (`VcpuCtl::run` + brisk's exit dispatch) on `timed`,
+/// kicked with `VcpuCtl::kick`; also returns the control block.
+fn brisk_loop(
+    rig: Rig,
+    timed: Timed,
+    returns: Receiver<u64>,
+    epoch: Instant,
+) -> (Kickable, Arc<VcpuCtl<Timed>>) {
+    let bus = rig.bus.clone();
+    let ctl = Arc::new(VcpuCtl::<Timed>::new(0));
+    let c = ctl.clone();
+    let t = thread::spawn(move || {
+        let _rig = rig;
+        c.run(timed, |t, exit| Ok(answer(&mut t.inner, exit, &bus)))
+    });
+    let (k, s) = (ctl.clone(), ctl.clone());
+    let kickable = Kickable {
+        kick: Box::new(move || k.kick(Request::Kick)),
+        returns,
+        epoch,
+        stop: Box::new(move || {
+            s.request_exit();
+            t.join().unwrap().expect("brisk loop");
+        }),
+    };
+    (kickable, ctl)
 }
 
 /// Kick `n` times, a gap apart (the vCPU is back in the guest, or blocked
@@ -187,27 +198,10 @@ fn halted_wake(opts: &Opts) -> Table {
     for _ in 0..3 {
         for (i, irqchip) in [Irqchip::User, Irqchip::Kernel].into_iter().enumerate() {
             let mut rig = Rig::new("halt", 1, irqchip);
-            let bus = rig.bus.clone();
             let epoch = Instant::now();
             let (tx, returns) = mpsc::channel();
             let timed = Timed::entries(rig.vcpus.pop().unwrap(), epoch, tx);
-            let ctl = Arc::new(VcpuCtl::<Timed>::new(0));
-            let c = ctl.clone();
-            let t = thread::spawn(move || {
-                let _rig = rig;
-                c.run(timed, |t, exit| Ok(answer(&mut t.inner, exit, &bus)))
-            });
-            let k = ctl.clone();
-            let counters = ctl.clone();
-            let kickable = Kickable {
-                kick: Box::new(move || k.kick(Request::Kick)),
-                returns,
-                epoch,
-                stop: Box::new(move || {
-                    ctl.request_exit();
-                    t.join().unwrap().expect("brisk loop");
-                }),
-            };
+            let (kickable, counters) = brisk_loop(rig, timed, returns, epoch);
             samples[i].extend(latencies(&kickable, n / 3, Duration::from_millis(1)));
             let c = counters.counters().snapshot();
             cost[i].0 += c.kicks;

@@ -292,22 +292,10 @@ impl<G: Guest> VcpuCtl<G> {
         F: FnOnce(&mut G) -> R + Send + 'static,
         R: Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut slow = self.lock();
-            if slow.exited {
-                return Err(Error::Exited {
-                    op: Op::RunOn,
-                    vcpu: self.id,
-                });
-            }
-            slow.work.push_back(Box::new(move |g: &mut G| {
-                // The waiter may have given up; the result is then dropped.
-                tx.send(f(g));
-            }));
-        }
+        let (ticket, slow) = self.enqueue(f, |s| &mut s.work)?;
+        drop(slow);
         self.kick(Request::Work);
-        Ok(RunOnTicket { vcpu: self.id, rx })
+        Ok(ticket)
     }
 
     /// Queue `f` to run on the vCPU thread only while its guest is halted
@@ -320,6 +308,26 @@ impl<G: Guest> VcpuCtl<G> {
         F: FnOnce(&mut G) -> R + Send + 'static,
         R: Send + 'static,
     {
+        let (ticket, _slow) = self.enqueue(f, |s| &mut s.idle)?;
+        // A halted vCPU waits on this condvar with the lock released and
+        // re-checks the queue: no request bit, no signal.
+        if self.mode.load() == Mode::Halted {
+            self.vcpu_cv.notify_all();
+        }
+        Ok(ticket)
+    }
+
+    /// Push `f` (wrapped to send its result) on the queue `queue` selects,
+    /// unless the thread has exited; returns the ticket and the held lock.
+    fn enqueue<R, F>(
+        &self,
+        f: F,
+        queue: impl FnOnce(&mut Slow<G>) -> &mut VecDeque<Work<G>>,
+    ) -> Result<(RunOnTicket<R>, MutexGuard<'_, Slow<G>>), Error>
+    where
+        F: FnOnce(&mut G) -> R + Send + 'static,
+        R: Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let mut slow = self.lock();
         if slow.exited {
@@ -328,14 +336,9 @@ impl<G: Guest> VcpuCtl<G> {
                 vcpu: self.id,
             });
         }
-        slow.idle
-            .push_back(Box::new(move |g: &mut G| tx.send(f(g))));
-        // A halted vCPU waits on this condvar with the lock released and
-        // re-checks the queue: no request bit, no signal.
-        if self.mode.load() == Mode::Halted {
-            self.vcpu_cv.notify_all();
-        }
-        Ok(RunOnTicket { vcpu: self.id, rx })
+        // The waiter may have given up; the result is then dropped.
+        queue(&mut slow).push_back(Box::new(move |g: &mut G| tx.send(f(g))));
+        Ok((RunOnTicket { vcpu: self.id, rx }, slow))
     }
 
     /// Time spent blocked, for the parked/halted counters.
