@@ -6,41 +6,33 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
-use brisk_boot::ports;
 use brisk_control::{Guest, Interrupt};
-use brisk_devices::{Bus, CounterDevice};
-use brisk_kvm::{Exit, Irqchip, KvmVcpu, Vm};
+use brisk_devices::Bus;
+use brisk_kvm::{Exit, Irqchip, KvmVcpu};
+use brisk_vmm::{Machine, Output, VmConfig};
 
-/// VM, bus (per-vCPU counter devices, as brisk registers them) and vCPUs.
+/// A VM built exactly as brisk builds one ([`Machine::build`]), with its
+/// vCPUs handed to the benchmark instead of to brisk's threads.
 pub struct Rig {
     /// Owns the VM and its memory; must outlive the vCPUs.
-    pub _vm: Vm,
+    pub _machine: Machine,
     pub bus: Arc<Bus>,
     pub vcpus: Vec<KvmVcpu>,
 }
 
 impl Rig {
     pub fn new(guest: &str, cpus: usize, irqchip: Irqchip) -> Rig {
-        let program = brisk_guests::find(guest).expect("built-in guest");
-        let vm = Vm::new(64 << 20, irqchip).expect("KVM VM");
-        let code = (program.assemble)().expect("guest assembles");
-        brisk_boot::write_tables(vm.memory()).expect("boot tables");
-        brisk_boot::load_program(vm.memory(), &code).expect("guest loads");
-        let mut bus = Bus::new();
-        for id in 0..cpus {
-            bus.register_pio(ports::counter(id), 4, Arc::new(CounterDevice::default()))
-                .expect("counter device");
-        }
-        let vcpus = (0..cpus)
-            .map(|id| {
-                let v = vm.create_vcpu(id).expect("vCPU");
-                brisk_boot::start_vcpu_in_long_mode(v.fd(), id, cpus).expect("long mode");
-                v
-            })
-            .collect();
+        let config = VmConfig {
+            guest: guest.into(),
+            cpus,
+            irqchip,
+            ..VmConfig::default()
+        };
+        let mut machine = Machine::build(&config, Output::Null).expect("benchmark VM");
+        let vcpus = std::mem::take(&mut machine.vcpus);
         Rig {
-            _vm: vm,
-            bus: Arc::new(bus),
+            bus: machine.bus.clone(),
+            _machine: machine,
             vcpus,
         }
     }

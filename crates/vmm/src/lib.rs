@@ -23,7 +23,7 @@ mod vm;
 pub use config::{ConfigError, VmConfig};
 pub use end::VmEnd;
 pub use output::{Capture, Output};
-pub use vm::{StartError, Vm};
+pub use vm::{Machine, StartError, Vm};
 
 pub use brisk_control as control;
 pub use brisk_kvm::{Error as KvmError, Exit, Irqchip, KvmVcpu};

@@ -46,22 +46,21 @@ fn setup<E: fmt::Display>(e: E) -> StartError {
     StartError::Setup(e.to_string())
 }
 
-/// A running VM. Dropping it stops and joins every vCPU thread.
-pub struct Vm {
-    kvm: brisk_kvm::Vm,
-    vcpus: Vec<Arc<Vcpu>>,
-    threads: Vec<JoinHandle<()>>,
-    bus: Arc<Bus>,
+/// A VM assembled but not running: guest loaded, devices on the bus, every
+/// vCPU set up in long mode. [`Vm::start`] hands its vCPUs to threads;
+/// benchmarks drive them with loops of their own.
+pub struct Machine {
+    pub kvm: brisk_kvm::Vm,
+    pub bus: Arc<Bus>,
+    pub vcpus: Vec<KvmVcpu>,
+    pub guest: &'static str,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
-    started: Instant,
-    guest: String,
-    memory_size: u64,
 }
 
-impl Vm {
-    /// Build the VM described by `config` and start its vCPUs.
-    pub fn start(config: &VmConfig, output: Output) -> Result<Vm, StartError> {
+impl Machine {
+    /// Validate `config`, create the VM, load the guest and wire the devices.
+    pub fn build(config: &VmConfig, output: Output) -> Result<Machine, StartError> {
         let guest = config.validate().map_err(StartError::Config)?;
         let kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
         let code = (guest.assemble)().map_err(setup)?;
@@ -83,26 +82,53 @@ impl Vm {
                 .map_err(setup)?;
             counters.push(dev);
         }
-        let bus = Arc::new(bus);
 
-        let mut kvm_vcpus = Vec::new();
+        let mut vcpus = Vec::new();
         for id in 0..config.cpus {
             let v = kvm.create_vcpu(id)?;
             brisk_boot::start_vcpu_in_long_mode(v.fd(), id, config.cpus).map_err(setup)?;
-            kvm_vcpus.push(v);
+            vcpus.push(v);
         }
-        let mut vm = Vm {
+        Ok(Machine {
             kvm,
-            vcpus: Vec::new(),
-            threads: Vec::new(),
-            bus,
+            bus: Arc::new(bus),
+            vcpus,
+            guest: guest.name,
             counters,
             end,
+        })
+    }
+}
+
+/// A running VM. Dropping it stops and joins every vCPU thread.
+pub struct Vm {
+    kvm: brisk_kvm::Vm,
+    vcpus: Vec<Arc<Vcpu>>,
+    threads: Vec<JoinHandle<()>>,
+    bus: Arc<Bus>,
+    counters: Vec<Arc<CounterDevice>>,
+    end: Arc<EndLatch>,
+    started: Instant,
+    guest: String,
+    memory_size: u64,
+}
+
+impl Vm {
+    /// Build the VM described by `config` and start its vCPUs.
+    pub fn start(config: &VmConfig, output: Output) -> Result<Vm, StartError> {
+        let m = Machine::build(config, output)?;
+        let mut vm = Vm {
+            kvm: m.kvm,
+            vcpus: Vec::new(),
+            threads: Vec::new(),
+            bus: m.bus,
+            counters: m.counters,
+            end: m.end,
             started: Instant::now(),
-            guest: guest.name.to_string(),
+            guest: m.guest.to_string(),
             memory_size: config.memory,
         };
-        for v in kvm_vcpus {
+        for v in m.vcpus {
             vm.spawn(v).map_err(setup)?;
         }
         Ok(vm)
