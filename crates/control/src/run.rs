@@ -71,9 +71,11 @@ impl<G: Guest> VcpuCtl<G> {
 
         let mut halted = false;
         loop {
-            // 1. Take and handle pending requests.
-            let req = self.requests.swap(0, SeqCst);
-            if req != 0 {
+            // 1. Take and handle pending requests. A plain load first: the
+            // common case (nothing pending) costs no locked instruction, and
+            // a request that lands after it is caught at step 3.
+            if self.requests.load(SeqCst) != 0 {
+                let req = self.requests.swap(0, SeqCst);
                 if let Some(end) = self.handle_requests(req, &guest)? {
                     return Ok(end);
                 }
@@ -94,18 +96,18 @@ impl<G: Guest> VcpuCtl<G> {
             // 3. Publish InGuest, then look at requests.
             if self.publish_in_guest() {
                 self.mode.store(Mode::Outside);
-                Counters::bump(&self.counters.cancelled_entries);
+                Counters::bump_own(&self.counters.cancelled_entries);
                 continue;
             }
             // 4. Enter.
-            Counters::bump(&self.counters.entries);
+            Counters::bump_own(&self.counters.entries);
             let result = g.enter();
             self.mode.store(Mode::Outside);
             match result? {
                 None if self.requests.load(SeqCst) != 0 => {
-                    Counters::bump(&self.counters.kicked_exits)
+                    Counters::bump_own(&self.counters.kicked_exits)
                 }
-                None => Counters::bump(&self.counters.spurious_exits),
+                None => Counters::bump_own(&self.counters.spurious_exits),
                 Some(exit) => {
                     self.counters.exit(exit.kind());
                     match on_exit(&mut g, exit)? {
@@ -164,7 +166,7 @@ impl<G: Guest> VcpuCtl<G> {
                 return;
             };
             // Counted first, so a waiter that has its result sees the count.
-            Counters::bump(&self.counters.work_run);
+            Counters::bump_own(&self.counters.work_run);
             work(&mut guest.borrow_mut());
         }
     }
@@ -234,7 +236,7 @@ impl<G: Guest> VcpuCtl<G> {
             // Still Halted while the task runs: a kicker wakes us the same
             // way, and we look at requests as soon as it returns.
             drop(slow);
-            Counters::bump(&self.counters.idle_tasks);
+            Counters::bump_own(&self.counters.idle_tasks);
             let t = Instant::now();
             task(&mut guest.borrow_mut());
             Self::add_ns(&self.counters.idle_task_ns, t);

@@ -120,6 +120,24 @@ pub const MMIO_ALL_ONES: u8 = 0x10;
 /// `mwait` writes this when its MONITOR/MWAIT loop completed (status 35).
 pub const MWAIT_DONE: u8 = 0x11;
 
+/// What vCPU `id` of the `stress` guest does (the program computes the same
+/// `id % 3`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StressRole {
+    Spin,
+    Pio,
+    Halt,
+}
+
+/// The role of vCPU `id` in the `stress` guest.
+pub const fn stress_role(id: usize) -> StressRole {
+    match id % 3 {
+        0 => StressRole::Spin,
+        1 => StressRole::Pio,
+        _ => StressRole::Halt,
+    }
+}
+
 /// The value the `debug-exit` guest writes to the debug-exit port.
 pub const DEBUG_EXIT_VALUE: u8 = 0x21;
 

@@ -143,7 +143,7 @@ pub(crate) fn stress() -> Program {
     asm::vcpu_data_to_rbx(&mut a)?;
     asm::counter_port_to_edx(&mut a)?;
     let (mut spin, mut pio, mut halt) = (a.create_label(), a.create_label(), a.create_label());
-    // role = rdi % 3
+    // role = rdi % 3 (crate::stress_role says the same)
     a.mov(rax, rdi)?;
     a.xor(ecx, ecx)?;
     a.mov(r8, rdx)?; // keep the port: div clobbers rdx

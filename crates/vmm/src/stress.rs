@@ -445,7 +445,7 @@ impl<'a> Controller<'a> {
             return Ok(());
         };
         let id = self.owned[k];
-        let halts = id % 3 == 2;
+        let halts = brisk_guests::stress_role(id) == brisk_guests::StressRole::Halt;
         if halts && self.s.config.irqchip == Irqchip::Kernel {
             // HLT with IF=0 in the in-kernel irqchip never returns: no
             // kick can make this guest progress, by design.
