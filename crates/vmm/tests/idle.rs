@@ -89,12 +89,9 @@ fn an_exclusive_group_of_real_vcpus_runs_one_at_a_time() {
     let vm = start("spin", 3, Irqchip::User);
     let group = ExclusiveGroup::new(vm.vcpus().to_vec(), 0, soon()).unwrap();
     let entries = |id: usize| vm.vcpu(id).counters().snapshot().entries;
-    let mut rng = 0x1234_5678_9abc_def1u64;
+    let mut rng = fastrand::Rng::with_seed(0x1234_5678_9abc_def1);
     for _ in 0..200 {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        let target = (rng % 3) as usize;
+        let target = rng.usize(..3);
         group.switch_to(target, soon()).unwrap();
         // The others are parked: their entry counters must not move while
         // the target runs.
