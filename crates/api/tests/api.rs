@@ -10,17 +10,8 @@ use std::time::{Duration, Instant};
 
 use brisk_api::client::{request, Response};
 use brisk_api::{ApiServer, SocketError};
-use brisk_vmm::{Output, Vm, VmConfig};
+use brisk_vmm::{require_kvm, Output, Vm, VmConfig};
 use serde_json::Value;
-
-macro_rules! require_kvm {
-    () => {
-        if let Err(why) = brisk_vmm::kvm_available() {
-            eprintln!("\n*** SKIPPED: this test needs KVM ({why}) ***\n");
-            return;
-        }
-    };
-}
 
 struct Served {
     vm: Arc<Vm>,

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::require_kvm;
+
 use std::process::Command;
 
 #[test]

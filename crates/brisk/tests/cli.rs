@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::require_kvm;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
 

@@ -41,3 +41,15 @@ pub fn kvm_available() -> Result<(), String> {
         .map(drop)
         .map_err(|e| format!("/dev/kvm: {e}"))
 }
+
+/// For tests: return early, with a loud SKIPPED line, when
+/// [`kvm_available`] says `/dev/kvm` cannot be used.
+#[macro_export]
+macro_rules! require_kvm {
+    () => {
+        if let Err(why) = $crate::kvm_available() {
+            eprintln!("\n*** SKIPPED: this test needs KVM ({why}) ***\n");
+            return;
+        }
+    };
+}

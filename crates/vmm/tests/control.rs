@@ -2,6 +2,8 @@
 
 mod common;
 
+use brisk_vmm::require_kvm;
+
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;

@@ -2,6 +2,8 @@
 
 mod common;
 
+use brisk_vmm::require_kvm;
+
 use std::time::Duration;
 
 use brisk_vmm::{Capture, Irqchip, Output, Vm, VmConfig, VmEnd};

@@ -2,6 +2,8 @@
 
 mod common;
 
+use brisk_vmm::require_kvm;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 

@@ -3,6 +3,8 @@
 
 mod common;
 
+use brisk_vmm::require_kvm;
+
 use std::time::Duration;
 
 use brisk_boot::layout::CODE;

@@ -3,6 +3,8 @@
 
 mod common;
 
+use brisk_vmm::require_kvm;
+
 use brisk_vmm::stress::{run, StressConfig};
 use brisk_vmm::Irqchip;
 

@@ -6,17 +6,6 @@ use std::time::{Duration, Instant};
 use brisk_vmm::control::Deadline;
 use brisk_vmm::{Irqchip, Output, Vm, VmConfig};
 
-/// Skip (loudly) when /dev/kvm is absent.
-#[macro_export]
-macro_rules! require_kvm {
-    () => {
-        if let Err(why) = brisk_vmm::kvm_available() {
-            eprintln!("\n*** SKIPPED: this test needs KVM ({why}) ***\n");
-            return;
-        }
-    };
-}
-
 pub fn start(guest: &str, cpus: usize, irqchip: Irqchip) -> Vm {
     let config = VmConfig {
         guest: guest.into(),
