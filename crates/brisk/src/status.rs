@@ -51,18 +51,10 @@ pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
 
 /// Status for a VM that could not start.
 pub fn for_start_error(e: &StartError) -> i32 {
+    use brisk_vmm::KvmError::{KvmPermission, MissingCapability, NoKvm};
     match e {
         StartError::Config(_) => CONFIG,
-        StartError::Kvm(brisk_kvm_error) if is_kvm_access(brisk_kvm_error) => NO_KVM,
+        StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_)) => NO_KVM,
         StartError::Kvm(_) | StartError::Setup(_) => INTERNAL,
     }
-}
-
-fn is_kvm_access(e: &brisk_vmm::KvmError) -> bool {
-    matches!(
-        e,
-        brisk_vmm::KvmError::NoKvm
-            | brisk_vmm::KvmError::KvmPermission
-            | brisk_vmm::KvmError::MissingCapability(_)
-    )
 }
