@@ -8,6 +8,8 @@ pub const PML4: u64 = 0x1000;
 pub const PDPT: u64 = 0x2000;
 pub const PD: u64 = 0x3000;
 pub const PD_COUNT: u64 = 4;
+/// An IDT (256 gates, 4 KiB) for guests that take interrupts.
+pub const IDT: u64 = 0x7000;
 /// Per-vCPU data, one cache line each: `+0` progress counter the guest
 /// increments, `+8` last value read from its counter device.
 pub const VCPU_DATA: u64 = 0x8000;

@@ -11,10 +11,20 @@ pub const PM1A_POWER_OFF: u16 = 0x2000;
 /// Per-vCPU counter devices: vCPU `i`'s is at `COUNTER + 4 * i`; each `in`
 /// returns the next value of a 32-bit counter.
 pub const COUNTER: u16 = 0x700;
+/// Per-vCPU periodic timers (user irqchip): vCPU `i`'s registers are at
+/// `TIMER + 8 * i`: `+0` vector (8-bit), `+4` period in µs (32-bit, 0 stops).
+pub const TIMER: u16 = 0x900;
+/// Inter-vCPU doorbell (user irqchip): write `(target << 8) | vector`.
+pub const DOORBELL: u16 = 0x6f0;
 /// A port no device claims (reads all-ones).
 pub const UNCLAIMED: u16 = 0x80;
 
 /// Port of vCPU `id`'s counter device.
 pub const fn counter(id: usize) -> u16 {
     COUNTER + 4 * id as u16
+}
+
+/// First port of vCPU `id`'s timer registers.
+pub const fn timer(id: usize) -> u16 {
+    TIMER + 8 * id as u16
 }

@@ -32,6 +32,8 @@ pub enum Error {
     Reentrant { vcpu: usize },
     /// The vCPU is not a member of the exclusive group.
     NotMember { vcpu: usize },
+    /// The vCPU already belongs to an idle group.
+    AlreadyGrouped { vcpu: usize },
 }
 
 impl fmt::Display for Error {
@@ -47,6 +49,9 @@ impl fmt::Display for Error {
             }
             Error::Exited { op, vcpu } => write!(f, "{op}: vCPU {vcpu} has exited"),
             Error::NotMember { vcpu } => write!(f, "vCPU {vcpu} is not a member of this group"),
+            Error::AlreadyGrouped { vcpu } => {
+                write!(f, "vCPU {vcpu} already belongs to an idle group")
+            }
             Error::Reentrant { vcpu } => write!(
                 f,
                 "run_on: called on vCPU {vcpu}'s own thread while its state is borrowed"

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
 use crate::counters::Counters;
-use crate::requests::WAKES_PARKED;
+use crate::requests::{ENDS_HALT, WAKES_PARKED};
 use crate::state::VcpuState;
 use crate::sync;
 use crate::vcpu::CURRENT;
@@ -36,6 +36,9 @@ impl<G> Drop for ExitGuard<'_, G> {
             slow.parked = false;
             let mut orphans = std::mem::take(&mut slow.work);
             orphans.append(&mut slow.idle);
+            if let Some(shared) = ctl.shared_idle.get() {
+                orphans.append(&mut shared.member_exited());
+            }
             orphans
         };
         // Dropping unrun work drops its result senders: run_on waiters see
@@ -79,13 +82,15 @@ impl<G: Guest> VcpuCtl<G> {
                 if let Some(end) = self.handle_requests(req, &guest)? {
                     return Ok(end);
                 }
+                if req & ENDS_HALT != 0 {
+                    halted = false;
+                }
             }
             if halted {
                 // HLT with no interrupt controller in the kernel: block in
-                // user space until a kick, then let the guest continue after
-                // its HLT (a spurious wake-up, which x86 guests tolerate).
+                // user space until a request; only a kick or an interrupt
+                // lets the guest continue after its HLT.
                 self.halt_wait(&guest);
-                halted = false;
                 continue;
             }
 
@@ -224,13 +229,18 @@ impl<G: Guest> VcpuCtl<G> {
         self.mode.store(Mode::Halted);
         sync::dekker_fence();
         loop {
+            // The group may be formed while we wait: look it up each time.
+            let shared = || self.shared_idle.get();
             slow = sync::wait_while(&self.vcpu_cv, slow, |s| {
-                self.requests.load(SeqCst) == 0 && s.idle.is_empty()
+                self.requests.load(SeqCst) == 0
+                    && s.idle.is_empty()
+                    && !shared().is_some_and(|q| q.has_work())
             });
             if self.requests.load(SeqCst) != 0 {
                 break;
             }
-            let Some(task) = slow.idle.pop_front() else {
+            // Own tasks first, then the idle group's.
+            let Some(task) = slow.idle.pop_front().or_else(|| shared()?.pop()) else {
                 continue;
             };
             // Still Halted while the task runs: a kicker wakes us the same

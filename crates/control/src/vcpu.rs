@@ -3,10 +3,11 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::SeqCst;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use crate::counters::Counters;
+use crate::idle::SharedIdle;
 use crate::mode::AtomicMode;
 use crate::oneshot::{self, RecvError};
 use crate::state::{StateWatch, VcpuState};
@@ -42,6 +43,8 @@ pub struct VcpuCtl<G> {
     pub(crate) interrupt: OnceLock<Box<dyn Interrupt>>,
     pub(crate) counters: Counters,
     pub(crate) state: StateWatch,
+    /// The idle group's queue, if this vCPU is in one.
+    pub(crate) shared_idle: OnceLock<Arc<SharedIdle<G>>>,
     /// Model check only: enter with the broken order (see `run.rs`).
     #[cfg(loom)]
     pub(crate) model_broken_order: std::sync::atomic::AtomicBool,
@@ -61,25 +64,39 @@ loom::thread_local! {
     pub(crate) static CURRENT: Current = Cell::new((std::ptr::null(), std::ptr::null()));
 }
 
-/// The pending result of [`VcpuCtl::run_on_async`].
+/// Which vCPUs a queued closure may run on.
+pub(crate) enum Who {
+    One(usize),
+    AnyOf(Arc<[usize]>),
+}
+
+/// The pending result of [`VcpuCtl::run_on_async`] and the idle queues.
 pub struct RunOnTicket<R> {
-    vcpu: usize,
+    who: Who,
     rx: oneshot::Receiver<R>,
 }
 
 impl<R> RunOnTicket<R> {
+    pub(crate) fn new(who: Who, rx: oneshot::Receiver<R>) -> Self {
+        RunOnTicket { who, rx }
+    }
+
     /// Wait for the closure's result.
     pub fn wait(self, deadline: Deadline) -> Result<R, Error> {
+        let ids = match &self.who {
+            Who::One(id) => std::slice::from_ref(id),
+            Who::AnyOf(ids) => &ids[..],
+        };
         match self.rx.recv(deadline) {
             Ok(r) => Ok(r),
             Err(RecvError::Timeout) => Err(Error::Timeout {
                 op: Op::RunOn,
-                vcpus: vec![self.vcpu],
+                vcpus: ids.to_vec(),
             }),
-            // The work item was dropped unrun: the thread left its loop.
+            // The work item was dropped unrun: the thread(s) left the loop.
             Err(RecvError::Closed) => Err(Error::Exited {
                 op: Op::RunOn,
-                vcpu: self.vcpu,
+                vcpu: ids[0],
             }),
         }
     }
@@ -104,6 +121,7 @@ impl<G> VcpuCtl<G> {
             interrupt: OnceLock::new(),
             counters: Counters::default(),
             state: StateWatch::new(),
+            shared_idle: OnceLock::new(),
             #[cfg(loom)]
             model_broken_order: std::sync::atomic::AtomicBool::new(false),
         }
@@ -338,7 +356,7 @@ impl<G: Guest> VcpuCtl<G> {
         }
         // The waiter may have given up; the result is then dropped.
         queue(&mut slow).push_back(Box::new(move |g: &mut G| tx.send(f(g))));
-        Ok((RunOnTicket { vcpu: self.id, rx }, slow))
+        Ok((RunOnTicket::new(Who::One(self.id), rx), slow))
     }
 
     /// Time spent blocked, for the parked/halted counters.

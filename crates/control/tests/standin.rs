@@ -617,3 +617,70 @@ fn a_request_is_served_before_the_next_idle_task() {
     }
     assert_eq!(vm.ctl.counters().snapshot().idle_tasks, 11);
 }
+
+#[test]
+fn only_a_kick_or_an_interrupt_ends_a_halt() {
+    let vm = Running::start(Behaviour::Halt);
+    until("the vCPU to halt", || vm.ctl.mode() == Mode::Halted);
+    let progress = || vm.ctl.run_on(|f: &mut Fake| f.progress, soon()).unwrap();
+    let halted_at = progress();
+    // Served while halted; the guest stays halted and does not move.
+    vm.ctl.stop(soon()).unwrap();
+    vm.ctl.resume();
+    assert_eq!(progress(), halted_at, "stop/resume/run_on woke the guest");
+    until("the vCPU to halt again", || vm.ctl.mode() == Mode::Halted);
+    for (req, n) in [(Request::Kick, 1), (Request::Interrupt, 2)] {
+        vm.ctl.kick(req);
+        until("the guest to run past its HLT", || {
+            progress() == halted_at + n
+        });
+    }
+    assert_eq!(vm.ctl.counters().snapshot().signals_sent, 0);
+}
+
+#[test]
+fn an_idle_group_task_runs_on_whichever_member_is_halted() {
+    let spin = Running::start_id(0, Behaviour::Spin);
+    let halt = Running::start_id(1, Behaviour::Halt);
+    spin.wait_in_guest();
+    let group = IdleGroup::new(vec![spin.ctl.clone(), halt.ctl.clone()]).unwrap();
+    let tickets: Vec<_> = (0..50)
+        .map(|_| {
+            let (s, h) = (spin.ctl.clone(), halt.ctl.clone());
+            group
+                .run_when_idle(move |_f: &mut Fake| (s.mode(), h.mode()))
+                .unwrap()
+        })
+        .collect();
+    for t in tickets {
+        // Ran on vCPU 1 (the halted one) while it was halted; vCPU 0 was
+        // never taken out of its guest for it.
+        let (_, h) = t.wait(soon()).unwrap();
+        assert_eq!(h, Mode::Halted);
+    }
+    assert_eq!(halt.ctl.counters().snapshot().idle_tasks, 50);
+    assert_eq!(spin.ctl.counters().snapshot().idle_tasks, 0);
+    assert_eq!(spin.ctl.counters().snapshot().kicks, 0);
+    assert_eq!(
+        IdleGroup::new(vec![halt.ctl.clone()]).err(),
+        Some(Error::AlreadyGrouped { vcpu: 1 })
+    );
+}
+
+#[test]
+fn idle_group_tasks_wait_for_a_member_to_halt() {
+    let mut spin = Running::start(Behaviour::Spin);
+    spin.wait_in_guest();
+    let group = IdleGroup::new(vec![spin.ctl.clone()]).unwrap();
+    let ticket = group.run_when_idle(|f: &mut Fake| f.progress).unwrap();
+    assert!(matches!(ticket.wait(short()), Err(Error::Timeout { .. })));
+    let queued = group.run_when_idle(|f: &mut Fake| f.progress).unwrap();
+    spin.ctl.request_exit();
+    spin.thread.take().unwrap().join().unwrap().unwrap();
+    // The last member left: queued work is released, not left to time out.
+    assert!(matches!(queued.wait(soon()), Err(Error::Exited { .. })));
+    assert!(matches!(
+        group.run_when_idle(|_f: &mut Fake| ()),
+        Err(Error::Exited { .. })
+    ));
+}

@@ -1,4 +1,5 @@
-//! brisk's exit dispatch and devices.
+//! brisk's exit dispatch and devices (UART, debug-exit, power-off,
+//! counters, and the user-irqchip interrupt sources: timers, doorbell).
 //!
 //! [`Bus`] routes PIO and MMIO exits to devices by address range. It is
 //! built before the vCPUs start and only read afterwards, so dispatch takes
@@ -22,14 +23,20 @@
 mod bus;
 mod counter;
 mod debug_exit;
+mod doorbell;
+mod irq;
 mod power;
 mod serial;
+mod timer;
 
 pub use bus::{Bus, BusError};
 pub use counter::CounterDevice;
 pub use debug_exit::DebugExit;
+pub use doorbell::Doorbell;
+pub use irq::InterruptSink;
 pub use power::PowerOff;
 pub use serial::Uart;
+pub use timer::{PeriodicTimers, TimerPorts, TIMER_STRIDE};
 
 /// Why a device ended the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

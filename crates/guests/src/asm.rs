@@ -105,3 +105,56 @@ impl Uart {
         a.ret()
     }
 }
+
+/// Point IDT gate `vector` at `handler` (a 64-bit interrupt gate, code
+/// selector 0x8, DPL 0). Clobbers rax, rcx, rdx. Every vCPU may write the
+/// same gate: the bytes are identical.
+pub(crate) fn idt_gate(a: &mut Asm, vector: u8, handler: CodeLabel) -> R {
+    let gate = layout::IDT + 16 * u64::from(vector);
+    a.lea(rax, ptr(handler))?;
+    a.mov(ecx, eax)?;
+    a.and(ecx, 0xffff)?; // offset 15:0
+    a.mov(rdx, 0x8e00_0008_0000u64)?; // present, interrupt gate; selector 0x8
+    a.or(rcx, rdx)?;
+    a.mov(rdx, rax)?;
+    a.shr(rdx, 16)?;
+    a.and(edx, 0xffff)?;
+    a.shl(rdx, 48)?; // offset 31:16
+    a.or(rcx, rdx)?;
+    a.mov(qword_ptr(gate), rcx)?;
+    a.shr(rax, 32)?; // offset 63:32
+    a.mov(qword_ptr(gate + 8), rax)
+}
+
+/// `lidt` of the 256-gate table at `layout::IDT`, through the stack.
+pub(crate) fn load_idt(a: &mut Asm) -> R {
+    a.sub(rsp, 16)?;
+    a.mov(word_ptr(rsp), 16 * 256 - 1)?;
+    a.mov(rax, layout::IDT)?;
+    a.mov(qword_ptr(rsp + 2), rax)?;
+    a.lidt(ptr(rsp))?;
+    a.add(rsp, 16)
+}
+
+/// Count this vCPU done in `layout::SHARED`; the last of `r13` vCPUs powers
+/// off, the others halt with interrupts off. Clobbers rax, rdx.
+pub(crate) fn last_one_powers_off(a: &mut Asm) -> R {
+    let mut others = a.create_label();
+    a.mov(eax, 1)?;
+    a.lock().xadd(qword_ptr(layout::SHARED), rax)?;
+    a.inc(rax)?;
+    a.cmp(rax, r13)?;
+    a.jne(others)?;
+    a.mov(dx, ports::PM1A_CNT as u32)?;
+    a.mov(ax, ports::PM1A_POWER_OFF as u32)?;
+    a.out(dx, ax)?;
+    halt_forever(a, &mut others)
+}
+
+/// An interrupt handler that counts into `[r15]` (the interrupted code
+/// keeps r15 = its progress counter) and returns.
+pub(crate) fn counting_handler(a: &mut Asm, l: &mut CodeLabel) -> R {
+    a.set_label(l)?;
+    a.inc(qword_ptr(r15))?;
+    a.iretq()
+}

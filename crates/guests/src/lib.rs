@@ -26,6 +26,9 @@ pub struct Builtin {
     pub about: &'static str,
     /// Whether it ends by itself (power-off or debug-exit).
     pub ends: bool,
+    /// Its interrupts come from brisk's user-space devices (timer,
+    /// doorbell), which need `--irqchip user`.
+    pub user_irqchip: bool,
     /// Assemble the program for loading at `layout::CODE`.
     pub assemble: fn() -> Result<Vec<u8>, IcedError>,
 }
@@ -36,78 +39,105 @@ pub const ALL: &[Builtin] = &[
         name: "hello",
         about: "each vCPU prints \"Hello from vCPU N\" in turn on the UART; the last powers off (status 0)",
         ends: true,
+        user_irqchip: false,
         assemble: programs::hello,
     },
     Builtin {
         name: "spin",
         about: "busy loop forever, counting iterations",
         ends: false,
+        user_irqchip: false,
         assemble: programs::spin,
     },
     Builtin {
         name: "pio",
         about: "tight `in` loop on the vCPU's counter device (one exit per iteration)",
         ends: false,
+        user_irqchip: false,
         assemble: programs::pio,
     },
     Builtin {
         name: "halt",
         about: "HLT with interrupts off, forever; counts each time it is woken",
         ends: false,
+        user_irqchip: false,
         assemble: programs::halt,
     },
     Builtin {
         name: "mixed",
         about: "alternates a spin phase, a PIO phase and HLT, forever",
         ends: false,
+        user_irqchip: false,
         assemble: programs::mixed,
+    },
+    Builtin {
+        name: "tick",
+        about: "each vCPU takes 100 timer interrupts (1 ms period, vector 0x20) with HLT between them; the last powers off (needs --irqchip user)",
+        ends: true,
+        user_irqchip: true,
+        assemble: programs::tick,
+    },
+    Builtin {
+        name: "pingpong",
+        about: "a token passes round the vCPUs 1000 times through the doorbell (vector 0x21), each HLTing until rung; vCPU 0 powers off (needs --irqchip user)",
+        ends: true,
+        user_irqchip: true,
+        assemble: programs::pingpong,
     },
     Builtin {
         name: "debug-exit",
         about: "vCPU 0 prints a line and writes 0x21 to the debug-exit port (status 67)",
         ends: true,
+        user_irqchip: false,
         assemble: programs::debug_exit,
     },
     Builtin {
         name: "stress",
         about: "vCPU i runs spin, pio or halt by i mod 3 (used by `brisk stress`)",
         ends: false,
+        user_irqchip: false,
         assemble: programs::stress,
     },
     Builtin {
         name: "triple-fault",
         about: "misbehaves: loads an empty IDT and executes ud2 (triple fault: status 8)",
         ends: true,
+        user_irqchip: false,
         assemble: programs::triple_fault,
     },
     Builtin {
         name: "ud2",
         about: "misbehaves: ud2 with no IDT (status 8)",
         ends: true,
+        user_irqchip: false,
         assemble: programs::ud2,
     },
     Builtin {
         name: "int3",
         about: "misbehaves: int3 with no IDT (status 8)",
         ends: true,
+        user_irqchip: false,
         assemble: programs::int3,
     },
     Builtin {
         name: "mmio-unmapped",
         about: "misbehaves: writes and reads unmapped MMIO; reports all-ones via debug-exit (status 33)",
         ends: true,
+        user_irqchip: false,
         assemble: programs::mmio_unmapped,
     },
     Builtin {
         name: "pio-storm",
         about: "misbehaves: out/in on an unclaimed port forever (keeps running, stoppable)",
         ends: false,
+        user_irqchip: false,
         assemble: programs::pio_storm,
     },
     Builtin {
         name: "mwait",
         about: "misbehaves: MONITOR/MWAIT 1000 times, then debug-exit (status 35), unless the host refuses them",
         ends: true,
+        user_irqchip: false,
         assemble: programs::mwait,
     },
 ];
@@ -137,6 +167,16 @@ pub const fn stress_role(id: usize) -> StressRole {
         _ => StressRole::Halt,
     }
 }
+
+/// Timer interrupts the `tick` guest takes on each vCPU, their vector and
+/// period.
+pub const TICKS: u64 = 100;
+pub const TICK_VECTOR: u8 = 0x20;
+pub const TICK_PERIOD_US: u32 = 1000;
+/// Rounds of the `pingpong` token (each vCPU receives this many rings) and
+/// the doorbell's vector.
+pub const PINGPONG_ROUNDS: u64 = 1000;
+pub const DOORBELL_VECTOR: u8 = 0x21;
 
 /// The value the `debug-exit` guest writes to the debug-exit port.
 pub const DEBUG_EXIT_VALUE: u8 = 0x21;

@@ -4,7 +4,9 @@ use brisk_boot::{layout, ports};
 use iced_x86::code_asm::*;
 
 use crate::asm::{self, halt_forever, Uart};
-use crate::DEBUG_EXIT_VALUE;
+use crate::{
+    DEBUG_EXIT_VALUE, DOORBELL_VECTOR, PINGPONG_ROUNDS, TICKS, TICK_PERIOD_US, TICK_VECTOR,
+};
 
 type Program = Result<Vec<u8>, IcedError>;
 
@@ -268,5 +270,100 @@ pub(crate) fn mwait() -> Program {
     a.mov(al, crate::MWAIT_DONE as u32)?;
     a.out(ports::DEBUG_EXIT as u32, al)?;
     halt_forever(&mut a, &mut others)?;
+    asm::finish(a)
+}
+
+/// Take [`TICKS`] timer interrupts (vector [`TICK_VECTOR`], one every
+/// [`TICK_PERIOD_US`]) with HLT between them, then stop the timer; the last
+/// vCPU done powers off. The handler counts into the progress counter.
+pub(crate) fn tick() -> Program {
+    let mut a = asm::new()?;
+    let (mut handler, mut wait, mut done) = (a.create_label(), a.create_label(), a.create_label());
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(r15, rbx)?;
+    a.mov(r13, rsi)?;
+    asm::idt_gate(&mut a, TICK_VECTOR, handler)?;
+    asm::load_idt(&mut a)?;
+    // This vCPU's timer: vector, then period (starts it).
+    a.mov(edx, edi)?;
+    a.shl(edx, 3)?;
+    a.add(edx, ports::TIMER as i32)?;
+    a.mov(al, TICK_VECTOR as u32)?;
+    a.out(dx, al)?;
+    a.add(edx, 4)?;
+    a.mov(eax, TICK_PERIOD_US)?;
+    a.out(dx, eax)?;
+    // Check with interrupts off; `sti; hlt` opens them only for the HLT
+    // (STI's one-instruction shadow), so no tick slips in between.
+    a.set_label(&mut wait)?;
+    a.cli()?;
+    a.cmp(qword_ptr(r15), TICKS as i32)?;
+    a.jae(done)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(wait)?;
+    a.set_label(&mut done)?;
+    a.xor(eax, eax)?;
+    a.out(dx, eax)?; // stop the timer
+    asm::last_one_powers_off(&mut a)?;
+    asm::counting_handler(&mut a, &mut handler)?;
+    asm::finish(a)
+}
+
+/// A token passes round the vCPUs through the doorbell (vector
+/// [`DOORBELL_VECTOR`]): each vCPU HLTs until its doorbell rings, then rings
+/// the next; vCPU 0 starts it and powers off after [`PINGPONG_ROUNDS`]
+/// rounds. Every vCPU counts the rings it received in its progress counter.
+pub(crate) fn pingpong() -> Program {
+    let mut a = asm::new()?;
+    let (mut handler, mut wait, mut got, mut wrap, mut ring) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(r15, rbx)?;
+    a.mov(r12, rdi)?;
+    a.mov(r13, rsi)?;
+    asm::idt_gate(&mut a, DOORBELL_VECTOR, handler)?;
+    asm::load_idt(&mut a)?;
+    // ebp = the ring for the next vCPU: ((id + 1) % count) << 8 | vector.
+    a.lea(rax, ptr(r12 + 1))?;
+    a.cmp(rax, r13)?;
+    a.jb(wrap)?;
+    a.xor(eax, eax)?;
+    a.set_label(&mut wrap)?;
+    a.shl(eax, 8)?;
+    a.or(eax, DOORBELL_VECTOR as i32)?;
+    a.mov(ebp, eax)?;
+    a.xor(r14d, r14d)?; // rings handled
+    a.test(r12, r12)?;
+    a.jz(ring)?; // vCPU 0 starts the token
+    a.set_label(&mut wait)?;
+    a.cli()?;
+    a.cmp(qword_ptr(r15), r14)?;
+    a.ja(got)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(wait)?;
+    a.set_label(&mut got)?;
+    a.inc(r14)?;
+    a.test(r12, r12)?;
+    a.jnz(ring)?;
+    a.cmp(r14, PINGPONG_ROUNDS as i32)?;
+    a.jb(ring)?;
+    a.mov(dx, ports::PM1A_CNT as u32)?;
+    a.mov(ax, ports::PM1A_POWER_OFF as u32)?;
+    a.out(dx, ax)?;
+    let mut off = a.create_label();
+    halt_forever(&mut a, &mut off)?;
+    a.set_label(&mut ring)?;
+    a.mov(eax, ebp)?;
+    a.mov(dx, ports::DOORBELL as u32)?;
+    a.out(dx, eax)?;
+    a.jmp(wait)?;
+    asm::counting_handler(&mut a, &mut handler)?;
     asm::finish(a)
 }

@@ -5,11 +5,13 @@
 //! run loop drives it without knowing it is KVM.
 
 mod error;
+mod interrupts;
 mod kick;
 mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
+pub use interrupts::{InterruptStats, PendingInterrupts};
 pub use kick::{kick_signal, SignalInterrupt};
 pub use vcpu::{Exit, KvmVcpu};
 pub use vm::{Irqchip, Vm, MAX_LOW_RAM};

@@ -1,13 +1,16 @@
 //! A KVM vCPU as the control plane's [`Guest`].
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use brisk_control::{Classify, ExitKind, Guest, Interrupt};
 use kvm_bindings::*;
 use kvm_ioctls::VcpuFd;
 
 use crate::kick::{self, SignalInterrupt};
-use crate::{Error, Result};
+use crate::{Error, PendingInterrupts, Result};
+
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
 /// Why KVM_RUN returned, copied out of `kvm_run` (data stays there: see
 /// [`KvmVcpu::io_data`] and [`KvmVcpu::mmio_data`]).
@@ -23,6 +26,9 @@ pub enum Exit {
     MmioWrite { addr: u64, len: u32 },
     /// HLT with no in-kernel irqchip.
     Hlt,
+    /// The guest can take an interrupt now (we asked with
+    /// `request_interrupt_window`): the next entry injects it.
+    IrqWindowOpen,
     /// Triple fault or shutdown.
     Shutdown,
     /// KVM could not enter the guest (invalid state).
@@ -59,6 +65,8 @@ pub struct KvmVcpu {
     run: *mut kvm_run,
     /// The last exit was PIO/MMIO: the instruction completes on next entry.
     io_pending: bool,
+    /// User irqchip mode: the vectors to inject.
+    interrupts: Option<Arc<PendingInterrupts>>,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with it;
@@ -74,7 +82,61 @@ impl KvmVcpu {
             fd,
             run,
             io_pending: false,
+            interrupts: None,
         }
+    }
+
+    /// Inject interrupts from `pending` before entries (user irqchip only:
+    /// with KVM's irqchip, interrupts go through its LAPIC instead).
+    pub fn set_interrupts(&mut self, pending: Arc<PendingInterrupts>) {
+        self.interrupts = Some(pending);
+    }
+
+    /// Whether a pending interrupt would be taken now: something is pending
+    /// and the guest had interrupts enabled at its last exit. A HLT exit in
+    /// that state must not halt.
+    pub fn interrupt_deliverable(&self) -> bool {
+        // SAFETY: if_flag is a plain byte of the live mapping, written by
+        // KVM only during KVM_RUN, which this thread is not in.
+        let if_flag = unsafe { (*self.run).if_flag };
+        if_flag != 0 && self.interrupts.as_ref().is_some_and(|p| p.any())
+    }
+
+    /// Before an entry: inject the highest pending vector if KVM says the
+    /// guest can take it, and ask for an interrupt-window exit while more
+    /// are pending (or it could not take one).
+    fn prepare_injection(&mut self) -> Result<()> {
+        let Some(pending) = &self.interrupts else {
+            return Ok(());
+        };
+        // SAFETY: plain bytes of the live mapping; KVM reads and writes
+        // them only during KVM_RUN, which this thread is not in.
+        let run = unsafe { &mut *self.run };
+        if !pending.any() {
+            run.request_interrupt_window = 0;
+            return Ok(());
+        }
+        if run.ready_for_interrupt_injection != 0 {
+            if let Some(vector) = pending.take_highest() {
+                let irq = kvm_interrupt {
+                    irq: u32::from(vector),
+                };
+                // SAFETY: KVM_INTERRUPT on our vCPU fd reads one kvm_interrupt.
+                let ret =
+                    unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+                if ret < 0 {
+                    return Err(Error::Sys {
+                        what: "KVM_INTERRUPT",
+                        err: vmm_sys_util::errno::Error::last(),
+                    });
+                }
+            }
+            // KVM takes one interrupt per entry; come back for the next.
+            run.request_interrupt_window = pending.any() as u8;
+        } else {
+            run.request_interrupt_window = 1;
+        }
+        Ok(())
     }
 
     /// The vCPU index.
@@ -144,6 +206,7 @@ impl KvmVcpu {
                     }
                 }
                 KVM_EXIT_HLT => Exit::Hlt,
+                KVM_EXIT_IRQ_WINDOW_OPEN => Exit::IrqWindowOpen,
                 KVM_EXIT_SHUTDOWN => Exit::Shutdown,
                 KVM_EXIT_FAIL_ENTRY => Exit::FailEntry {
                     reason: run
@@ -200,6 +263,7 @@ impl Guest for KvmVcpu {
     }
 
     fn enter(&mut self) -> Result<Option<Exit>> {
+        self.prepare_injection()?;
         self.run_once()
     }
 

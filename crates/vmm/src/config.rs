@@ -35,6 +35,8 @@ pub enum ConfigError {
     UnknownGuest(String),
     Cpus(usize),
     Memory(u64),
+    /// The guest's interrupts come from user-space devices.
+    NeedsUserIrqchip(&'static str),
 }
 
 impl fmt::Display for ConfigError {
@@ -51,6 +53,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Cpus(n) => {
                 write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")
             }
+            ConfigError::NeedsUserIrqchip(g) => write!(
+                f,
+                "guest '{g}' takes interrupts from brisk's user-space timer and doorbell, which need --irqchip user"
+            ),
             ConfigError::Memory(m) => write!(
                 f,
                 "{m} bytes of memory requested; need a multiple of 4 KiB from {} MiB to 3 GiB",
@@ -75,6 +81,9 @@ impl VmConfig {
             || self.memory % 4096 != 0
         {
             return Err(ConfigError::Memory(self.memory));
+        }
+        if guest.user_irqchip && self.irqchip != Irqchip::User {
+            return Err(ConfigError::NeedsUserIrqchip(guest.name));
         }
         Ok(guest)
     }

@@ -36,7 +36,11 @@ pub fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, fatal: &dyn Fn(VmEnd)) -> 
             bus.mmio_write(addr, v.mmio_data());
             Flow::Continue
         }
+        // An interrupt the guest can take now ends the HLT at once.
+        Exit::Hlt if v.interrupt_deliverable() => Flow::Continue,
         Exit::Hlt => Flow::Halt,
+        // The next entry injects the pending interrupt.
+        Exit::IrqWindowOpen => Flow::Continue,
         other => {
             fatal(VmEnd::Crash {
                 vcpu: v.id(),

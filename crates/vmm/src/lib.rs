@@ -16,12 +16,14 @@
 mod config;
 mod end;
 pub mod exits;
+mod interrupts;
 mod output;
 pub mod stress;
 mod vm;
 
 pub use config::{ConfigError, VmConfig};
 pub use end::VmEnd;
+pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};
 pub use vm::{Machine, StartError, Vm};
 

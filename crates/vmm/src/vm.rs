@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 
 use brisk_boot::{layout, ports};
 use brisk_control::RunEnd;
-use brisk_devices::{Bus, CounterDevice, DebugExit, PowerOff, Uart};
-use brisk_kvm::KvmVcpu;
+use brisk_devices::{
+    Bus, CounterDevice, DebugExit, Doorbell, PeriodicTimers, PowerOff, Uart, TIMER_STRIDE,
+};
+use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::end::EndLatch;
-use crate::{exits, ConfigError, Output, Vcpu, VmConfig, VmEnd};
+use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
 
 /// Why a VM could not start.
 #[derive(Debug)]
@@ -47,15 +49,25 @@ fn setup<E: fmt::Display>(e: E) -> StartError {
 }
 
 /// A VM assembled but not running: guest loaded, devices on the bus, every
-/// vCPU set up in long mode. [`Vm::start`] hands its vCPUs to threads;
-/// benchmarks drive them with loops of their own.
+/// vCPU set up in long mode with its control block. [`Vm::start`] hands
+/// its vCPUs to threads; benchmarks drive them with loops of their own.
 pub struct Machine {
     pub kvm: brisk_kvm::Vm,
     pub bus: Arc<Bus>,
     pub vcpus: Vec<KvmVcpu>,
+    /// The control blocks the interrupt sources kick.
+    pub ctls: Vec<Arc<Vcpu>>,
     pub guest: &'static str,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
+    irq: Option<IrqSources>,
+}
+
+/// User irqchip mode: the pending sets and the devices that raise into them.
+struct IrqSources {
+    sink: Arc<UserInterrupts>,
+    timers: PeriodicTimers,
+    doorbell: Arc<Doorbell>,
 }
 
 impl Machine {
@@ -83,21 +95,61 @@ impl Machine {
             counters.push(dev);
         }
 
+        let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
             let v = kvm.create_vcpu(id)?;
             brisk_boot::start_vcpu_in_long_mode(v.fd(), id, config.cpus).map_err(setup)?;
             vcpus.push(v);
         }
+        let irq = match config.irqchip {
+            Irqchip::User => Some(user_irq_sources(&mut bus, &mut vcpus, &ctls)?),
+            Irqchip::Kernel => None,
+        };
         Ok(Machine {
             kvm,
             bus: Arc::new(bus),
             vcpus,
+            ctls,
             guest: guest.name,
             counters,
             end,
+            irq,
         })
     }
+}
+
+/// Give each vCPU a pending-interrupt set and put the timers and the
+/// doorbell that raise into them on the bus.
+fn user_irq_sources(
+    bus: &mut Bus,
+    vcpus: &mut [KvmVcpu],
+    ctls: &[Arc<Vcpu>],
+) -> Result<IrqSources, StartError> {
+    let pending: Vec<Arc<PendingInterrupts>> = vcpus
+        .iter_mut()
+        .map(|v| {
+            let p = Arc::new(PendingInterrupts::default());
+            v.set_interrupts(p.clone());
+            p
+        })
+        .collect();
+    let sink = Arc::new(UserInterrupts::new(pending, ctls.to_vec()));
+    let timers = PeriodicTimers::new(vcpus.len(), sink.clone()).map_err(setup)?;
+    bus.register_pio(
+        ports::TIMER,
+        TIMER_STRIDE * vcpus.len() as u16,
+        timers.ports(),
+    )
+    .map_err(setup)?;
+    let doorbell = Arc::new(Doorbell::new(sink.clone()));
+    bus.register_pio(ports::DOORBELL, 4, doorbell.clone())
+        .map_err(setup)?;
+    Ok(IrqSources {
+        sink,
+        timers,
+        doorbell,
+    })
 }
 
 /// A running VM. Dropping it stops and joins every vCPU thread.
@@ -111,6 +163,8 @@ pub struct Vm {
     started: Instant,
     guest: String,
     memory_size: u64,
+    /// Dropped after the vCPU threads are joined (fields drop after `drop`).
+    irq: Option<IrqSources>,
 }
 
 impl Vm {
@@ -127,16 +181,16 @@ impl Vm {
             started: Instant::now(),
             guest: m.guest.to_string(),
             memory_size: config.memory,
+            irq: m.irq,
         };
-        for v in m.vcpus {
-            vm.spawn(v).map_err(setup)?;
+        for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
+            vm.spawn(v, ctl).map_err(setup)?;
         }
         Ok(vm)
     }
 
-    fn spawn(&mut self, v: KvmVcpu) -> std::io::Result<()> {
+    fn spawn(&mut self, v: KvmVcpu, ctl: Arc<Vcpu>) -> std::io::Result<()> {
         let id = v.id();
-        let ctl = Arc::new(Vcpu::new(id));
         let (thread_ctl, bus, end) = (ctl.clone(), self.bus.clone(), self.end.clone());
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
@@ -196,6 +250,21 @@ impl Vm {
     /// Reads answered by vCPU `id`'s counter device.
     pub fn counter_reads(&self, id: usize) -> u32 {
         self.counters[id].value()
+    }
+
+    /// vCPU `id`'s interrupt statistics (user irqchip mode only).
+    pub fn interrupt_stats(&self, id: usize) -> Option<InterruptStats> {
+        self.irq.as_ref().map(|i| i.sink.pending(id).stats())
+    }
+
+    /// Ticks vCPU `id`'s timer has raised (user irqchip mode only).
+    pub fn timer_ticks(&self, id: usize) -> Option<u64> {
+        self.irq.as_ref().map(|i| i.timers.ticks(id))
+    }
+
+    /// Doorbell rings delivered (user irqchip mode only).
+    pub fn doorbell_rings(&self) -> Option<u64> {
+        self.irq.as_ref().map(|i| i.doorbell.rings())
     }
 
     /// Accesses to ports or addresses no device claims.

@@ -1,0 +1,104 @@
+//! Idle groups: low-priority work that runs on whichever member vCPU is
+//! halted first (`run_when_idle(any, ...)`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::Arc;
+
+use crate::oneshot;
+use crate::sync::{self, Mutex};
+use crate::vcpu::{RunOnTicket, Who, Work};
+use crate::{Error, Mode, Op, VcpuCtl};
+
+/// The queue members share. Lock order: a vCPU's own slow lock, then this.
+pub(crate) struct SharedIdle<G> {
+    queue: Mutex<VecDeque<Work<G>>>,
+    /// Members whose thread has not exited; the last one out drops the queue.
+    live: AtomicUsize,
+}
+
+impl<G> SharedIdle<G> {
+    pub(crate) fn has_work(&self) -> bool {
+        !sync::lock(&self.queue).is_empty()
+    }
+
+    pub(crate) fn pop(&self) -> Option<Work<G>> {
+        sync::lock(&self.queue).pop_front()
+    }
+
+    /// A member's thread left its loop; returns the orphaned tasks if it
+    /// was the last, so they are dropped (their tickets see Exited).
+    pub(crate) fn member_exited(&self) -> VecDeque<Work<G>> {
+        if self.live.fetch_sub(1, SeqCst) == 1 {
+            std::mem::take(&mut *sync::lock(&self.queue))
+        } else {
+            VecDeque::new()
+        }
+    }
+}
+
+/// A set of vCPUs sharing one queue of idle-time tasks. A vCPU belongs to
+/// at most one idle group; its own `run_when_idle` queue goes first.
+pub struct IdleGroup<G> {
+    members: Vec<Arc<VcpuCtl<G>>>,
+    ids: Arc<[usize]>,
+    shared: Arc<SharedIdle<G>>,
+}
+
+impl<G> IdleGroup<G> {
+    /// Group `members`. Fails if one is already in an idle group or exited.
+    pub fn new(members: Vec<Arc<VcpuCtl<G>>>) -> Result<Self, Error> {
+        let shared = Arc::new(SharedIdle {
+            queue: Mutex::new(VecDeque::new()),
+            live: AtomicUsize::new(members.len()),
+        });
+        for m in &members {
+            if m.lock().exited {
+                return Err(Error::Exited {
+                    op: Op::RunOn,
+                    vcpu: m.id(),
+                });
+            }
+            m.shared_idle
+                .set(shared.clone())
+                .map_err(|_| Error::AlreadyGrouped { vcpu: m.id() })?;
+        }
+        let ids = members.iter().map(|m| m.id()).collect();
+        Ok(IdleGroup {
+            members,
+            ids,
+            shared,
+        })
+    }
+
+    /// Queue `f` to run on the first member found halted (in user space).
+    /// Never kicks or signals; halted members are woken with a futex.
+    pub fn run_when_idle<R, F>(&self, f: F) -> Result<RunOnTicket<R>, Error>
+    where
+        F: FnOnce(&mut G) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut queue = sync::lock(&self.shared.queue);
+            if self.shared.live.load(SeqCst) == 0 {
+                return Err(Error::Exited {
+                    op: Op::RunOn,
+                    vcpu: self.ids[0],
+                });
+            }
+            queue.push_back(Box::new(move |g: &mut G| tx.send(f(g))));
+        }
+        // The push is published (queue lock) before we look at the modes;
+        // a member storing Halted after our look finds it when it checks
+        // the queue. Every halted member is woken: one that leaves its halt
+        // for an interrupt meanwhile must not strand the task.
+        for m in &self.members {
+            if m.mode.load() == Mode::Halted {
+                let _slow = m.lock();
+                m.vcpu_cv.notify_all();
+            }
+        }
+        Ok(RunOnTicket::new(Who::AnyOf(self.ids.clone()), rx))
+    }
+}

@@ -1,0 +1,246 @@
+//! Per-vCPU periodic timers, served by one thread per VM.
+//!
+//! vCPU `i`'s registers are at `base + 8 * i`: `+0` the vector (8-bit),
+//! `+4` the period in microseconds (32-bit; writing starts the timer with
+//! its first tick one period later, 0 stops it). Reading `+4` returns the
+//! ticks raised so far. A tick whose vector is still pending coalesces with
+//! it, like a real interrupt controller.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vm_device::bus::{PioAddress, PioAddressOffset};
+use vm_device::DevicePio;
+
+use crate::InterruptSink;
+
+/// Bytes of register space per vCPU.
+pub const TIMER_STRIDE: u16 = 8;
+
+#[derive(Clone, Copy, Default)]
+struct Timer {
+    vector: u8,
+    period: Option<Duration>,
+    next_due: Option<Instant>,
+    ticks: u64,
+}
+
+struct State {
+    timers: Vec<Timer>,
+    shutdown: bool,
+    /// Largest delay seen between a tick's due time and its raise.
+    max_late: Duration,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    cv: Condvar,
+    sink: Arc<dyn InterruptSink>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The timers of one VM and their thread; dropping it stops the thread.
+pub struct PeriodicTimers {
+    inner: Arc<Inner>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The bus side of [`PeriodicTimers`]: register it over
+/// `vcpus * TIMER_STRIDE` ports.
+pub struct TimerPorts(Arc<Inner>);
+
+impl PeriodicTimers {
+    /// Timers for `vcpus` vCPUs raising into `sink`. Spawns the timer thread.
+    pub fn new(vcpus: usize, sink: Arc<dyn InterruptSink>) -> std::io::Result<Self> {
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                timers: vec![Timer::default(); vcpus],
+                shutdown: false,
+                max_late: Duration::ZERO,
+            }),
+            cv: Condvar::new(),
+            sink,
+        });
+        let thread = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("brisk-timer".into())
+                .spawn(move || serve(&inner))?
+        };
+        Ok(PeriodicTimers {
+            inner,
+            thread: Some(thread),
+        })
+    }
+
+    /// The device to put on the bus.
+    pub fn ports(&self) -> Arc<TimerPorts> {
+        Arc::new(TimerPorts(self.inner.clone()))
+    }
+
+    /// Ticks raised for vCPU `vcpu` so far.
+    pub fn ticks(&self, vcpu: usize) -> u64 {
+        self.inner.lock().timers.get(vcpu).map_or(0, |t| t.ticks)
+    }
+
+    /// The largest delay between a tick's due time and its raise (the
+    /// timer thread's own wake-up lateness).
+    pub fn max_late(&self) -> Duration {
+        self.inner.lock().max_late
+    }
+}
+
+impl Drop for PeriodicTimers {
+    fn drop(&mut self) {
+        self.inner.lock().shutdown = true;
+        self.inner.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The timer thread: sleep until the earliest due tick, raise what is due.
+fn serve(inner: &Inner) {
+    let mut state = inner.lock();
+    loop {
+        if state.shutdown {
+            return;
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let mut max_late = state.max_late;
+        for (vcpu, t) in state.timers.iter_mut().enumerate() {
+            let (Some(at), Some(period)) = (t.next_due, t.period) else {
+                continue;
+            };
+            if at <= now {
+                due.push((vcpu, t.vector));
+                t.ticks += 1;
+                max_late = max_late.max(now - at);
+                // Fell behind by more than a period: skip, do not burst.
+                let next = at + period;
+                t.next_due = Some(if next <= now { now + period } else { next });
+            }
+        }
+        state.max_late = max_late;
+        if !due.is_empty() {
+            // Raise without the lock: the sink kicks vCPUs.
+            drop(state);
+            for (vcpu, vector) in due {
+                inner.sink.raise(vcpu, vector);
+            }
+            state = inner.lock();
+            continue;
+        }
+        let next = state.timers.iter().filter_map(|t| t.next_due).min();
+        state = match next {
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now());
+                inner
+                    .cv
+                    .wait_timeout(state, wait)
+                    .map(|(s, _)| s)
+                    .unwrap_or_else(|p| p.into_inner().0)
+            }
+            None => inner.cv.wait(state).unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
+
+impl DevicePio for TimerPorts {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let (vcpu, reg) = (offset as usize / 8, offset % 8);
+        let state = self.0.lock();
+        let Some(t) = state.timers.get(vcpu) else {
+            data.fill(0xff);
+            return;
+        };
+        let v: u32 = match reg {
+            0 => t.vector.into(),
+            4 => t.ticks as u32,
+            _ => u32::MAX,
+        };
+        let n = data.len().min(4);
+        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let (vcpu, reg) = (offset as usize / 8, offset % 8);
+        let mut v = [0u8; 4];
+        let n = data.len().min(4);
+        v[..n].copy_from_slice(&data[..n]);
+        let v = u32::from_le_bytes(v);
+        let mut state = self.0.lock();
+        let Some(t) = state.timers.get_mut(vcpu) else {
+            return;
+        };
+        match reg {
+            0 => t.vector = v as u8,
+            4 if v == 0 => {
+                t.period = None;
+                t.next_due = None;
+            }
+            4 => {
+                let period = Duration::from_micros(v.into());
+                t.period = Some(period);
+                t.next_due = Some(Instant::now() + period);
+            }
+            _ => return,
+        }
+        drop(state);
+        self.0.cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+    #[derive(Default)]
+    struct Count([AtomicU64; 2]);
+    impl InterruptSink for Count {
+        fn raise(&self, vcpu: usize, vector: u8) -> bool {
+            assert_eq!(vector, 0x30 + vcpu as u8);
+            self.0[vcpu].fetch_add(1, SeqCst);
+            true
+        }
+    }
+
+    fn write(p: &TimerPorts, offset: u16, v: u32) {
+        p.pio_write(PioAddress(0), offset, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn each_vcpu_gets_its_own_vector_until_stopped() {
+        let sink = Arc::new(Count::default());
+        let timers = PeriodicTimers::new(2, sink.clone()).unwrap();
+        let ports = timers.ports();
+        for vcpu in 0..2u16 {
+            ports.pio_write(PioAddress(0), vcpu * TIMER_STRIDE, &[0x30 + vcpu as u8]);
+            write(&ports, vcpu * TIMER_STRIDE + 4, 200);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.0.iter().any(|c| c.load(SeqCst) < 5) {
+            assert!(Instant::now() < deadline, "timers did not tick");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        write(&ports, 4, 0);
+        write(&ports, TIMER_STRIDE + 4, 0);
+        let stopped = [sink.0[0].load(SeqCst), sink.0[1].load(SeqCst)];
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(stopped, [sink.0[0].load(SeqCst), sink.0[1].load(SeqCst)]);
+        assert_eq!(timers.ticks(0), stopped[0]);
+        let mut data = [0u8; 4];
+        ports.pio_read(PioAddress(0), 4, &mut data);
+        assert_eq!(u64::from(u32::from_le_bytes(data)), stopped[0]);
+        drop(timers); // joins the thread: must not hang
+    }
+}

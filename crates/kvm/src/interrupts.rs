@@ -1,0 +1,155 @@
+//! Interrupts for a VM without an in-kernel irqchip (`Irqchip::User`).
+//!
+//! Any thread raises a vector in a vCPU's [`PendingInterrupts`]; the vCPU
+//! thread injects the highest pending vector with KVM_INTERRUPT before an
+//! entry when KVM says the guest can take one (`kvm_run.ready_for_interrupt_injection`),
+//! and otherwise sets `request_interrupt_window` so KVM exits
+//! (KVM_EXIT_IRQ_WINDOW_OPEN) as soon as it can. Whoever raises must also
+//! get the vCPU out of the guest or its halt (brisk's VMM kicks it with
+//! `Request::Interrupt`). Like an APIC's IRR, one pending bit per vector:
+//! a vector raised again before it is injected is coalesced.
+
+use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::time::Instant;
+
+const WORDS: usize = 4;
+
+/// What happened to a vCPU's interrupts so far (statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InterruptStats {
+    /// `raise` calls.
+    pub raised: u64,
+    /// Raises that found their vector still pending (merged into it).
+    pub coalesced: u64,
+    /// Vectors handed to KVM_INTERRUPT.
+    pub injected: u64,
+    /// Sum and maximum, over injections, of the time from the raise to
+    /// KVM_INTERRUPT: the latency brisk adds (exits, halts, idle tasks).
+    pub latency_ns: u64,
+    pub max_latency_ns: u64,
+}
+
+/// The pending vectors of one vCPU and their statistics.
+pub struct PendingInterrupts {
+    bits: [AtomicU64; WORDS],
+    /// When each pending vector was raised, in ns since `epoch`.
+    raised_at: [AtomicU64; 256],
+    epoch: Instant,
+    raised: AtomicU64,
+    coalesced: AtomicU64,
+    injected: AtomicU64,
+    latency_ns: AtomicU64,
+    max_latency_ns: AtomicU64,
+}
+
+impl Default for PendingInterrupts {
+    fn default() -> Self {
+        PendingInterrupts {
+            bits: Default::default(),
+            raised_at: std::array::from_fn(|_| AtomicU64::new(0)),
+            epoch: Instant::now(),
+            raised: AtomicU64::new(0),
+            coalesced: AtomicU64::new(0),
+            injected: AtomicU64::new(0),
+            latency_ns: AtomicU64::new(0),
+            max_latency_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PendingInterrupts {
+    /// Mark `vector` pending. Returns false if it already was (coalesced).
+    ///
+    /// ```
+    /// let p = brisk_kvm::PendingInterrupts::default();
+    /// assert!(p.raise(0x20));
+    /// assert!(!p.raise(0x20));
+    /// assert!(p.any());
+    /// assert_eq!(p.stats().coalesced, 1);
+    /// ```
+    pub fn raise(&self, vector: u8) -> bool {
+        self.raised.fetch_add(1, Relaxed);
+        let (word, mask) = Self::slot(vector);
+        if self.bits[word].load(Relaxed) & mask == 0 {
+            // Stamped before the bit is published (release below); a
+            // racing injection may pair a bit with a neighbour's stamp,
+            // which only blurs a statistic.
+            self.raised_at[vector as usize].store(self.now_ns(), Relaxed);
+        }
+        let fresh = self.bits[word].fetch_or(mask, Release) & mask == 0;
+        if !fresh {
+            self.coalesced.fetch_add(1, Relaxed);
+        }
+        fresh
+    }
+
+    /// Whether any vector is pending.
+    #[inline]
+    pub fn any(&self) -> bool {
+        self.bits.iter().any(|w| w.load(Relaxed) != 0)
+    }
+
+    /// Remove and return the highest pending vector (the highest priority,
+    /// as on an APIC), recording its latency.
+    pub(crate) fn take_highest(&self) -> Option<u8> {
+        for word in (0..WORDS).rev() {
+            let mut bits = self.bits[word].load(Acquire);
+            while bits != 0 {
+                let bit = 63 - bits.leading_zeros() as usize;
+                let prev = self.bits[word].fetch_and(!(1u64 << bit), Acquire);
+                if prev & (1u64 << bit) != 0 {
+                    let vector = (word * 64 + bit) as u8;
+                    self.record_injection(vector);
+                    return Some(vector);
+                }
+                bits = prev & !(1u64 << bit);
+            }
+        }
+        None
+    }
+
+    fn record_injection(&self, vector: u8) {
+        let at = self.raised_at[vector as usize].load(Relaxed);
+        let ns = self.now_ns().saturating_sub(at);
+        self.injected.fetch_add(1, Relaxed);
+        self.latency_ns.fetch_add(ns, Relaxed);
+        self.max_latency_ns.fetch_max(ns, Relaxed);
+    }
+
+    /// A snapshot of the statistics.
+    pub fn stats(&self) -> InterruptStats {
+        InterruptStats {
+            raised: self.raised.load(Relaxed),
+            coalesced: self.coalesced.load(Relaxed),
+            injected: self.injected.load(Relaxed),
+            latency_ns: self.latency_ns.load(Relaxed),
+            max_latency_ns: self.max_latency_ns.load(Relaxed),
+        }
+    }
+
+    fn slot(vector: u8) -> (usize, u64) {
+        (vector as usize / 64, 1u64 << (vector % 64))
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn highest_vector_goes_first_and_each_once() {
+        let p = PendingInterrupts::default();
+        for v in [0x20, 0xff, 0x41, 0x40] {
+            assert!(p.raise(v));
+        }
+        let order: Vec<u8> = std::iter::from_fn(|| p.take_highest()).collect();
+        assert_eq!(order, [0xff, 0x41, 0x40, 0x20]);
+        assert!(!p.any());
+        let s = p.stats();
+        assert_eq!((s.raised, s.injected, s.coalesced), (4, 4, 0));
+    }
+}
