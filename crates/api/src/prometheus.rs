@@ -3,14 +3,18 @@
 use std::fmt::Write;
 
 use brisk_control::{CounterSnapshot, ExitKind};
+use brisk_vmm::InterruptStats;
+
+/// One vCPU's counters and, in user irqchip mode, its interrupt statistics.
+pub(crate) type VcpuFigures = (usize, CounterSnapshot, Option<InterruptStats>);
 
 /// One metric family per counter, one sample per vCPU.
-pub(crate) fn render(vcpus: &[(usize, CounterSnapshot)], unclaimed: u64) -> String {
+pub(crate) fn render(vcpus: &[VcpuFigures], unclaimed: u64) -> String {
     let mut out = String::new();
     let mut family = |name: &str, help: &str, value: &dyn Fn(&CounterSnapshot) -> u64| {
         let _ = writeln!(out, "# HELP brisk_vcpu_{name} {help}");
         let _ = writeln!(out, "# TYPE brisk_vcpu_{name} counter");
-        for (id, c) in vcpus {
+        for (id, c, _) in vcpus {
             let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{id}\"}} {}", value(c));
         }
     };
@@ -41,12 +45,47 @@ pub(crate) fn render(vcpus: &[(usize, CounterSnapshot)], unclaimed: u64) -> Stri
         "Nanoseconds halted in user space.",
         &|c| c.halted_ns,
     );
+    family("idle_tasks_total", "Idle-time tasks run.", &|c| {
+        c.idle_tasks
+    });
+    family(
+        "idle_task_ns_total",
+        "Nanoseconds spent in idle-time tasks.",
+        &|c| c.idle_task_ns,
+    );
+    type Field = fn(&InterruptStats) -> u64;
+    let irq: [(&str, &str, Field); 3] = [
+        (
+            "interrupts_injected_total",
+            "Interrupts injected (user irqchip).",
+            |s| s.injected,
+        ),
+        (
+            "interrupts_coalesced_total",
+            "Interrupts merged into a pending one.",
+            |s| s.coalesced,
+        ),
+        (
+            "interrupt_latency_ns_total",
+            "Nanoseconds from raise to injection, summed.",
+            |s| s.latency_ns,
+        ),
+    ];
+    for (name, help, value) in irq {
+        let _ = writeln!(out, "# HELP brisk_vcpu_{name} {help}");
+        let _ = writeln!(out, "# TYPE brisk_vcpu_{name} counter");
+        for (id, _, s) in vcpus {
+            if let Some(s) = s {
+                let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{id}\"}} {}", value(s));
+            }
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP brisk_vcpu_exits_total Guest exits handled in user space."
     );
     let _ = writeln!(out, "# TYPE brisk_vcpu_exits_total counter");
-    for (id, c) in vcpus {
+    for (id, c, _) in vcpus {
         for k in ExitKind::ALL {
             let _ = writeln!(
                 out,

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use brisk_control::{pause_all, resume_all, Deadline, ExitKind, Request};
-use brisk_vmm::{Irqchip, Vm};
+use brisk_vmm::{Irqchip, Mwait, Vm};
 use serde_json::{json, Value};
 
 use crate::prometheus;
@@ -124,6 +124,7 @@ impl Api {
                 "guest": self.vm.guest(),
                 "memory_bytes": self.vm.memory_size(),
                 "irqchip": match self.vm.irqchip() { Irqchip::User => "user", Irqchip::Kernel => "kernel" },
+                "mwait": match self.vm.mwait() { Mwait::Hide => "hide", Mwait::Exit => "exit", Mwait::Passthrough => "passthrough" },
                 "uptime_ms": self.vm.uptime().as_millis() as u64,
                 "vcpus": vcpus,
             }),
@@ -135,7 +136,10 @@ impl Api {
             .vm
             .vcpus()
             .iter()
-            .map(|v| (v.id(), v.counters().snapshot()))
+            .map(|v| {
+                let id = v.id();
+                (id, v.counters().snapshot(), self.vm.interrupt_stats(id))
+            })
             .collect();
         if accept.is_some_and(|a| a.contains("text/plain")) {
             return Reply {
@@ -146,7 +150,7 @@ impl Api {
         }
         let vcpus: Vec<Value> = snapshots
             .iter()
-            .map(|(id, c)| {
+            .map(|(id, c, irq)| {
                 let exits: serde_json::Map<String, Value> = ExitKind::ALL
                     .iter()
                     .map(|k| (k.name().to_string(), json!(c.exits_of(*k))))
@@ -165,6 +169,16 @@ impl Api {
                     "work_run": c.work_run,
                     "parked_ns": c.parked_ns,
                     "halted_ns": c.halted_ns,
+                    "idle_tasks": c.idle_tasks,
+                    "idle_task_ns": c.idle_task_ns,
+                    // User irqchip only: raise -> KVM_INTERRUPT.
+                    "interrupts": irq.map(|s| json!({
+                        "raised": s.raised,
+                        "coalesced": s.coalesced,
+                        "injected": s.injected,
+                        "latency_ns": s.latency_ns,
+                        "max_latency_ns": s.max_latency_ns,
+                    })),
                 })
             })
             .collect();

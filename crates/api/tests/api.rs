@@ -161,6 +161,41 @@ fn counters_match_what_was_done() {
 }
 
 #[test]
+fn interrupt_counters_show_what_the_guest_took() {
+    require_kvm!();
+    let s = Served::start("tick", "irq");
+    assert_eq!(
+        s.vm.wait(Some(Duration::from_secs(30)), None),
+        brisk_vmm::VmEnd::PowerOff
+    );
+    let c = s.json("vm.counters");
+    for id in 0..2 {
+        let irq = &c["vcpus"][id]["interrupts"];
+        // Every injected tick reached the guest's handler.
+        assert_eq!(irq["injected"].as_u64(), Some(s.vm.progress(id)), "{irq}");
+        assert!(irq["latency_ns"].as_u64().unwrap() > 0, "{irq}");
+    }
+    let text = request(
+        &s.path,
+        "GET",
+        "/api/v1/vm.counters",
+        None,
+        Some("text/plain"),
+    )
+    .unwrap();
+    let sample = format!(
+        "brisk_vcpu_interrupts_injected_total{{vcpu=\"1\"}} {}",
+        s.vm.progress(1)
+    );
+    assert!(
+        text.body.lines().any(|l| l == sample),
+        "{sample} in\n{}",
+        text.body
+    );
+    assert_eq!(s.json("vm.info")["mwait"], "hide");
+}
+
+#[test]
 fn every_error_class_is_answered_with_its_code() {
     require_kvm!();
     let s = Served::start("spin", "errors");

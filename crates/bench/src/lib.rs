@@ -9,9 +9,11 @@
 //!   always-signal and signal-mask; cost of stopping a parked vCPU.
 //! - [`pause`]: pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
 //! - [`api`]: pause/resume through the API socket vs in-process.
+//! - [`irq`]: timer interrupt latency with and without idle-time tasks.
 
 pub mod api;
 pub mod exit;
+pub mod irq;
 pub mod kick;
 pub mod pause;
 pub mod plot;
@@ -29,6 +31,7 @@ pub enum Which {
     Kick,
     Pause,
     Api,
+    Irq,
     All,
 }
 
@@ -95,6 +98,9 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Api | Which::All) {
         go(api::run);
+    }
+    if matches!(which, Which::Irq | Which::All) {
+        go(irq::run);
     }
     Report {
         quick: opts.quick,

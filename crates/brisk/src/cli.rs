@@ -96,12 +96,14 @@ struct BenchArgs {
 enum BenchWhich {
     /// PIO exit round trip: brisk vs raw KVM_RUN vs KVM_SET_SIGNAL_MASK; N-vCPU exits/s.
     Exit,
-    /// Kick latency (spinning; halted in KVM's irqchip) for three strategies; stop on a parked vCPU.
+    /// Kick latency (spinning; halted in KVM's irqchip and in user space) for three strategies; stop on a parked vCPU.
     Kick,
     /// pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
     Pause,
     /// Pause/resume round trips through the API socket vs in-process.
     Api,
+    /// Timer interrupt latency (user irqchip) with and without idle-time tasks.
+    Irq,
     /// All of the above.
     All,
 }
@@ -146,6 +148,12 @@ struct RunArgs {
     /// vCPU in user space) or `kernel` (KVM's in-kernel irqchip).
     #[arg(long, value_enum, default_value_t = IrqchipArg::User)]
     irqchip: IrqchipArg,
+    /// MONITOR/MWAIT: `hide` (not in CPUID, guests idle with HLT), `exit`
+    /// (in CPUID; KVM traps MWAIT and runs it as a NOP, so an MWAIT idle
+    /// loop polls) or `passthrough` (runs natively; needs a host that can
+    /// disable MWAIT exits).
+    #[arg(long, value_enum, default_value_t = MwaitArg::Hide)]
+    mwait: MwaitArg,
     /// Serve the HTTP API (see openapi.yaml, `brisk ctl`) on this Unix
     /// socket, created 0600 and removed on exit.
     #[arg(long, value_name = "PATH")]
@@ -156,6 +164,23 @@ struct RunArgs {
 enum IrqchipArg {
     User,
     Kernel,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum MwaitArg {
+    Hide,
+    Exit,
+    Passthrough,
+}
+
+impl From<MwaitArg> for brisk_vmm::Mwait {
+    fn from(a: MwaitArg) -> Self {
+        match a {
+            MwaitArg::Hide => brisk_vmm::Mwait::Hide,
+            MwaitArg::Exit => brisk_vmm::Mwait::Exit,
+            MwaitArg::Passthrough => brisk_vmm::Mwait::Passthrough,
+        }
+    }
 }
 
 impl From<CtlOp> for crate::ctl::Op {
@@ -244,6 +269,7 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Kick => brisk_bench::Which::Kick,
         BenchWhich::Pause => brisk_bench::Which::Pause,
         BenchWhich::Api => brisk_bench::Which::Api,
+        BenchWhich::Irq => brisk_bench::Which::Irq,
         BenchWhich::All => brisk_bench::Which::All,
     };
     let opts = brisk_bench::Opts { quick: args.quick };
@@ -308,6 +334,7 @@ fn run(args: RunArgs) -> i32 {
         cpus: args.cpus,
         memory: args.memory,
         irqchip: args.irqchip.into(),
+        mwait: args.mwait.into(),
     };
     let interrupt = match signals::install() {
         Ok(fd) => fd,

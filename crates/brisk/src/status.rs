@@ -7,7 +7,7 @@ use brisk_vmm::{StartError, VmEnd};
 pub const OK: i32 = 0;
 /// Command-line error (clap's own code).
 pub const USAGE: i32 = 2;
-/// /dev/kvm missing, not accessible, or lacking a capability.
+/// /dev/kvm missing, not accessible, or lacking a capability (or an option).
 pub const NO_KVM: i32 = 4;
 /// Bad configuration: unknown guest, bad vCPU count or memory size.
 pub const CONFIG: i32 = 6;
@@ -31,6 +31,7 @@ Exit status:
   odd    the guest wrote v to the debug-exit port 0xf4: (v << 1) | 1, as QEMU's isa-debug-exit
   2      bad command line
   4      /dev/kvm is missing, not accessible, or lacks a needed capability
+         (e.g. --mwait passthrough on a host that cannot disable MWAIT exits)
   6      bad configuration (unknown guest, vCPU count, memory size, API socket in use)
   8      the guest crashed (triple fault, emulation failure, unhandled exit)
   10     --timeout passed with the guest still running
@@ -51,10 +52,12 @@ pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
 
 /// Status for a VM that could not start.
 pub fn for_start_error(e: &StartError) -> i32 {
-    use brisk_vmm::KvmError::{KvmPermission, MissingCapability, NoKvm};
+    use brisk_vmm::KvmError::{KvmPermission, MissingCapability, NoKvm, Unavailable};
     match e {
         StartError::Config(_) => CONFIG,
-        StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_)) => NO_KVM,
+        StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
+            NO_KVM
+        }
         StartError::Kvm(_) | StartError::Setup(_) => INTERNAL,
     }
 }

@@ -261,3 +261,30 @@ fn ctl_drives_a_vm_through_its_api_socket_and_the_socket_goes_away() {
     assert_eq!(gone.status.code(), Some(18));
     assert_one_sentence(&gone);
 }
+
+#[test]
+fn interrupt_guests_and_mwait_policies_from_the_command_line() {
+    require_kvm!();
+    for guest in ["tick", "pingpong"] {
+        let out = brisk(&["run", "--guest", guest, "--cpus", "3"]);
+        assert_eq!(out.status.code(), Some(0), "{guest}: {}", text(&out.stderr));
+        let out = brisk(&["run", "--guest", guest, "--irqchip", "kernel"]);
+        assert_eq!(out.status.code(), Some(6), "{guest} needs the user irqchip");
+        assert!(text(&out.stderr).contains("--irqchip user"));
+        assert_one_sentence(&out);
+    }
+    let out = brisk(&["run", "--guest", "mwait", "--mwait", "hide"]);
+    assert_eq!(
+        out.status.code(),
+        Some((0x12 << 1) | 1),
+        "hidden: not tried"
+    );
+    let out = brisk(&["run", "--guest", "mwait", "--mwait", "passthrough"]);
+    match out.status.code() {
+        Some(4) => {
+            assert!(text(&out.stderr).contains("--mwait passthrough is not available"));
+            assert_one_sentence(&out);
+        }
+        other => assert_eq!(other, Some((0x11 << 1) | 1), "{}", text(&out.stderr)),
+    }
+}

@@ -135,7 +135,7 @@ pub const ALL: &[Builtin] = &[
     },
     Builtin {
         name: "mwait",
-        about: "misbehaves: MONITOR/MWAIT 1000 times, then debug-exit (status 35), unless the host refuses them",
+        about: "if CPUID offers MONITOR/MWAIT (--mwait exit|passthrough), uses them 1000 times then debug-exit (status 35), unless the host refuses them; otherwise debug-exit status 37 without trying",
         ends: true,
         user_irqchip: false,
         assemble: programs::mwait,
@@ -149,6 +149,8 @@ pub const UNMAPPED_MMIO: u64 = 0xfeb0_0000;
 pub const MMIO_ALL_ONES: u8 = 0x10;
 /// `mwait` writes this when its MONITOR/MWAIT loop completed (status 35).
 pub const MWAIT_DONE: u8 = 0x11;
+/// `mwait` writes this when CPUID does not offer MONITOR/MWAIT (status 37).
+pub const MWAIT_HIDDEN: u8 = 0x12;
 
 /// What vCPU `id` of the `stress` guest does (the program computes the same
 /// `id % 3`).

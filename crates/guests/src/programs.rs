@@ -252,7 +252,16 @@ pub(crate) fn mwait() -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     a.mov(r12, rdi)?;
+    // A well-behaved guest asks CPUID first: no MONITOR, no MWAIT.
     let mut l = a.create_label();
+    a.mov(eax, 1)?;
+    a.cpuid()?;
+    a.test(ecx, 1 << 3)?;
+    a.jnz(l)?;
+    a.mov(al, crate::MWAIT_HIDDEN as u32)?;
+    a.out(ports::DEBUG_EXIT as u32, al)?;
+    let mut hidden = a.create_label();
+    halt_forever(&mut a, &mut hidden)?;
     a.set_label(&mut l)?;
     a.mov(rax, rbx)?;
     a.xor(ecx, ecx)?;

@@ -18,6 +18,11 @@ pub enum Error {
     },
     /// Guest memory could not be set up.
     Memory(String),
+    /// An option the user chose that this host's KVM cannot provide.
+    Unavailable {
+        what: &'static str,
+        why: &'static str,
+    },
 }
 
 /// Result alias for this crate.
@@ -37,6 +42,7 @@ impl fmt::Display for Error {
             Error::MissingCapability(c) => write!(f, "this host's KVM lacks {c}, which brisk requires"),
             Error::Sys { what, err } => write!(f, "{what} failed: {err}"),
             Error::Memory(m) => write!(f, "guest memory: {m}"),
+            Error::Unavailable { what, why } => write!(f, "{what} is not available: {why}"),
         }
     }
 }

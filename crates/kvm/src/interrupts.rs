@@ -9,7 +9,8 @@
 //! `Request::Interrupt`). Like an APIC's IRR, one pending bit per vector:
 //! a vector raised again before it is injected is coalesced.
 
-use std::sync::atomic::{AtomicU64, Ordering::*};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::*};
+use std::sync::Mutex;
 use std::time::Instant;
 
 const WORDS: usize = 4;
@@ -40,6 +41,9 @@ pub struct PendingInterrupts {
     injected: AtomicU64,
     latency_ns: AtomicU64,
     max_latency_ns: AtomicU64,
+    /// Opt-in per-injection latencies (benchmarks), see `log_latencies`.
+    logging: AtomicBool,
+    log: Mutex<Vec<u64>>,
 }
 
 impl Default for PendingInterrupts {
@@ -53,6 +57,8 @@ impl Default for PendingInterrupts {
             injected: AtomicU64::new(0),
             latency_ns: AtomicU64::new(0),
             max_latency_ns: AtomicU64::new(0),
+            logging: AtomicBool::new(false),
+            log: Mutex::new(Vec::new()),
         }
     }
 }
@@ -114,6 +120,20 @@ impl PendingInterrupts {
         self.injected.fetch_add(1, Relaxed);
         self.latency_ns.fetch_add(ns, Relaxed);
         self.max_latency_ns.fetch_max(ns, Relaxed);
+        if self.logging.load(Relaxed) {
+            self.log.lock().unwrap_or_else(|p| p.into_inner()).push(ns);
+        }
+    }
+
+    /// Start (or stop) keeping every injection's latency, for
+    /// distributions; off by default (it takes a lock per injection).
+    pub fn log_latencies(&self, on: bool) {
+        self.logging.store(on, Relaxed);
+    }
+
+    /// The latencies logged so far (ns), emptying the log.
+    pub fn take_latencies(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// A snapshot of the statistics.

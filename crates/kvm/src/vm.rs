@@ -16,6 +16,28 @@ pub enum Irqchip {
     Kernel,
 }
 
+/// What the guest gets for MONITOR/MWAIT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mwait {
+    /// CPUID does not offer MONITOR/MWAIT, so guests idle with HLT (which
+    /// brisk can halt in user space). If a guest uses them anyway, KVM
+    /// traps them and runs them as NOPs.
+    #[default]
+    Hide,
+    /// CPUID offers MONITOR/MWAIT; KVM traps them and runs MWAIT as a NOP
+    /// (architecturally a legal early wake-up). KVM has no MWAIT exit to
+    /// user space, so brisk cannot turn MWAIT into a HLT: a guest idling
+    /// with MWAIT polls instead of sleeping.
+    Exit,
+    /// CPUID offers MONITOR/MWAIT and KVM lets the guest run them natively
+    /// (KVM_CAP_X86_DISABLE_EXITS with MWAIT): a real low-power wait on
+    /// the host CPU, invisible to brisk and to kicks until an interrupt.
+    Passthrough,
+}
+
+/// CPUID.1:ECX bit 3: MONITOR/MWAIT.
+const CPUID_MONITOR: u32 = 1 << 3;
+
 /// Guest RAM below this address (the 32-bit MMIO hole starts here).
 pub const MAX_LOW_RAM: u64 = 3 << 30;
 
@@ -25,6 +47,7 @@ pub struct Vm {
     fd: VmFd,
     memory: GuestMemoryMmap,
     irqchip: Irqchip,
+    mwait: Mwait,
 }
 
 impl Vm {
@@ -72,7 +95,39 @@ impl Vm {
             fd,
             memory,
             irqchip,
+            mwait: Mwait::default(),
         })
+    }
+
+    /// Choose the MWAIT policy; call before creating vCPUs. `Passthrough`
+    /// fails with [`Error::Unavailable`] where KVM cannot disable MWAIT exits.
+    pub fn set_mwait(&mut self, policy: Mwait) -> Result<()> {
+        if policy == Mwait::Passthrough {
+            let can = self
+                .fd
+                .check_extension_raw(kvm_bindings::KVM_CAP_X86_DISABLE_EXITS.into());
+            if can < 0 || can as u32 & kvm_bindings::KVM_X86_DISABLE_EXITS_MWAIT == 0 {
+                return Err(Error::Unavailable {
+                    what: "--mwait passthrough",
+                    why: "this host's KVM cannot disable MWAIT exits (KVM_CAP_X86_DISABLE_EXITS lacks KVM_X86_DISABLE_EXITS_MWAIT); use --mwait hide or exit",
+                });
+            }
+            let mut cap = kvm_bindings::kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_X86_DISABLE_EXITS,
+                ..Default::default()
+            };
+            cap.args[0] = kvm_bindings::KVM_X86_DISABLE_EXITS_MWAIT.into();
+            self.fd
+                .enable_cap(&cap)
+                .map_err(Error::sys("KVM_ENABLE_CAP(KVM_CAP_X86_DISABLE_EXITS)"))?;
+        }
+        self.mwait = policy;
+        Ok(())
+    }
+
+    /// The MWAIT policy.
+    pub fn mwait(&self) -> Mwait {
+        self.mwait
     }
 
     /// Guest RAM.
@@ -101,10 +156,21 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::sys("KVM_GET_SUPPORTED_CPUID"))?;
+        let offer_mwait = self.mwait != Mwait::Hide;
         for entry in cpuid.as_mut_slice() {
             match entry.function {
-                // Initial APIC id in EBX[31:24].
-                1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | ((id as u32) << 24),
+                // Initial APIC id in EBX[31:24]; MONITOR/MWAIT in ECX[3].
+                1 => {
+                    entry.ebx = (entry.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+                    entry.ecx = (entry.ecx & !CPUID_MONITOR) | (offer_mwait as u32 * CPUID_MONITOR);
+                }
+                // The MONITOR/MWAIT leaf: line sizes, MWAIT extensions.
+                5 if offer_mwait => {
+                    (entry.eax, entry.ebx) = (64, 64);
+                    entry.ecx = 0b11; // enumerates extensions; interrupts break MWAIT
+                    entry.edx = 0;
+                }
+                5 => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0),
                 // x2APIC id.
                 0xb | 0x1f => entry.edx = id as u32,
                 _ => {}

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use brisk_boot::layout::{MAX_VCPUS, MIN_MEMORY};
-use brisk_kvm::Irqchip;
+use brisk_kvm::{Irqchip, Mwait};
 
 /// A VM's configuration.
 #[derive(Clone, Debug)]
@@ -16,6 +16,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Where HLT and interrupts are handled.
     pub irqchip: Irqchip,
+    /// What the guest gets for MONITOR/MWAIT.
+    pub mwait: Mwait,
 }
 
 impl Default for VmConfig {
@@ -25,6 +27,7 @@ impl Default for VmConfig {
             cpus: 2,
             memory: 64 << 20,
             irqchip: Irqchip::User,
+            mwait: Mwait::Hide,
         }
     }
 }

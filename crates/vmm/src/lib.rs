@@ -28,7 +28,7 @@ pub use output::{Capture, Output};
 pub use vm::{Machine, StartError, Vm};
 
 pub use brisk_control as control;
-pub use brisk_kvm::{Error as KvmError, Exit, Irqchip, KvmVcpu};
+pub use brisk_kvm::{Error as KvmError, Exit, InterruptStats, Irqchip, KvmVcpu, Mwait};
 
 /// A vCPU's control block as the VMM uses it.
 pub type Vcpu = brisk_control::VcpuCtl<KvmVcpu>;

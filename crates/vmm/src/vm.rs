@@ -74,7 +74,8 @@ impl Machine {
     /// Validate `config`, create the VM, load the guest and wire the devices.
     pub fn build(config: &VmConfig, output: Output) -> Result<Machine, StartError> {
         let guest = config.validate().map_err(StartError::Config)?;
-        let kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
+        let mut kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
+        kvm.set_mwait(config.mwait)?;
         let code = (guest.assemble)().map_err(setup)?;
         brisk_boot::write_tables(kvm.memory()).map_err(setup)?;
         brisk_boot::load_program(kvm.memory(), &code).map_err(setup)?;
@@ -254,7 +255,12 @@ impl Vm {
 
     /// vCPU `id`'s interrupt statistics (user irqchip mode only).
     pub fn interrupt_stats(&self, id: usize) -> Option<InterruptStats> {
-        self.irq.as_ref().map(|i| i.sink.pending(id).stats())
+        self.pending_interrupts(id).map(|p| p.stats())
+    }
+
+    /// vCPU `id`'s pending interrupts (user irqchip mode only).
+    pub fn pending_interrupts(&self, id: usize) -> Option<&PendingInterrupts> {
+        self.irq.as_ref().map(|i| i.sink.pending(id))
     }
 
     /// Ticks vCPU `id`'s timer has raised (user irqchip mode only).
@@ -291,6 +297,11 @@ impl Vm {
     /// Where HLT and interrupts are handled.
     pub fn irqchip(&self) -> brisk_kvm::Irqchip {
         self.kvm.irqchip()
+    }
+
+    /// What the guest gets for MONITOR/MWAIT.
+    pub fn mwait(&self) -> brisk_kvm::Mwait {
+        self.kvm.mwait()
     }
 
     /// Time since the vCPUs were started.

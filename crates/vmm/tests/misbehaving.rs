@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use brisk_boot::layout::CODE;
 use brisk_vmm::control::{pause_all, resume_all, Mode};
-use brisk_vmm::{Irqchip, VmEnd};
+use brisk_vmm::{Irqchip, KvmError, Mwait, Output, StartError, Vm, VmConfig, VmEnd};
 use common::{soon, start, wait_progress};
 
 fn end_of(guest: &str, irqchip: Irqchip) -> VmEnd {
@@ -53,13 +53,43 @@ fn int3_without_an_idt_is_reported() {
     assert_crash(&end, &["triple fault", "emulation failure"]);
 }
 
+/// Run `mwait` on 2 vCPUs under `policy`; `None` if the host refused it.
+fn mwait_end(policy: Mwait) -> Option<VmEnd> {
+    let config = VmConfig {
+        guest: "mwait".into(),
+        mwait: policy,
+        ..VmConfig::default()
+    };
+    match Vm::start(&config, Output::Null) {
+        Ok(vm) => {
+            let end = vm.wait(Some(Duration::from_secs(30)), None);
+            vm.shutdown().unwrap();
+            Some(end)
+        }
+        Err(StartError::Kvm(e @ KvmError::Unavailable { .. })) => {
+            assert!(e.to_string().contains("--mwait passthrough"), "{e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
 #[test]
-fn monitor_mwait_either_completes_or_is_reported() {
+fn hidden_mwait_is_not_offered_and_offered_mwait_completes_or_is_reported() {
     require_kvm!();
-    // KVM treats MWAIT as a NOP by default; some hosts cannot emulate it.
-    match end_of("mwait", Irqchip::User) {
+    // Default policy: CPUID does not offer MONITOR, so the guest never tries.
+    assert_eq!(
+        mwait_end(Mwait::Hide),
+        Some(VmEnd::DebugExit(brisk_guests::MWAIT_HIDDEN.into()))
+    );
+    // `exit`: offered; KVM runs MWAIT as a NOP (some hosts cannot emulate it).
+    match mwait_end(Mwait::Exit).expect("exit is always available") {
         VmEnd::DebugExit(v) => assert_eq!(v, u32::from(brisk_guests::MWAIT_DONE)),
         crash => assert_crash(&crash, &["emulation failure", "triple fault"]),
+    }
+    // `passthrough`: refused by name where KVM cannot disable MWAIT exits.
+    if let Some(end) = mwait_end(Mwait::Passthrough) {
+        assert_eq!(end, VmEnd::DebugExit(brisk_guests::MWAIT_DONE.into()));
     }
 }
 
