@@ -6,6 +6,7 @@
 
 pub mod layout;
 mod long_mode;
+pub mod multiboot;
 pub mod ports;
 
 pub use long_mode::{load_program, start_vcpu_in_long_mode, write_tables, BootError};
