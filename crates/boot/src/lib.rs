@@ -4,6 +4,7 @@
 //! [`layout`] and [`ports`] are the contract between the VMM, its devices
 //! and the guest programs assembled in `brisk-guests`.
 
+pub mod acpi;
 pub mod layout;
 mod long_mode;
 pub mod multiboot;

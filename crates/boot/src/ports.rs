@@ -4,6 +4,12 @@
 pub const COM1: u16 = 0x3f8;
 /// isa-debug-exit: a write of `v` ends the VM with status `(v << 1) | 1`.
 pub const DEBUG_EXIT: u16 = 0xf4;
+/// ACPI PM1a event block (as QEMU's PIIX4; reads zero here).
+pub const PM1A_EVT: u16 = 0x600;
+/// ACPI PM timer: 24-bit, 3.579545 MHz, read with `inl`.
+pub const PM_TIMER: u16 = 0x608;
+/// QEMU's fw_cfg: 16-bit selector at `FW_CFG`, data bytes at `FW_CFG + 1`.
+pub const FW_CFG: u16 = 0x510;
 /// ACPI PM1a control (as QEMU's PIIX4): writing SLP_EN powers off.
 pub const PM1A_CNT: u16 = 0x604;
 /// SLP_EN | SLP_TYP=0 written to [`PM1A_CNT`] powers the machine off.

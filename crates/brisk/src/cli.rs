@@ -144,10 +144,23 @@ struct RunArgs {
     /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
-    /// Where HLT is handled: `user` (HLT exits to brisk, which halts the
-    /// vCPU in user space) or `kernel` (KVM's in-kernel irqchip).
-    #[arg(long, value_enum, default_value_t = IrqchipArg::User)]
-    irqchip: IrqchipArg,
+    /// Where HLT and interrupts are handled: `user` (HLT exits to brisk,
+    /// which halts the vCPU in user space and injects interrupts itself;
+    /// the default for built-in guests) or `kernel` (KVM's in-kernel
+    /// PIC/IOAPIC/LAPIC and PIT; the default, and required, with --kernel).
+    #[arg(long, value_enum)]
+    irqchip: Option<IrqchipArg>,
+    /// Boot this multiboot (v1) ELF kernel instead of a built-in guest
+    /// (32-bit protected mode, EAX=0x2BADB002, EBX=multiboot info; ACPI
+    /// tables, fw_cfg at 0x510, PM timer at 0x608; APs wait for INIT/SIPI).
+    #[arg(long, value_name = "FILE", conflicts_with = "guest")]
+    kernel: Option<std::path::PathBuf>,
+    /// The kernel's command line (multiboot cmdline).
+    #[arg(long, default_value = "", requires = "kernel")]
+    cmdline: String,
+    /// A file passed to the kernel as multiboot module 0.
+    #[arg(long, value_name = "FILE", requires = "kernel")]
+    initrd: Option<std::path::PathBuf>,
     /// MONITOR/MWAIT: `hide` (not in CPUID, guests idle with HLT), `exit`
     /// (in CPUID; KVM traps MWAIT and runs it as a NOP, so an MWAIT idle
     /// loop polls) or `passthrough` (runs natively; needs a host that can
@@ -203,15 +216,6 @@ impl From<IrqchipArg> for Irqchip {
         match a {
             IrqchipArg::User => Irqchip::User,
             IrqchipArg::Kernel => Irqchip::Kernel,
-        }
-    }
-}
-
-impl IrqchipArg {
-    fn name(self) -> &'static str {
-        match self {
-            IrqchipArg::User => "user",
-            IrqchipArg::Kernel => "kernel",
         }
     }
 }
@@ -333,8 +337,20 @@ fn run(args: RunArgs) -> i32 {
         guest: args.guest,
         cpus: args.cpus,
         memory: args.memory,
-        irqchip: args.irqchip.into(),
+        irqchip: args
+            .irqchip
+            .map(Irqchip::from)
+            .unwrap_or(if args.kernel.is_some() {
+                Irqchip::Kernel
+            } else {
+                Irqchip::User
+            }),
         mwait: args.mwait.into(),
+        kernel: args.kernel.map(|path| brisk_vmm::KernelConfig {
+            path,
+            cmdline: args.cmdline,
+            initrd: args.initrd,
+        }),
     };
     let interrupt = match signals::install() {
         Ok(fd) => fd,
@@ -364,10 +380,10 @@ fn run(args: RunArgs) -> i32 {
     };
     // Logged once the vCPUs run and the API (if any) answers.
     log::info!(
-        "guest '{}' running on {} vCPUs ({} irqchip)",
-        config.guest,
+        "guest '{}' running on {} vCPUs ({:?} irqchip)",
+        vm.guest(),
         config.cpus,
-        args.irqchip.name()
+        config.irqchip
     );
     let end = vm.wait(args.timeout, Some(interrupt));
     let code = status::for_end(&end, signals::last());

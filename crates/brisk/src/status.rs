@@ -32,7 +32,8 @@ Exit status:
   2      bad command line
   4      /dev/kvm is missing, not accessible, or lacks a needed capability
          (e.g. --mwait passthrough on a host that cannot disable MWAIT exits)
-  6      bad configuration (unknown guest, vCPU count, memory size, API socket in use)
+  6      bad configuration (unknown guest, vCPU count, memory size, API socket in
+         use, a --kernel or --initrd that cannot be read or is not a multiboot kernel)
   8      the guest crashed (triple fault, emulation failure, unhandled exit)
   10     --timeout passed with the guest still running
   12     internal VMM failure (a KVM call or a vCPU thread failed)
@@ -54,7 +55,7 @@ pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
 pub fn for_start_error(e: &StartError) -> i32 {
     use brisk_vmm::KvmError::{KvmPermission, MissingCapability, NoKvm, Unavailable};
     match e {
-        StartError::Config(_) => CONFIG,
+        StartError::Config(_) | StartError::Kernel(_) => CONFIG,
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM
         }

@@ -87,8 +87,15 @@ impl Vm {
                 .map_err(Error::sys("KVM_SET_USER_MEMORY_REGION"))?;
         }
         if irqchip == Irqchip::Kernel {
+            // PIC, IOAPIC, LAPICs, and the PIT (with port 0x61 handled by
+            // KVM, so guests can calibrate with PIT channel 2).
             fd.create_irq_chip()
                 .map_err(Error::sys("KVM_CREATE_IRQCHIP"))?;
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(Error::sys("KVM_CREATE_PIT2"))?;
         }
         Ok(Vm {
             kvm,
@@ -146,8 +153,10 @@ impl Vm {
     }
 
     /// Create vCPU `id` with the host's supported CPUID (its APIC id set
-    /// to `id`), runnable at once (no INIT/SIPI needed).
-    pub fn create_vcpu(&self, id: usize) -> Result<KvmVcpu> {
+    /// to `id`, `count` logical processors in the package). With the
+    /// kernel irqchip, vCPUs other than 0 wait for INIT/SIPI unless
+    /// `start_aps` makes them runnable at once (built-in guests).
+    pub fn create_vcpu(&self, id: usize, count: usize, start_aps: bool) -> Result<KvmVcpu> {
         let fd = self
             .fd
             .create_vcpu(id as u64)
@@ -161,7 +170,10 @@ impl Vm {
             match entry.function {
                 // Initial APIC id in EBX[31:24]; MONITOR/MWAIT in ECX[3].
                 1 => {
-                    entry.ebx = (entry.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+                    // EBX[23:16]: logical processors per package; EDX[28]: HTT.
+                    let count = (count as u32).min(255) << 16;
+                    entry.ebx = (entry.ebx & 0x0000_ffff) | ((id as u32) << 24) | count;
+                    entry.edx |= 1 << 28;
                     entry.ecx = (entry.ecx & !CPUID_MONITOR) | (offer_mwait as u32 * CPUID_MONITOR);
                 }
                 // The MONITOR/MWAIT leaf: line sizes, MWAIT extensions.
@@ -178,7 +190,7 @@ impl Vm {
         }
         fd.set_cpuid2(&cpuid)
             .map_err(Error::sys("KVM_SET_CPUID2"))?;
-        if self.irqchip == Irqchip::Kernel && id != 0 {
+        if self.irqchip == Irqchip::Kernel && id != 0 && start_aps {
             // With an in-kernel LAPIC, KVM parks APs waiting for SIPI;
             // built-in guests start every vCPU at the entry instead.
             let state = kvm_bindings::kvm_mp_state {

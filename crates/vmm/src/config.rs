@@ -1,6 +1,7 @@
 //! What to build: guest, vCPUs, memory, irqchip.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use brisk_boot::layout::{MAX_VCPUS, MIN_MEMORY};
 use brisk_kvm::{Irqchip, Mwait};
@@ -18,6 +19,17 @@ pub struct VmConfig {
     pub irqchip: Irqchip,
     /// What the guest gets for MONITOR/MWAIT.
     pub mwait: Mwait,
+    /// Boot this multiboot kernel instead of the built-in `guest`.
+    pub kernel: Option<KernelConfig>,
+}
+
+/// A kernel from a file, booted as a multiboot (v1) loader would.
+#[derive(Clone, Debug, Default)]
+pub struct KernelConfig {
+    pub path: PathBuf,
+    pub cmdline: String,
+    /// Passed as multiboot module 0.
+    pub initrd: Option<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -28,6 +40,7 @@ impl Default for VmConfig {
             memory: 64 << 20,
             irqchip: Irqchip::User,
             mwait: Mwait::Hide,
+            kernel: None,
         }
     }
 }
@@ -40,6 +53,8 @@ pub enum ConfigError {
     Memory(u64),
     /// The guest's interrupts come from user-space devices.
     NeedsUserIrqchip(&'static str),
+    /// Kernels bring up APs through the in-kernel LAPIC.
+    KernelNeedsKernelIrqchip,
 }
 
 impl fmt::Display for ConfigError {
@@ -56,6 +71,10 @@ impl fmt::Display for ConfigError {
             ConfigError::Cpus(n) => {
                 write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")
             }
+            ConfigError::KernelNeedsKernelIrqchip => write!(
+                f,
+                "--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a multiboot kernel expects, and INIT/SIPI for its APs)"
+            ),
             ConfigError::NeedsUserIrqchip(g) => write!(
                 f,
                 "guest '{g}' takes interrupts from brisk's user-space timer and doorbell, which need --irqchip user"
@@ -85,7 +104,11 @@ impl VmConfig {
         {
             return Err(ConfigError::Memory(self.memory));
         }
-        if guest.user_irqchip && self.irqchip != Irqchip::User {
+        if self.kernel.is_some() {
+            if self.irqchip != Irqchip::Kernel {
+                return Err(ConfigError::KernelNeedsKernelIrqchip);
+            }
+        } else if guest.user_irqchip && self.irqchip != Irqchip::User {
             return Err(ConfigError::NeedsUserIrqchip(guest.name));
         }
         Ok(guest)

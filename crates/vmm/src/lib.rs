@@ -17,11 +17,12 @@ mod config;
 mod end;
 pub mod exits;
 mod interrupts;
+mod kernel;
 mod output;
 pub mod stress;
 mod vm;
 
-pub use config::{ConfigError, VmConfig};
+pub use config::{ConfigError, KernelConfig, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};

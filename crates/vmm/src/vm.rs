@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use brisk_boot::{layout, ports};
 use brisk_control::RunEnd;
 use brisk_devices::{
-    Bus, CounterDevice, DebugExit, Doorbell, PeriodicTimers, PowerOff, Uart, TIMER_STRIDE,
+    Bus, CounterDevice, DebugExit, Doorbell, FwCfg, PeriodicTimers, PmTimer, PowerOff, Uart,
+    TIMER_STRIDE,
 };
 use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -23,6 +24,8 @@ use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
 pub enum StartError {
     Config(ConfigError),
     Kvm(brisk_kvm::Error),
+    /// The kernel (or initrd) file cannot be read or booted.
+    Kernel(String),
     Setup(String),
 }
 
@@ -31,6 +34,7 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => e.fmt(f),
             StartError::Kvm(e) => e.fmt(f),
+            StartError::Kernel(e) => e.fmt(f),
             StartError::Setup(e) => write!(f, "setting up the VM: {e}"),
         }
     }
@@ -57,7 +61,7 @@ pub struct Machine {
     pub vcpus: Vec<KvmVcpu>,
     /// The control blocks the interrupt sources kick.
     pub ctls: Vec<Arc<Vcpu>>,
-    pub guest: &'static str,
+    pub guest: String,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
     irq: Option<IrqSources>,
@@ -73,12 +77,21 @@ struct IrqSources {
 impl Machine {
     /// Validate `config`, create the VM, load the guest and wire the devices.
     pub fn build(config: &VmConfig, output: Output) -> Result<Machine, StartError> {
-        let guest = config.validate().map_err(StartError::Config)?;
+        let builtin = config.validate().map_err(StartError::Config)?;
         let mut kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
         kvm.set_mwait(config.mwait)?;
-        let code = (guest.assemble)().map_err(setup)?;
-        brisk_boot::write_tables(kvm.memory()).map_err(setup)?;
-        brisk_boot::load_program(kvm.memory(), &code).map_err(setup)?;
+        let (guest, multiboot) = match &config.kernel {
+            None => {
+                let code = (builtin.assemble)().map_err(setup)?;
+                brisk_boot::write_tables(kvm.memory()).map_err(setup)?;
+                brisk_boot::load_program(kvm.memory(), &code).map_err(setup)?;
+                (builtin.name.to_string(), None)
+            }
+            Some(k) => {
+                let boot = crate::kernel::load(&kvm, k, config.memory, config.cpus)?;
+                (k.path.display().to_string(), Some(boot))
+            }
+        };
 
         let end = Arc::new(EndLatch::new().map_err(setup)?);
         let mut bus = Bus::new();
@@ -87,6 +100,11 @@ impl Machine {
         bus.register_pio(ports::DEBUG_EXIT, 4, Arc::new(DebugExit::new(end.clone())))
             .map_err(setup)?;
         bus.register_pio(ports::PM1A_CNT, 2, Arc::new(PowerOff::new(end.clone())))
+            .map_err(setup)?;
+        bus.register_pio(ports::PM_TIMER, 4, Arc::new(PmTimer::default()))
+            .map_err(setup)?;
+        let fw_cfg = FwCfg::new(config.cpus as u16, config.memory, &[]);
+        bus.register_pio(ports::FW_CFG, 2, Arc::new(fw_cfg))
             .map_err(setup)?;
         let mut counters = Vec::new();
         for id in 0..config.cpus {
@@ -99,8 +117,16 @@ impl Machine {
         let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
-            let v = kvm.create_vcpu(id)?;
-            brisk_boot::start_vcpu_in_long_mode(v.fd(), id, config.cpus).map_err(setup)?;
+            let v = kvm.create_vcpu(id, config.cpus, multiboot.is_none())?;
+            match &multiboot {
+                None => brisk_boot::start_vcpu_in_long_mode(v.fd(), id, config.cpus),
+                // APs wait for the kernel's INIT/SIPI.
+                Some(b) if id == 0 => {
+                    brisk_boot::multiboot::start_boot_vcpu(v.fd(), kvm.memory(), b.entry, b.info)
+                }
+                Some(_) => Ok(()),
+            }
+            .map_err(setup)?;
             vcpus.push(v);
         }
         let irq = match config.irqchip {
@@ -112,7 +138,7 @@ impl Machine {
             bus: Arc::new(bus),
             vcpus,
             ctls,
-            guest: guest.name,
+            guest,
             counters,
             end,
             irq,
@@ -180,7 +206,7 @@ impl Vm {
             counters: m.counters,
             end: m.end,
             started: Instant::now(),
-            guest: m.guest.to_string(),
+            guest: m.guest,
             memory_size: config.memory,
             irq: m.irq,
         };

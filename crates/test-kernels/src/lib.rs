@@ -1,0 +1,25 @@
+//! Multiboot (v1) test kernels written for brisk, in C and assembly, built
+//! with the machine's gcc and ld by `src/c/build.sh` (run by this crate's
+//! build script; by hand: `sh crates/test-kernels/src/c/build.sh DIR`).
+//!
+//! Every kernel prints on COM1 and ends by writing its result to the
+//! debug-exit port 0xf4: 0 means success, so brisk exits with status 1.
+//!
+//! ```
+//! assert!(std::path::Path::new(brisk_test_kernels::HELLO).exists());
+//! ```
+
+/// Prints the multiboot magic, memory, command line and initrd; exits with
+/// the status given as `status=N` on its command line.
+pub const HELLO: &str = concat!(env!("OUT_DIR"), "/hello.elf");
+/// Reads fw_cfg and the ACPI MADT, starts every AP with INIT/SIPI; each AP
+/// prints its APIC id.
+pub const SMP: &str = concat!(env!("OUT_DIR"), "/smp.elf");
+/// Finds the PM timer through the FADT and checks its rate against PIT
+/// channel 2 (within 5%).
+pub const PMTIMER: &str = concat!(env!("OUT_DIR"), "/pmtimer.elf");
+/// Times `inl` from an unassigned port and from the PM timer with rdtsc.
+pub const INL: &str = concat!(env!("OUT_DIR"), "/inl.elf");
+
+/// The debug-exit value every kernel writes on success (brisk status 1).
+pub const PASS: u8 = 0;
