@@ -20,6 +20,16 @@ if ! need_cmd setpriv || ! need_cmd unshare; then
         echo "note: setpriv/unshare (util-linux) missing: the no-KVM CLI cases will be skipped" >&2
     fi
 fi
+# The multiboot test kernels (crates/test-kernels) are C built with gcc -m32
+# and GNU ld.
+if ! need_cmd gcc || ! need_cmd ld; then
+    if [ "$(id -u)" = 0 ] && need_cmd apt-get; then
+        apt-get update -qq && apt-get install -y -qq gcc binutils >/dev/null
+    else
+        echo "brisk tests need gcc and binutils for the test kernels: apt-get install gcc binutils" >&2
+        exit 1
+    fi
+fi
 if [ ! -e /dev/kvm ]; then
     echo "*** /dev/kvm is absent: every test that needs KVM will be SKIPPED ***" >&2
 fi

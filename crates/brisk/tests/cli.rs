@@ -288,3 +288,22 @@ fn interrupt_guests_and_mwait_policies_from_the_command_line() {
         other => assert_eq!(other, Some((0x11 << 1) | 1), "{}", text(&out.stderr)),
     }
 }
+
+#[test]
+fn kernel_files_that_cannot_be_booted_are_refused_with_one_sentence() {
+    require_kvm!();
+    let junk = std::env::temp_dir().join(format!("brisk-cli-junk-{}", std::process::id()));
+    std::fs::write(&junk, "#!/bin/sh\necho not a kernel\n").unwrap();
+    let path = junk.to_str().unwrap();
+    let out = brisk(&["run", "--kernel", path]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains(path), "names the file");
+    assert!(text(&out.stderr).contains("not a multiboot kernel"));
+    assert_one_sentence(&out);
+    let out = brisk(&["run", "--kernel", path, "--irqchip", "user"]);
+    assert_eq!(out.status.code(), Some(6));
+    assert!(text(&out.stderr).contains("--kernel needs --irqchip kernel"));
+    let out = brisk(&["run", "--kernel", path, "--guest", "spin"]);
+    assert_eq!(out.status.code(), Some(2), "--kernel and --guest conflict");
+    std::fs::remove_file(junk).unwrap();
+}

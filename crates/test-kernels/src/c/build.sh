@@ -7,8 +7,11 @@ mkdir -p "$out"
 CFLAGS="-m32 -march=i686 -ffreestanding -fno-pic -fno-pie -fno-stack-protector -fno-builtin -nostdlib -O2 -Wall -Wextra -Werror -mno-sse -mno-mmx -mno-80387"
 gcc $CFLAGS -c "$src/boot.S" -o "$out/boot.o"
 gcc $CFLAGS -c "$src/lib.c" -o "$out/lib.o"
+gcc $CFLAGS -c "$src/smp_boot.S" -o "$out/smp_boot.o"
 for k in hello smp pmtimer inl; do
     gcc $CFLAGS -c "$src/$k.c" -o "$out/$k.o"
+    extra=""
+    [ "$k" = smp ] && extra="$out/smp_boot.o"
     ld -m elf_i386 -T "$src/kernel.ld" -z noexecstack --no-warn-rwx-segments -o "$out/$k.elf" \
-        "$out/boot.o" "$out/lib.o" "$out/$k.o"
+        "$out/boot.o" "$out/lib.o" "$out/$k.o" $extra
 done

@@ -1,0 +1,144 @@
+//! Multiboot test kernels (crates/test-kernels, C built with gcc) booted
+//! with the kernel irqchip on 1, 2 and 4 vCPUs: their serial output and
+//! debug-exit status say what they checked.
+
+use brisk_vmm::require_kvm;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use brisk_test_kernels as k;
+use brisk_vmm::{Capture, Irqchip, KernelConfig, Output, StartError, Vm, VmConfig, VmEnd};
+
+fn config(kernel: &str, cpus: usize, cmdline: &str, initrd: Option<PathBuf>) -> VmConfig {
+    VmConfig {
+        cpus,
+        irqchip: Irqchip::Kernel,
+        kernel: Some(KernelConfig {
+            path: kernel.into(),
+            cmdline: cmdline.into(),
+            initrd,
+        }),
+        ..VmConfig::default()
+    }
+}
+
+fn boot(config: &VmConfig) -> (VmEnd, String) {
+    let capture = Capture::default();
+    let vm = Vm::start(config, Output::Capture(capture.clone())).expect("kernel boots");
+    let end = vm.wait(Some(Duration::from_secs(30)), None);
+    vm.shutdown().unwrap();
+    (end, capture.text())
+}
+
+const PASS: VmEnd = VmEnd::DebugExit(k::PASS as u32);
+
+#[test]
+fn hello_sees_the_multiboot_handover_and_exits_with_the_chosen_status() {
+    require_kvm!();
+    let initrd = std::env::temp_dir().join(format!("brisk-initrd-{}", std::process::id()));
+    std::fs::write(&initrd, "BRISK-INITRD\nrest").unwrap();
+    for cpus in [1, 2, 4] {
+        let c = config(k::HELLO, cpus, "status=42 quiet", Some(initrd.clone()));
+        let (end, out) = boot(&c);
+        assert_eq!(end, VmEnd::DebugExit(42), "{out}");
+        assert!(out.contains("multiboot magic 0x2badb002 ok"), "{out}");
+        assert!(out.contains("639 KiB low, 64512 KiB high"), "{out}");
+        assert!(out.contains("cmdline 'status=42 quiet'"), "{out}");
+        assert!(out.contains("initrd 17 bytes at 0x"), "{out}");
+        assert!(out.contains(": BRISK-INITRD\n"), "{out}");
+    }
+    std::fs::remove_file(initrd).unwrap();
+}
+
+#[test]
+fn smp_finds_every_cpu_in_fw_cfg_and_the_madt_and_starts_the_aps() {
+    require_kvm!();
+    for cpus in [1, 2, 4] {
+        let (end, out) = boot(&config(k::SMP, cpus, "", None));
+        assert_eq!(end, PASS, "{cpus} vCPUs: {out}");
+        assert!(
+            out.contains(&format!("signature 'QEMU', {cpus} CPUs")),
+            "{out}"
+        );
+        let ids: Vec<String> = (0..cpus).map(|i| i.to_string()).collect();
+        assert!(
+            out.contains(&format!("LAPIC ids: {},", ids.join(" "))),
+            "{out}"
+        );
+        for ap in 1..cpus {
+            assert!(
+                out.contains(&format!("AP with APIC id {ap} is up")),
+                "{out}"
+            );
+        }
+        assert!(
+            out.contains(&format!("{} of {} APs started", cpus - 1, cpus - 1)),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn the_pm_timer_runs_at_3_579545_mhz_against_the_pit() {
+    require_kvm!();
+    for cpus in [1, 2, 4] {
+        let (end, out) = boot(&config(k::PMTIMER, cpus, "", None));
+        assert_eq!(end, PASS, "{out}");
+        assert!(out.contains("PM timer block at 0x00000608"), "{out}");
+        assert!(out.contains("within 5% of 3579545 Hz"), "{out}");
+    }
+}
+
+#[test]
+fn inl_from_an_unassigned_port_reads_all_ones_and_is_timed() {
+    require_kvm!();
+    for cpus in [1, 2, 4] {
+        let (end, out) = boot(&config(k::INL, cpus, "", None));
+        assert_eq!(end, PASS, "{out}");
+        assert!(out.contains("reads 0xffffffff"), "{out}");
+        assert!(out.contains(" cycles per inl ("), "{out}");
+    }
+}
+
+#[test]
+fn files_that_are_not_multiboot_kernels_are_refused_by_name() {
+    require_kvm!();
+    let dir = std::env::temp_dir();
+    let text = dir.join(format!("brisk-not-a-kernel-{}", std::process::id()));
+    std::fs::write(&text, "just some text\n").unwrap();
+    let mut bad_sum = std::fs::read(k::HELLO).unwrap();
+    let at = (0..8192)
+        .step_by(4)
+        .find(|&i| bad_sum[i..i + 4] == 0x1bad_b002u32.to_le_bytes())
+        .unwrap();
+    bad_sum[at + 8] ^= 1;
+    let corrupt = dir.join(format!("brisk-bad-checksum-{}", std::process::id()));
+    std::fs::write(&corrupt, &bad_sum).unwrap();
+    let truncated = dir.join(format!("brisk-truncated-{}", std::process::id()));
+    std::fs::write(&truncated, &std::fs::read(k::HELLO).unwrap()[..0x1100]).unwrap();
+    let missing = dir.join("brisk-no-such-kernel");
+    for (path, says) in [
+        (
+            &text,
+            "not a multiboot kernel: no multiboot header in its first 8 KiB and not an ELF file",
+        ),
+        (&corrupt, "bad checksum"),
+        (&truncated, "truncated"),
+        (&missing, "cannot read kernel"),
+    ] {
+        let c = config(path.to_str().unwrap(), 1, "", None);
+        match Vm::start(&c, Output::Null) {
+            Err(StartError::Kernel(e)) => {
+                assert!(e.contains(says), "{path:?}: {e}");
+                assert!(e.contains(path.to_str().unwrap()), "names the file: {e}");
+                assert_eq!(e.lines().count(), 1, "{e}");
+            }
+            Err(e) => panic!("{path:?}: wrong error {e}"),
+            Ok(_) => panic!("{path:?} was booted"),
+        }
+    }
+    for f in [text, corrupt, truncated] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
