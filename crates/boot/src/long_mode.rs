@@ -84,7 +84,7 @@ pub fn load_program(mem: &GuestMemoryMmap, code: &[u8]) -> Result<(), BootError>
     })
 }
 
-fn segment(selector: u16, type_: u8, l: u8, db: u8, s: u8) -> kvm_segment {
+pub(crate) fn segment(selector: u16, type_: u8, l: u8, db: u8, s: u8) -> kvm_segment {
     kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

@@ -325,22 +325,9 @@ fn words(w: &[u32]) -> Vec<u8> {
     w.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// A flat 4 GiB 32-bit segment.
 fn flat(selector: u16, type_: u8) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
+    crate::long_mode::segment(selector, type_, 0, 1, 1)
 }
 
 /// Put the boot vCPU at `entry` in 32-bit protected mode, paging off,

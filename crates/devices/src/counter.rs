@@ -22,15 +22,10 @@ impl CounterDevice {
 
 impl DevicePio for CounterDevice {
     fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
-        let v = self.next.fetch_add(1, Relaxed).to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&v[..n]);
+        crate::put_port_value(data, self.next.fetch_add(1, Relaxed));
     }
 
     fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
-        let mut v = [0u8; 4];
-        let n = data.len().min(4);
-        v[..n].copy_from_slice(&data[..n]);
-        self.next.store(u32::from_le_bytes(v), Relaxed);
+        self.next.store(crate::port_value(data), Relaxed);
     }
 }

@@ -24,10 +24,7 @@ impl DevicePio for DebugExit {
     }
 
     fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
-        let mut v = [0u8; 4];
-        let n = data.len().min(4);
-        v[..n].copy_from_slice(&data[..n]);
         self.sink
-            .guest_stopped(GuestStop::DebugExit(u32::from_le_bytes(v)));
+            .guest_stopped(GuestStop::DebugExit(crate::port_value(data)));
     }
 }

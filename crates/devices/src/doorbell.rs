@@ -39,16 +39,11 @@ impl Doorbell {
 
 impl DevicePio for Doorbell {
     fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
-        let v = (self.rings() as u32).to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&v[..n]);
+        crate::put_port_value(data, self.rings() as u32);
     }
 
     fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
-        let mut v = [0u8; 4];
-        let n = data.len().min(4);
-        v[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(v);
+        let v = crate::port_value(data);
         let (target, vector) = ((v >> 8) as usize & 0xff, v as u8);
         if self.sink.raise(target, vector) {
             self.rings.fetch_add(1, Relaxed);

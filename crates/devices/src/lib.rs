@@ -56,3 +56,17 @@ pub enum GuestStop {
 pub trait StopSink: Send + Sync {
     fn guest_stopped(&self, why: GuestStop);
 }
+
+/// A port access's data as a little-endian value (1, 2 or 4 bytes).
+pub(crate) fn port_value(data: &[u8]) -> u32 {
+    let mut v = [0u8; 4];
+    let n = data.len().min(4);
+    v[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(v)
+}
+
+/// Answer a port read with `v`, little-endian, truncated to the access size.
+pub(crate) fn put_port_value(data: &mut [u8], v: u32) {
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+}

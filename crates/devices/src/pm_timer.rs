@@ -32,9 +32,7 @@ impl PmTimer {
 
 impl DevicePio for PmTimer {
     fn pio_read(&self, _base: PioAddress, _offset: PioAddressOffset, data: &mut [u8]) {
-        let v = self.value().to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&v[..n]);
+        crate::put_port_value(data, self.value());
     }
 
     fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {}

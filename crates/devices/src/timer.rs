@@ -167,16 +167,12 @@ impl DevicePio for TimerPorts {
             4 => t.ticks as u32,
             _ => u32::MAX,
         };
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+        crate::put_port_value(data, v);
     }
 
     fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         let (vcpu, reg) = (offset as usize / 8, offset % 8);
-        let mut v = [0u8; 4];
-        let n = data.len().min(4);
-        v[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(v);
+        let v = crate::port_value(data);
         let mut state = self.0.lock();
         let Some(t) = state.timers.get_mut(vcpu) else {
             return;
