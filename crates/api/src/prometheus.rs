@@ -11,12 +11,18 @@ pub(crate) type VcpuFigures = (usize, CounterSnapshot, Option<InterruptStats>);
 /// One metric family per counter, one sample per vCPU.
 pub(crate) fn render(vcpus: &[VcpuFigures], unclaimed: u64) -> String {
     let mut out = String::new();
-    let mut family = |name: &str, help: &str, value: &dyn Fn(&CounterSnapshot) -> u64| {
+    // One family: HELP, TYPE, then a sample per vCPU that has a value.
+    let mut emit = |name: &str, help: &str, value: &dyn Fn(&VcpuFigures) -> Option<u64>| {
         let _ = writeln!(out, "# HELP brisk_vcpu_{name} {help}");
         let _ = writeln!(out, "# TYPE brisk_vcpu_{name} counter");
-        for (id, c, _) in vcpus {
-            let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{id}\"}} {}", value(c));
+        for figures in vcpus {
+            if let Some(v) = value(figures) {
+                let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{}\"}} {v}", figures.0);
+            }
         }
+    };
+    let mut family = |name: &str, help: &str, value: &dyn Fn(&CounterSnapshot) -> u64| {
+        emit(name, help, &|(_, c, _)| Some(value(c)))
     };
     family("entries_total", "Guest entries.", &|c| c.entries);
     family("kicks_total", "Kicks requested.", &|c| c.kicks);
@@ -72,13 +78,7 @@ pub(crate) fn render(vcpus: &[VcpuFigures], unclaimed: u64) -> String {
         ),
     ];
     for (name, help, value) in irq {
-        let _ = writeln!(out, "# HELP brisk_vcpu_{name} {help}");
-        let _ = writeln!(out, "# TYPE brisk_vcpu_{name} counter");
-        for (id, _, s) in vcpus {
-            if let Some(s) = s {
-                let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{id}\"}} {}", value(s));
-            }
-        }
+        emit(name, help, &|(_, _, s)| s.as_ref().map(value));
     }
     let _ = writeln!(
         out,

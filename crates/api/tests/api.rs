@@ -40,6 +40,20 @@ impl Served {
         request(&self.path, method, &format!("/api/v1/{path}"), body, None).unwrap()
     }
 
+    /// `vm.counters` in the Prometheus text format.
+    fn prometheus(&self) -> Response {
+        let r = request(
+            &self.path,
+            "GET",
+            "/api/v1/vm.counters",
+            None,
+            Some("text/plain"),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        r
+    }
+
     fn json(&self, path: &str) -> Value {
         let r = self.call("GET", path, None);
         assert_eq!(r.status, 200, "{}", r.body);
@@ -142,15 +156,7 @@ fn counters_match_what_was_done() {
         assert!(n("parked_ns") > 0, "{v}");
     }
     // The Prometheus rendering carries the same numbers.
-    let text = request(
-        &s.path,
-        "GET",
-        "/api/v1/vm.counters",
-        None,
-        Some("text/plain"),
-    )
-    .unwrap();
-    assert_eq!(text.status, 200);
+    let text = s.prometheus();
     assert!(text.body.contains("# TYPE brisk_vcpu_kicks_total counter"));
     let sample = format!("brisk_vcpu_kicks_total{{vcpu=\"1\"}} {}", kicks(&c, 1));
     assert!(
@@ -175,14 +181,7 @@ fn interrupt_counters_show_what_the_guest_took() {
         assert_eq!(irq["injected"].as_u64(), Some(s.vm.progress(id)), "{irq}");
         assert!(irq["latency_ns"].as_u64().unwrap() > 0, "{irq}");
     }
-    let text = request(
-        &s.path,
-        "GET",
-        "/api/v1/vm.counters",
-        None,
-        Some("text/plain"),
-    )
-    .unwrap();
+    let text = s.prometheus();
     let sample = format!(
         "brisk_vcpu_interrupts_injected_total{{vcpu=\"1\"}} {}",
         s.vm.progress(1)

@@ -108,7 +108,6 @@ struct Segment {
 pub struct Kernel<'a> {
     bytes: &'a [u8],
     entry: u32,
-    flags: u32,
     segments: Vec<Segment>,
 }
 
@@ -196,7 +195,6 @@ impl<'a> Kernel<'a> {
         Ok(Kernel {
             bytes,
             entry,
-            flags,
             segments,
         })
     }
@@ -312,12 +310,6 @@ impl<'a> Kernel<'a> {
         info[16] = LOADER_NAME as u32;
         w(INFO, &words(&info))?;
         Ok(INFO)
-    }
-
-    /// Whether the header asked for page-aligned modules (brisk always
-    /// page-aligns them).
-    pub fn wants_aligned_modules(&self) -> bool {
-        self.flags & 1 != 0
     }
 }
 
