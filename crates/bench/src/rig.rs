@@ -138,8 +138,16 @@ impl Guest for Timed {
         r
     }
 
-    fn settle(&mut self) -> Result<(), Self::Error> {
+    fn settle(&mut self) -> Result<Option<Exit>, Self::Error> {
         self.inner.settle()
+    }
+
+    fn interrupt_deliverable(&self) -> bool {
+        self.inner.interrupt_deliverable()
+    }
+
+    fn parking(&mut self) {
+        self.inner.parking()
     }
 }
 

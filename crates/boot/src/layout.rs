@@ -16,6 +16,9 @@ pub const VCPU_DATA: u64 = 0x8000;
 pub const VCPU_DATA_STRIDE: u64 = 64;
 /// Variables shared by all vCPUs of a guest (e.g. `hello`'s turn counter).
 pub const SHARED: u64 = 0x9000;
+/// Per-vCPU pvclock structures of the `kvmclock` guest (32 bytes each,
+/// at the `VCPU_DATA_STRIDE` stride).
+pub const PVCLOCK: u64 = 0xA000;
 /// Stacks, one page per vCPU, growing down from `STACKS + (id + 1) * STACK_SIZE`.
 pub const STACKS: u64 = 0x10000;
 pub const STACK_SIZE: u64 = 0x1000;

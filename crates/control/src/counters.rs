@@ -53,6 +53,7 @@ pub struct Counters {
     pub(crate) kicked_exits: AtomicU64,
     pub(crate) spurious_exits: AtomicU64,
     pub(crate) work_run: AtomicU64,
+    pub(crate) settle_exits: AtomicU64,
     pub(crate) parked_ns: AtomicU64,
     pub(crate) halted_ns: AtomicU64,
     pub(crate) idle_tasks: AtomicU64,
@@ -91,6 +92,7 @@ impl Counters {
             kicked_exits: get(&self.kicked_exits),
             spurious_exits: get(&self.spurious_exits),
             work_run: get(&self.work_run),
+            settle_exits: get(&self.settle_exits),
             parked_ns: get(&self.parked_ns),
             halted_ns: get(&self.halted_ns),
             idle_tasks: get(&self.idle_tasks),
@@ -125,6 +127,10 @@ pub struct CounterSnapshot {
     pub spurious_exits: u64,
     /// Work items (`run_on`) executed on the vCPU thread.
     pub work_run: u64,
+    /// Exits served while completing a half-done access before a park or
+    /// `run_on` (the second fragment of a split MMIO access, a string PIO
+    /// batch).
+    pub settle_exits: u64,
     /// Nanoseconds spent parked by controllers.
     pub parked_ns: u64,
     /// Nanoseconds spent halted in user space (idle time, including idle

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::{pause_all, Deadline, Error, VcpuCtl};
+use crate::{pause_all, resume_all, Deadline, Error, VcpuCtl};
 
 /// At most one member is ever outside the parked state. Members must only
 /// be resumed through the group.
@@ -15,7 +15,9 @@ pub struct ExclusiveGroup<G> {
 }
 
 impl<G> ExclusiveGroup<G> {
-    /// Park every member but `first` (a vCPU id), which keeps running.
+    /// Park every member but `first` (a vCPU id), which keeps running. If
+    /// a member does not park in time, every member is resumed again and
+    /// the error names it: no group, and nothing left paused.
     pub fn new(
         members: Vec<Arc<VcpuCtl<G>>>,
         first: usize,
@@ -25,8 +27,11 @@ impl<G> ExclusiveGroup<G> {
             .iter()
             .position(|m| m.id() == first)
             .ok_or(Error::NotMember { vcpu: first })?;
-        let others = members.iter().filter(|m| m.id() != first).map(|m| &**m);
-        pause_all(others, deadline)?;
+        let others = || members.iter().filter(|m| m.id() != first).map(|m| &**m);
+        if let Err(e) = pause_all(others(), deadline) {
+            resume_all(others());
+            return Err(e);
+        }
         members[first_at].resume();
         Ok(ExclusiveGroup {
             members,
@@ -34,15 +39,18 @@ impl<G> ExclusiveGroup<G> {
         })
     }
 
-    /// The vCPU id allowed to run.
+    /// The vCPU id allowed to run (`None` once the last runner exited and
+    /// no other was switched to).
     pub fn running(&self) -> Option<usize> {
         let at = *self.running.lock().unwrap_or_else(|p| p.into_inner());
         at.map(|i| self.members[i].id())
     }
 
     /// Stop the running member (returns once it is parked), then resume
-    /// `vcpu`. If the stop misses its deadline nothing is resumed and the
-    /// error names the member that did not park.
+    /// `vcpu`. If the stop misses its deadline, the running member is
+    /// resumed again (its stop is withdrawn) and stays the one that runs:
+    /// the error names it. A running member whose thread has exited counts
+    /// as stopped.
     pub fn switch_to(&self, vcpu: usize, deadline: Deadline) -> Result<(), Error> {
         let target = self
             .members
@@ -54,8 +62,14 @@ impl<G> ExclusiveGroup<G> {
             return Ok(());
         }
         if let Some(current) = *running {
-            self.members[current].stop(deadline)?;
-            *running = None;
+            let member = &self.members[current];
+            match member.stop(deadline) {
+                Ok(()) | Err(Error::Exited { .. }) => *running = None,
+                Err(e) => {
+                    member.resume();
+                    return Err(e);
+                }
+            }
         }
         self.members[target].resume();
         *running = Some(target);

@@ -4,10 +4,17 @@ use crate::{Deadline, Error, Op, VcpuCtl};
 
 /// Stop every vCPU: signal them all first, then wait for all (never
 /// signal-and-wait one by one). Reports every vCPU that did not park.
+/// Called on one of the vCPUs' own threads it fails at once, pausing none.
 pub fn pause_all<'a, G: 'a>(
     vcpus: impl IntoIterator<Item = &'a VcpuCtl<G>> + Clone,
     deadline: Deadline,
 ) -> Result<(), Error> {
+    if let Some(own) = vcpus.clone().into_iter().find(|v| v.on_own_thread().is_some()) {
+        return Err(Error::OwnThread {
+            op: Op::PauseAll,
+            vcpu: own.id(),
+        });
+    }
     let mut waiting = Vec::new();
     for v in vcpus.clone() {
         match v.begin_stop(Op::PauseAll) {

@@ -36,8 +36,23 @@ pub trait Guest {
 
     /// Finish an instruction the guest has half-done (a PIO-in or MMIO-read
     /// completes on the next entry) without running further guest code, so
-    /// that a parked vCPU's state is consistent.
-    fn settle(&mut self) -> Result<(), Self::Error>;
+    /// that a parked vCPU's state is consistent. `Ok(Some(exit))`: finishing
+    /// it produced another exit of the same instruction (KVM splits a wide
+    /// or page-crossing MMIO access into fragments, string PIO into
+    /// batches), which the run loop hands to the exit handler before it
+    /// calls `settle` again; `Ok(None)`: nothing is left half-done.
+    fn settle(&mut self) -> Result<Option<Self::Exit>, Self::Error>;
+
+    /// Whether an interrupt is pending that the guest would take if it ran
+    /// now (it has interrupts enabled). A [`crate::Request::Interrupt`] ends
+    /// a halt only then: a masked interrupt leaves `cli; hlt` halted, as on
+    /// hardware.
+    fn interrupt_deliverable(&self) -> bool;
+
+    /// Called on the vCPU thread as it parks for a controller (after
+    /// `settle`): tell the guest that its clock is about to stop (for KVM,
+    /// `KVM_KVMCLOCK_CTRL`), so a pause does not look like a lock-up.
+    fn parking(&mut self);
 }
 
 /// What the exit handler tells the run loop.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::oneshot;
 use crate::sync::{self, Mutex};
 use crate::vcpu::{RunOnTicket, Who, Work};
+
 use crate::{Error, Mode, Op, VcpuCtl};
 
 /// The queue members share. Lock order: a vCPU's own slow lock, then this.
@@ -46,22 +47,38 @@ pub struct IdleGroup<G> {
 }
 
 impl<G> IdleGroup<G> {
-    /// Group `members`. Fails if one is already in an idle group or exited.
+    /// Group `members`. Fails if there are none, or if one is already in
+    /// an idle group (listed twice counts) or has exited; then no member is
+    /// left bound to the group.
     pub fn new(members: Vec<Arc<VcpuCtl<G>>>) -> Result<Self, Error> {
+        if members.is_empty() {
+            return Err(Error::EmptyGroup);
+        }
         let shared = Arc::new(SharedIdle {
             queue: Mutex::new(VecDeque::new()),
-            live: AtomicUsize::new(members.len()),
+            live: AtomicUsize::new(0),
         });
-        for m in &members {
-            if m.lock().exited {
-                return Err(Error::Exited {
+        for (i, m) in members.iter().enumerate() {
+            let mut slow = m.lock();
+            let refused = if slow.exited {
+                Some(Error::Exited {
                     op: Op::RunOn,
                     vcpu: m.id(),
-                });
+                })
+            } else if slow.idle_group.is_some() {
+                Some(Error::AlreadyGrouped { vcpu: m.id() })
+            } else {
+                None
+            };
+            if let Some(e) = refused {
+                drop(slow);
+                Self::unbind(&members[..i], &shared);
+                return Err(e);
             }
-            m.shared_idle
-                .set(shared.clone())
-                .map_err(|_| Error::AlreadyGrouped { vcpu: m.id() })?;
+            // Counted under the member's lock, which its exit takes to
+            // count itself out: a member that exits from here on is seen.
+            slow.idle_group = Some(shared.clone());
+            shared.live.fetch_add(1, SeqCst);
         }
         let ids = members.iter().map(|m| m.id()).collect();
         Ok(IdleGroup {
@@ -69,6 +86,20 @@ impl<G> IdleGroup<G> {
             ids,
             shared,
         })
+    }
+
+    /// Undo a partial `new`: members still bound to `shared` are freed.
+    fn unbind(members: &[Arc<VcpuCtl<G>>], shared: &Arc<SharedIdle<G>>) {
+        for m in members {
+            let mut slow = m.lock();
+            if slow
+                .idle_group
+                .as_ref()
+                .is_some_and(|g| Arc::ptr_eq(g, shared))
+            {
+                slow.idle_group = None;
+            }
+        }
     }
 
     /// Queue `f` to run on the first member found halted (in user space).
@@ -87,7 +118,7 @@ impl<G> IdleGroup<G> {
                     vcpu: self.ids[0],
                 });
             }
-            queue.push_back(Box::new(move |g: &mut G| tx.send(f(g))));
+            queue.push_back(crate::vcpu::work(f, tx));
         }
         // The push is published (queue lock) before we look at the modes;
         // a member storing Halted after our look finds it when it checks

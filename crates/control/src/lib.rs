@@ -30,7 +30,9 @@
 //!     fn bind_thread(&mut self) -> Box<dyn Interrupt> { Box::new(NoSignal) }
 //!     fn set_immediate_exit(&mut self, _on: bool) {}
 //!     fn enter(&mut self) -> Result<Option<Tick>, Self::Error> { self.0 += 1; Ok(Some(Tick)) }
-//!     fn settle(&mut self) -> Result<(), Self::Error> { Ok(()) }
+//!     fn settle(&mut self) -> Result<Option<Tick>, Self::Error> { Ok(None) }
+//!     fn interrupt_deliverable(&self) -> bool { false }
+//!     fn parking(&mut self) {}
 //! }
 //!
 //! let ctl = Arc::new(VcpuCtl::<Ticker>::new(0));
@@ -63,7 +65,7 @@ mod vcpu;
 
 pub use counters::{CounterSnapshot, Counters, ExitKind};
 pub use deadline::Deadline;
-pub use error::{Error, Op};
+pub use error::{Error, Op, RunError};
 pub use exclusive::ExclusiveGroup;
 pub use group::{pause_all, resume_all};
 pub use guest::{Classify, Flow, Guest, Interrupt};

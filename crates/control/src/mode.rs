@@ -80,6 +80,20 @@ impl AtomicMode {
         self.0.store(m as u8, Ordering::SeqCst)
     }
 
+    /// Store `m` with release order only (a plain `mov` on x86, no locked
+    /// instruction): for the `Outside` the vCPU publishes after each guest
+    /// entry. It pairs with no load: a kicker that still reads the stale
+    /// `InGuest` (or `Exiting`) signals or elides as for that entry, which
+    /// costs at most one cancelled or spurious entry, and one that reads
+    /// `Outside` has published its request before the vCPU's next SeqCst
+    /// `InGuest` store, whose following load of `requests` sees it.
+    pub(crate) fn store_release(&self, m: Mode) {
+        #[cfg(loom)]
+        self.0.swap(m as u8, Ordering::Release);
+        #[cfg(not(loom))]
+        self.0.store(m as u8, Ordering::Release)
+    }
+
     /// `InGuest -> Exiting`; on failure returns the mode seen.
     pub(crate) fn claim_exit(&self) -> Result<(), Mode> {
         self.0

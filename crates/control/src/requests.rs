@@ -27,9 +27,3 @@ impl Request {
 /// Bits that must wake a vCPU parked by a controller (a stop does not: it
 /// is already stopped).
 pub(crate) const WAKES_PARKED: u32 = Request::Work.bit() | Request::Exit.bit();
-
-/// Bits that end a guest's halt: a kick (an explicit "re-enter", which the
-/// guest sees as a spurious wake-up) and an interrupt. A stop or a `run_on`
-/// is served and the vCPU goes back to halting: controllers never wake a
-/// guest as a side effect.
-pub(crate) const ENDS_HALT: u32 = Request::Kick.bit() | Request::Interrupt.bit();

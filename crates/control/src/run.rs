@@ -1,15 +1,20 @@
 //! The vCPU thread's loop: requests, the Dekker entry, exits.
+//!
+//! A request bit is consumed only by the code that acts on it: the top of
+//! the loop takes every bit (it acts on each), a parked vCPU takes only
+//! Work and Exit, so a Kick or Interrupt that arrives while parked is still
+//! there when the vCPU resumes, whatever ran in between.
 
 use std::cell::RefCell;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
 use crate::counters::Counters;
-use crate::requests::{ENDS_HALT, WAKES_PARKED};
+use crate::requests::WAKES_PARKED;
 use crate::state::VcpuState;
 use crate::sync;
 use crate::vcpu::CURRENT;
-use crate::{Classify, Flow, Guest, Mode, Request, VcpuCtl};
+use crate::{Classify, Flow, Guest, Mode, Request, RunError, VcpuCtl};
 
 /// Why [`VcpuCtl::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,6 +25,12 @@ pub enum RunEnd {
     GuestDone,
 }
 
+/// How many exits completing one half-done access may take before a park
+/// gives up waiting for it (a split MMIO access takes two; string PIO one
+/// per batch). Past it the access completes on the next entry instead:
+/// the vCPU is never failed for it.
+const MAX_SETTLE_EXITS: usize = 64;
+
 /// Marks the vCPU exited however `run` ends (return, error or panic), so no
 /// controller waits for a thread that is gone.
 struct ExitGuard<'a, G>(&'a VcpuCtl<G>);
@@ -29,6 +40,12 @@ impl<G> Drop for ExitGuard<'_, G> {
         let ctl = self.0;
         CURRENT.with(|c| c.set((std::ptr::null(), std::ptr::null())));
         ctl.mode.store(Mode::Exited);
+        // A kicker that read InGuest may still be about to signal this
+        // thread; once none is left, every later kicker reads Exited. So no
+        // signal reaches this thread's id after it is gone (and reused).
+        while ctl.kickers.load(SeqCst) != 0 {
+            sync::yield_now();
+        }
         ctl.state.set(VcpuState::Exited);
         let orphans = {
             let mut slow = ctl.lock();
@@ -36,7 +53,7 @@ impl<G> Drop for ExitGuard<'_, G> {
             slow.parked = false;
             let mut orphans = std::mem::take(&mut slow.work);
             orphans.append(&mut slow.idle);
-            if let Some(shared) = ctl.shared_idle.get() {
+            if let Some(shared) = &slow.idle_group {
                 orphans.append(&mut shared.member_exited());
             }
             orphans
@@ -52,16 +69,20 @@ impl<G: Guest> VcpuCtl<G> {
     /// The vCPU thread's loop. Call it on the thread that will own `guest`;
     /// returns when a controller asks it to exit, when `on_exit` returns
     /// [`Flow::Exit`], or with the first error from the guest or handler.
+    /// A control block runs once: a second call is refused.
     ///
     /// The exit path touches only atomics: the mutex is taken only to park,
     /// halt or run work.
-    pub fn run<H>(&self, guest: G, mut on_exit: H) -> Result<RunEnd, G::Error>
+    pub fn run<H>(&self, guest: G, on_exit: H) -> Result<RunEnd, RunError<G::Error>>
     where
         H: FnMut(&mut G, G::Exit) -> Result<Flow, G::Error>,
     {
+        if self.started.swap(true, SeqCst) {
+            return Err(RunError::AlreadyStarted { vcpu: self.id() });
+        }
         let guest = RefCell::new(guest);
         let interrupt = guest.borrow_mut().bind_thread();
-        // One thread per control block: a second `run` keeps the first binding.
+        // `started` makes this the only `set`.
         let _ = self.interrupt.set(interrupt);
         let _exit_guard = ExitGuard(self);
         self.state.set(VcpuState::Running);
@@ -71,58 +92,13 @@ impl<G: Guest> VcpuCtl<G> {
                 &guest as *const RefCell<G> as *const (),
             ))
         });
-
-        let mut halted = false;
-        loop {
-            // 1. Take and handle pending requests. A plain load first: the
-            // common case (nothing pending) costs no locked instruction, and
-            // a request that lands after it is caught at step 3.
-            if self.requests.load(SeqCst) != 0 {
-                let req = self.requests.swap(0, SeqCst);
-                if let Some(end) = self.handle_requests(req, &guest)? {
-                    return Ok(end);
-                }
-                if req & ENDS_HALT != 0 {
-                    halted = false;
-                }
-            }
-            if halted {
-                // HLT with no interrupt controller in the kernel: block in
-                // user space until a request; only a kick or an interrupt
-                // lets the guest continue after its HLT.
-                self.halt_wait(&guest);
-                continue;
-            }
-
-            let mut g = guest.borrow_mut();
-            // 2. Clear immediate_exit *before* publishing InGuest: a signal
-            // sent for this entry must find the flag cleared already.
-            g.set_immediate_exit(false);
-            // 3. Publish InGuest, then look at requests.
-            if self.publish_in_guest() {
-                self.mode.store(Mode::Outside);
-                Counters::bump_own(&self.counters.cancelled_entries);
-                continue;
-            }
-            // 4. Enter.
-            Counters::bump_own(&self.counters.entries);
-            let result = g.enter();
-            self.mode.store(Mode::Outside);
-            match result? {
-                None if self.requests.load(SeqCst) != 0 => {
-                    Counters::bump_own(&self.counters.kicked_exits)
-                }
-                None => Counters::bump_own(&self.counters.spurious_exits),
-                Some(exit) => {
-                    self.counters.exit(exit.kind());
-                    match on_exit(&mut g, exit)? {
-                        Flow::Continue => {}
-                        Flow::Halt => halted = true,
-                        Flow::Exit => return Ok(RunEnd::GuestDone),
-                    }
-                }
-            }
-        }
+        let mut lp = Loop {
+            ctl: self,
+            guest: &guest,
+            on_exit,
+            halted: false,
+        };
+        lp.run().map_err(RunError::Guest)
     }
 
     /// Dekker, vCPU side: store `mode = InGuest`, then load `requests`.
@@ -145,76 +121,209 @@ impl<G: Guest> VcpuCtl<G> {
         self.requests.load(SeqCst) != 0
     }
 
-    fn handle_requests(&self, req: u32, guest: &RefCell<G>) -> Result<Option<RunEnd>, G::Error> {
+    /// Take the request bits in `mask` (and only those).
+    fn take(&self, mask: u32) -> u32 {
+        #[cfg(loom)]
+        if self
+            .model_park_takes_all
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Finding 1 of the review: parking swallows every bit.
+            return self.requests.swap(0, SeqCst);
+        }
+        self.requests.fetch_and(!mask, SeqCst) & mask
+    }
+
+    /// Time spent blocked, for the parked/halted counters.
+    fn add_ns(counter: &std::sync::atomic::AtomicU64, since: Instant) {
+        let ns = since.elapsed().as_nanos() as u64;
+        counter.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// One run of the loop: the control block, the guest and the handler.
+struct Loop<'a, G: Guest, H> {
+    ctl: &'a VcpuCtl<G>,
+    guest: &'a RefCell<G>,
+    on_exit: H,
+    /// The guest executed HLT and has not been woken (user irqchip).
+    halted: bool,
+}
+
+impl<G: Guest, H> Loop<'_, G, H>
+where
+    H: FnMut(&mut G, G::Exit) -> Result<Flow, G::Error>,
+{
+    fn run(&mut self) -> Result<RunEnd, G::Error> {
+        let ctl = self.ctl;
+        loop {
+            // 1. Take and handle pending requests. A plain load first: the
+            // common case (nothing pending) costs no locked instruction, and
+            // a request that lands after it is caught at step 3.
+            if ctl.requests.load(SeqCst) != 0 {
+                let req = ctl.requests.swap(0, SeqCst);
+                if let Some(end) = self.serve(req)? {
+                    return Ok(end);
+                }
+            }
+            if self.halted {
+                // HLT with no interrupt controller in the kernel: block in
+                // user space until a request; only a kick or a deliverable
+                // interrupt lets the guest continue after its HLT.
+                self.halt_wait();
+                continue;
+            }
+
+            let mut g = self.guest.borrow_mut();
+            // 2. Clear immediate_exit *before* publishing InGuest: a signal
+            // sent for this entry must find the flag cleared already.
+            g.set_immediate_exit(false);
+            // 3. Publish InGuest, then look at requests.
+            if ctl.publish_in_guest() {
+                ctl.mode.store_release(Mode::Outside);
+                Counters::bump_own(&ctl.counters.cancelled_entries);
+                continue;
+            }
+            // 4. Enter.
+            Counters::bump_own(&ctl.counters.entries);
+            let result = g.enter();
+            ctl.mode.store_release(Mode::Outside);
+            match result? {
+                None if ctl.requests.load(SeqCst) != 0 => {
+                    Counters::bump_own(&ctl.counters.kicked_exits)
+                }
+                None => Counters::bump_own(&ctl.counters.spurious_exits),
+                Some(exit) => {
+                    ctl.counters.exit(exit.kind());
+                    let flow = (self.on_exit)(&mut g, exit)?;
+                    if let Some(end) = self.flow(flow) {
+                        return Ok(end);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Act on what the exit handler said; `Some` ends the loop.
+    fn flow(&mut self, flow: Flow) -> Option<RunEnd> {
+        match flow {
+            Flow::Continue => None,
+            Flow::Halt => {
+                self.halted = true;
+                None
+            }
+            Flow::Exit => Some(RunEnd::GuestDone),
+        }
+    }
+
+    /// Act on the request bits `req`, all of which the caller took.
+    fn serve(&mut self, req: u32) -> Result<Option<RunEnd>, G::Error> {
         if req & Request::Exit.bit() != 0 {
             return Ok(Some(RunEnd::ExitRequested));
+        }
+        if req & Request::Kick.bit() != 0 {
+            // An explicit "re-enter": ends a halt (a spurious wake-up).
+            self.halted = false;
+        }
+        if req & Request::Interrupt.bit() != 0
+            && self.halted
+            && self.guest.borrow().interrupt_deliverable()
+        {
+            self.halted = false;
         }
         if req & (Request::Stop.bit() | Request::Work.bit()) != 0 {
             // Parked vCPUs and run_on closures must see a finished
             // instruction, not a PIO-in whose data is still in flight.
-            guest.borrow_mut().settle()?;
+            if let Some(end) = self.settle()? {
+                return Ok(Some(end));
+            }
         }
         if req & Request::Work.bit() != 0 {
-            self.run_work(guest);
+            self.run_work();
         }
         if req & Request::Stop.bit() != 0 {
-            return Ok(self.park(guest));
+            return Ok(self.park());
         }
         Ok(None)
     }
 
-    fn run_work(&self, guest: &RefCell<G>) {
+    /// Complete a half-done access, serving the exits that takes (bounded).
+    fn settle(&mut self) -> Result<Option<RunEnd>, G::Error> {
+        for _ in 0..MAX_SETTLE_EXITS {
+            let mut g = self.guest.borrow_mut();
+            let Some(exit) = g.settle()? else {
+                return Ok(None);
+            };
+            let counters = &self.ctl.counters;
+            counters.exit(exit.kind());
+            Counters::bump_own(&counters.settle_exits);
+            let flow = (self.on_exit)(&mut g, exit)?;
+            drop(g);
+            if let Some(end) = self.flow(flow) {
+                return Ok(Some(end));
+            }
+        }
+        // Still not done: it completes on the next entry instead.
+        Ok(None)
+    }
+
+    fn run_work(&self) {
+        let ctl = self.ctl;
         loop {
             // Pop under the lock, run without it: work may call back into
             // this control block (e.g. read counters or modes).
-            let Some(work) = self.lock().work.pop_front() else {
+            let Some(work) = ctl.lock().work.pop_front() else {
                 return;
             };
             // Counted first, so a waiter that has its result sees the count.
-            Counters::bump_own(&self.counters.work_run);
-            work(&mut guest.borrow_mut());
+            Counters::bump_own(&ctl.counters.work_run);
+            work(&mut self.guest.borrow_mut(), ctl.id());
         }
     }
 
-    /// Stay parked while paused, running work items as they come. Returns
-    /// `Some` if asked to exit while parked.
-    fn park(&self, guest: &RefCell<G>) -> Option<RunEnd> {
+    /// Stay parked while paused, running work items as they come. Takes
+    /// only the Work and Exit bits: any other request waits for the top of
+    /// the loop after the resume. Returns `Some` if asked to exit.
+    fn park(&mut self) -> Option<RunEnd> {
+        let ctl = self.ctl;
         let start = Instant::now();
-        let mut slow = self.lock();
+        let mut slow = ctl.lock();
         if !slow.paused {
-            return None; // resumed before we got here
+            return None; // resumed before we got here (resume woke the stopper)
         }
+        drop(slow);
+        self.guest.borrow_mut().parking();
+        ctl.state.set(VcpuState::Parked);
+        slow = ctl.lock();
         slow.parked = true;
-        self.state.set(VcpuState::Parked);
-        self.ack_cv.notify_all();
+        ctl.ack_cv.notify_all();
         loop {
             // The mode is stored under the lock so a kicker that sees
             // Parked, then takes the lock to notify, cannot miss our wait.
-            self.mode.store(Mode::Parked);
+            ctl.mode.store(Mode::Parked);
             sync::dekker_fence();
-            slow = sync::wait_while(&self.vcpu_cv, slow, |s| {
-                s.paused && self.requests.load(SeqCst) & WAKES_PARKED == 0
+            slow = sync::wait_while(&ctl.vcpu_cv, slow, |s| {
+                s.paused && ctl.requests.load(SeqCst) & WAKES_PARKED == 0
             });
-            self.mode.store(Mode::Outside);
+            ctl.mode.store(Mode::Outside);
             if !slow.paused {
                 break;
             }
             drop(slow);
-            let req = self.requests.swap(0, SeqCst);
+            let req = ctl.take(WAKES_PARKED);
             if req & Request::Exit.bit() != 0 {
-                // Still parked: the exit guard clears `parked` and wakes waiters.
-                Self::add_ns(&self.counters.parked_ns, start);
+                VcpuCtl::<G>::add_ns(&ctl.counters.parked_ns, start);
                 return Some(RunEnd::ExitRequested);
             }
             if req & Request::Work.bit() != 0 {
-                self.run_work(guest);
+                self.run_work();
             }
-            slow = self.lock();
+            slow = ctl.lock();
         }
         slow.parked = false;
-        self.state.set(VcpuState::Running);
         drop(slow);
-        Self::add_ns(&self.counters.parked_ns, start);
+        ctl.state.set(VcpuState::Running);
+        VcpuCtl::<G>::add_ns(&ctl.counters.parked_ns, start);
         None
     }
 
@@ -222,39 +331,43 @@ impl<G: Guest> VcpuCtl<G> {
     /// arrives, running idle-time tasks meanwhile. A request ends the idle
     /// stretch between two tasks, so a task delays a due kick, stop or
     /// interrupt by at most its own length.
-    fn halt_wait(&self, guest: &RefCell<G>) {
+    fn halt_wait(&self) {
+        let ctl = self.ctl;
         let start = Instant::now();
-        let mut slow = self.lock();
-        self.state.set(VcpuState::Halted);
-        self.mode.store(Mode::Halted);
+        // The eventfd write is a syscall: not under the lock kickers take.
+        ctl.state.set(VcpuState::Halted);
+        let mut slow = ctl.lock();
+        ctl.mode.store(Mode::Halted);
         sync::dekker_fence();
         loop {
-            // The group may be formed while we wait: look it up each time.
-            let shared = || self.shared_idle.get();
-            slow = sync::wait_while(&self.vcpu_cv, slow, |s| {
-                self.requests.load(SeqCst) == 0
+            slow = sync::wait_while(&ctl.vcpu_cv, slow, |s| {
+                ctl.requests.load(SeqCst) == 0
                     && s.idle.is_empty()
-                    && !shared().is_some_and(|q| q.has_work())
+                    && !s.idle_group.as_ref().is_some_and(|q| q.has_work())
             });
-            if self.requests.load(SeqCst) != 0 {
+            if ctl.requests.load(SeqCst) != 0 {
                 break;
             }
             // Own tasks first, then the idle group's.
-            let Some(task) = slow.idle.pop_front().or_else(|| shared()?.pop()) else {
+            let task = match slow.idle.pop_front() {
+                Some(t) => Some(t),
+                None => slow.idle_group.as_ref().and_then(|q| q.pop()),
+            };
+            let Some(task) = task else {
                 continue;
             };
             // Still Halted while the task runs: a kicker wakes us the same
             // way, and we look at requests as soon as it returns.
             drop(slow);
-            Counters::bump_own(&self.counters.idle_tasks);
+            Counters::bump_own(&ctl.counters.idle_tasks);
             let t = Instant::now();
-            task(&mut guest.borrow_mut());
-            Self::add_ns(&self.counters.idle_task_ns, t);
-            slow = self.lock();
+            task(&mut self.guest.borrow_mut(), ctl.id());
+            VcpuCtl::<G>::add_ns(&ctl.counters.idle_task_ns, t);
+            slow = ctl.lock();
         }
-        self.mode.store(Mode::Outside);
-        self.state.set(VcpuState::Running);
+        ctl.mode.store(Mode::Outside);
         drop(slow);
-        Self::add_ns(&self.counters.halted_ns, start);
+        ctl.state.set(VcpuState::Running);
+        VcpuCtl::<G>::add_ns(&ctl.counters.halted_ns, start);
     }
 }

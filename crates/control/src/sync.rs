@@ -14,6 +14,11 @@ pub(crate) use std::sync::atomic::{AtomicU32, AtomicU8};
 #[cfg(not(loom))]
 pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
+#[cfg(loom)]
+pub(crate) use loom::thread::yield_now;
+#[cfg(not(loom))]
+pub(crate) use std::thread::yield_now;
+
 use std::time::Duration;
 
 /// Sits between the two halves of each Dekker pair (a SeqCst store, then a

@@ -4,7 +4,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
 
 use crate::counters::Counters;
 use crate::idle::SharedIdle;
@@ -14,7 +13,12 @@ use crate::state::{StateWatch, VcpuState};
 use crate::sync::{self, AtomicU32, Condvar, Mutex, MutexGuard};
 use crate::{Deadline, Error, Guest, Interrupt, Mode, Op, Request};
 
-pub(crate) type Work<G> = Box<dyn FnOnce(&mut G) + Send>;
+/// A queued closure; it is given the id of the vCPU that runs it.
+pub(crate) type Work<G> = Box<dyn FnOnce(&mut G, usize) + Send>;
+
+/// What a queued closure sends back: its result, or the vCPU it panicked
+/// on and the panic's message.
+pub(crate) type Outcome<R> = Result<R, (usize, String)>;
 
 /// State behind the mutex: only the slow paths (park, halt, work) take it.
 pub(crate) struct Slow<G> {
@@ -27,6 +31,11 @@ pub(crate) struct Slow<G> {
     pub(crate) work: VecDeque<Work<G>>,
     /// Low-priority tasks that run only while the guest is halted.
     pub(crate) idle: VecDeque<Work<G>>,
+    /// The idle group's queue, if this vCPU is in one.
+    pub(crate) idle_group: Option<Arc<SharedIdle<G>>>,
+    /// Controllers waiting in `wait_parked`: `resume` wakes them only
+    /// when there are some (a condvar notify is a syscall).
+    pub(crate) stop_waiters: usize,
 }
 
 /// The control block of one vCPU, shared (in an `Arc`) between its thread
@@ -41,13 +50,20 @@ pub struct VcpuCtl<G> {
     /// Controllers wait here for `parked` / `exited`.
     pub(crate) ack_cv: Condvar,
     pub(crate) interrupt: OnceLock<Box<dyn Interrupt>>,
+    /// Set by the first `run`; a second one is refused.
+    pub(crate) started: std::sync::atomic::AtomicBool,
+    /// Kickers between their look at `mode` and the end of their signal.
+    /// The vCPU thread waits for none to be left before it leaves `run`,
+    /// so no kick signal is ever sent to a thread id that may be reused.
+    pub(crate) kickers: AtomicU32,
     pub(crate) counters: Counters,
     pub(crate) state: StateWatch,
-    /// The idle group's queue, if this vCPU is in one.
-    pub(crate) shared_idle: OnceLock<Arc<SharedIdle<G>>>,
     /// Model check only: enter with the broken order (see `run.rs`).
     #[cfg(loom)]
     pub(crate) model_broken_order: std::sync::atomic::AtomicBool,
+    /// Model check only: parking takes every request bit (see `run.rs`).
+    #[cfg(loom)]
+    pub(crate) model_park_takes_all: std::sync::atomic::AtomicBool,
 }
 
 type Current = Cell<(*const (), *const ())>;
@@ -73,11 +89,32 @@ pub(crate) enum Who {
 /// The pending result of [`VcpuCtl::run_on_async`] and the idle queues.
 pub struct RunOnTicket<R> {
     who: Who,
-    rx: oneshot::Receiver<R>,
+    rx: oneshot::Receiver<Outcome<R>>,
+}
+
+/// Wrap `f` so that it sends its result, or its panic, on `tx`. A panic in
+/// a controller's closure is the controller's bug: it is reported to the
+/// waiter and the vCPU goes on (the guest's state is whatever `f` left).
+pub(crate) fn work<G, R, F>(f: F, tx: oneshot::Sender<Outcome<R>>) -> Work<G>
+where
+    F: FnOnce(&mut G) -> R + Send + 'static,
+    R: Send + 'static,
+{
+    Box::new(move |g: &mut G, vcpu: usize| {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(g)));
+        tx.send(r.map_err(|p| (vcpu, panic_message(&*p))));
+    })
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".into())
 }
 
 impl<R> RunOnTicket<R> {
-    pub(crate) fn new(who: Who, rx: oneshot::Receiver<R>) -> Self {
+    pub(crate) fn new(who: Who, rx: oneshot::Receiver<Outcome<R>>) -> Self {
         RunOnTicket { who, rx }
     }
 
@@ -88,7 +125,12 @@ impl<R> RunOnTicket<R> {
             Who::AnyOf(ids) => &ids[..],
         };
         match self.rx.recv(deadline) {
-            Ok(r) => Ok(r),
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err((vcpu, message))) => Err(Error::Panicked {
+                op: Op::RunOn,
+                vcpu,
+                message,
+            }),
             Err(RecvError::Timeout) => Err(Error::Timeout {
                 op: Op::RunOn,
                 vcpus: ids.to_vec(),
@@ -115,15 +157,20 @@ impl<G> VcpuCtl<G> {
                 exited: false,
                 work: VecDeque::new(),
                 idle: VecDeque::new(),
+                idle_group: None,
+                stop_waiters: 0,
             }),
             vcpu_cv: Condvar::new(),
             ack_cv: Condvar::new(),
             interrupt: OnceLock::new(),
+            started: std::sync::atomic::AtomicBool::new(false),
+            kickers: AtomicU32::new(0),
             counters: Counters::default(),
             state: StateWatch::new(),
-            shared_idle: OnceLock::new(),
             #[cfg(loom)]
             model_broken_order: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(loom)]
+            model_park_takes_all: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -181,15 +228,12 @@ impl<G> VcpuCtl<G> {
         // Dekker, requester side: publish the request, then look at the mode.
         self.requests.fetch_or(req.bit(), SeqCst);
         sync::dekker_fence();
-        match self.mode.claim_exit() {
-            Ok(()) => {
-                // We won InGuest -> Exiting: ours is the one signal.
-                Counters::bump(&self.counters.signals_sent);
-                self.interrupt
-                    .get()
-                    .expect("a vCPU is InGuest only after its thread bound its interrupt")
-                    .interrupt();
-            }
+        let seen = match self.mode.load() {
+            Mode::InGuest => self.claim_and_signal(),
+            other => Err(other),
+        };
+        match seen {
+            Ok(()) => {}
             Err(Mode::Halted) | Err(Mode::Parked) => {
                 // Blocked in user space: a futex wake, never a signal.
                 // Taking the lock orders us after its store of the mode, so
@@ -205,6 +249,25 @@ impl<G> VcpuCtl<G> {
         }
     }
 
+    /// `InGuest -> Exiting`, and the signal if we won. Counted in `kickers`
+    /// from before the compare-and-swap to after the signal: the vCPU
+    /// thread stores `Exited`, then waits for `kickers == 0`, so a kicker
+    /// it did not wait for finds `Exited` and sends nothing (SeqCst).
+    fn claim_and_signal(&self) -> Result<(), Mode> {
+        self.kickers.fetch_add(1, SeqCst);
+        let claimed = self.mode.claim_exit();
+        if claimed.is_ok() {
+            // We won InGuest -> Exiting: ours is the one signal.
+            Counters::bump(&self.counters.signals_sent);
+            self.interrupt
+                .get()
+                .expect("a vCPU is InGuest only after its thread bound its interrupt")
+                .interrupt();
+        }
+        self.kickers.fetch_sub(1, SeqCst);
+        claimed
+    }
+
     /// Ask the vCPU to park outside guest mode; returns once it has, with
     /// any half-done PIO/MMIO completed. Stopping a parked vCPU costs no
     /// signal and no wake-up.
@@ -216,8 +279,12 @@ impl<G> VcpuCtl<G> {
     }
 
     /// Mark paused; kick unless already parked. Returns whether a wait is
-    /// needed.
+    /// needed. On the vCPU's own thread it fails at once and marks nothing:
+    /// that thread cannot park while it waits for itself.
     pub(crate) fn begin_stop(&self, op: Op) -> Result<bool, Error> {
+        if self.on_own_thread().is_some() {
+            return Err(Error::OwnThread { op, vcpu: self.id });
+        }
         {
             let mut slow = self.lock();
             if slow.exited {
@@ -235,9 +302,12 @@ impl<G> VcpuCtl<G> {
     }
 
     pub(crate) fn wait_parked(&self, op: Op, deadline: Deadline) -> Result<(), Error> {
-        let slow = sync::wait_until(&self.ack_cv, self.lock(), deadline, |s| {
+        let mut slow = self.lock();
+        slow.stop_waiters += 1;
+        let mut slow = sync::wait_until(&self.ack_cv, slow, deadline, |s| {
             !s.paused || s.parked || s.exited
         });
+        slow.stop_waiters -= 1;
         if slow.parked || !slow.paused {
             // Parked, or someone resumed it meanwhile: either way our stop
             // is no longer pending.
@@ -253,11 +323,15 @@ impl<G> VcpuCtl<G> {
     }
 
     /// Let a stopped vCPU run again. No signal: a parked thread waits on a
-    /// condition variable.
+    /// condition variable. A `stop` still waiting for the park is woken
+    /// too: its stop is no longer pending.
     pub fn resume(&self) {
         let mut slow = self.lock();
         slow.paused = false;
         self.vcpu_cv.notify_all();
+        if slow.stop_waiters > 0 {
+            self.ack_cv.notify_all();
+        }
     }
 
     /// Ask the vCPU thread to leave its run loop (from any state).
@@ -273,8 +347,16 @@ impl<G> VcpuCtl<G> {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Model check only: make parking swallow every request bit, the lost
+    /// wake-up of the review's finding 1, which the model must catch.
+    #[cfg(loom)]
+    pub fn model_break_park(&self) {
+        self.model_park_takes_all
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether the calling thread is this vCPU's own thread.
-    fn on_own_thread(&self) -> Option<*const RefCell<G>> {
+    pub(crate) fn on_own_thread(&self) -> Option<*const RefCell<G>> {
         let (ctl, guest) = CURRENT.with(|c| c.get());
         (ctl == self as *const Self as *const ()).then_some(guest as *const RefCell<G>)
     }
@@ -297,6 +379,7 @@ impl<G: Guest> VcpuCtl<G> {
             let mut guest = cell
                 .try_borrow_mut()
                 .map_err(|_| Error::Reentrant { vcpu: self.id })?;
+            // A panic here unwinds into the caller, which is on this thread.
             return Ok(f(&mut guest));
         }
         self.run_on_async(f)?.wait(deadline)
@@ -355,13 +438,7 @@ impl<G: Guest> VcpuCtl<G> {
             });
         }
         // The waiter may have given up; the result is then dropped.
-        queue(&mut slow).push_back(Box::new(move |g: &mut G| tx.send(f(g))));
+        queue(&mut slow).push_back(work(f, tx));
         Ok((RunOnTicket::new(Who::One(self.id), rx), slow))
-    }
-
-    /// Time spent blocked, for the parked/halted counters.
-    pub(crate) fn add_ns(counter: &std::sync::atomic::AtomicU64, since: Instant) {
-        let ns = since.elapsed().as_nanos() as u64;
-        counter.fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -80,9 +80,15 @@ impl Guest for StandIn {
         Ok(None)
     }
 
-    fn settle(&mut self) -> Result<(), ()> {
-        Ok(())
+    fn settle(&mut self) -> Result<Option<Io>, ()> {
+        Ok(None)
     }
+
+    fn interrupt_deliverable(&self) -> bool {
+        false
+    }
+
+    fn parking(&mut self) {}
 }
 
 type Ctl = VcpuCtl<StandIn>;

@@ -29,8 +29,106 @@ pub struct Builtin {
     /// Its interrupts come from brisk's user-space devices (timer,
     /// doorbell), which need `--irqchip user`.
     pub user_irqchip: bool,
-    /// Assemble the program for loading at `layout::CODE`.
-    pub assemble: fn() -> Result<Vec<u8>, IcedError>,
+    /// What `NAME=N` sets, if the guest takes a length (`tick=20000`).
+    pub param: Option<Param>,
+    /// Assemble the program for loading at `layout::CODE`, with the
+    /// length `N` (the param's default when none is given; ignored by
+    /// guests without one).
+    pub assemble: fn(u64) -> Result<Vec<u8>, IcedError>,
+}
+
+/// The one number a counting guest takes on the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    /// What it counts, for `brisk guests`.
+    pub what: &'static str,
+    pub default: u64,
+    /// The largest value the program can count to.
+    pub max: u64,
+}
+
+/// A guest chosen on the command line: `NAME` or `NAME=N`.
+#[derive(Clone, Copy, Debug)]
+pub struct Choice {
+    pub guest: &'static Builtin,
+    /// `N`, or the default; 0 for guests that take none.
+    pub value: u64,
+}
+
+impl std::fmt::Debug for Builtin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl Choice {
+    /// Assemble the chosen program.
+    pub fn assemble(&self) -> Result<Vec<u8>, IcedError> {
+        (self.guest.assemble)(self.value)
+    }
+}
+
+/// Why a `--guest` value names no guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChoiceError {
+    Unknown(String),
+    /// `NAME=N` for a guest that takes no number.
+    NoParam(&'static str),
+    /// `N` is not a number in 1..=max.
+    BadValue {
+        guest: &'static str,
+        value: String,
+        max: u64,
+    },
+}
+
+impl std::fmt::Display for ChoiceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChoiceError::Unknown(g) => {
+                let names: Vec<&str> = ALL.iter().map(|g| g.name).collect();
+                write!(f, "unknown guest '{g}' (built-in guests: {})", names.join(", "))
+            }
+            ChoiceError::NoParam(g) => write!(f, "guest '{g}' takes no '=N'"),
+            ChoiceError::BadValue { guest, value, max } => write!(
+                f,
+                "guest '{guest}': '{value}' is not a whole number from 1 to {max}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ChoiceError {}
+
+/// Parse `NAME` or `NAME=N`.
+///
+/// ```
+/// let c = brisk_guests::choose("tick=20000").unwrap();
+/// assert_eq!((c.guest.name, c.value), ("tick", 20000));
+/// assert_eq!(brisk_guests::choose("tick").unwrap().value, brisk_guests::TICKS);
+/// assert!(brisk_guests::choose("hello=3").is_err());
+/// ```
+pub fn choose(spec: &str) -> Result<Choice, ChoiceError> {
+    let (name, value) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v)),
+        None => (spec, None),
+    };
+    let guest = find(name).ok_or_else(|| ChoiceError::Unknown(name.to_string()))?;
+    let value = match (guest.param, value) {
+        (None, None) => 0,
+        (None, Some(_)) => return Err(ChoiceError::NoParam(guest.name)),
+        (Some(p), None) => p.default,
+        (Some(p), Some(v)) => v
+            .parse::<u64>()
+            .ok()
+            .filter(|n| (1..=p.max).contains(n))
+            .ok_or_else(|| ChoiceError::BadValue {
+                guest: guest.name,
+                value: v.to_string(),
+                max: p.max,
+            })?,
+    };
+    Ok(Choice { guest, value })
 }
 
 /// Every built-in guest.
@@ -40,6 +138,7 @@ pub const ALL: &[Builtin] = &[
         about: "each vCPU prints \"Hello from vCPU N\" in turn on the UART; the last powers off (status 0)",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::hello,
     },
     Builtin {
@@ -47,6 +146,7 @@ pub const ALL: &[Builtin] = &[
         about: "busy loop forever, counting iterations",
         ends: false,
         user_irqchip: false,
+        param: None,
         assemble: programs::spin,
     },
     Builtin {
@@ -54,6 +154,7 @@ pub const ALL: &[Builtin] = &[
         about: "tight `in` loop on the vCPU's counter device (one exit per iteration)",
         ends: false,
         user_irqchip: false,
+        param: None,
         assemble: programs::pio,
     },
     Builtin {
@@ -61,6 +162,7 @@ pub const ALL: &[Builtin] = &[
         about: "HLT with interrupts off, forever; counts each time it is woken",
         ends: false,
         user_irqchip: false,
+        param: None,
         assemble: programs::halt,
     },
     Builtin {
@@ -68,20 +170,23 @@ pub const ALL: &[Builtin] = &[
         about: "alternates a spin phase, a PIO phase and HLT, forever",
         ends: false,
         user_irqchip: false,
+        param: None,
         assemble: programs::mixed,
     },
     Builtin {
         name: "tick",
-        about: "each vCPU takes 100 timer interrupts (1 ms period, vector 0x20) with HLT between them; the last powers off (needs --irqchip user)",
+        about: "each vCPU takes N (default 100) timer interrupts (1 ms period, vector 0x20) with HLT between them; the last powers off (needs --irqchip user; tick=N)",
         ends: true,
         user_irqchip: true,
+        param: Some(Param { what: "timer interrupts per vCPU", default: TICKS, max: i32::MAX as u64 }),
         assemble: programs::tick,
     },
     Builtin {
         name: "pingpong",
-        about: "a token passes round the vCPUs 1000 times through the doorbell (vector 0x21), each HLTing until rung; vCPU 0 powers off (needs --irqchip user)",
+        about: "a token passes round the vCPUs N (default 1000) times through the doorbell (vector 0x21), each HLTing until rung; vCPU 0 powers off (needs --irqchip user; pingpong=N)",
         ends: true,
         user_irqchip: true,
+        param: Some(Param { what: "rounds of the token", default: PINGPONG_ROUNDS, max: i32::MAX as u64 }),
         assemble: programs::pingpong,
     },
     Builtin {
@@ -89,6 +194,7 @@ pub const ALL: &[Builtin] = &[
         about: "vCPU 0 prints a line and writes 0x21 to the debug-exit port (status 67)",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::debug_exit,
     },
     Builtin {
@@ -96,6 +202,7 @@ pub const ALL: &[Builtin] = &[
         about: "vCPU i runs spin, pio or halt by i mod 3 (used by `brisk stress`)",
         ends: false,
         user_irqchip: false,
+        param: None,
         assemble: programs::stress,
     },
     Builtin {
@@ -103,6 +210,7 @@ pub const ALL: &[Builtin] = &[
         about: "misbehaves: loads an empty IDT and executes ud2 (triple fault: status 8)",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::triple_fault,
     },
     Builtin {
@@ -110,6 +218,7 @@ pub const ALL: &[Builtin] = &[
         about: "misbehaves: ud2 with no IDT (status 8)",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::ud2,
     },
     Builtin {
@@ -117,6 +226,7 @@ pub const ALL: &[Builtin] = &[
         about: "misbehaves: int3 with no IDT (status 8)",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::int3,
     },
     Builtin {
@@ -124,6 +234,7 @@ pub const ALL: &[Builtin] = &[
         about: "misbehaves: writes and reads unmapped MMIO; reports all-ones via debug-exit (status 33)",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::mmio_unmapped,
     },
     Builtin {
@@ -131,6 +242,7 @@ pub const ALL: &[Builtin] = &[
         about: "misbehaves: out/in on an unclaimed port forever (keeps running, stoppable)",
         ends: false,
         user_irqchip: false,
+        param: None,
         assemble: programs::pio_storm,
     },
     Builtin {
@@ -138,7 +250,32 @@ pub const ALL: &[Builtin] = &[
         about: "if CPUID offers MONITOR/MWAIT (--mwait exit|passthrough), uses them 1000 times then debug-exit (status 35), unless the host refuses them; otherwise debug-exit status 37 without trying",
         ends: true,
         user_irqchip: false,
+        param: None,
         assemble: programs::mwait,
+    },
+    Builtin {
+        name: "mmio-split",
+        about: "misbehaves: an 8-byte load that straddles two pages of unmapped MMIO, forever (KVM exits twice per load)",
+        ends: false,
+        user_irqchip: false,
+        param: None,
+        assemble: programs::mmio_split,
+    },
+    Builtin {
+        name: "kvmclock",
+        about: "enables kvmclock (MSR_KVM_SYSTEM_TIME_NEW) and spins; counts each pause KVM reports to it (PVCLOCK_GUEST_STOPPED)",
+        ends: false,
+        user_irqchip: false,
+        param: None,
+        assemble: programs::kvmclock,
+    },
+    Builtin {
+        name: "flood",
+        about: "prints lines on the UART as fast as it can, forever",
+        ends: false,
+        user_irqchip: false,
+        param: None,
+        assemble: programs::flood,
     },
 ];
 
@@ -182,6 +319,11 @@ pub const DOORBELL_VECTOR: u8 = 0x21;
 
 /// The value the `debug-exit` guest writes to the debug-exit port.
 pub const DEBUG_EXIT_VALUE: u8 = 0x21;
+
+/// Where `kvmclock` puts vCPU `id`'s pvclock structure.
+pub const fn pvclock(id: usize) -> u64 {
+    brisk_boot::layout::PVCLOCK + id as u64 * brisk_boot::layout::VCPU_DATA_STRIDE
+}
 
 /// Look up a built-in guest by name.
 pub fn find(name: &str) -> Option<&'static Builtin> {

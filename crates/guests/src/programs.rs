@@ -4,15 +4,15 @@ use brisk_boot::{layout, ports};
 use iced_x86::code_asm::*;
 
 use crate::asm::{self, halt_forever, Uart};
-use crate::{
-    DEBUG_EXIT_VALUE, DOORBELL_VECTOR, PINGPONG_ROUNDS, TICKS, TICK_PERIOD_US, TICK_VECTOR,
-};
+use crate::{DEBUG_EXIT_VALUE, DOORBELL_VECTOR, TICK_PERIOD_US, TICK_VECTOR};
+#[cfg(doc)]
+use crate::{PINGPONG_ROUNDS, TICKS};
 
 type Program = Result<Vec<u8>, IcedError>;
 
 /// Each vCPU waits for its turn (a shared counter), prints its line, passes
 /// the turn on; the last one powers off through PM1a_CNT.
-pub(crate) fn hello() -> Program {
+pub(crate) fn hello(_n: u64) -> Program {
     let mut a = asm::new()?;
     let uart = Uart::new(&mut a);
     let (mut msg, mut wait, mut go, mut done) = (
@@ -51,7 +51,7 @@ pub(crate) fn hello() -> Program {
 }
 
 /// Increment the progress counter forever.
-pub(crate) fn spin() -> Program {
+pub(crate) fn spin(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     let mut l = a.create_label();
@@ -63,7 +63,7 @@ pub(crate) fn spin() -> Program {
 
 /// `in` from the vCPU's counter port forever; stores the value read and
 /// counts iterations.
-pub(crate) fn pio() -> Program {
+pub(crate) fn pio(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     asm::counter_port_to_edx(&mut a)?;
@@ -77,7 +77,7 @@ pub(crate) fn pio() -> Program {
 }
 
 /// HLT with IF = 0 forever, counting each return from HLT.
-pub(crate) fn halt() -> Program {
+pub(crate) fn halt(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     a.cli()?;
@@ -91,7 +91,7 @@ pub(crate) fn halt() -> Program {
 
 /// Forever: 100k spin iterations, 100 PIO reads, one HLT. Every step
 /// counts as progress.
-pub(crate) fn mixed() -> Program {
+pub(crate) fn mixed(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     asm::counter_port_to_edx(&mut a)?;
@@ -117,7 +117,7 @@ pub(crate) fn mixed() -> Program {
 
 /// vCPU 0 prints a line and writes [`DEBUG_EXIT_VALUE`] to the debug-exit
 /// port; other vCPUs halt.
-pub(crate) fn debug_exit() -> Program {
+pub(crate) fn debug_exit(_n: u64) -> Program {
     let mut a = asm::new()?;
     let uart = Uart::new(&mut a);
     let (mut msg, mut others) = (a.create_label(), a.create_label());
@@ -140,7 +140,7 @@ pub(crate) fn debug_exit() -> Program {
 
 /// vCPU i runs `spin`, `pio` or `halt` by i mod 3: one VM with all three
 /// behaviours, for the stress test.
-pub(crate) fn stress() -> Program {
+pub(crate) fn stress(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     asm::counter_port_to_edx(&mut a)?;
@@ -177,7 +177,7 @@ pub(crate) fn stress() -> Program {
 
 /// Load an empty IDT (limit 0), then `ud2`: #UD cannot be delivered, nor
 /// can the #DF that follows: a triple fault (KVM_EXIT_SHUTDOWN).
-pub(crate) fn triple_fault() -> Program {
+pub(crate) fn triple_fault(_n: u64) -> Program {
     let mut a = asm::new()?;
     let mut empty_idt = a.create_label();
     a.lidt(ptr(empty_idt))?;
@@ -190,7 +190,7 @@ pub(crate) fn triple_fault() -> Program {
 }
 
 /// `ud2` with no IDT set up (IDTR as at reset).
-pub(crate) fn ud2() -> Program {
+pub(crate) fn ud2(_n: u64) -> Program {
     let mut a = asm::new()?;
     a.ud2()?;
     let mut spin = a.create_label();
@@ -199,7 +199,7 @@ pub(crate) fn ud2() -> Program {
 }
 
 /// `int3` with no IDT set up.
-pub(crate) fn int3() -> Program {
+pub(crate) fn int3(_n: u64) -> Program {
     let mut a = asm::new()?;
     a.int3()?;
     let mut spin = a.create_label();
@@ -212,7 +212,7 @@ pub(crate) fn int3() -> Program {
 /// write; the guest reports what it read through the debug-exit port:
 /// [`MMIO_ALL_ONES`](crate::MMIO_ALL_ONES) if all-ones, anything else
 /// otherwise.
-pub(crate) fn mmio_unmapped() -> Program {
+pub(crate) fn mmio_unmapped(_n: u64) -> Program {
     let mut a = asm::new()?;
     let mut wrong = a.create_label();
     a.mov(rbx, crate::UNMAPPED_MMIO)?;
@@ -233,7 +233,7 @@ pub(crate) fn mmio_unmapped() -> Program {
 }
 
 /// `out` and `in` on a port nobody claims, forever, counting iterations.
-pub(crate) fn pio_storm() -> Program {
+pub(crate) fn pio_storm(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     a.mov(dx, ports::UNCLAIMED as u32)?;
@@ -248,7 +248,7 @@ pub(crate) fn pio_storm() -> Program {
 
 /// MONITOR on the vCPU's data line, then MWAIT, 1000 times; then vCPU 0
 /// reports [`MWAIT_DONE`](crate::MWAIT_DONE) through the debug-exit port.
-pub(crate) fn mwait() -> Program {
+pub(crate) fn mwait(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     a.mov(r12, rdi)?;
@@ -282,10 +282,10 @@ pub(crate) fn mwait() -> Program {
     asm::finish(a)
 }
 
-/// Take [`TICKS`] timer interrupts (vector [`TICK_VECTOR`], one every
+/// Take `ticks` ([`TICKS`] by default) timer interrupts (vector [`TICK_VECTOR`], one every
 /// [`TICK_PERIOD_US`]) with HLT between them, then stop the timer; the last
 /// vCPU done powers off. The handler counts into the progress counter.
-pub(crate) fn tick() -> Program {
+pub(crate) fn tick(ticks: u64) -> Program {
     let mut a = asm::new()?;
     let (mut handler, mut wait, mut done) = (a.create_label(), a.create_label(), a.create_label());
     asm::vcpu_data_to_rbx(&mut a)?;
@@ -306,7 +306,7 @@ pub(crate) fn tick() -> Program {
     // (STI's one-instruction shadow), so no tick slips in between.
     a.set_label(&mut wait)?;
     a.cli()?;
-    a.cmp(qword_ptr(r15), TICKS as i32)?;
+    a.cmp(qword_ptr(r15), ticks as i32)?;
     a.jae(done)?;
     a.sti()?;
     a.hlt()?;
@@ -322,8 +322,8 @@ pub(crate) fn tick() -> Program {
 /// A token passes round the vCPUs through the doorbell (vector
 /// [`DOORBELL_VECTOR`]): each vCPU HLTs until its doorbell rings, then rings
 /// the next; vCPU 0 starts it and powers off after [`PINGPONG_ROUNDS`]
-/// rounds. Every vCPU counts the rings it received in its progress counter.
-pub(crate) fn pingpong() -> Program {
+/// rounds (or `rounds`). Every vCPU counts the rings it received in its progress counter.
+pub(crate) fn pingpong(rounds: u64) -> Program {
     let mut a = asm::new()?;
     let (mut handler, mut wait, mut got, mut wrap, mut ring) = (
         a.create_label(),
@@ -361,7 +361,7 @@ pub(crate) fn pingpong() -> Program {
     a.inc(r14)?;
     a.test(r12, r12)?;
     a.jnz(ring)?;
-    a.cmp(r14, PINGPONG_ROUNDS as i32)?;
+    a.cmp(r14, rounds as i32)?;
     a.jb(ring)?;
     a.mov(dx, ports::PM1A_CNT as u32)?;
     a.mov(ax, ports::PM1A_POWER_OFF as u32)?;
@@ -374,5 +374,74 @@ pub(crate) fn pingpong() -> Program {
     a.out(dx, eax)?;
     a.jmp(wait)?;
     asm::counting_handler(&mut a, &mut handler)?;
+    asm::finish(a)
+}
+
+/// An 8-byte load from unmapped MMIO that straddles a page boundary, in a
+/// loop counting iterations. KVM splits the access in two fragments, each
+/// a KVM_EXIT_MMIO: the first one's completion returns the second as a new
+/// exit, even with immediate_exit set.
+pub(crate) fn mmio_split(_n: u64) -> Program {
+    let mut a = asm::new()?;
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(rsi, crate::UNMAPPED_MMIO + 0xffc)?;
+    let mut l = a.create_label();
+    a.set_label(&mut l)?;
+    a.mov(rax, qword_ptr(rsi))?;
+    a.mov(qword_ptr(rbx + 8), rax)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(l)?;
+    asm::finish(a)
+}
+
+/// MSR_KVM_SYSTEM_TIME_NEW: where the guest wants its pvclock structure.
+const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
+/// `flags` in struct pvclock_vcpu_time_info, and its "guest stopped" bit.
+const PVCLOCK_FLAGS: i32 = 29;
+const PVCLOCK_GUEST_STOPPED: u32 = 2;
+
+/// Enable kvmclock with this vCPU's structure at [`crate::pvclock`], then
+/// spin; each time KVM sets PVCLOCK_GUEST_STOPPED (brisk paused it and told
+/// KVM with KVM_KVMCLOCK_CTRL) clear it and count it in the progress
+/// counter, as Linux's watchdog does.
+pub(crate) fn kvmclock(_n: u64) -> Program {
+    let mut a = asm::new()?;
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(rax, rdi)?;
+    a.shl(rax, layout::VCPU_DATA_STRIDE.trailing_zeros())?;
+    a.add(rax, layout::PVCLOCK as i32)?;
+    a.mov(r14, rax)?;
+    a.or(eax, 1)?; // enable
+    a.xor(edx, edx)?;
+    a.mov(ecx, MSR_KVM_SYSTEM_TIME_NEW)?;
+    a.wrmsr()?;
+    let (mut l, mut seen) = (a.create_label(), a.create_label());
+    a.set_label(&mut l)?;
+    a.test(byte_ptr(r14 + PVCLOCK_FLAGS), PVCLOCK_GUEST_STOPPED as i32)?;
+    a.jnz(seen)?;
+    a.pause()?;
+    a.jmp(l)?;
+    a.set_label(&mut seen)?;
+    a.and(byte_ptr(r14 + PVCLOCK_FLAGS), !PVCLOCK_GUEST_STOPPED as i32)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(l)?;
+    asm::finish(a)
+}
+
+/// Print a line on the UART, forever, counting lines.
+pub(crate) fn flood(_n: u64) -> Program {
+    let mut a = asm::new()?;
+    let uart = Uart::new(&mut a);
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(r15, rbx)?;
+    let (mut l, mut msg) = (a.create_label(), a.create_label());
+    a.set_label(&mut l)?;
+    a.lea(rsi, ptr(msg))?;
+    a.call(uart.puts)?;
+    a.inc(qword_ptr(r15))?;
+    a.jmp(l)?;
+    uart.emit(&mut a)?;
+    a.set_label(&mut msg)?;
+    a.db(b"flood: the quick brown fox jumps over the lazy dog\n\0")?;
     asm::finish(a)
 }

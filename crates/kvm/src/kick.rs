@@ -35,13 +35,27 @@ extern "C" fn on_kick(_num: c_int, _info: *mut siginfo_t, _ctx: *mut c_void) {
     }
 }
 
-/// Install the handler once per process.
+/// Install the handler once per process, with `SA_RESTART`: a kick that
+/// reaches a thread outside KVM_RUN (a late signal) does not turn its
+/// blocking system calls into EINTR. KVM_RUN itself returns EINTR for a
+/// signal whatever the flags.
 pub(crate) fn install_handler() -> Result<()> {
     static INSTALLED: OnceLock<std::result::Result<(), i32>> = OnceLock::new();
     INSTALLED
         .get_or_init(|| {
-            vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-                .map_err(|e| e.errno())
+            // SAFETY: a zeroed sigaction is a valid starting value; the
+            // handler is an `extern "C"` fn of the SA_SIGINFO signature
+            // that only does an atomic store (async-signal-safe).
+            unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_kick as *const () as usize;
+                act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+                libc::sigemptyset(&mut act.sa_mask);
+                if libc::sigaction(kick_signal(), &act, std::ptr::null_mut()) != 0 {
+                    return Err(*libc::__errno_location());
+                }
+            }
+            Ok(())
         })
         .map_err(|errno| Error::Sys {
             what: "installing the kick signal handler",
@@ -49,12 +63,24 @@ pub(crate) fn install_handler() -> Result<()> {
         })
 }
 
-/// Point this thread's handler at `flag` (null to detach).
+/// Point this thread's handler at `flag` (null to detach), and make sure
+/// the thread can receive the kick: it may have inherited a mask that
+/// blocks it (an embedding application's), and a blocked kick is lost.
 pub(crate) fn bind_thread(flag: *const AtomicU8) {
     IMMEDIATE_EXIT.with(|c| c.set(flag));
     // The handler runs on this thread: keep the compiler from moving the
     // store past later accesses of the mapping.
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    if !flag.is_null() {
+        // SAFETY: a signal set on the stack, filled by sigemptyset; the
+        // mask change applies to this thread only.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, kick_signal());
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
+    }
 }
 
 /// Whether this thread's handler points at `flag`.
@@ -80,6 +106,11 @@ impl SignalInterrupt {
         // SAFETY: getpid and gettid have no preconditions.
         let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
         SignalInterrupt { pid, tid }
+    }
+
+    /// The kernel thread id it signals.
+    pub fn tid(&self) -> pid_t {
+        self.tid
     }
 }
 

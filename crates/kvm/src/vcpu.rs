@@ -1,5 +1,7 @@
 //! A KVM vCPU as the control plane's [`Guest`].
 
+use std::mem::ManuallyDrop;
+use std::ptr::addr_of_mut;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -58,31 +60,55 @@ impl Classify for Exit {
 /// `VcpuFd::run` and `set_kvm_immediate_exit` take `&mut self`, so nothing
 /// can set `immediate_exit` through that API while a run is in progress
 /// (rust-vmm/kvm#373); the kick signal handler writes the byte through this
-/// pointer instead.
+/// pointer instead. Every access to the mapping goes through a raw pointer
+/// to the one field it needs (`addr_of_mut!`), never a reference to the
+/// whole `kvm_run`, which the handler may be writing.
 pub struct KvmVcpu {
     id: usize,
-    fd: VcpuFd,
+    /// Dropped by hand: kept (leaked) if a thread other than the dropping
+    /// one may still point its kick handler at this mapping.
+    fd: ManuallyDrop<VcpuFd>,
     run: *mut kvm_run,
+    /// Bytes mapped at `run` (KVM_GET_VCPU_MMAP_SIZE).
+    run_size: usize,
+    /// The last exit, whose union member of `kvm_run` the data accessors
+    /// may read; `None` after an interrupted entry or before any.
+    last: Option<Exit>,
     /// The last exit was PIO/MMIO: the instruction completes on next entry.
     io_pending: bool,
     /// User irqchip mode: the vectors to inject.
     interrupts: Option<Arc<PendingInterrupts>>,
+    /// The thread whose kick handler points at this mapping, and whether
+    /// more than one thread ever did.
+    bound: Option<libc::pid_t>,
+    bound_elsewhere: bool,
+    /// The host's KVM has KVM_CAP_KVMCLOCK_CTRL.
+    kvmclock_ctrl: bool,
+    /// Parks a kvmclock guest was told about.
+    clock_stops: u64,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with it;
-// the pointer is only dereferenced by the thread that owns the KvmVcpu (and
-// that thread's signal handler).
+// the pointer is dereferenced by the thread that owns the KvmVcpu and by
+// the kick handler of the thread it was bound on, and `Drop` keeps the
+// mapping alive when that thread is not the one dropping it.
 unsafe impl Send for KvmVcpu {}
 
 impl KvmVcpu {
-    pub(crate) fn new(id: usize, mut fd: VcpuFd) -> Self {
+    pub(crate) fn new(id: usize, mut fd: VcpuFd, run_size: usize, kvmclock_ctrl: bool) -> Self {
         let run = fd.get_kvm_run() as *mut kvm_run;
         KvmVcpu {
             id,
-            fd,
+            fd: ManuallyDrop::new(fd),
             run,
+            run_size,
+            last: None,
             io_pending: false,
             interrupts: None,
+            bound: None,
+            bound_elsewhere: false,
+            kvmclock_ctrl,
+            clock_stops: 0,
         }
     }
 
@@ -98,7 +124,7 @@ impl KvmVcpu {
     pub fn interrupt_deliverable(&self) -> bool {
         // SAFETY: if_flag is a plain byte of the live mapping, written by
         // KVM only during KVM_RUN, which this thread is not in.
-        let if_flag = unsafe { (*self.run).if_flag };
+        let if_flag = unsafe { addr_of_mut!((*self.run).if_flag).read() };
         if_flag != 0 && self.interrupts.as_ref().is_some_and(|p| p.any())
     }
 
@@ -110,20 +136,25 @@ impl KvmVcpu {
             return Ok(());
         };
         // SAFETY: plain bytes of the live mapping; KVM reads and writes
-        // them only during KVM_RUN, which this thread is not in.
-        let run = unsafe { &mut *self.run };
-        if !pending.any() {
-            run.request_interrupt_window = 0;
-            return Ok(());
-        }
-        if run.ready_for_interrupt_injection != 0 {
+        // them only during KVM_RUN, which this thread is not in, and the
+        // kick handler writes only `immediate_exit`.
+        let (window, ready) = unsafe {
+            (
+                addr_of_mut!((*self.run).request_interrupt_window),
+                addr_of_mut!((*self.run).ready_for_interrupt_injection).read(),
+            )
+        };
+        let ask = if !pending.any() {
+            false
+        } else if ready != 0 {
             if let Some(vector) = pending.take_highest() {
                 let irq = kvm_interrupt {
                     irq: u32::from(vector),
                 };
                 // SAFETY: KVM_INTERRUPT on our vCPU fd reads one kvm_interrupt.
-                let ret =
-                    unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+                let ret = unsafe {
+                    vmm_sys_util::ioctl::ioctl_with_ref(&*self.fd, KVM_INTERRUPT(), &irq)
+                };
                 if ret < 0 {
                     return Err(Error::Sys {
                         what: "KVM_INTERRUPT",
@@ -132,10 +163,12 @@ impl KvmVcpu {
                 }
             }
             // KVM takes one interrupt per entry; come back for the next.
-            run.request_interrupt_window = pending.any() as u8;
+            pending.any()
         } else {
-            run.request_interrupt_window = 1;
-        }
+            true
+        };
+        // SAFETY: as above.
+        unsafe { window.write(ask as u8) };
         Ok(())
     }
 
@@ -149,41 +182,70 @@ impl KvmVcpu {
         &self.fd
     }
 
+    /// How many parks were reported to the guest's kvmclock
+    /// (KVM_KVMCLOCK_CTRL succeeded: the guest has kvmclock enabled).
+    pub fn clock_stops(&self) -> u64 {
+        self.clock_stops
+    }
+
+    /// Whether the last exit left a PIO/MMIO access half-done (it
+    /// completes on the next entry or `settle`).
+    pub fn io_pending(&self) -> bool {
+        self.io_pending
+    }
+
     fn immediate_exit(&self) -> *const AtomicU8 {
         // SAFETY: in-bounds field of the live mapping; only its address is taken.
         unsafe { std::ptr::addr_of!((*self.run).immediate_exit) as *const AtomicU8 }
     }
 
-    /// The data of the last PIO exit (`size * count` bytes in `kvm_run`).
+    /// The data of the last PIO exit (`size * count` bytes in `kvm_run`);
+    /// empty unless the last exit was PIO.
     pub fn io_data(&mut self) -> &mut [u8] {
-        // SAFETY: after a KVM_EXIT_IO the kernel placed `size * count` bytes
-        // at `data_offset` inside the mapping; `&mut self` keeps it unaliased.
-        unsafe {
-            let io = (*self.run).__bindgen_anon_1.io;
-            let len = io.size as usize * io.count as usize;
-            let base = (self.run as *mut u8).add(io.data_offset as usize);
-            std::slice::from_raw_parts_mut(base, len)
+        if !matches!(self.last, Some(Exit::IoIn { .. } | Exit::IoOut { .. })) {
+            return &mut [];
         }
+        // SAFETY: the last exit was KVM_EXIT_IO, so the `io` union member is
+        // the one KVM wrote; it is a plain copy of a few integers.
+        let io = unsafe { addr_of_mut!((*self.run).__bindgen_anon_1.io).read() };
+        let (offset, len) = (
+            io.data_offset as usize,
+            io.size as usize * io.count as usize,
+        );
+        if offset.checked_add(len).is_none_or(|end| end > self.run_size) {
+            return &mut [];
+        }
+        // SAFETY: `offset + len` lies inside the `run_size` bytes mapped at
+        // `run` (checked above), where KVM placed the PIO data; the handler
+        // never writes there, and `&mut self` keeps it unaliased.
+        unsafe { std::slice::from_raw_parts_mut((self.run as *mut u8).add(offset), len) }
     }
 
-    /// The data of the last MMIO exit.
+    /// The data of the last MMIO exit (at most 8 bytes); empty unless the
+    /// last exit was MMIO.
     pub fn mmio_data(&mut self) -> &mut [u8] {
-        // SAFETY: after KVM_EXIT_MMIO the mmio union member is valid; len <= 8.
+        if !matches!(self.last, Some(Exit::MmioRead { .. } | Exit::MmioWrite { .. })) {
+            return &mut [];
+        }
+        // SAFETY: the last exit was KVM_EXIT_MMIO, so the `mmio` member is
+        // valid; `data` is an 8-byte array inside the mapping, which the
+        // handler never writes, and `&mut self` keeps it unaliased.
         unsafe {
-            let mmio = &mut (*self.run).__bindgen_anon_1.mmio;
-            let len = (mmio.len as usize).min(mmio.data.len());
-            &mut mmio.data[..len]
+            let mmio = addr_of_mut!((*self.run).__bindgen_anon_1.mmio);
+            let len = ((*mmio).len as usize).min(8);
+            std::slice::from_raw_parts_mut(addr_of_mut!((*mmio).data) as *mut u8, len)
         }
     }
 
     fn read_exit(&self) -> Exit {
         // SAFETY: KVM_RUN returned 0, so exit_reason and the union member it
-        // names are valid.
+        // names are valid; each is read by value through a raw pointer.
         unsafe {
-            let run = &*self.run;
-            match run.exit_reason {
+            let run = self.run;
+            let u = addr_of_mut!((*run).__bindgen_anon_1);
+            match addr_of_mut!((*run).exit_reason).read() {
                 KVM_EXIT_IO => {
-                    let io = run.__bindgen_anon_1.io;
+                    let io = (*u).io;
                     let (port, size, count) = (io.port, io.size, io.count);
                     if u32::from(io.direction) == KVM_EXIT_IO_IN {
                         Exit::IoIn { port, size, count }
@@ -192,7 +254,7 @@ impl KvmVcpu {
                     }
                 }
                 KVM_EXIT_MMIO => {
-                    let m = run.__bindgen_anon_1.mmio;
+                    let m = (*u).mmio;
                     if m.is_write != 0 {
                         Exit::MmioWrite {
                             addr: m.phys_addr,
@@ -209,16 +271,13 @@ impl KvmVcpu {
                 KVM_EXIT_IRQ_WINDOW_OPEN => Exit::IrqWindowOpen,
                 KVM_EXIT_SHUTDOWN => Exit::Shutdown,
                 KVM_EXIT_FAIL_ENTRY => Exit::FailEntry {
-                    reason: run
-                        .__bindgen_anon_1
-                        .fail_entry
-                        .hardware_entry_failure_reason,
+                    reason: (*u).fail_entry.hardware_entry_failure_reason,
                 },
                 KVM_EXIT_INTERNAL_ERROR => Exit::InternalError {
-                    suberror: run.__bindgen_anon_1.internal.suberror,
+                    suberror: (*u).internal.suberror,
                 },
                 KVM_EXIT_SYSTEM_EVENT => Exit::SystemEvent {
-                    kind: run.__bindgen_anon_1.system_event.type_,
+                    kind: (*u).system_event.type_,
                 },
                 reason => Exit::Other { reason },
             }
@@ -227,10 +286,12 @@ impl KvmVcpu {
 
     /// One KVM_RUN. `Ok(None)` when it returned EINTR (kick or immediate_exit).
     fn run_once(&mut self) -> Result<Option<Exit>> {
+        self.last = None;
         match self.fd.run() {
             Ok(_) => {
                 let exit = self.read_exit();
                 self.io_pending = matches!(exit.kind(), ExitKind::Io | ExitKind::Mmio);
+                self.last = Some(exit);
                 Ok(Some(exit))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -252,14 +313,22 @@ impl Guest for KvmVcpu {
     type Error = Error;
 
     fn bind_thread(&mut self) -> Box<dyn Interrupt> {
+        let me = SignalInterrupt::current_thread();
+        if self.bound.is_some_and(|tid| tid != me.tid()) {
+            self.bound_elsewhere = true;
+        }
+        self.bound = Some(me.tid());
         kick::bind_thread(self.immediate_exit());
-        Box::new(SignalInterrupt::current_thread())
+        Box::new(me)
     }
 
     fn set_immediate_exit(&mut self, on: bool) {
-        // SAFETY: see `immediate_exit`; the byte is shared with the signal
-        // handler and the kernel, hence the atomic store.
-        unsafe { (*self.immediate_exit()).store(on as u8, Ordering::SeqCst) }
+        // SAFETY: see `immediate_exit`; the byte is shared with this
+        // thread's signal handler and the kernel, hence the atomic store.
+        // Relaxed is enough: both run on this thread, so program order
+        // orders it (and the SeqCst mode store that follows keeps the
+        // compiler from sinking it past that).
+        unsafe { (*self.immediate_exit()).store(on as u8, Ordering::Relaxed) }
     }
 
     fn enter(&mut self) -> Result<Option<Exit>> {
@@ -267,29 +336,58 @@ impl Guest for KvmVcpu {
         self.run_once()
     }
 
-    fn settle(&mut self) -> Result<()> {
-        if self.io_pending {
-            // Re-enter with immediate_exit set: KVM finishes the PIO/MMIO
-            // instruction, then returns EINTR without running guest code.
-            self.set_immediate_exit(true);
-            let r = self.run_once();
-            self.set_immediate_exit(false);
-            if r?.is_some() {
-                return Err(Error::Sys {
-                    what: "completing a PIO/MMIO access (KVM ran the guest despite immediate_exit)",
-                    err: vmm_sys_util::errno::Error::new(libc::EIO),
-                });
-            }
+    fn settle(&mut self) -> Result<Option<Exit>> {
+        if !self.io_pending {
+            return Ok(None);
         }
-        Ok(())
+        // Re-enter with immediate_exit set: KVM finishes the PIO/MMIO
+        // instruction, then returns EINTR without running guest code, or
+        // exits again for the next fragment of the same access (an MMIO
+        // access wider than 8 bytes or crossing a page), which the caller
+        // serves before settling again.
+        self.set_immediate_exit(true);
+        let r = self.run_once();
+        self.set_immediate_exit(false);
+        r
+    }
+
+    fn interrupt_deliverable(&self) -> bool {
+        KvmVcpu::interrupt_deliverable(self)
+    }
+
+    fn parking(&mut self) {
+        if !self.kvmclock_ctrl {
+            return;
+        }
+        // Sets PVCLOCK_GUEST_STOPPED for the guest's next kvmclock update,
+        // so its watchdogs do not take the pause for a lock-up. EINVAL: the
+        // guest has not enabled kvmclock, nothing to tell.
+        match self.fd.kvmclock_ctrl() {
+            Ok(()) => self.clock_stops += 1,
+            Err(e) if e.errno() == libc::EINVAL => {}
+            Err(e) => log::warn!("vCPU {}: KVM_KVMCLOCK_CTRL failed: {e}", self.id),
+        }
     }
 }
 
 impl Drop for KvmVcpu {
     fn drop(&mut self) {
+        let here = SignalInterrupt::current_thread().tid();
+        if self.bound_elsewhere || self.bound.is_some_and(|tid| tid != here) {
+            // Another thread's kick handler may still point into this
+            // mapping: keep it (and its fd) for the life of the process
+            // rather than let a late kick write to unmapped memory.
+            log::warn!(
+                "vCPU {} dropped away from the thread it was bound to: its kvm_run mapping is kept",
+                self.id
+            );
+            return;
+        }
         // The mapping goes away with `fd`: detach the handler first.
         if kick::is_bound_to(self.immediate_exit()) {
             kick::bind_thread(std::ptr::null());
         }
+        // SAFETY: dropped once, here; nothing uses `fd` or `run` after.
+        unsafe { ManuallyDrop::drop(&mut self.fd) };
     }
 }

@@ -48,6 +48,10 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     irqchip: Irqchip,
     mwait: Mwait,
+    /// Bytes of each vCPU's `kvm_run` mapping.
+    run_size: usize,
+    /// KVM_CAP_KVMCLOCK_CTRL: parked vCPUs tell kvmclock guests.
+    kvmclock_ctrl: bool,
 }
 
 impl Vm {
@@ -70,6 +74,15 @@ impl Vm {
             )));
         }
         crate::kick::install_handler()?;
+        let run_size = kvm
+            .get_vcpu_mmap_size()
+            .map_err(Error::sys("KVM_GET_VCPU_MMAP_SIZE"))?;
+        let kvmclock_ctrl = kvm.check_extension(Cap::KvmclockCtrl);
+        if !kvmclock_ctrl {
+            log::info!(
+                "this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a guest using kvmclock is not told when brisk pauses it and may report a soft lock-up"
+            );
+        }
         let fd = kvm.create_vm().map_err(Error::sys("KVM_CREATE_VM"))?;
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
             .map_err(|e| Error::Memory(e.to_string()))?;
@@ -103,6 +116,8 @@ impl Vm {
             memory,
             irqchip,
             mwait: Mwait::default(),
+            run_size,
+            kvmclock_ctrl,
         })
     }
 
@@ -145,6 +160,12 @@ impl Vm {
     /// The VM fd, for ioctls this crate does not wrap.
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// Whether parked vCPUs can tell a kvmclock guest that its clock
+    /// stopped (KVM_CAP_KVMCLOCK_CTRL).
+    pub fn has_kvmclock_ctrl(&self) -> bool {
+        self.kvmclock_ctrl
     }
 
     /// The irqchip mode chosen at creation.
@@ -199,6 +220,6 @@ impl Vm {
             fd.set_mp_state(state)
                 .map_err(Error::sys("KVM_SET_MP_STATE"))?;
         }
-        Ok(KvmVcpu::new(id, fd))
+        Ok(KvmVcpu::new(id, fd, self.run_size, self.kvmclock_ctrl))
     }
 }

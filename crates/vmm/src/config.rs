@@ -9,7 +9,8 @@ use brisk_kvm::{Irqchip, Mwait};
 /// A VM's configuration.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// Name of a built-in guest (see `brisk guests`).
+    /// A built-in guest (see `brisk guests`): `NAME`, or `NAME=N` for the
+    /// counting guests (`tick=20000`).
     pub guest: String,
     /// Number of vCPUs.
     pub cpus: usize,
@@ -48,7 +49,7 @@ impl Default for VmConfig {
 /// A configuration brisk cannot build.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConfigError {
-    UnknownGuest(String),
+    Guest(brisk_guests::ChoiceError),
     Cpus(usize),
     Memory(u64),
     /// The guest's interrupts come from user-space devices.
@@ -60,14 +61,7 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::UnknownGuest(g) => {
-                let names: Vec<&str> = brisk_guests::ALL.iter().map(|g| g.name).collect();
-                write!(
-                    f,
-                    "unknown guest '{g}' (built-in guests: {})",
-                    names.join(", ")
-                )
-            }
+            ConfigError::Guest(e) => e.fmt(f),
             ConfigError::Cpus(n) => {
                 write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")
             }
@@ -92,9 +86,9 @@ impl std::error::Error for ConfigError {}
 
 impl VmConfig {
     /// Check the configuration without touching KVM.
-    pub fn validate(&self) -> Result<&'static brisk_guests::Builtin, ConfigError> {
-        let guest = brisk_guests::find(&self.guest)
-            .ok_or_else(|| ConfigError::UnknownGuest(self.guest.clone()))?;
+    pub fn validate(&self) -> Result<brisk_guests::Choice, ConfigError> {
+        let choice = brisk_guests::choose(&self.guest).map_err(ConfigError::Guest)?;
+        let guest = choice.guest;
         if self.cpus == 0 || self.cpus > MAX_VCPUS {
             return Err(ConfigError::Cpus(self.cpus));
         }
@@ -111,6 +105,6 @@ impl VmConfig {
         } else if guest.user_irqchip && self.irqchip != Irqchip::User {
             return Err(ConfigError::NeedsUserIrqchip(guest.name));
         }
-        Ok(guest)
+        Ok(choice)
     }
 }

@@ -26,7 +26,7 @@ pub use config::{ConfigError, KernelConfig, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};
-pub use vm::{Machine, StartError, Vm};
+pub use vm::{Machine, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;
 pub use brisk_kvm::{Error as KvmError, Exit, InterruptStats, Irqchip, KvmVcpu, Mwait};

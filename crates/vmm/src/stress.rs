@@ -188,7 +188,10 @@ pub fn run(config: &StressConfig) -> Result<StressReport, StressFailure> {
     first_error?;
     let report = final_checks(&shared, elapsed)?;
     match Arc::try_unwrap(shared) {
-        Ok(s) => s.vm.shutdown().map_err(StressFailure)?,
+        Ok(s) => s
+            .vm
+            .shutdown()
+            .map_err(|e| StressFailure(e.to_string()))?,
         Err(_) => return fail("controller threads still hold the VM".into()),
     }
     Ok(report)

@@ -1,9 +1,10 @@
 //! A running VM: its vCPU threads, devices and how it ends.
 
 use std::fmt;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -82,12 +83,15 @@ impl Machine {
         kvm.set_mwait(config.mwait)?;
         let (guest, multiboot) = match &config.kernel {
             None => {
-                let code = (builtin.assemble)().map_err(setup)?;
+                let code = builtin.assemble().map_err(setup)?;
                 brisk_boot::write_tables(kvm.memory()).map_err(setup)?;
                 brisk_boot::load_program(kvm.memory(), &code).map_err(setup)?;
-                (builtin.name.to_string(), None)
+                (builtin.guest.name.to_string(), None)
             }
             Some(k) => {
+                if !kvm.has_kvmclock_ctrl() {
+                    log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
+                }
                 let boot = crate::kernel::load(&kvm, k, config.memory, config.cpus)?;
                 (k.path.display().to_string(), Some(boot))
             }
@@ -179,11 +183,58 @@ fn user_irq_sources(
     })
 }
 
-/// A running VM. Dropping it stops and joins every vCPU thread.
+/// How long shutting a VM down waits for its vCPU threads. A thread still
+/// running then (stuck in a `run_on` closure, an idle task, or writing
+/// guest output to a full pipe) is left behind and reported, never waited
+/// for without bound.
+pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(5);
+
+/// Shutting down did not stop every vCPU thread cleanly.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShutdownError {
+    /// These vCPU threads did not leave their loop within the bound; they
+    /// were detached, and the VM's memory is kept for them.
+    #[error("vCPU {} did not stop within {bound:?} (stuck in a run_on closure, an idle task or a blocked output write); left running", list(.vcpus))]
+    Stuck { vcpus: Vec<usize>, bound: Duration },
+    /// A vCPU thread panicked.
+    #[error("vCPU {vcpu} thread panicked")]
+    Panicked { vcpu: usize },
+}
+
+fn list(vcpus: &[usize]) -> String {
+    let v: Vec<String> = vcpus.iter().map(|v| v.to_string()).collect();
+    v.join(", ")
+}
+
+/// Which vCPU threads have left their loop (set as their last act).
+#[derive(Default)]
+struct Finished {
+    done: Mutex<Vec<bool>>,
+    cv: Condvar,
+}
+
+/// Marks its vCPU finished however its thread ends.
+struct FinishGuard(Arc<Finished>, usize);
+
+impl Drop for FinishGuard {
+    fn drop(&mut self) {
+        let mut done = self.0.done.lock().unwrap_or_else(|p| p.into_inner());
+        done[self.1] = true;
+        self.0.cv.notify_all();
+    }
+}
+
+/// A running VM. Dropping it stops and joins every vCPU thread (bounded by
+/// [`SHUTDOWN_BOUND`]).
 pub struct Vm {
-    kvm: brisk_kvm::Vm,
+    /// Dropped by hand, last: kept for good if a vCPU thread is stuck, so
+    /// no thread that may still run the guest sees its memory unmapped.
+    kvm: ManuallyDrop<brisk_kvm::Vm>,
     vcpus: Vec<Arc<Vcpu>>,
     threads: Vec<JoinHandle<()>>,
+    finished: Arc<Finished>,
+    /// A vCPU thread was left running: keep what it may use.
+    stuck: bool,
     bus: Arc<Bus>,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
@@ -199,9 +250,14 @@ impl Vm {
     pub fn start(config: &VmConfig, output: Output) -> Result<Vm, StartError> {
         let m = Machine::build(config, output)?;
         let mut vm = Vm {
-            kvm: m.kvm,
+            kvm: ManuallyDrop::new(m.kvm),
             vcpus: Vec::new(),
             threads: Vec::new(),
+            finished: Arc::new(Finished {
+                done: Mutex::new(vec![false; config.cpus]),
+                cv: Condvar::new(),
+            }),
+            stuck: false,
             bus: m.bus,
             counters: m.counters,
             end: m.end,
@@ -219,9 +275,11 @@ impl Vm {
     fn spawn(&mut self, v: KvmVcpu, ctl: Arc<Vcpu>) -> std::io::Result<()> {
         let id = v.id();
         let (thread_ctl, bus, end) = (ctl.clone(), self.bus.clone(), self.end.clone());
+        let finished = FinishGuard(self.finished.clone(), id);
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
+                let _finished = finished;
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let fatal = |e| end.end(e);
                     thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, &bus, &fatal)))
@@ -374,22 +432,68 @@ impl Vm {
         }
     }
 
-    /// Stop every vCPU thread and join it. Returns the first thread error.
-    pub fn shutdown(mut self) -> Result<(), String> {
-        self.stop_threads()
+    /// Stop every vCPU thread and join it, waiting at most
+    /// [`SHUTDOWN_BOUND`].
+    pub fn shutdown(mut self) -> Result<(), ShutdownError> {
+        self.stop_threads(SHUTDOWN_BOUND)
     }
 
-    fn stop_threads(&mut self) -> Result<(), String> {
-        // Ask all first, then join: no vCPU waits for another to be joined.
+    /// As [`Vm::shutdown`], waiting at most `bound` for the vCPU threads.
+    pub fn shutdown_within(mut self, bound: Duration) -> Result<(), ShutdownError> {
+        self.stop_threads(bound)
+    }
+
+    fn stop_threads(&mut self, bound: Duration) -> Result<(), ShutdownError> {
+        if self.threads.is_empty() {
+            return Ok(());
+        }
+        // Ask all first, then wait: no vCPU waits for another to be joined.
         // An exit request also wakes a parked or halted vCPU.
         for v in &self.vcpus {
             v.request_exit();
         }
+        // The last reference to the VM may be dropped on a vCPU thread (an
+        // orphaned closure holding it): that thread cannot be waited for
+        // from inside itself, and it finishes on its own.
+        let me = std::thread::current().id();
+        let deadline = Instant::now() + bound;
+        let done = {
+            let guard = self.finished.done.lock().unwrap_or_else(|p| p.into_inner());
+            let threads = &self.threads;
+            let all_done = |d: &mut Vec<bool>| {
+                d.iter()
+                    .zip(threads)
+                    .all(|(done, t)| *done || t.thread().id() == me)
+            };
+            let (guard, _) = self
+                .finished
+                .cv
+                .wait_timeout_while(guard, bound, |d| {
+                    !all_done(d) && Instant::now() < deadline
+                })
+                .unwrap_or_else(|p| p.into_inner());
+            guard.clone()
+        };
         let mut result = Ok(());
+        let mut stuck = Vec::new();
         for (id, t) in self.threads.drain(..).enumerate() {
-            if t.join().is_err() && result.is_ok() {
-                result = Err(format!("vCPU {id} thread panicked"));
+            if t.thread().id() == me {
+                continue; // detached: it is us
             }
+            if !done[id] {
+                stuck.push(id);
+                continue; // detached
+            }
+            if t.join().is_err() && result.is_ok() {
+                result = Err(ShutdownError::Panicked { vcpu: id });
+            }
+        }
+        if !stuck.is_empty() {
+            self.stuck = true;
+            return Err(ShutdownError::Stuck {
+                vcpus: stuck,
+                bound,
+            });
         }
         result
     }
@@ -397,6 +501,15 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        let _ = self.stop_threads();
+        if let Err(e) = self.stop_threads(SHUTDOWN_BOUND) {
+            log::warn!("{e}");
+        }
+        if self.stuck {
+            // A detached vCPU thread may still enter the guest or touch
+            // its memory: leave the VM (fds and memory) to process exit.
+            return;
+        }
+        // SAFETY: dropped once, here, after every vCPU thread was joined.
+        unsafe { ManuallyDrop::drop(&mut self.kvm) };
     }
 }
