@@ -307,3 +307,68 @@ fn kernel_files_that_cannot_be_booted_are_refused_with_one_sentence() {
     assert_eq!(out.status.code(), Some(2), "--kernel and --guest conflict");
     std::fs::remove_file(junk).unwrap();
 }
+
+/// Finding 9 of the control-plane review: a vCPU blocked writing guest
+/// output to a full stdout pipe (nobody reads it) does not keep brisk from
+/// ending: SIGTERM ends it with status 143, and the stuck vCPU is named.
+#[test]
+fn a_full_stdout_pipe_does_not_keep_brisk_running() {
+    require_kvm!();
+    use std::os::fd::AsRawFd;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .args(["run", "--guest", "flood", "--cpus", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("brisk runs");
+    let out = child.stdout.take().unwrap();
+    // SAFETY: fcntl and ioctl on our own pipe's read end.
+    let size = unsafe { libc::fcntl(out.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    assert!(size > 0);
+    let full = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        unsafe { libc::ioctl(out.as_raw_fd(), libc::FIONREAD, &mut queued) };
+        if queued >= size {
+            break; // the guest's next byte blocks its vCPU thread
+        }
+        assert!(std::time::Instant::now() < full, "the pipe never filled");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "stderr: {err}");
+    assert!(err.contains("vCPU 0 did not stop"), "stderr: {err}");
+    drop(out);
+}
+
+/// The counting guests take their length on the command line.
+#[test]
+fn counting_guests_take_their_length() {
+    require_kvm!();
+    let out = brisk(&[
+        "run",
+        "--guest",
+        "tick=3",
+        "--cpus",
+        "2",
+        "--timeout",
+        "60s",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    for bad in ["tick=0", "tick=x", "hello=2", "pingpong=-1"] {
+        let out = brisk(&["run", "--guest", bad]);
+        assert_eq!(out.status.code(), Some(6), "{bad}");
+        assert_one_sentence(&out);
+    }
+}

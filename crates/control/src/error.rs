@@ -40,7 +40,9 @@ pub enum Error {
     Reentrant { vcpu: usize },
     /// `stop` or `pause_all` called on the vCPU's own thread (an exit
     /// handler, a device, a `run_on` closure): it would wait for itself.
-    #[error("{op}: called on vCPU {vcpu}'s own thread, which cannot park while it waits for itself")]
+    #[error(
+        "{op}: called on vCPU {vcpu}'s own thread, which cannot park while it waits for itself"
+    )]
     OwnThread { op: Op, vcpu: usize },
     /// A `run_on` closure or idle task panicked on the vCPU thread. The
     /// vCPU goes on running: the panic is the controller's, not the guest's.

@@ -9,7 +9,11 @@ pub fn pause_all<'a, G: 'a>(
     vcpus: impl IntoIterator<Item = &'a VcpuCtl<G>> + Clone,
     deadline: Deadline,
 ) -> Result<(), Error> {
-    if let Some(own) = vcpus.clone().into_iter().find(|v| v.on_own_thread().is_some()) {
+    if let Some(own) = vcpus
+        .clone()
+        .into_iter()
+        .find(|v| v.on_own_thread().is_some())
+    {
         return Err(Error::OwnThread {
             op: Op::PauseAll,
             vcpu: own.id(),

@@ -29,7 +29,9 @@ fn an_interrupt_raised_while_parked_wakes_the_guest_after_resume() {
     until("the interrupt to be injected", || {
         vm.shared.injected.load(SeqCst) == 1
     });
-    until("the guest to run past its HLT", || vm.progress() > halted_at);
+    until("the guest to run past its HLT", || {
+        vm.progress() > halted_at
+    });
 }
 
 /// Finding 1, the kick: a Kick posted while parked ends the halt after the
@@ -44,7 +46,9 @@ fn a_kick_posted_while_parked_survives_run_on() {
     assert_eq!(vm.progress(), halted_at);
     assert_eq!(vm.progress(), halted_at);
     vm.ctl.resume();
-    until("the guest to run past its HLT", || vm.progress() > halted_at);
+    until("the guest to run past its HLT", || {
+        vm.progress() > halted_at
+    });
 }
 
 /// Finding 2: completing a split access before a park takes two steps;
@@ -215,7 +219,13 @@ fn stop_and_pause_all_on_the_vcpus_own_thread_fail_at_once() {
             soon(),
         )
         .unwrap();
-    assert_eq!(stop, Err(Error::OwnThread { op: Op::Stop, vcpu: 0 }));
+    assert_eq!(
+        stop,
+        Err(Error::OwnThread {
+            op: Op::Stop,
+            vcpu: 0
+        })
+    );
     assert_eq!(
         pause,
         Err(Error::OwnThread {
@@ -233,7 +243,9 @@ fn stop_and_pause_all_on_the_vcpus_own_thread_fail_at_once() {
 #[test]
 fn a_panicking_closure_is_reported_and_the_vcpu_goes_on() {
     let vm = Running::start_if(Behaviour::Halt);
-    let r = vm.ctl.run_on(|_f: &mut Fake| panic!("controller bug"), soon());
+    let r = vm
+        .ctl
+        .run_on(|_f: &mut Fake| panic!("controller bug"), soon());
     assert_eq!(
         r,
         Err(Error::Panicked {

@@ -441,7 +441,9 @@ fn only_a_kick_or_a_deliverable_interrupt_ends_a_halt() {
     assert_eq!(progress(), halted_at, "stop/resume/run_on woke the guest");
     until("the vCPU to halt again", || vm.ctl.mode() == Mode::Halted);
     vm.ctl.kick(Request::Kick);
-    until("the guest to run past its HLT", || progress() == halted_at + 1);
+    until("the guest to run past its HLT", || {
+        progress() == halted_at + 1
+    });
     vm.shared.raise(&vm.ctl);
     until("the guest to take the interrupt", || {
         progress() == halted_at + 2

@@ -87,7 +87,11 @@ impl std::fmt::Display for ChoiceError {
         match self {
             ChoiceError::Unknown(g) => {
                 let names: Vec<&str> = ALL.iter().map(|g| g.name).collect();
-                write!(f, "unknown guest '{g}' (built-in guests: {})", names.join(", "))
+                write!(
+                    f,
+                    "unknown guest '{g}' (built-in guests: {})",
+                    names.join(", ")
+                )
             }
             ChoiceError::NoParam(g) => write!(f, "guest '{g}' takes no '=N'"),
             ChoiceError::BadValue { guest, value, max } => write!(
@@ -277,6 +281,14 @@ pub const ALL: &[Builtin] = &[
         param: None,
         assemble: programs::flood,
     },
+    Builtin {
+        name: "stress-irq",
+        about: "vCPU i by i mod 4: spins, loops on PIO (ringing vCPU i+2's doorbell every 64 reads), or idles in `sti; hlt` woken only by its timer (500 us) or by doorbell rings; interrupts on throughout, all counted (used by `brisk stress`; needs --irqchip user)",
+        ends: false,
+        user_irqchip: true,
+        param: None,
+        assemble: programs::stress_irq,
+    },
 ];
 
 /// An address with neither RAM nor a device (below the 4 GiB identity map's end).
@@ -328,4 +340,61 @@ pub const fn pvclock(id: usize) -> u64 {
 /// Look up a built-in guest by name.
 pub fn find(name: &str) -> Option<&'static Builtin> {
     ALL.iter().find(|g| g.name == name)
+}
+
+/// What vCPU `id` of the `stress-irq` guest does (the program computes the
+/// same `id % 4`). Every role runs with interrupts enabled (IF=1) once set
+/// up, except inside the interrupt handler; every vector (timer, doorbell,
+/// [`STRESS_RAISE_VECTOR`]) goes to one handler that counts into the
+/// progress counter and into the vCPU's `+8` slot ([`stress_irq_handled`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StressIrqRole {
+    /// Increments its progress counter forever, with no exits of its own.
+    Spin,
+    /// `in` from its counter port, counting each; every
+    /// [`STRESS_IRQ_RING_EVERY`] reads it rings the doorbell of
+    /// [`stress_irq_ring_target`].
+    Pio,
+    /// Programs its timer ([`TICK_VECTOR`], every [`STRESS_IRQ_TIMER_US`]),
+    /// then `sti; hlt` forever: it progresses only through interrupts.
+    TimerHalt,
+    /// `sti; hlt` forever, woken only by doorbell rings (from the PIO vCPUs
+    /// or raised by the stress controller).
+    DoorbellHalt,
+}
+
+/// The role of vCPU `id` in the `stress-irq` guest.
+pub const fn stress_irq_role(id: usize) -> StressIrqRole {
+    match id % 4 {
+        0 => StressIrqRole::Spin,
+        1 => StressIrqRole::Pio,
+        2 => StressIrqRole::TimerHalt,
+        _ => StressIrqRole::DoorbellHalt,
+    }
+}
+
+/// The vCPU whose doorbell `stress-irq`'s PIO vCPU `id` rings (vector
+/// [`DOORBELL_VECTOR`]): `id + 2` (a [`StressIrqRole::DoorbellHalt`] one),
+/// or itself when there is no such vCPU.
+pub const fn stress_irq_ring_target(id: usize, cpus: usize) -> usize {
+    if id + 2 < cpus {
+        id + 2
+    } else {
+        id
+    }
+}
+
+/// The period of the `stress-irq` timer-halt vCPUs' timers, in µs.
+pub const STRESS_IRQ_TIMER_US: u32 = 500;
+/// `stress-irq`'s PIO vCPUs ring a doorbell once per this many reads.
+pub const STRESS_IRQ_RING_EVERY: u32 = 64;
+/// The vector the stress controller raises (the guest handles it like the
+/// others).
+pub const STRESS_RAISE_VECTOR: u8 = 0x22;
+
+/// Where `stress-irq` vCPU `id` counts the interrupts its handler took
+/// (the `+8` slot of its data line, which this guest does not use for
+/// counter reads: `Vm::last_read` reads it).
+pub const fn stress_irq_handled(id: usize) -> u64 {
+    brisk_boot::layout::last_read(id)
 }

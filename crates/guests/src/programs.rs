@@ -400,8 +400,8 @@ const MSR_KVM_SYSTEM_TIME_NEW: u32 = 0x4b56_4d01;
 const PVCLOCK_FLAGS: i32 = 29;
 const PVCLOCK_GUEST_STOPPED: u32 = 2;
 
-/// Enable kvmclock with this vCPU's structure at [`crate::pvclock`], then
-/// spin; each time KVM sets PVCLOCK_GUEST_STOPPED (brisk paused it and told
+/// Enable kvmclock with this vCPU's structure at [`crate::pvclock`] (and
+/// say so with 1 in the per-vCPU `last_read` slot), then spin; each time KVM sets PVCLOCK_GUEST_STOPPED (brisk paused it and told
 /// KVM with KVM_KVMCLOCK_CTRL) clear it and count it in the progress
 /// counter, as Linux's watchdog does.
 pub(crate) fn kvmclock(_n: u64) -> Program {
@@ -415,6 +415,7 @@ pub(crate) fn kvmclock(_n: u64) -> Program {
     a.xor(edx, edx)?;
     a.mov(ecx, MSR_KVM_SYSTEM_TIME_NEW)?;
     a.wrmsr()?;
+    a.mov(qword_ptr(rbx + 8), 1)?; // "kvmclock is on", for the host
     let (mut l, mut seen) = (a.create_label(), a.create_label());
     a.set_label(&mut l)?;
     a.test(byte_ptr(r14 + PVCLOCK_FLAGS), PVCLOCK_GUEST_STOPPED as i32)?;
@@ -443,5 +444,95 @@ pub(crate) fn flood(_n: u64) -> Program {
     uart.emit(&mut a)?;
     a.set_label(&mut msg)?;
     a.db(b"flood: the quick brown fox jumps over the lazy dog\n\0")?;
+    asm::finish(a)
+}
+
+/// vCPU i by i mod 4 ([`crate::stress_irq_role`]): spin, PIO loop ringing
+/// a doorbell every [`crate::STRESS_IRQ_RING_EVERY`] reads, `sti; hlt`
+/// woken by its own periodic timer, or `sti; hlt` woken by doorbell rings.
+/// Interrupts stay enabled; the timer, doorbell and stress vectors share
+/// one handler that counts into the progress counter and into `+8`.
+pub(crate) fn stress_irq(_n: u64) -> Program {
+    let mut a = asm::new()?;
+    let mut handler = a.create_label();
+    let (mut spin, mut pio, mut timer, mut halt) = (
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+        a.create_label(),
+    );
+    asm::vcpu_data_to_rbx(&mut a)?;
+    a.mov(r15, rbx)?;
+    for vector in [TICK_VECTOR, DOORBELL_VECTOR, crate::STRESS_RAISE_VECTOR] {
+        asm::idt_gate(&mut a, vector, handler)?;
+    }
+    asm::load_idt(&mut a)?;
+    // role = rdi % 4 (crate::stress_irq_role says the same)
+    a.mov(eax, edi)?;
+    a.and(eax, 3)?;
+    a.jz(spin)?;
+    a.cmp(eax, 1)?;
+    a.je(pio)?;
+    a.cmp(eax, 2)?;
+    a.je(timer)?;
+    a.jmp(halt)?;
+
+    a.set_label(&mut spin)?;
+    a.sti()?;
+    let mut spin_loop = a.create_label();
+    a.set_label(&mut spin_loop)?;
+    a.inc(qword_ptr(rbx))?;
+    a.jmp(spin_loop)?;
+
+    // ebp = the ring: (target << 8) | vector, target as in
+    // crate::stress_irq_ring_target.
+    a.set_label(&mut pio)?;
+    let mut target_ok = a.create_label();
+    a.lea(rax, ptr(rdi + 2))?;
+    a.cmp(rax, rsi)?;
+    a.jb(target_ok)?;
+    a.mov(rax, rdi)?;
+    a.set_label(&mut target_ok)?;
+    a.shl(eax, 8)?;
+    a.or(eax, DOORBELL_VECTOR as i32)?;
+    a.mov(ebp, eax)?;
+    asm::counter_port_to_edx(&mut a)?;
+    a.mov(r8d, edx)?;
+    a.sti()?;
+    let (mut batch, mut read) = (a.create_label(), a.create_label());
+    a.set_label(&mut batch)?;
+    a.mov(ecx, crate::STRESS_IRQ_RING_EVERY)?;
+    a.set_label(&mut read)?;
+    a.in_(eax, dx)?;
+    a.inc(qword_ptr(rbx))?;
+    a.dec(ecx)?;
+    a.jnz(read)?;
+    a.mov(eax, ebp)?;
+    a.mov(edx, ports::DOORBELL as u32)?;
+    a.out(dx, eax)?;
+    a.mov(edx, r8d)?;
+    a.jmp(batch)?;
+
+    // This vCPU's timer: vector, then period (starts it); then halt.
+    a.set_label(&mut timer)?;
+    a.mov(edx, edi)?;
+    a.shl(edx, 3)?;
+    a.add(edx, ports::TIMER as i32)?;
+    a.mov(al, TICK_VECTOR as u32)?;
+    a.out(dx, al)?;
+    a.add(edx, 4)?;
+    a.mov(eax, crate::STRESS_IRQ_TIMER_US)?;
+    a.out(dx, eax)?;
+
+    // Idle with interrupts on: only an interrupt gets past the HLT.
+    a.set_label(&mut halt)?;
+    a.sti()?;
+    a.hlt()?;
+    a.jmp(halt)?;
+
+    a.set_label(&mut handler)?;
+    a.inc(qword_ptr(r15))?;
+    a.inc(qword_ptr(r15 + 8))?;
+    a.iretq()?;
     asm::finish(a)
 }

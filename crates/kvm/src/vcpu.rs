@@ -182,6 +182,11 @@ impl KvmVcpu {
         &self.fd
     }
 
+    /// Whether this host's KVM lets a park be reported to kvmclock.
+    pub fn can_stop_clock(&self) -> bool {
+        self.kvmclock_ctrl
+    }
+
     /// How many parks were reported to the guest's kvmclock
     /// (KVM_KVMCLOCK_CTRL succeeded: the guest has kvmclock enabled).
     pub fn clock_stops(&self) -> u64 {
@@ -212,7 +217,10 @@ impl KvmVcpu {
             io.data_offset as usize,
             io.size as usize * io.count as usize,
         );
-        if offset.checked_add(len).is_none_or(|end| end > self.run_size) {
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > self.run_size)
+        {
             return &mut [];
         }
         // SAFETY: `offset + len` lies inside the `run_size` bytes mapped at
@@ -224,7 +232,10 @@ impl KvmVcpu {
     /// The data of the last MMIO exit (at most 8 bytes); empty unless the
     /// last exit was MMIO.
     pub fn mmio_data(&mut self) -> &mut [u8] {
-        if !matches!(self.last, Some(Exit::MmioRead { .. } | Exit::MmioWrite { .. })) {
+        if !matches!(
+            self.last,
+            Some(Exit::MmioRead { .. } | Exit::MmioWrite { .. })
+        ) {
             return &mut [];
         }
         // SAFETY: the last exit was KVM_EXIT_MMIO, so the `mmio` member is

@@ -29,7 +29,9 @@ pub use output::{Capture, Output};
 pub use vm::{Machine, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;
-pub use brisk_kvm::{Error as KvmError, Exit, InterruptStats, Irqchip, KvmVcpu, Mwait};
+pub use brisk_kvm::{
+    kick_signal, Error as KvmError, Exit, InterruptStats, Irqchip, KvmVcpu, Mwait,
+};
 
 /// A vCPU's control block as the VMM uses it.
 pub type Vcpu = brisk_control::VcpuCtl<KvmVcpu>;

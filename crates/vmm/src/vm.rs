@@ -468,9 +468,7 @@ impl Vm {
             let (guard, _) = self
                 .finished
                 .cv
-                .wait_timeout_while(guard, bound, |d| {
-                    !all_done(d) && Instant::now() < deadline
-                })
+                .wait_timeout_while(guard, bound, |d| !all_done(d) && Instant::now() < deadline)
                 .unwrap_or_else(|p| p.into_inner());
             guard.clone()
         };

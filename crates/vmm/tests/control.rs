@@ -184,13 +184,12 @@ fn racing_kickers_signal_each_guest_entry_at_most_once() {
     // Only the kicker that moves InGuest -> Exiting signals, and only the
     // vCPU publishes InGuest: at most one signal per publication (plus the
     // one already published when the window opened).
+    // (How far racing kicks coalesce depends on the scheduler; the exact
+    // property, 800 racing kicks on one entry -> one signal, is tested on
+    // the stand-in: crates/control/tests/standin.rs.)
     assert!(
         sent <= published + 1,
         "{sent} signals for {published} InGuest publications"
-    );
-    assert!(
-        sent < kicks / 2,
-        "racing kicks coalesce: {sent} signals for {kicks} kicks"
     );
     drop(vm);
 }

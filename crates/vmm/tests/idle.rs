@@ -82,7 +82,15 @@ fn one_epoll_set_sees_every_vcpu_halt_park_and_exit() {
     assert!(!watch.wait(10_000).is_empty());
     vm.vcpu(0).kick(Request::Kick);
     wait_progress(&vm, 0, 0);
+    // The control blocks (and their eventfds) outlive the VM's threads.
+    let ctls = vm.vcpus().to_vec();
     vm.shutdown().unwrap();
+    let mut ready = watch.wait(10_000);
+    ready.sort_unstable();
+    assert!(!ready.is_empty(), "exit left the epoll set silent");
+    for v in &ctls {
+        assert_eq!(v.state(), VcpuState::Exited);
+    }
 }
 
 #[test]
@@ -158,7 +166,10 @@ fn idle_tasks_use_halted_vcpus_and_leave_running_ones_alone() {
         .unwrap();
     let short = brisk_vmm::control::Deadline::after(std::time::Duration::from_millis(200));
     assert!(
-        ticket.wait(short).is_err(),
+        matches!(
+            ticket.wait(short),
+            Err(brisk_vmm::control::Error::Timeout { .. })
+        ),
         "an idle task ran while the guest was spinning"
     );
     assert_eq!(vm.vcpu(0).counters().snapshot().idle_tasks, 0);

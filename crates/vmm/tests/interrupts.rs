@@ -126,6 +126,6 @@ fn interrupt_guests_refuse_the_kernel_irqchip() {
         irqchip: Irqchip::Kernel,
         ..Default::default()
     };
-    let err = config.validate().err().expect("refused");
+    let err = config.validate().expect_err("refused");
     assert!(err.to_string().contains("--irqchip user"), "{err}");
 }

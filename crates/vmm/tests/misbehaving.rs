@@ -144,9 +144,10 @@ fn hlt_with_interrupts_off_forever_stays_stoppable() {
 fn a_panicking_run_on_closure_is_reported_and_the_vm_runs_on() {
     require_kvm!();
     let vm = start("spin", 3, Irqchip::User);
-    let r = vm
-        .vcpu(1)
-        .run_on(|_v: &mut brisk_vmm::KvmVcpu| -> u64 { panic!("deliberate test panic") }, soon());
+    let r = vm.vcpu(1).run_on(
+        |_v: &mut brisk_vmm::KvmVcpu| -> u64 { panic!("deliberate test panic") },
+        soon(),
+    );
     assert_eq!(
         r,
         Err(brisk_vmm::control::Error::Panicked {
