@@ -4,17 +4,21 @@
 //!
 //! [`routes`] is the whole API as a pure function of (method, path, body)
 //! over a running VM; [`ApiServer`] serves it on a socket from its own
-//! thread (which never blocks a vCPU thread: pause and resume go through
-//! the control plane, which only ever waits on the API's side);
+//! thread (hyper on a current-thread tokio runtime, with limits on every
+//! size and wait; it never blocks a vCPU thread: pause and resume go
+//! through the control plane, which only ever waits on the API's side);
 //! [`client`] is what `brisk ctl` speaks.
 
 pub mod client;
+mod deadline_io;
 mod prometheus;
 pub mod routes;
 mod server;
+mod socket;
 
 pub use routes::{Api, Reply};
-pub use server::{ApiServer, SocketError};
+pub use server::{ApiServer, IO_BOUND, MAX_CONNECTIONS, MAX_HEAD, MAX_HEADERS};
+pub use socket::SocketError;
 
 /// Largest request body accepted; larger ones get 413.
 pub const MAX_BODY: usize = 64 * 1024;

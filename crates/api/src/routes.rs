@@ -29,6 +29,24 @@ pub struct Reply {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    /// Close the connection after this reply (its body was not read).
+    pub close: bool,
+}
+
+/// A path as it may appear in a message: at most 100 characters.
+pub fn shorten(path: &str) -> String {
+    match path.char_indices().nth(100) {
+        Some((at, _)) => format!("{}... ({} bytes)", &path[..at], path.len()),
+        None => path.to_string(),
+    }
+}
+
+/// The body of `vcpu.kick`. serde refuses unknown and duplicate fields and
+/// names the value it could not take (`{"id": -1}` is not a vCPU index).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KickBody {
+    id: u64,
 }
 
 impl Reply {
@@ -37,6 +55,7 @@ impl Reply {
             status,
             content_type: "application/json",
             body: v.to_string(),
+            close: false,
         }
     }
 
@@ -45,6 +64,7 @@ impl Reply {
             status: 204,
             content_type: "application/json",
             body: String::new(),
+            close: false,
         }
     }
 
@@ -73,7 +93,7 @@ impl Api {
     pub fn handle(&self, method: &str, path: &str, body: &[u8], accept: Option<&str>) -> Reply {
         let path = path.split('?').next().unwrap_or(path);
         let Some(&(_, allowed)) = PATHS.iter().find(|(p, _)| *p == path) else {
-            return Reply::error(404, format!("no such path: {path}"));
+            return Reply::error(404, format!("no such path: {}", shorten(path)));
         };
         if method != allowed {
             return Reply::error(405, format!("{path} takes {allowed}, not {method}"));
@@ -146,6 +166,7 @@ impl Api {
                 status: 200,
                 content_type: "text/plain; version=0.0.4",
                 body: prometheus::render(&snapshots, self.vm.unclaimed_accesses()),
+                close: false,
             };
         }
         let vcpus: Vec<Value> = snapshots
@@ -221,24 +242,29 @@ impl Api {
     }
 
     fn kick(&self, body: &[u8]) -> Reply {
-        let v: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
+        match serde_json::from_slice::<Value>(body) {
+            Ok(v) if v.is_object() => {}
+            Ok(_) => return Reply::error(400, "body must be an object like {\"id\": 0}"),
+            Err(e) => return Reply::error(400, format!("body is not JSON: {e}")),
+        }
+        // Again, typed: unknown, duplicate and ill-typed fields are named.
+        let kick: KickBody = match serde_json::from_slice(body) {
+            Ok(k) => k,
+            Err(e) if e.is_data() => {
+                return Reply::error(
+                    400,
+                    format!("body must be {{\"id\": N}} with N a vCPU index: {e}"),
+                )
+            }
             Err(e) => return Reply::error(400, format!("body is not JSON: {e}")),
         };
-        let Some(obj) = v.as_object() else {
-            return Reply::error(400, "body must be an object like {\"id\": 0}");
-        };
-        if let Some(k) = obj.keys().find(|k| *k != "id") {
-            return Reply::error(400, format!("unknown field '{k}'"));
-        }
         let n = self.vm.vcpus().len();
-        match obj.get("id").and_then(Value::as_u64) {
-            Some(id) if (id as usize) < n => {
-                self.vm.vcpu(id as usize).kick(Request::Kick);
+        match usize::try_from(kick.id) {
+            Ok(id) if id < n => {
+                self.vm.vcpu(id).kick(Request::Kick);
                 Reply::no_content()
             }
-            Some(id) => Reply::error(400, format!("no vCPU {id}: this VM has {n}")),
-            None => Reply::error(400, "field 'id' (a vCPU index) is required"),
+            _ => Reply::error(400, format!("no vCPU {}: this VM has {n}", kick.id)),
         }
     }
 }

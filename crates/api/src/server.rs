@@ -1,140 +1,253 @@
-//! Serving the API on a Unix socket from one thread.
+//! Serving the API on a Unix socket: hyper 1.x (HTTP/1.1) on a tokio
+//! current-thread runtime inside brisk's one API thread.
+//!
+//! Why hyper: it is the most widely used and best kept HTTP implementation
+//! in Rust, it never allocates for a length a client merely claims, and it
+//! has the limits a VMM's attack surface needs (header bytes and count, a
+//! header read timeout); its connections are tasks, so a stalled client
+//! costs a task and a slot, never the thread. axum adds routing this API
+//! does not need (seven fixed paths, already a pure function in
+//! `routes.rs`), so it is not used.
+//!
+//! Limits: request head <= 16 KiB and <= 64 headers; body <= 64 KiB,
+//! enforced while reading (a larger Content-Length is refused before a
+//! byte is read); every read and write of a connection fails after
+//! waiting 10 s (a stalled or idle client is disconnected); at most 128
+//! connections at once (more are answered 503 and closed); accept errors
+//! (EMFILE...) back off and retry, never end the accept loop. Shutdown
+//! stops accepting, lets requests in flight finish and reply (bounded),
+//! then closes what is left.
 
-use std::fmt;
-use std::io::Read;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::convert::Infallible;
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use brisk_vmm::Vm;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::UnixStream;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
+use crate::deadline_io::DeadlineIo;
+use crate::socket::{SocketError, SocketFile};
 use crate::{Api, Reply, MAX_BODY};
 
-/// The socket could not be set up.
-#[derive(Debug)]
-pub enum SocketError {
-    /// Another process is serving on this path.
-    InUse(PathBuf),
-    Io(PathBuf, std::io::Error),
-}
+/// Largest request line plus headers.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most headers in one request.
+pub const MAX_HEADERS: usize = 64;
+/// How long one read or write of a connection may wait (also the idle
+/// keep-alive bound and the time a client has to send its headers).
+pub const IO_BOUND: Duration = Duration::from_secs(10);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 128;
+/// How long shutdown waits for requests in flight to be answered.
+const GRACE: Duration = Duration::from_millis(500);
+/// After an accept error (EMFILE: out of fds), wait before the next try.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-impl fmt::Display for SocketError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SocketError::InUse(p) => write!(
-                f,
-                "{} is in use by a running server; choose another --api-socket",
-                p.display()
-            ),
-            SocketError::Io(p, e) => write!(f, "API socket {}: {e}", p.display()),
-        }
-    }
-}
-
-impl std::error::Error for SocketError {}
-
-/// The API server. Dropping it stops its thread and removes the socket.
+/// The API server. Dropping it stops its thread (bounded) and removes the
+/// socket.
 pub struct ApiServer {
-    server: Option<Arc<tiny_http::Server>>,
+    shutdown: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
-    path: PathBuf,
+    socket: SocketFile,
 }
 
 impl ApiServer {
-    /// Serve `vm` on a new socket at `path` (mode 0600). A stale socket
-    /// file (nobody listening) is replaced; a live one is refused.
+    /// Serve `vm` on a new socket at `path` (mode 0600). A stale socket of
+    /// a brisk that is gone is replaced; a live one, or anything that is not
+    /// a socket, is refused.
     pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, SocketError> {
-        let io = |e| SocketError::Io(path.to_path_buf(), e);
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(SocketError::InUse(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(io)?;
-        }
-        // SAFETY: umask only swaps the process's file-creation mask; it is
-        // restored right after the bind so the socket is born 0600.
-        let old = unsafe { libc::umask(0o177) };
-        let listener = UnixListener::bind(path);
-        // SAFETY: as above.
-        unsafe { libc::umask(old) };
-        let listener = listener.map_err(io)?;
-        let server = tiny_http::Server::from_listener(listener, None).map_err(|e| {
-            SocketError::Io(path.to_path_buf(), std::io::Error::other(e.to_string()))
-        })?;
-        let server = Arc::new(server);
-        let api = Api::new(vm);
-        let s = server.clone();
+        let io = |err| SocketError::Io {
+            path: path.to_path_buf(),
+            err,
+        };
+        let (socket, listener) = SocketFile::claim(path)?;
+        listener.set_nonblocking(true).map_err(io)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(io)?;
+        let (shutdown, stop) = watch::channel(false);
+        let api = Arc::new(Api::new(vm));
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                // recv fails once `unblock` is called: the server is closing.
-                while let Ok(request) = s.recv() {
-                    serve(&api, request);
-                }
+                runtime.block_on(async move {
+                    match tokio::net::UnixListener::from_std(listener) {
+                        Ok(l) => serve(l, api, stop).await,
+                        Err(e) => log::error!("API socket: {e}"),
+                    }
+                })
             })
             .map_err(io)?;
         Ok(ApiServer {
-            server: Some(server),
+            shutdown,
             thread: Some(thread),
-            path: path.to_path_buf(),
+            socket,
         })
     }
 
     /// Where it listens.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.socket.path()
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        if let Some(server) = self.server.take() {
-            server.unblock();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-            // tiny_http's own drop connects to the path to wake its accept
-            // thread, so the file goes only after the server.
-            drop(server);
+        let _ = self.shutdown.send(true);
+        if let Some(t) = self.thread.take() {
+            // Bounded: the loop ends GRACE after the signal (plus at most
+            // one handler, itself bounded by its pause deadline).
+            let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        // `socket` (a field) then removes the file, if it is still ours.
     }
 }
 
-fn serve(api: &Api, mut request: tiny_http::Request) {
-    let method = request.method().as_str().to_string();
-    let url = request.url().to_string();
-    let accept = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Accept"))
-        .map(|h| h.value.as_str().to_string());
-    let reply = if request.body_length().is_some_and(|n| n > MAX_BODY) {
-        Reply::error(413, format!("body larger than {MAX_BODY} bytes"))
-    } else {
-        let mut body = Vec::new();
-        match request
-            .as_reader()
-            .take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut body)
-        {
-            Err(e) => Reply::error(400, format!("could not read the body: {e}")),
-            Ok(_) if body.len() > MAX_BODY => {
-                Reply::error(413, format!("body larger than {MAX_BODY} bytes"))
+async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut tasks = JoinSet::new();
+    let mut logged_accept_error = false;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let (api, stop) = (api.clone(), stop.clone());
+                        tasks.spawn(async move {
+                            connection(stream, api, stop).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        tasks.spawn(busy(stream));
+                    }
+                },
+                Err(e) => {
+                    // Out of fds (EMFILE/ENFILE) or a connection reset
+                    // before we took it: back off, keep accepting.
+                    if !logged_accept_error {
+                        log::warn!("API: accepting a connection failed: {e} (retrying)");
+                        logged_accept_error = true;
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    // Connections saw `stop` too: they finish the request in flight, reply
+    // with `Connection: close`, and end. What is left after GRACE is closed.
+    let _ = tokio::time::timeout(GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    tasks.abort_all();
+}
+
+/// One connection, until the client closes, a limit ends it, or shutdown.
+async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let io = TokioIo::new(DeadlineIo::new(stream, IO_BOUND));
+    let service = hyper::service::service_fn(move |req| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(respond(&api, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(IO_BOUND)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                log::debug!("API connection: {e}");
             }
-            Ok(_) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                api.handle(&method, &url, &body, accept.as_deref())
-            }))
-            .unwrap_or_else(|_| Reply::error(500, "internal error handling the request")),
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Over the connection cap: a 503, written without waiting on the client.
+async fn busy(stream: UnixStream) {
+    let body = format!(
+        "{{\"error\":\"brisk is serving {MAX_CONNECTIONS} API connections already; retry later\"}}"
+    );
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // A full socket buffer means the client will not read it: just close.
+    let _ = stream.try_write(reply.as_bytes());
+}
+
+async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = req.method().as_str().to_string();
+    let path = req.uri().path().to_string();
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let claimed = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let reply = if claimed.is_some_and(|n| n > MAX_BODY as u64) {
+        // Refused before reading: nothing is allocated for the claim, and
+        // the connection closes (its body is never drained).
+        let mut r = Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
+        r.close = true;
+        r
+    } else {
+        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(body) => {
+                let body = body.to_bytes();
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    api.handle(&method, &path, &body, accept.as_deref())
+                }))
+                .unwrap_or_else(|_| Reply::error(500, "internal error handling the request"))
+            }
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                let mut r = Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
+                r.close = true;
+                r
+            }
+            Err(e) => {
+                let mut r = Reply::error(400, format!("could not read the body: {e}"));
+                r.close = true;
+                r
+            }
         }
     };
-    log::debug!("API {method} {url} -> {}", reply.status);
-    let content_type = tiny_http::Header::from_bytes("Content-Type", reply.content_type)
-        .expect("static header is valid");
-    let response = tiny_http::Response::from_string(reply.body)
-        .with_status_code(reply.status)
-        .with_header(content_type);
-    // The client may have gone; nothing to do about it.
-    let _ = request.respond(response);
+    log::debug!("API {method} {} -> {}", crate::routes::shorten(&path), reply.status);
+    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+    *response.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
+    if reply.close {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }

@@ -1,5 +1,8 @@
-//! SIGINT/SIGTERM: turn them into a readable eventfd the main thread polls,
-//! so Ctrl-C stops the vCPUs and exits cleanly.
+//! SIGINT, SIGTERM, SIGHUP and SIGQUIT: turn them into a readable eventfd
+//! the main thread polls, so Ctrl-C, `kill` or a hung-up terminal stop the
+//! vCPUs and exit cleanly (socket removed). Each handler is one-shot
+//! (SA_RESETHAND): a second signal of the same kind takes its default
+//! action and ends brisk at once, whatever it is waiting for.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -33,9 +36,20 @@ pub fn install() -> std::io::Result<RawFd> {
         }
     };
     FD.store(event.as_raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        vmm_sys_util::signal::register_signal_handler(sig, on_signal)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: a zeroed sigaction is valid to start from; the handler is
+        // an `extern "C"` fn of the SA_SIGINFO signature that only stores
+        // an atomic and calls write(2), both async-signal-safe.
+        let r = unsafe {
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = on_signal as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART | libc::SA_RESETHAND;
+            libc::sigemptyset(&mut act.sa_mask);
+            libc::sigaction(sig, &act, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(event.as_raw_fd())
 }

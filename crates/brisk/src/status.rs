@@ -37,7 +37,8 @@ Exit status:
   8      the guest crashed (triple fault, emulation failure, unhandled exit)
   10     --timeout passed with the guest still running
   12     internal VMM failure (a KVM call or a vCPU thread failed)
-  130    stopped by SIGINT (Ctrl-C); 143 by SIGTERM";
+  128+n  stopped by signal n, cleanly (vCPUs stopped, API socket removed): 130 SIGINT
+         (Ctrl-C), 143 SIGTERM, 129 SIGHUP, 131 SIGQUIT; a second signal ends brisk at once";
 
 /// Status for a VM that ran and ended.
 pub fn for_end(end: &VmEnd, signal: i32) -> i32 {

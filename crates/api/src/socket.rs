@@ -1,0 +1,144 @@
+//! The API socket's file: claimed under a lock, never replacing anything
+//! but a stale socket of ours, and removed on exit only while it is still
+//! the one we bound.
+//!
+//! `PATH.lock` is held (flock) for the life of the socket and removed with
+//! it. Whoever holds it owns `PATH`: a second brisk on the same path finds
+//! the lock taken and refuses, so two instances can never remove each
+//! other's socket; a socket left by a brisk that died (lock free, nothing
+//! listening) is replaced, and so is the lock file it left.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// The socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Another process is serving on this path (or holds its lock).
+    #[error("{} is in use by another brisk; choose another --api-socket", .0.display())]
+    InUse(PathBuf),
+    /// Something that is not a socket is at the path: never removed.
+    #[error("{} exists and is not a socket (it is {kind}); brisk will not replace it: choose another --api-socket", .path.display())]
+    NotASocket { path: PathBuf, kind: &'static str },
+    #[error("API socket {}: {err}", .path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        err: std::io::Error,
+    },
+}
+
+/// A bound socket file and its lock.
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    /// Identity of the socket we bound, to remove only that one.
+    ino: (u64, u64),
+    lock: File,
+    lock_path: PathBuf,
+}
+
+fn kind(t: std::fs::FileType) -> &'static str {
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "a regular file"
+    }
+}
+
+impl SocketFile {
+    /// Lock `PATH.lock`, check what is at `path`, bind a new socket there
+    /// (mode 0600).
+    pub(crate) fn claim(path: &Path) -> Result<(SocketFile, UnixListener), SocketError> {
+        let io = |err| SocketError::Io {
+            path: path.to_path_buf(),
+            err,
+        };
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&lock_path)
+            .map_err(io)?;
+        // SAFETY: flock on a file we own; LOCK_NB never blocks.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(SocketError::InUse(path.to_path_buf()));
+        }
+        // The owner removes the lock file (under the lock) as it exits: a
+        // lock won on a file that is no longer at the path is worthless.
+        let held = lock.metadata().map_err(io)?;
+        if !std::fs::symlink_metadata(&lock_path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino()))
+        {
+            return Err(SocketError::InUse(path.to_path_buf()));
+        }
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => {
+                // Ours to replace only if nobody serves on it.
+                if UnixStream::connect(path).is_ok() {
+                    return Err(SocketError::InUse(path.to_path_buf()));
+                }
+                std::fs::remove_file(path).map_err(io)?;
+            }
+            Ok(m) => {
+                return Err(SocketError::NotASocket {
+                    path: path.to_path_buf(),
+                    kind: kind(m.file_type()),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        // SAFETY: umask only swaps the process's file-creation mask; it is
+        // restored right after the bind so the socket is born 0600.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = listener.map_err(io)?;
+        let m = std::fs::symlink_metadata(path).map_err(io)?;
+        Ok((
+            SocketFile {
+                path: path.to_path_buf(),
+                ino: (m.dev(), m.ino()),
+                lock,
+                lock_path: lock_path.into(),
+            },
+            listener,
+        ))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        // Only the socket we bound: if someone replaced it, it is theirs.
+        if std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == self.ino)
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        // Still holding the lock: a brisk that opened the lock file before
+        // this unlink finds, after its flock, that it is no longer at the
+        // path, and refuses. Then the lock goes with the file.
+        let _ = std::fs::remove_file(&self.lock_path);
+        let _ = &self.lock;
+    }
+}
