@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use brisk_vmm::seccomp::ThreadKind;
 use brisk_vmm::Vm;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -77,10 +78,15 @@ impl ApiServer {
             .build()
             .map_err(io)?;
         let (shutdown, stop) = watch::channel(false);
+        let policy = vm.seccomp();
         let api = Arc::new(Api::new(vm));
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                if let Err(e) = brisk_vmm::seccomp::install(ThreadKind::Api, policy) {
+                    log::error!("API thread: cannot install its seccomp filter: {e}; not serving");
+                    return;
+                }
                 runtime.block_on(async move {
                     match tokio::net::UnixListener::from_std(listener) {
                         Ok(l) => serve(l, api, stop).await,
@@ -150,10 +156,7 @@ async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watc
     drop(listener);
     // Connections saw `stop` too: they finish the request in flight, reply
     // with `Connection: close`, and end. What is left after GRACE is closed.
-    let _ = tokio::time::timeout(GRACE, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let _ = tokio::time::timeout(GRACE, async { while tasks.join_next().await.is_some() {} }).await;
     tasks.abort_all();
 }
 
@@ -237,7 +240,11 @@ async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             }
         }
     };
-    log::debug!("API {method} {} -> {}", crate::routes::shorten(&path), reply.status);
+    log::debug!(
+        "API {method} {} -> {}",
+        crate::routes::shorten(&path),
+        reply.status
+    );
     let mut response = Response::new(Full::new(Bytes::from(reply.body)));
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use brisk_vmm::seccomp::ThreadKind;
 use brisk_vmm::{Irqchip, Output, Vm, VmConfig, VmEnd};
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -27,8 +28,10 @@ enum Command {
     /// List the built-in guests.
     Guests,
     /// Stress the vCPU control plane: random kick/stop/resume/pause_all/
-    /// run_on/run_on_async from several threads against spinning, PIO-looping
-    /// and halted vCPUs; checks every deadline and counter.
+    /// run_on/run_on_async/switch_to (and, with stress-irq, interrupt raises
+    /// and idle tasks) from several threads against spinning, PIO-looping and
+    /// halted vCPUs; checks every deadline and counter, and that no raised
+    /// interrupt stays pending past the deadline on a running vCPU.
     #[command(
         after_help = "Exit status: 0 when every property held, 14 when one failed, 4/6/12 as for `run`."
     )]
@@ -110,20 +113,28 @@ enum BenchWhich {
 
 #[derive(clap::Args, Debug)]
 struct StressArgs {
+    /// The guest: stress-irq (user irqchip only: vCPU i by i mod 4 spins or
+    /// loops on PIO with interrupts on, or idles in `sti; hlt` woken only by
+    /// its timer or by doorbell rings) or stress (vCPU i spins, loops on PIO
+    /// or halts with interrupts off, by i mod 3). Default: stress-irq with
+    /// --irqchip user, stress with --irqchip kernel.
+    #[arg(long, value_parser = ["stress-irq", "stress"])]
+    guest: Option<String>,
     /// Operations in total, over all controller threads.
     #[arg(long, default_value_t = 100_000)]
     ops: u64,
     /// Seed of the random choices (same seed, same choices per controller).
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// vCPUs (vCPU i spins, loops on PIO or halts, by i mod 3).
+    /// vCPUs (their roles: see --guest).
     #[arg(long, default_value_t = 4)]
     cpus: usize,
     /// Controller threads issuing operations.
     #[arg(long, default_value_t = 2)]
     controllers: usize,
-    /// Bound on every synchronous operation (e.g. 5s).
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    /// Bound on every synchronous operation, and on how long a raised
+    /// interrupt may stay pending on a running vCPU (e.g. 5s).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
     deadline: Duration,
     /// Where HLT is handled (see `brisk run --help`).
     #[arg(long, value_enum, default_value_t = IrqchipArg::User)]
@@ -142,7 +153,7 @@ struct RunArgs {
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     memory: u64,
     /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
-    #[arg(long, value_parser = humantime::parse_duration)]
+    #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
     /// Where HLT and interrupts are handled: `user` (HLT exits to brisk,
     /// which halts the vCPU in user space and injects interrupts itself;
@@ -171,6 +182,29 @@ struct RunArgs {
     /// socket, created 0600 and removed on exit.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<std::path::PathBuf>,
+    /// Per-thread seccomp filters (docs/seccomp.md): `on` (a forbidden
+    /// system call is named on stderr and ends brisk, status 12), `log`
+    /// (allowed, logged by the kernel) or `off`.
+    #[arg(long, value_enum, default_value_t = SeccompArg::On)]
+    seccomp: SeccompArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum SeccompArg {
+    On,
+    Log,
+    Off,
+}
+
+impl From<SeccompArg> for brisk_vmm::seccomp::Seccomp {
+    fn from(a: SeccompArg) -> Self {
+        use brisk_vmm::seccomp::Seccomp;
+        match a {
+            SeccompArg::On => Seccomp::Trap,
+            SeccompArg::Log => Seccomp::Log,
+            SeccompArg::Off => Seccomp::Off,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -218,6 +252,22 @@ impl From<IrqchipArg> for Irqchip {
             IrqchipArg::Kernel => Irqchip::Kernel,
         }
     }
+}
+
+/// The longest duration brisk takes: a century. Longer ones (which would
+/// overflow the clock) are a command-line error, not a panic.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Parse `10s`, `500ms`, `2m`... (humantime), up to [`MAX_DURATION`].
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("'{s}' is not a duration like 10s or 500ms: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!(
+            "'{s}' is longer than brisk waits for (at most 100 years)"
+        ));
+    }
+    Ok(d)
 }
 
 /// Parse `64M`, `2G`, `512K` or a plain number of bytes.
@@ -298,17 +348,26 @@ fn bench(args: BenchArgs) -> i32 {
 }
 
 fn stress(args: StressArgs) -> i32 {
-    let config = brisk_vmm::stress::StressConfig {
+    use brisk_vmm::stress::{StressConfig, StressGuest};
+    let irqchip: Irqchip = args.irqchip.into();
+    let guest = match args.guest.as_deref() {
+        // clap accepts only the two names.
+        Some(name) => StressGuest::from_name(name).expect("a stress guest"),
+        None => StressGuest::for_irqchip(irqchip),
+    };
+    let config = StressConfig {
         ops: args.ops,
         seed: args.seed,
         cpus: args.cpus,
         controllers: args.controllers,
-        irqchip: args.irqchip.into(),
+        irqchip,
+        guest: Some(guest),
         deadline: args.deadline,
     };
     if let Err(e) = (VmConfig {
-        guest: "stress".into(),
+        guest: guest.name().into(),
         cpus: args.cpus,
+        irqchip,
         ..VmConfig::default()
     })
     .validate()
@@ -351,6 +410,7 @@ fn run(args: RunArgs) -> i32 {
             cmdline: args.cmdline,
             initrd: args.initrd,
         }),
+        seccomp: args.seccomp.into(),
     };
     let interrupt = match signals::install() {
         Ok(fd) => fd,
@@ -359,11 +419,16 @@ fn run(args: RunArgs) -> i32 {
             return status::INTERNAL;
         }
     };
-    let vm = match Vm::start(&config, Output::Stdout) {
+    // The --timeout clock and the signals cover loading the guest too.
+    let deadline = args
+        .timeout
+        .and_then(|t| std::time::Instant::now().checked_add(t));
+    let abort = || signals::last() != 0 || deadline.is_some_and(|d| std::time::Instant::now() >= d);
+    let vm = match Vm::start_with_abort(&config, Output::Stdout, &abort) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("brisk: {e}");
-            return status::for_start_error(&e);
+            return status::for_start_error(&e, signals::last());
         }
     };
     let vm = std::sync::Arc::new(vm);
@@ -378,6 +443,13 @@ fn run(args: RunArgs) -> i32 {
             }
         },
     };
+    // Everything is set up: from here on the main thread only waits and
+    // tears down.
+    if let Err(e) = brisk_vmm::seccomp::install(ThreadKind::Main, config.seccomp) {
+        eprintln!("brisk: cannot install the main thread's seccomp filter: {e}");
+        vm.request_shutdown();
+        return finish(vm, api, status::INTERNAL);
+    }
     // Logged once the vCPUs run and the API (if any) answers.
     log::info!(
         "guest '{}' running on {} vCPUs ({:?} irqchip)",
@@ -385,7 +457,8 @@ fn run(args: RunArgs) -> i32 {
         config.cpus,
         config.irqchip
     );
-    let end = vm.wait(args.timeout, Some(interrupt));
+    let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+    let end = vm.wait(left, Some(interrupt));
     let code = status::for_end(&end, signals::last());
     match &end {
         VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::ShutdownRequested => log::info!("{end}"),

@@ -52,10 +52,12 @@ pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
     }
 }
 
-/// Status for a VM that could not start.
-pub fn for_start_error(e: &StartError) -> i32 {
+/// Status for a VM that could not start (`signal`: the last one received).
+pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
     use brisk_vmm::KvmError::{KvmPermission, MissingCapability, NoKvm, Unavailable};
     match e {
+        StartError::Interrupted(_) if signal != 0 => 128 + signal,
+        StartError::Interrupted(_) => TIMEOUT,
         StartError::Config(_) | StartError::Kernel(_) => CONFIG,
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM

@@ -39,12 +39,20 @@ impl Brisk {
         let dir = tempdir(tag);
         let sock = dir.join("s");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_brisk"));
-        cmd.args(["-v", "run", "--guest", "spin", "--cpus", "1", "--api-socket"])
-            .arg(&sock)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "-v",
+            "run",
+            "--guest",
+            "spin",
+            "--cpus",
+            "1",
+            "--api-socket",
+        ])
+        .arg(&sock)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
         setup(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let mut err = BufReader::new(child.stderr.take().unwrap());
@@ -61,7 +69,10 @@ impl Brisk {
     }
 
     fn get(&self, path: &str) -> (u16, String) {
-        request(&self.sock, &format!("GET /api/v1/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        request(
+            &self.sock,
+            &format!("GET /api/v1/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
     }
 
     fn alive(&self) {
@@ -147,7 +158,11 @@ fn until(what: &str, mut cond: impl FnMut() -> bool) {
 fn d1_d2_a_huge_content_length_is_refused_and_brisk_lives() {
     require_kvm!();
     let b = Brisk::start("d1", &[]);
-    for len in ["100000000000", "9223372036854775807", "18446744073709551615"] {
+    for len in [
+        "100000000000",
+        "9223372036854775807",
+        "18446744073709551615",
+    ] {
         let (status, body) = request(
             &b.sock,
             &format!("PUT /api/v1/vm.pause HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n{{"),
@@ -221,9 +236,16 @@ fn d6_unsupported_protocols_leak_nothing() {
         let mut s = UnixStream::connect(&b.sock).unwrap();
         let _ = s.write_all(b"GET /api/v1/vm.info HTTP/2.0\r\n\r\n");
     }
-    for line in ["GET /api/v1/vm.info HTTP/2.0", "GARBAGE \x01\x02", "GET / HTTP/9.9"] {
+    for line in [
+        "GET /api/v1/vm.info HTTP/2.0",
+        "GARBAGE \x01\x02",
+        "GET / HTTP/9.9",
+    ] {
         let (status, _) = request(&b.sock, &format!("{line}\r\nHost: x\r\n\r\n"));
-        assert!(status == 0 || (400..=505).contains(&status), "{line}: {status}");
+        assert!(
+            status == 0 || (400..=505).contains(&status),
+            "{line}: {status}"
+        );
     }
     until("fds to return", || b.fds() <= fds);
     assert_eq!(b.threads(), threads, "a thread per connection");
@@ -261,7 +283,8 @@ fn d7_fd_exhaustion_and_the_connection_cap_are_survived() {
     until("the API to answer again", || {
         UnixStream::connect(&b.sock).is_ok_and(|mut s| {
             let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-            let _ = s.write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let _ = s
+                .write_all(b"GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             let mut out = Vec::new();
             let _ = s.read_to_end(&mut out);
             parse(&out).0 == 200
@@ -449,7 +472,9 @@ fn d14_requests_in_flight_at_shutdown_get_a_real_reply() {
                         break;
                     };
                     let _ = s.set_read_timeout(Some(BOUND));
-                    let _ = s.write_all(b"GET /api/v1/vm.counters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                    let _ = s.write_all(
+                        b"GET /api/v1/vm.counters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                    );
                     let mut out = Vec::new();
                     let _ = s.read_to_end(&mut out);
                     let (status, body) = parse(&out);

@@ -58,6 +58,16 @@ pub struct TimerPorts(Arc<Inner>);
 impl PeriodicTimers {
     /// Timers for `vcpus` vCPUs raising into `sink`. Spawns the timer thread.
     pub fn new(vcpus: usize, sink: Arc<dyn InterruptSink>) -> std::io::Result<Self> {
+        Self::with_thread_init(vcpus, sink, Box::new(|| {}))
+    }
+
+    /// As [`PeriodicTimers::new`]; the timer thread first runs `init` (its
+    /// seccomp filter, say).
+    pub fn with_thread_init(
+        vcpus: usize,
+        sink: Arc<dyn InterruptSink>,
+        init: Box<dyn FnOnce() + Send>,
+    ) -> std::io::Result<Self> {
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 timers: vec![Timer::default(); vcpus],
@@ -71,7 +81,10 @@ impl PeriodicTimers {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("brisk-timer".into())
-                .spawn(move || serve(&inner))?
+                .spawn(move || {
+                    init();
+                    serve(&inner)
+                })?
         };
         Ok(PeriodicTimers {
             inner,

@@ -22,6 +22,9 @@ pub struct VmConfig {
     pub mwait: Mwait,
     /// Boot this multiboot kernel instead of the built-in `guest`.
     pub kernel: Option<KernelConfig>,
+    /// The seccomp filters brisk's threads install (none by default in
+    /// the library; `brisk run` traps by default).
+    pub seccomp: crate::seccomp::Seccomp,
 }
 
 /// A kernel from a file, booted as a multiboot (v1) loader would.
@@ -42,6 +45,7 @@ impl Default for VmConfig {
             irqchip: Irqchip::User,
             mwait: Mwait::Hide,
             kernel: None,
+            seccomp: crate::seccomp::Seccomp::Off,
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod exits;
 mod interrupts;
 mod kernel;
 mod output;
+pub mod seccomp;
 pub mod stress;
 mod vm;
 

@@ -18,6 +18,7 @@ use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::end::EndLatch;
+use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
 
 /// Why a VM could not start.
@@ -27,6 +28,8 @@ pub enum StartError {
     Kvm(brisk_kvm::Error),
     /// The kernel (or initrd) file cannot be read or booted.
     Kernel(String),
+    /// The caller's abort (a signal, its timeout) stopped the set-up.
+    Interrupted(String),
     Setup(String),
 }
 
@@ -35,7 +38,7 @@ impl fmt::Display for StartError {
         match self {
             StartError::Config(e) => e.fmt(f),
             StartError::Kvm(e) => e.fmt(f),
-            StartError::Kernel(e) => e.fmt(f),
+            StartError::Kernel(e) | StartError::Interrupted(e) => e.fmt(f),
             StartError::Setup(e) => write!(f, "setting up the VM: {e}"),
         }
     }
@@ -78,6 +81,16 @@ struct IrqSources {
 impl Machine {
     /// Validate `config`, create the VM, load the guest and wire the devices.
     pub fn build(config: &VmConfig, output: Output) -> Result<Machine, StartError> {
+        Self::build_with_abort(config, output, &|| false)
+    }
+
+    /// As [`Machine::build`], asking `abort` while a kernel loads (so a
+    /// signal or a timeout stops it): then [`StartError::Interrupted`].
+    pub fn build_with_abort(
+        config: &VmConfig,
+        output: Output,
+        abort: &dyn Fn() -> bool,
+    ) -> Result<Machine, StartError> {
         let builtin = config.validate().map_err(StartError::Config)?;
         let mut kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
         kvm.set_mwait(config.mwait)?;
@@ -92,7 +105,7 @@ impl Machine {
                 if !kvm.has_kvmclock_ctrl() {
                     log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
                 }
-                let boot = crate::kernel::load(&kvm, k, config.memory, config.cpus)?;
+                let boot = crate::kernel::load_bounded(&kvm, k, config.memory, config.cpus, abort)?;
                 (k.path.display().to_string(), Some(boot))
             }
         };
@@ -134,7 +147,12 @@ impl Machine {
             vcpus.push(v);
         }
         let irq = match config.irqchip {
-            Irqchip::User => Some(user_irq_sources(&mut bus, &mut vcpus, &ctls)?),
+            Irqchip::User => Some(user_irq_sources(
+                &mut bus,
+                &mut vcpus,
+                &ctls,
+                config.seccomp,
+            )?),
             Irqchip::Kernel => None,
         };
         Ok(Machine {
@@ -156,6 +174,7 @@ fn user_irq_sources(
     bus: &mut Bus,
     vcpus: &mut [KvmVcpu],
     ctls: &[Arc<Vcpu>],
+    seccomp: Seccomp,
 ) -> Result<IrqSources, StartError> {
     let pending: Vec<Arc<PendingInterrupts>> = vcpus
         .iter_mut()
@@ -166,7 +185,13 @@ fn user_irq_sources(
         })
         .collect();
     let sink = Arc::new(UserInterrupts::new(pending, ctls.to_vec()));
-    let timers = PeriodicTimers::new(vcpus.len(), sink.clone()).map_err(setup)?;
+    let init = move || {
+        if let Err(e) = seccomp::install(ThreadKind::Timer, seccomp) {
+            log::error!("timer thread: cannot install its seccomp filter: {e}");
+        }
+    };
+    let timers = PeriodicTimers::with_thread_init(vcpus.len(), sink.clone(), Box::new(init))
+        .map_err(setup)?;
     bus.register_pio(
         ports::TIMER,
         TIMER_STRIDE * vcpus.len() as u16,
@@ -241,6 +266,7 @@ pub struct Vm {
     started: Instant,
     guest: String,
     memory_size: u64,
+    seccomp: Seccomp,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
     irq: Option<IrqSources>,
 }
@@ -248,7 +274,16 @@ pub struct Vm {
 impl Vm {
     /// Build the VM described by `config` and start its vCPUs.
     pub fn start(config: &VmConfig, output: Output) -> Result<Vm, StartError> {
-        let m = Machine::build(config, output)?;
+        Self::start_with_abort(config, output, &|| false)
+    }
+
+    /// As [`Vm::start`], asking `abort` while the guest loads.
+    pub fn start_with_abort(
+        config: &VmConfig,
+        output: Output,
+        abort: &dyn Fn() -> bool,
+    ) -> Result<Vm, StartError> {
+        let m = Machine::build_with_abort(config, output, abort)?;
         let mut vm = Vm {
             kvm: ManuallyDrop::new(m.kvm),
             vcpus: Vec::new(),
@@ -264,6 +299,7 @@ impl Vm {
             started: Instant::now(),
             guest: m.guest,
             memory_size: config.memory,
+            seccomp: config.seccomp,
             irq: m.irq,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
@@ -276,10 +312,16 @@ impl Vm {
         let id = v.id();
         let (thread_ctl, bus, end) = (ctl.clone(), self.bus.clone(), self.end.clone());
         let finished = FinishGuard(self.finished.clone(), id);
+        let policy = self.seccomp;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || {
                 let _finished = finished;
+                if let Err(e) = seccomp::install(ThreadKind::Vcpu, policy) {
+                    let error = format!("cannot install its seccomp filter: {e}");
+                    end.end(VmEnd::VcpuFailed { vcpu: id, error });
+                    return;
+                }
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let fatal = |e| end.end(e);
                     thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, &bus, &fatal)))
@@ -371,6 +413,11 @@ impl Vm {
     /// [`Vm::wait`] returns and shuts it down. No effect if it has ended.
     pub fn request_shutdown(&self) {
         self.end.end(VmEnd::ShutdownRequested);
+    }
+
+    /// The seccomp policy its threads follow.
+    pub fn seccomp(&self) -> Seccomp {
+        self.seccomp
     }
 
     /// Guest RAM in bytes.

@@ -1,29 +1,39 @@
-//! The short (CI) randomized stress: 100k operations, fixed seed, every
-//! deadline and counter checked. `brisk stress --ops 1000000` is the long one.
+//! The short (CI) randomized stress: fixed seeds, every deadline, counter
+//! and idle task checked, and the lost-wake-up detector on.
+//! `brisk stress --ops 1000000` is the long one.
 
 mod common;
 
 use brisk_vmm::require_kvm;
 
-use brisk_vmm::stress::{run, StressConfig};
+use brisk_vmm::stress::{run, StressConfig, StressGuest};
 use brisk_vmm::Irqchip;
 
 #[test]
-fn a_hundred_thousand_random_operations_keep_every_guarantee() {
+fn a_hundred_thousand_random_operations_with_interrupts_keep_every_guarantee() {
     require_kvm!();
     let config = StressConfig {
         ops: 100_000,
         seed: 2026,
         ..StressConfig::default()
     };
+    assert_eq!(config.guest(), StressGuest::StressIrq);
     let report = run(&config).unwrap_or_else(|e| panic!("seed {}: {e}", config.seed));
     eprintln!("{report}");
     assert_eq!(report.ops, config.ops);
-    assert!(
-        report.ops_by_kind.iter().all(|&n| n > 1000),
-        "every op kind exercised"
-    );
+    for (name, n) in &report.ops_by_kind {
+        assert!(*n > 1000, "op {name} exercised only {n} times");
+    }
     assert!(report.resumes_verified > 1000);
+    assert!(report.idle_tasks_ran > 100, "{}", report.idle_tasks_ran);
+    assert!(report.idle_timeouts > 0 && report.idle_exited > 0);
+    assert!(report.exclusive_switches > 100);
+    let irq = report
+        .interrupts
+        .as_ref()
+        .expect("stress-irq counts interrupts");
+    assert!(irq.injected > 0 && irq.raised_by_stress > 0 && irq.doorbell_rings > 0);
+    assert!(report.detector.is_some(), "the detector ran");
 }
 
 #[test]
@@ -35,6 +45,8 @@ fn the_kernel_irqchip_keeps_them_too() {
         irqchip: Irqchip::Kernel,
         ..StressConfig::default()
     };
+    assert_eq!(config.guest(), StressGuest::Stress);
     let report = run(&config).unwrap_or_else(|e| panic!("seed {}: {e}", config.seed));
+    eprintln!("{report}");
     assert_eq!(report.ops, config.ops);
 }
