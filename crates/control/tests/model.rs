@@ -482,7 +482,7 @@ fn a_masked_interrupt_leaves_the_guest_halted() {
 /// is parked, and is not stranded by either (its wait would deadlock).
 #[test]
 fn an_idle_task_races_a_kick_and_a_stop() {
-    check("an_idle_task_races_a_kick_and_a_stop", 2, || {
+    check("an_idle_task_races_a_kick_and_a_stop", 3, || {
         let v = Vcpu::spawn(Setup::new(0, Act::Halt));
         let parked = std::sync::Arc::new(StdBool::new(false));
         let racer = {
@@ -521,7 +521,7 @@ fn an_idle_task_races_a_kick_and_a_stop() {
 fn an_exclusive_group_switch_runs_one_member_at_a_time() {
     check(
         "an_exclusive_group_switch_runs_one_member_at_a_time",
-        2,
+        3,
         || {
             let occ = Arc::new(Occupancy::default());
             let a = Vcpu::spawn(Setup {
