@@ -1,10 +1,10 @@
 //! The API as a function from request to reply.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use brisk_control::{pause_all, resume_all, Deadline, ExitKind, Request};
-use brisk_vmm::{Irqchip, Mwait, Vm};
+use brisk_control::{Deadline, ExitKind, Request};
+use brisk_vmm::{Irqchip, Mwait, PauseError, Vm};
 use serde_json::{json, Value};
 
 use crate::prometheus;
@@ -68,25 +68,27 @@ impl Reply {
         }
     }
 
+    /// The same reply, closing the connection after it.
+    pub fn closing(mut self) -> Reply {
+        self.close = true;
+        self
+    }
+
     /// `{"error": msg}` with `status`.
     pub fn error(status: u16, msg: impl Into<String>) -> Reply {
         Reply::json(status, json!({ "error": msg.into() }))
     }
 }
 
-/// The API's view of one running VM.
+/// The API's view of one running VM: it only translates HTTP to the VM's
+/// operations ([`Vm::pause`], [`Vm::resume`], ...).
 pub struct Api {
     vm: Arc<Vm>,
-    /// Paused through the API; the lock also serialises pause/resume.
-    paused: Mutex<bool>,
 }
 
 impl Api {
     pub fn new(vm: Arc<Vm>) -> Api {
-        Api {
-            vm,
-            paused: Mutex::new(false),
-        }
+        Api { vm }
     }
 
     /// Answer one request. `accept` is the Accept header, if any.
@@ -119,15 +121,11 @@ impl Api {
     fn state(&self) -> &'static str {
         if self.vm.ended().is_some() {
             "shutdown"
-        } else if *self.lock() {
+        } else if self.vm.is_paused() {
             "paused"
         } else {
             "running"
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
-        self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn info(&self) -> Reply {
@@ -210,35 +208,19 @@ impl Api {
     }
 
     fn pause(&self) -> Reply {
-        let mut paused = self.lock();
-        if self.vm.ended().is_some() {
-            return Reply::error(409, "the VM has shut down");
-        }
-        if *paused {
-            return Reply::error(409, "the VM is already paused");
-        }
-        let vcpus = || self.vm.vcpus().iter().map(|v| &**v);
-        match pause_all(vcpus(), Deadline::after(DEADLINE)) {
-            Ok(()) => {
-                *paused = true;
-                Reply::no_content()
-            }
-            Err(e) => {
-                // Leave no vCPU half-paused.
-                resume_all(vcpus());
-                Reply::error(500, e.to_string())
-            }
-        }
+        Self::outcome(self.vm.pause(Deadline::after(DEADLINE)))
     }
 
     fn resume(&self) -> Reply {
-        let mut paused = self.lock();
-        if !*paused {
-            return Reply::error(409, "the VM is not paused");
+        Self::outcome(self.vm.resume())
+    }
+
+    fn outcome(r: Result<(), PauseError>) -> Reply {
+        match r {
+            Ok(()) => Reply::no_content(),
+            Err(e @ PauseError::Control(_)) => Reply::error(500, e.to_string()),
+            Err(e) => Reply::error(409, e.to_string()),
         }
-        resume_all(self.vm.vcpus().iter().map(|v| &**v));
-        *paused = false;
-        Reply::no_content()
     }
 
     fn kick(&self, body: &[u8]) -> Reply {

@@ -10,8 +10,9 @@
 //! `routes.rs`), so it is not used.
 //!
 //! Limits: request head <= 16 KiB and <= 64 headers; body <= 64 KiB,
-//! enforced while reading (a larger Content-Length is refused before a
-//! byte is read); every read and write of a connection fails after
+//! enforced while reading (a Content-Length over 1 MiB is refused before
+//! a byte is read; a smaller too-large body is read and dropped, so the
+//! client gets its 413); every read and write of a connection fails after
 //! waiting 10 s (a stalled or idle client is disconnected); at most 128
 //! connections at once (more are answered 503 and closed); accept errors
 //! (EMFILE...) back off and retry, never end the accept loop. Shutdown
@@ -50,6 +51,10 @@ pub const IO_BOUND: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 128;
 /// How long shutdown waits for requests in flight to be answered.
 const GRACE: Duration = Duration::from_millis(500);
+/// A too-large body up to this size is read and dropped before the 413
+/// (so the client reads its answer, not a reset); a larger claim is
+/// refused unread and the connection closed.
+const DRAIN_LIMIT: usize = 1 << 20;
 /// After an accept error (EMFILE: out of fds), wait before the next try.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -200,6 +205,23 @@ async fn busy(stream: UnixStream) {
     let _ = stream.try_write(reply.as_bytes());
 }
 
+/// Read and drop up to `limit` bytes of `body`; whether it ended within.
+async fn drain(body: &mut Incoming, limit: usize) -> bool {
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return false;
+        };
+        if let Some(data) = frame.data_ref() {
+            seen += data.len();
+            if seen > limit {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
@@ -213,31 +235,31 @@ async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let reply = if claimed.is_some_and(|n| n > MAX_BODY as u64) {
+    let too_big = || Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
+    let reply = if claimed.is_some_and(|n| n > DRAIN_LIMIT as u64) {
         // Refused before reading: nothing is allocated for the claim, and
         // the connection closes (its body is never drained).
-        let mut r = Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
-        r.close = true;
-        r
+        too_big().closing()
     } else {
-        match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(body) => {
-                let body = body.to_bytes();
+        let mut body = req.into_body();
+        match Limited::new(&mut body, MAX_BODY).collect().await {
+            Ok(bytes) => {
+                let bytes = bytes.to_bytes();
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    api.handle(&method, &path, &body, accept.as_deref())
+                    api.handle(&method, &path, &bytes, accept.as_deref())
                 }))
                 .unwrap_or_else(|_| Reply::error(500, "internal error handling the request"))
             }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                let mut r = Reply::error(413, format!("body larger than {MAX_BODY} bytes"));
-                r.close = true;
-                r
+                // Read (and drop) the rest, up to a bound, so the client
+                // gets its 413 instead of a reset for unread data.
+                if drain(&mut body, DRAIN_LIMIT).await {
+                    too_big()
+                } else {
+                    too_big().closing()
+                }
             }
-            Err(e) => {
-                let mut r = Reply::error(400, format!("could not read the body: {e}"));
-                r.close = true;
-                r
-            }
+            Err(e) => Reply::error(400, format!("could not read the body: {e}")).closing(),
         }
     };
     log::debug!(

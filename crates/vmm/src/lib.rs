@@ -27,7 +27,7 @@ pub use config::{ConfigError, KernelConfig, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};
-pub use vm::{Machine, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
+pub use vm::{Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;
 pub use brisk_kvm::{

@@ -208,6 +208,20 @@ fn user_irq_sources(
     })
 }
 
+/// Why [`Vm::pause`] or [`Vm::resume`] did nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PauseError {
+    #[error("the VM has shut down")]
+    Ended,
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// Some vCPU did not park in time; every vCPU was resumed again.
+    #[error("{0}")]
+    Control(#[source] brisk_control::Error),
+}
+
 /// How long shutting a VM down waits for its vCPU threads. A thread still
 /// running then (stuck in a `run_on` closure, an idle task, or writing
 /// guest output to a full pipe) is left behind and reported, never waited
@@ -267,6 +281,9 @@ pub struct Vm {
     guest: String,
     memory_size: u64,
     seccomp: Seccomp,
+    /// Paused as a whole ([`Vm::pause`]); the lock also serialises pause
+    /// and resume.
+    paused: Mutex<bool>,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
     irq: Option<IrqSources>,
 }
@@ -300,6 +317,7 @@ impl Vm {
             guest: m.guest,
             memory_size: config.memory,
             seccomp: config.seccomp,
+            paused: Mutex::new(false),
             irq: m.irq,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
@@ -413,6 +431,46 @@ impl Vm {
     /// [`Vm::wait`] returns and shuts it down. No effect if it has ended.
     pub fn request_shutdown(&self) {
         self.end.end(VmEnd::ShutdownRequested);
+    }
+
+    /// Pause every vCPU (signal all, then wait for all, at most until
+    /// `deadline`). If one does not park in time, all are resumed again and
+    /// the error names it: no VM is left half-paused.
+    pub fn pause(&self, deadline: brisk_control::Deadline) -> Result<(), PauseError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ended().is_some() {
+            return Err(PauseError::Ended);
+        }
+        if *paused {
+            return Err(PauseError::AlreadyPaused);
+        }
+        let vcpus = || self.vcpus.iter().map(|v| &**v);
+        match brisk_control::pause_all(vcpus(), deadline) {
+            Ok(()) => {
+                *paused = true;
+                Ok(())
+            }
+            Err(e) => {
+                brisk_control::resume_all(vcpus());
+                Err(PauseError::Control(e))
+            }
+        }
+    }
+
+    /// Resume a VM paused with [`Vm::pause`].
+    pub fn resume(&self) -> Result<(), PauseError> {
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if !*paused {
+            return Err(PauseError::NotPaused);
+        }
+        brisk_control::resume_all(self.vcpus.iter().map(|v| &**v));
+        *paused = false;
+        Ok(())
+    }
+
+    /// Whether the VM is paused as a whole.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The seccomp policy its threads follow.
