@@ -49,3 +49,5 @@ timeout --kill-after=30s 40m cargo test --workspace --locked
 echo "== loom model check of the control protocol (release, own target dir)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     timeout --kill-after=30s 20m cargo test -p brisk-control --test model --release --locked
+echo "== fuzz: AFL++ on the loader and the API parser (scripts/fuzz.sh, 10 s a target)"
+timeout --kill-after=30s 20m scripts/fuzz.sh 10

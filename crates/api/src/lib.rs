@@ -17,7 +17,7 @@ mod server;
 mod socket;
 
 pub use routes::{Api, Reply};
-pub use server::{ApiServer, IO_BOUND, MAX_CONNECTIONS, MAX_HEAD, MAX_HEADERS};
+pub use server::{http1, ApiServer, IO_BOUND, MAX_CONNECTIONS, MAX_HEAD, MAX_HEADERS};
 pub use socket::SocketError;
 
 /// Largest request body accepted; larger ones get 413.

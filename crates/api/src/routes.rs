@@ -80,6 +80,37 @@ impl Reply {
     }
 }
 
+/// Which of [`PATHS`] a request is for (the query string ignored), or
+/// the 404/405 reply. Pure: the fuzz target drives it with any bytes.
+pub fn route(method: &str, path: &str) -> Result<&'static str, Reply> {
+    let path = path.split('?').next().unwrap_or(path);
+    let Some(&(known, allowed)) = PATHS.iter().find(|(p, _)| *p == path) else {
+        return Err(Reply::error(404, format!("no such path: {}", shorten(path))));
+    };
+    if method != allowed {
+        return Err(Reply::error(405, format!("{known} takes {allowed}, not {method}")));
+    }
+    Ok(known)
+}
+
+/// The vCPU index in a `vcpu.kick` body, or the 400 reply naming what is
+/// wrong with it. Pure, like [`route`].
+pub fn kick_target(body: &[u8]) -> Result<u64, Reply> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.is_object() => {}
+        Ok(_) => return Err(Reply::error(400, "body must be an object like {\"id\": 0}")),
+        Err(e) => return Err(Reply::error(400, format!("body is not JSON: {e}"))),
+    }
+    // Again, typed: unknown, duplicate and ill-typed fields are named.
+    match serde_json::from_slice::<KickBody>(body) {
+        Ok(k) => Ok(k.id),
+        Err(e) => Err(Reply::error(
+            400,
+            format!("body must be {{\"id\": N}} with N a vCPU index: {e}"),
+        )),
+    }
+}
+
 /// The API's view of one running VM: it only translates HTTP to the VM's
 /// operations ([`Vm::pause`], [`Vm::resume`], ...).
 pub struct Api {
@@ -93,13 +124,10 @@ impl Api {
 
     /// Answer one request. `accept` is the Accept header, if any.
     pub fn handle(&self, method: &str, path: &str, body: &[u8], accept: Option<&str>) -> Reply {
-        let path = path.split('?').next().unwrap_or(path);
-        let Some(&(_, allowed)) = PATHS.iter().find(|(p, _)| *p == path) else {
-            return Reply::error(404, format!("no such path: {}", shorten(path)));
+        let path = match route(method, path) {
+            Ok(p) => p,
+            Err(reply) => return reply,
         };
-        if method != allowed {
-            return Reply::error(405, format!("{path} takes {allowed}, not {method}"));
-        }
         match path {
             "/api/v1/vmm.ping" => Reply::json(
                 200,
@@ -113,7 +141,10 @@ impl Api {
                 self.vm.request_shutdown();
                 Reply::no_content()
             }
-            "/api/v1/vcpu.kick" => self.kick(body),
+            "/api/v1/vcpu.kick" => match kick_target(body) {
+                Ok(id) => self.kick(id),
+                Err(reply) => reply,
+            },
             _ => Reply::error(500, "route table and dispatch disagree"),
         }
     }
@@ -223,30 +254,14 @@ impl Api {
         }
     }
 
-    fn kick(&self, body: &[u8]) -> Reply {
-        match serde_json::from_slice::<Value>(body) {
-            Ok(v) if v.is_object() => {}
-            Ok(_) => return Reply::error(400, "body must be an object like {\"id\": 0}"),
-            Err(e) => return Reply::error(400, format!("body is not JSON: {e}")),
-        }
-        // Again, typed: unknown, duplicate and ill-typed fields are named.
-        let kick: KickBody = match serde_json::from_slice(body) {
-            Ok(k) => k,
-            Err(e) if e.is_data() => {
-                return Reply::error(
-                    400,
-                    format!("body must be {{\"id\": N}} with N a vCPU index: {e}"),
-                )
-            }
-            Err(e) => return Reply::error(400, format!("body is not JSON: {e}")),
-        };
+    fn kick(&self, id: u64) -> Reply {
         let n = self.vm.vcpus().len();
-        match usize::try_from(kick.id) {
-            Ok(id) if id < n => {
-                self.vm.vcpu(id).kick(Request::Kick);
+        match usize::try_from(id) {
+            Ok(i) if i < n => {
+                self.vm.vcpu(i).kick(Request::Kick);
                 Reply::no_content()
             }
-            _ => Reply::error(400, format!("no vCPU {}: this VM has {n}", kick.id)),
+            _ => Reply::error(400, format!("no vCPU {id}: this VM has {n}")),
         }
     }
 }

@@ -172,12 +172,7 @@ async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver
         let api = api.clone();
         async move { Ok::<_, Infallible>(respond(&api, req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(IO_BOUND)
-        .max_buf_size(MAX_HEAD)
-        .max_headers(MAX_HEADERS)
-        .serve_connection(io, service);
+    let conn = http1().serve_connection(io, service);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -190,6 +185,17 @@ async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver
             let _ = conn.await;
         }
     }
+}
+
+/// The HTTP/1 settings every connection is served with: the head limits
+/// and the header read timeout (also what the fuzz target drives).
+pub fn http1() -> hyper::server::conn::http1::Builder {
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(IO_BOUND)
+        .max_buf_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS);
+    b
 }
 
 /// Over the connection cap: a 503, written without waiting on the client.
