@@ -1,84 +1,78 @@
-//! `GET /api/v1/vm.counters` in Prometheus' text exposition format.
+//! `GET /api/v1/vm.counters`: the same figures as JSON or in Prometheus'
+//! text exposition format, both rendered from the one list each figure
+//! type gives (`CounterSnapshot::fields`, `InterruptStats::fields`).
 
 use std::fmt::Write;
 
 use brisk_control::{CounterSnapshot, ExitKind};
 use brisk_vmm::InterruptStats;
+use serde_json::{json, Map, Value};
 
 /// One vCPU's counters and, in user irqchip mode, its interrupt statistics.
 pub(crate) type VcpuFigures = (usize, CounterSnapshot, Option<InterruptStats>);
 
-/// One metric family per counter, one sample per vCPU.
+/// The JSON body.
+pub(crate) fn json(vcpus: &[VcpuFigures], unclaimed: u64) -> Value {
+    let vcpus: Vec<Value> = vcpus
+        .iter()
+        .map(|(id, c, irq)| {
+            let mut v = Map::new();
+            v.insert("id".into(), json!(id));
+            let exits: Map<String, Value> = ExitKind::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), json!(c.exits_of(*k))))
+                .collect();
+            v.insert("exits".into(), Value::Object(exits));
+            for (name, _, value) in c.fields() {
+                v.insert(name.into(), json!(value));
+            }
+            // User irqchip only: raise -> KVM_INTERRUPT.
+            let irq = irq.map(|s| {
+                let m: Map<String, Value> = s
+                    .fields()
+                    .iter()
+                    .map(|(name, _, value)| (name.to_string(), json!(value)))
+                    .collect();
+                Value::Object(m)
+            });
+            v.insert("interrupts".into(), irq.unwrap_or(Value::Null));
+            Value::Object(v)
+        })
+        .collect();
+    json!({ "vcpus": vcpus, "unclaimed_accesses": unclaimed })
+}
+
+/// One metric family per figure, one sample per vCPU.
 pub(crate) fn render(vcpus: &[VcpuFigures], unclaimed: u64) -> String {
     let mut out = String::new();
-    // One family: HELP, TYPE, then a sample per vCPU that has a value.
-    let mut emit = |name: &str, help: &str, value: &dyn Fn(&VcpuFigures) -> Option<u64>| {
-        let _ = writeln!(out, "# HELP brisk_vcpu_{name} {help}");
-        let _ = writeln!(out, "# TYPE brisk_vcpu_{name} counter");
-        for figures in vcpus {
-            if let Some(v) = value(figures) {
-                let _ = writeln!(out, "brisk_vcpu_{name}{{vcpu=\"{}\"}} {v}", figures.0);
-            }
+    let mut family = |name: &str, help: &str, samples: &mut dyn Iterator<Item = (usize, u64)>| {
+        let _ = writeln!(out, "# HELP brisk_vcpu_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE brisk_vcpu_{name}_total counter");
+        for (id, v) in samples {
+            let _ = writeln!(out, "brisk_vcpu_{name}_total{{vcpu=\"{id}\"}} {v}");
         }
     };
-    let mut family = |name: &str, help: &str, value: &dyn Fn(&CounterSnapshot) -> u64| {
-        emit(name, help, &|(_, c, _)| Some(value(c)))
+    let Some((_, first, _)) = vcpus.first() else {
+        return out;
     };
-    family("entries_total", "Guest entries.", &|c| c.entries);
-    family("kicks_total", "Kicks requested.", &|c| c.kicks);
-    family("signals_sent_total", "Kick signals sent.", &|c| {
-        c.signals_sent
-    });
-    family(
-        "signals_elided_total",
-        "Kicks that needed no signal.",
-        &|c| c.signals_elided,
-    );
-    family("wakeups_total", "Futex wake-ups of blocked vCPUs.", &|c| {
-        c.wakeups
-    });
-    family(
-        "spurious_exits_total",
-        "Entries cut short with nothing to do.",
-        &|c| c.spurious_exits,
-    );
-    family("work_run_total", "run_on closures executed.", &|c| {
-        c.work_run
-    });
-    family("parked_ns_total", "Nanoseconds parked.", &|c| c.parked_ns);
-    family(
-        "halted_ns_total",
-        "Nanoseconds halted in user space.",
-        &|c| c.halted_ns,
-    );
-    family("idle_tasks_total", "Idle-time tasks run.", &|c| {
-        c.idle_tasks
-    });
-    family(
-        "idle_task_ns_total",
-        "Nanoseconds spent in idle-time tasks.",
-        &|c| c.idle_task_ns,
-    );
-    type Field = fn(&InterruptStats) -> u64;
-    let irq: [(&str, &str, Field); 3] = [
-        (
-            "interrupts_injected_total",
-            "Interrupts injected (user irqchip).",
-            |s| s.injected,
-        ),
-        (
-            "interrupts_coalesced_total",
-            "Interrupts merged into a pending one.",
-            |s| s.coalesced,
-        ),
-        (
-            "interrupt_latency_ns_total",
-            "Nanoseconds from raise to injection, summed.",
-            |s| s.latency_ns,
-        ),
-    ];
-    for (name, help, value) in irq {
-        emit(name, help, &|(_, _, s)| s.as_ref().map(value));
+    for (i, (name, help, _)) in first.fields().iter().enumerate() {
+        family(
+            name,
+            help,
+            &mut vcpus.iter().map(|(id, c, _)| (*id, c.fields()[i].2)),
+        );
+    }
+    if let Some((_, _, Some(stats))) = vcpus.first() {
+        for (i, (name, help, _)) in stats.fields().iter().enumerate() {
+            let name = format!("interrupts_{name}");
+            family(
+                &name,
+                help,
+                &mut vcpus
+                    .iter()
+                    .filter_map(|(id, _, s)| Some((*id, s.as_ref()?.fields()[i].2))),
+            );
+        }
     }
     let _ = writeln!(
         out,
@@ -102,4 +96,53 @@ pub(crate) fn render(vcpus: &[VcpuFigures], unclaimed: u64) -> String {
     let _ = writeln!(out, "# TYPE brisk_unclaimed_accesses_total counter");
     let _ = writeln!(out, "brisk_unclaimed_accesses_total {unclaimed}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brisk_control::Counters;
+
+    /// Every counter and interrupt figure is in both renderings, with the
+    /// same value.
+    #[test]
+    fn every_figure_appears_in_json_and_prometheus() {
+        let c = Counters::default().snapshot();
+        let stats = InterruptStats {
+            raised: 7,
+            coalesced: 3,
+            injected: 4,
+            latency_ns: 100,
+            max_latency_ns: 60,
+        };
+        let figures = [(0, c, Some(stats)), (1, c, None)];
+        let j = json(&figures, 9);
+        let text = render(&figures, 9);
+        let v0 = &j["vcpus"][0];
+        let mut names = 0;
+        for (name, _, value) in c.fields() {
+            assert_eq!(v0[name], json!(value), "JSON lacks {name}");
+            let sample = format!("brisk_vcpu_{name}_total{{vcpu=\"1\"}} {value}");
+            assert!(
+                text.lines().any(|l| l == sample),
+                "Prometheus lacks {sample}"
+            );
+            names += 1;
+        }
+        for (name, _, value) in stats.fields() {
+            assert_eq!(v0["interrupts"][name], json!(value), "JSON lacks {name}");
+            let sample = format!("brisk_vcpu_interrupts_{name}_total{{vcpu=\"0\"}} {value}");
+            assert!(
+                text.lines().any(|l| l == sample),
+                "Prometheus lacks {sample}"
+            );
+            names += 1;
+        }
+        // Nothing in the JSON that is not listed (id, exits, interrupts).
+        assert_eq!(v0.as_object().unwrap().len(), c.fields().len() + 3);
+        assert_eq!(names, 19);
+        assert!(j["vcpus"][1]["interrupts"].is_null());
+        assert!(text.contains("brisk_unclaimed_accesses_total 9"));
+        assert!(text.contains("reason=\"mmio\""));
+    }
 }

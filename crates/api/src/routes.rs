@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use brisk_control::{Deadline, ExitKind, Request};
+use brisk_control::{Deadline, Request};
 use brisk_vmm::{Irqchip, Mwait, PauseError, Vm};
 use serde_json::{json, Value};
 
@@ -85,10 +85,16 @@ impl Reply {
 pub fn route(method: &str, path: &str) -> Result<&'static str, Reply> {
     let path = path.split('?').next().unwrap_or(path);
     let Some(&(known, allowed)) = PATHS.iter().find(|(p, _)| *p == path) else {
-        return Err(Reply::error(404, format!("no such path: {}", shorten(path))));
+        return Err(Reply::error(
+            404,
+            format!("no such path: {}", shorten(path)),
+        ));
     };
     if method != allowed {
-        return Err(Reply::error(405, format!("{known} takes {allowed}, not {method}")));
+        return Err(Reply::error(
+            405,
+            format!("{known} takes {allowed}, not {method}"),
+        ));
     }
     Ok(known)
 }
@@ -198,43 +204,9 @@ impl Api {
                 close: false,
             };
         }
-        let vcpus: Vec<Value> = snapshots
-            .iter()
-            .map(|(id, c, irq)| {
-                let exits: serde_json::Map<String, Value> = ExitKind::ALL
-                    .iter()
-                    .map(|k| (k.name().to_string(), json!(c.exits_of(*k))))
-                    .collect();
-                json!({
-                    "id": id,
-                    "exits": exits,
-                    "entries": c.entries,
-                    "cancelled_entries": c.cancelled_entries,
-                    "kicks": c.kicks,
-                    "signals_sent": c.signals_sent,
-                    "signals_elided": c.signals_elided,
-                    "wakeups": c.wakeups,
-                    "kicked_exits": c.kicked_exits,
-                    "spurious_exits": c.spurious_exits,
-                    "work_run": c.work_run,
-                    "parked_ns": c.parked_ns,
-                    "halted_ns": c.halted_ns,
-                    "idle_tasks": c.idle_tasks,
-                    "idle_task_ns": c.idle_task_ns,
-                    // User irqchip only: raise -> KVM_INTERRUPT.
-                    "interrupts": irq.map(|s| json!({
-                        "raised": s.raised,
-                        "coalesced": s.coalesced,
-                        "injected": s.injected,
-                        "latency_ns": s.latency_ns,
-                        "max_latency_ns": s.max_latency_ns,
-                    })),
-                })
-            })
-            .collect();
         Reply::json(
             200,
-            json!({ "vcpus": vcpus, "unclaimed_accesses": self.vm.unclaimed_accesses() }),
+            prometheus::json(&snapshots, self.vm.unclaimed_accesses()),
         )
     }
 

@@ -102,7 +102,7 @@ impl Counters {
 }
 
 /// A copy of [`Counters`] at one moment.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CounterSnapshot {
     /// Guest exits handled in user space, by kind.
     pub exits: [(ExitKind, u64); ExitKind::ALL.len()],
@@ -143,6 +143,74 @@ pub struct CounterSnapshot {
 }
 
 impl CounterSnapshot {
+    /// Every counter but the exits by kind, as (name, help, value): the one
+    /// list the API's JSON and Prometheus renderings both walk. The
+    /// exhaustive destructuring makes a new field a compile error here
+    /// until it is listed.
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 14] {
+        let CounterSnapshot {
+            exits: _,
+            entries,
+            cancelled_entries,
+            kicks,
+            signals_sent,
+            signals_elided,
+            wakeups,
+            kicked_exits,
+            spurious_exits,
+            work_run,
+            settle_exits,
+            parked_ns,
+            halted_ns,
+            idle_tasks,
+            idle_task_ns,
+        } = *self;
+        [
+            ("entries", "Guest entries (KVM_RUN calls).", entries),
+            (
+                "cancelled_entries",
+                "Entries abandoned because a request was already pending.",
+                cancelled_entries,
+            ),
+            ("kicks", "Kicks requested.", kicks),
+            ("signals_sent", "Kick signals sent.", signals_sent),
+            (
+                "signals_elided",
+                "Kicks that needed no signal.",
+                signals_elided,
+            ),
+            (
+                "wakeups",
+                "Futex wake-ups of vCPUs blocked in user space.",
+                wakeups,
+            ),
+            (
+                "kicked_exits",
+                "Entries cut short by a kick with a request to deliver.",
+                kicked_exits,
+            ),
+            (
+                "spurious_exits",
+                "Entries cut short by a late signal with nothing to do.",
+                spurious_exits,
+            ),
+            ("work_run", "run_on closures executed.", work_run),
+            (
+                "settle_exits",
+                "Exits served while completing a half-done access before a park.",
+                settle_exits,
+            ),
+            ("parked_ns", "Nanoseconds parked by controllers.", parked_ns),
+            ("halted_ns", "Nanoseconds halted in user space.", halted_ns),
+            ("idle_tasks", "Idle-time tasks run.", idle_tasks),
+            (
+                "idle_task_ns",
+                "Nanoseconds spent in idle-time tasks.",
+                idle_task_ns,
+            ),
+        ]
+    }
+
     /// Exits of one kind.
     pub fn exits_of(&self, kind: ExitKind) -> u64 {
         self.exits[kind as usize].1

@@ -30,6 +30,43 @@ pub struct InterruptStats {
     pub max_latency_ns: u64,
 }
 
+impl InterruptStats {
+    /// Every statistic as (name, help, value), the one list both API
+    /// renderings walk (a new field fails to compile until listed).
+    pub fn fields(&self) -> [(&'static str, &'static str, u64); 5] {
+        let InterruptStats {
+            raised,
+            coalesced,
+            injected,
+            latency_ns,
+            max_latency_ns,
+        } = *self;
+        [
+            ("raised", "Interrupts raised (user irqchip).", raised),
+            (
+                "coalesced",
+                "Interrupts merged into one still pending.",
+                coalesced,
+            ),
+            (
+                "injected",
+                "Interrupts injected with KVM_INTERRUPT.",
+                injected,
+            ),
+            (
+                "latency_ns",
+                "Nanoseconds from raise to injection, summed.",
+                latency_ns,
+            ),
+            (
+                "max_latency_ns",
+                "Longest raise-to-injection time, in nanoseconds.",
+                max_latency_ns,
+            ),
+        ]
+    }
+}
+
 /// The pending vectors of one vCPU and their statistics.
 pub struct PendingInterrupts {
     bits: [AtomicU64; WORDS],
