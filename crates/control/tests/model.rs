@@ -510,6 +510,55 @@ fn an_idle_task_races_a_kick_and_a_stop() {
     });
 }
 
+/// Finding 5: a resume racing a stop. Whatever the order, the stop
+/// returns (the vCPU parked, or the resume withdrew the stop while it
+/// waited), and a stop that is not woken deadlocks here.
+#[test]
+fn a_resume_racing_a_stop_ends_the_stop() {
+    check("a_resume_racing_a_stop_ends_the_stop", 3, || {
+        let v = Vcpu::spawn(Setup::new(0, Act::Spin));
+        let stopper = {
+            let ctl = v.ctl.clone();
+            thread::spawn(move || ctl.stop(forever()))
+        };
+        v.ctl.resume();
+        assert_eq!(stopper.join().unwrap(), Ok(()));
+        v.exit();
+    });
+}
+
+/// An idle task queued on an idle group of two halted vCPUs, racing a
+/// Kick to one of them (which leaves its halt, re-enters and halts
+/// again): it runs exactly once, on a member that is halted, and is never
+/// stranded.
+#[test]
+fn an_idle_group_task_runs_once_on_a_halted_member() {
+    check("an_idle_group_task_runs_once_on_a_halted_member", 2, || {
+        let a = Vcpu::spawn(Setup::new(0, Act::Halt));
+        let b = Vcpu::spawn(Setup::new(1, Act::Halt));
+        let group = IdleGroup::new(vec![a.ctl.clone(), b.ctl.clone()]).unwrap();
+        let kicker = {
+            let ctl = a.ctl.clone();
+            thread::spawn(move || ctl.kick(Request::Kick))
+        };
+        let ran_halted = group
+            .run_when_idle(|g: &mut StandIn| g.in_hlt)
+            .unwrap()
+            .wait(forever())
+            .unwrap();
+        assert!(
+            ran_halted,
+            "an idle task ran while the guest was not halted"
+        );
+        kicker.join().unwrap();
+        let tasks = |v: &Vcpu| v.ctl.counters().snapshot().idle_tasks;
+        assert_eq!(tasks(&a) + tasks(&b), 1);
+        drop(group);
+        a.exit();
+        b.exit();
+    });
+}
+
 /// Finding 6: an exclusive group of two members (one spinning, one
 /// halting) and a switch from one to the other. At most one member is
 /// outside the parked state once the group exists, and no wait deadlocks.
