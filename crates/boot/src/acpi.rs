@@ -48,7 +48,11 @@ fn checksum(b: &[u8]) -> u8 {
 pub fn write_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<u64, BootError> {
     let w = |addr: u64, data: &[u8]| {
         mem.write_slice(data, GuestAddress(addr))
-            .map_err(|e| BootError::Memory(format!("writing ACPI tables at {addr:#x}: {e}")))
+            .map_err(|source| BootError::Write {
+                what: "the ACPI tables",
+                addr,
+                source,
+            })
     };
 
     let dsdt = Sdt::new(*b"DSDT", 36, 2, OEM, OEM_TABLE, 1);

@@ -1,7 +1,5 @@
 //! Page tables, GDT and registers for starting a vCPU in 64-bit mode.
 
-use std::fmt;
-
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -29,24 +27,23 @@ const DATA_SEL: u16 = 0x10;
 const TSS_SEL: u16 = 0x18;
 
 /// Set-up failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum BootError {
-    /// The program or tables do not fit in guest memory.
-    Memory(String),
+    /// Writing `what` at `addr` in guest memory failed.
+    #[error("writing {what} at {addr:#x}: {source}")]
+    Write {
+        what: &'static str,
+        addr: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A program of `len` bytes does not fit at `addr`.
+    #[error("a {len}-byte program at {addr:#x} does not fit in guest memory")]
+    DoesNotFit { len: usize, addr: u64 },
     /// A register ioctl failed.
-    Kvm(&'static str, kvm_ioctls::Error),
+    #[error("{0} failed: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
 }
-
-impl fmt::Display for BootError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BootError::Memory(m) => write!(f, "{m}"),
-            BootError::Kvm(what, e) => write!(f, "{what} failed: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for BootError {}
 
 fn write<T: vm_memory::ByteValued>(
     mem: &GuestMemoryMmap,
@@ -54,7 +51,11 @@ fn write<T: vm_memory::ByteValued>(
     v: T,
 ) -> Result<(), BootError> {
     mem.write_obj(v, GuestAddress(addr))
-        .map_err(|e| BootError::Memory(format!("writing boot tables at {addr:#x}: {e}")))
+        .map_err(|source| BootError::Write {
+            what: "the boot tables",
+            addr,
+            source,
+        })
 }
 
 /// Write the GDT and identity-mapping page tables (shared by all vCPUs).
@@ -76,12 +77,11 @@ pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
 
 /// Copy a program to [`CODE`].
 pub fn load_program(mem: &GuestMemoryMmap, code: &[u8]) -> Result<(), BootError> {
-    mem.write_slice(code, GuestAddress(CODE)).map_err(|_| {
-        BootError::Memory(format!(
-            "a {}-byte program at {CODE:#x} does not fit in guest memory",
-            code.len()
-        ))
-    })
+    mem.write_slice(code, GuestAddress(CODE))
+        .map_err(|_| BootError::DoesNotFit {
+            len: code.len(),
+            addr: CODE,
+        })
 }
 
 pub(crate) fn segment(selector: u16, type_: u8, l: u8, db: u8, s: u8) -> kvm_segment {

@@ -641,8 +641,13 @@ pub fn start_boot_vcpu(
     info: u64,
 ) -> Result<(), BootError> {
     for (i, e) in GDT.iter().enumerate() {
-        mem.write_obj(*e, GuestAddress(layout::GDT + 8 * i as u64))
-            .map_err(|e| BootError::Memory(format!("writing the GDT: {e}")))?;
+        let addr = layout::GDT + 8 * i as u64;
+        mem.write_obj(*e, GuestAddress(addr))
+            .map_err(|source| BootError::Write {
+                what: "the GDT",
+                addr,
+                source,
+            })?;
     }
     let mut sregs = fd
         .get_sregs()

@@ -62,6 +62,6 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM
         }
-        StartError::Kvm(_) | StartError::Setup(_) => INTERNAL,
+        StartError::Kvm(_) | StartError::Setup { .. } => INTERNAL,
     }
 }

@@ -135,11 +135,8 @@ fn tiny_kernel(scratch: &Scratch) -> PathBuf {
 fn mkfifo(path: &Path) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: mkfifo(3) with a NUL-terminated path.
-    assert_eq!(
-        unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
-        0,
-        "mkfifo {path:?}"
-    );
+    let r = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(r, 0, "mkfifo {path:?}");
 }
 
 fn s(p: &Path) -> &str {

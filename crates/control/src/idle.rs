@@ -5,38 +5,11 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 
+use crate::idle_queue::SharedIdle;
 use crate::oneshot;
 use crate::sync::{self, Mutex};
-use crate::vcpu::{RunOnTicket, Who, Work};
-
+use crate::work::{RunOnTicket, Who};
 use crate::{Error, Mode, Op, VcpuCtl};
-
-/// The queue members share. Lock order: a vCPU's own slow lock, then this.
-pub(crate) struct SharedIdle<G> {
-    queue: Mutex<VecDeque<Work<G>>>,
-    /// Members whose thread has not exited; the last one out drops the queue.
-    live: AtomicUsize,
-}
-
-impl<G> SharedIdle<G> {
-    pub(crate) fn has_work(&self) -> bool {
-        !sync::lock(&self.queue).is_empty()
-    }
-
-    pub(crate) fn pop(&self) -> Option<Work<G>> {
-        sync::lock(&self.queue).pop_front()
-    }
-
-    /// A member's thread left its loop; returns the orphaned tasks if it
-    /// was the last, so they are dropped (their tickets see Exited).
-    pub(crate) fn member_exited(&self) -> VecDeque<Work<G>> {
-        if self.live.fetch_sub(1, SeqCst) == 1 {
-            std::mem::take(&mut *sync::lock(&self.queue))
-        } else {
-            VecDeque::new()
-        }
-    }
-}
 
 /// A set of vCPUs sharing one queue of idle-time tasks. A vCPU belongs to
 /// at most one idle group; its own `run_when_idle` queue goes first.
@@ -118,7 +91,7 @@ impl<G> IdleGroup<G> {
                     vcpu: self.ids[0],
                 });
             }
-            queue.push_back(crate::vcpu::work(f, tx));
+            queue.push_back(crate::work::work(f, tx));
         }
         // The push is published (queue lock) before we look at the modes;
         // a member storing Halted after our look finds it when it checks

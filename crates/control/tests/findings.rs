@@ -57,6 +57,12 @@ fn a_kick_posted_while_parked_survives_run_on() {
 fn a_split_access_completes_before_the_park() {
     let mut vm = Running::start(Behaviour::Split);
     for _ in 0..200 {
+        // The guest ran since the last park: its last exit is a split
+        // access whose second fragment is still to come.
+        let before = vm.shared.entries.load(SeqCst);
+        until("the guest to run", || {
+            vm.shared.entries.load(SeqCst) > before
+        });
         vm.ctl.stop(soon()).unwrap();
         assert_eq!(vm.shared.fragments.load(SeqCst), 0, "parked mid-access");
         vm.progress();

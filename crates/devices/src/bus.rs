@@ -2,7 +2,6 @@
 //! nobody claims.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -10,17 +9,16 @@ use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
 
-/// A device could not be registered.
-#[derive(Debug)]
-pub struct BusError(String);
-
-impl fmt::Display for BusError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A device could not be registered at `base .. base + len` (in `space`).
+#[derive(Debug, thiserror::Error)]
+#[error("{space} {base:#x}+{len}: {source:?}")]
+pub struct BusError {
+    pub space: &'static str,
+    pub base: u64,
+    pub len: u64,
+    #[source]
+    pub source: vm_device::bus::Error,
 }
-
-impl std::error::Error for BusError {}
 
 /// The VM's buses.
 #[derive(Default)]
@@ -43,11 +41,14 @@ impl Bus {
         len: u16,
         dev: Arc<dyn DevicePio + Send + Sync>,
     ) -> Result<(), BusError> {
-        let range = PioRange::new(PioAddress(base), len)
-            .map_err(|e| BusError(format!("ports {base:#x}+{len}: {e:?}")))?;
-        self.io
-            .register_pio(range, dev)
-            .map_err(|e| BusError(format!("ports {base:#x}+{len}: {e:?}")))
+        let err = |source| BusError {
+            space: "ports",
+            base: base.into(),
+            len: len.into(),
+            source,
+        };
+        let range = PioRange::new(PioAddress(base), len).map_err(err)?;
+        self.io.register_pio(range, dev).map_err(err)
     }
 
     /// Route addresses `base .. base + len` to `dev`.
@@ -57,11 +58,14 @@ impl Bus {
         len: u64,
         dev: Arc<dyn DeviceMmio + Send + Sync>,
     ) -> Result<(), BusError> {
-        let range = MmioRange::new(MmioAddress(base), len)
-            .map_err(|e| BusError(format!("MMIO {base:#x}+{len}: {e:?}")))?;
-        self.io
-            .register_mmio(range, dev)
-            .map_err(|e| BusError(format!("MMIO {base:#x}+{len}: {e:?}")))
+        let err = |source| BusError {
+            space: "MMIO",
+            base,
+            len,
+            source,
+        };
+        let range = MmioRange::new(MmioAddress(base), len).map_err(err)?;
+        self.io.register_mmio(range, dev).map_err(err)
     }
 
     /// Port read; all-ones where no device answers.

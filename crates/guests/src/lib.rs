@@ -8,7 +8,7 @@
 //!
 //! ```
 //! let hello = brisk_guests::find("hello").unwrap();
-//! let code = (hello.assemble)().unwrap();
+//! let code = (hello.assemble)(0).unwrap();
 //! assert!(!code.is_empty());
 //! ```
 

@@ -1,24 +1,32 @@
 //! KVM errors with the operation that failed.
 
-use std::fmt;
-
 /// A failed KVM (or related system) call.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// `/dev/kvm` is missing.
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)")]
     NoKvm,
     /// `/dev/kvm` exists but this user may not open it.
+    #[error("no permission to open /dev/kvm (add this user to the 'kvm' group or run as root)")]
     KvmPermission,
     /// The host's KVM lacks something brisk needs.
+    #[error("this host's KVM lacks {0}, which brisk requires")]
     MissingCapability(&'static str),
     /// An ioctl or system call failed.
+    #[error("{what} failed: {err}")]
     Sys {
         what: &'static str,
+        #[source]
         err: vmm_sys_util::errno::Error,
     },
-    /// Guest memory could not be set up.
-    Memory(String),
+    /// Guest memory of this size cannot be had.
+    #[error("guest memory: size must be a non-zero multiple of 4 KiB up to 3 GiB, not {0} bytes")]
+    MemorySize(u64),
+    /// Mapping guest memory failed.
+    #[error("guest memory: {0}")]
+    MemoryMap(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An option the user chose that this host's KVM cannot provide.
+    #[error("{what} is not available: {why}")]
     Unavailable {
         what: &'static str,
         why: &'static str,
@@ -33,18 +41,3 @@ impl Error {
         move |err| Error::Sys { what, err }
     }
 }
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Error::NoKvm => write!(f, "/dev/kvm does not exist: this host has no KVM (load kvm_intel, kvm_amd or kvm_pvm)"),
-            Error::KvmPermission => write!(f, "no permission to open /dev/kvm (add this user to the 'kvm' group or run as root)"),
-            Error::MissingCapability(c) => write!(f, "this host's KVM lacks {c}, which brisk requires"),
-            Error::Sys { what, err } => write!(f, "{what} failed: {err}"),
-            Error::Memory(m) => write!(f, "guest memory: {m}"),
-            Error::Unavailable { what, why } => write!(f, "{what} is not available: {why}"),
-        }
-    }
-}
-
-impl std::error::Error for Error {}

@@ -69,9 +69,7 @@ impl Vm {
             return Err(Error::MissingCapability("KVM_CAP_IMMEDIATE_EXIT"));
         }
         if mem_size == 0 || mem_size > MAX_LOW_RAM || mem_size % 4096 != 0 {
-            return Err(Error::Memory(format!(
-                "size must be a non-zero multiple of 4 KiB up to 3 GiB, not {mem_size} bytes"
-            )));
+            return Err(Error::MemorySize(mem_size));
         }
         crate::kick::install_handler()?;
         let run_size = kvm
@@ -85,7 +83,7 @@ impl Vm {
         }
         let fd = kvm.create_vm().map_err(Error::sys("KVM_CREATE_VM"))?;
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .map_err(|e| Error::Memory(e.to_string()))?;
+            .map_err(|e| Error::MemoryMap(Box::new(e)))?;
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,

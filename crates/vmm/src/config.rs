@@ -1,6 +1,5 @@
 //! What to build: guest, vCPUs, memory, irqchip.
 
-use std::fmt;
 use std::path::PathBuf;
 
 use brisk_boot::layout::{MAX_VCPUS, MIN_MEMORY};
@@ -51,42 +50,21 @@ impl Default for VmConfig {
 }
 
 /// A configuration brisk cannot build.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
-    Guest(brisk_guests::ChoiceError),
+    #[error(transparent)]
+    Guest(#[from] brisk_guests::ChoiceError),
+    #[error("{0} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")]
     Cpus(usize),
+    #[error("{0} bytes of memory requested; need a multiple of 4 KiB from {min} MiB to 3 GiB", min = MIN_MEMORY >> 20)]
     Memory(u64),
     /// The guest's interrupts come from user-space devices.
+    #[error("guest '{0}' takes interrupts from brisk's user-space timer and doorbell, which need --irqchip user")]
     NeedsUserIrqchip(&'static str),
     /// Kernels bring up APs through the in-kernel LAPIC.
+    #[error("--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a multiboot kernel expects, and INIT/SIPI for its APs)")]
     KernelNeedsKernelIrqchip,
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Guest(e) => e.fmt(f),
-            ConfigError::Cpus(n) => {
-                write!(f, "{n} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")
-            }
-            ConfigError::KernelNeedsKernelIrqchip => write!(
-                f,
-                "--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a multiboot kernel expects, and INIT/SIPI for its APs)"
-            ),
-            ConfigError::NeedsUserIrqchip(g) => write!(
-                f,
-                "guest '{g}' takes interrupts from brisk's user-space timer and doorbell, which need --irqchip user"
-            ),
-            ConfigError::Memory(m) => write!(
-                f,
-                "{m} bytes of memory requested; need a multiple of 4 KiB from {} MiB to 3 GiB",
-                MIN_MEMORY >> 20
-            ),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 impl VmConfig {
     /// Check the configuration without touching KVM.

@@ -121,8 +121,10 @@ pub(crate) fn load_bounded(
     let info = kernel
         .write_info(vm.memory(), ram, &k.cmdline, module)
         .map_err(refuse("kernel", &k.path))?;
-    brisk_boot::acpi::write_tables(vm.memory(), cpus)
-        .map_err(|e| StartError::Setup(e.to_string()))?;
+    brisk_boot::acpi::write_tables(vm.memory(), cpus).map_err(|e| StartError::Setup {
+        what: "writing the ACPI tables",
+        source: Box::new(e),
+    })?;
     Ok(MultibootStart {
         entry: kernel.entry(),
         info,

@@ -1,6 +1,5 @@
 //! A running VM: its vCPU threads, devices and how it ends.
 
-use std::fmt;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,38 +21,36 @@ use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
 
 /// Why a VM could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    Config(ConfigError),
-    Kvm(brisk_kvm::Error),
-    /// The kernel (or initrd) file cannot be read or booted.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] brisk_kvm::Error),
+    /// The kernel (or initrd) file cannot be read or booted: one sentence
+    /// naming the file.
+    #[error("{0}")]
     Kernel(String),
     /// The caller's abort (a signal, its timeout) stopped the set-up.
+    #[error("{0}")]
     Interrupted(String),
-    Setup(String),
+    /// A step of assembling the VM failed.
+    #[error("setting up the VM: {what}: {source}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StartError::Config(e) => e.fmt(f),
-            StartError::Kvm(e) => e.fmt(f),
-            StartError::Kernel(e) | StartError::Interrupted(e) => e.fmt(f),
-            StartError::Setup(e) => write!(f, "setting up the VM: {e}"),
-        }
+/// `map_err` for a set-up step named `what`.
+fn setup<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> StartError {
+    move |e| StartError::Setup {
+        what,
+        source: Box::new(e),
     }
-}
-
-impl std::error::Error for StartError {}
-
-impl From<brisk_kvm::Error> for StartError {
-    fn from(e: brisk_kvm::Error) -> Self {
-        StartError::Kvm(e)
-    }
-}
-
-fn setup<E: fmt::Display>(e: E) -> StartError {
-    StartError::Setup(e.to_string())
 }
 
 /// A VM assembled but not running: guest loaded, devices on the bus, every
@@ -96,9 +93,10 @@ impl Machine {
         kvm.set_mwait(config.mwait)?;
         let (guest, multiboot) = match &config.kernel {
             None => {
-                let code = builtin.assemble().map_err(setup)?;
-                brisk_boot::write_tables(kvm.memory()).map_err(setup)?;
-                brisk_boot::load_program(kvm.memory(), &code).map_err(setup)?;
+                let code = builtin.assemble().map_err(setup("assembling the guest"))?;
+                brisk_boot::write_tables(kvm.memory()).map_err(setup("writing the boot tables"))?;
+                brisk_boot::load_program(kvm.memory(), &code)
+                    .map_err(setup("loading the guest"))?;
                 (builtin.guest.name.to_string(), None)
             }
             Some(k) => {
@@ -110,24 +108,24 @@ impl Machine {
             }
         };
 
-        let end = Arc::new(EndLatch::new().map_err(setup)?);
+        let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);
         let mut bus = Bus::new();
         bus.register_pio(ports::COM1, 8, Arc::new(Uart::new(output.into_writer())))
-            .map_err(setup)?;
+            .map_err(setup("placing a device"))?;
         bus.register_pio(ports::DEBUG_EXIT, 4, Arc::new(DebugExit::new(end.clone())))
-            .map_err(setup)?;
+            .map_err(setup("placing a device"))?;
         bus.register_pio(ports::PM1A_CNT, 2, Arc::new(PowerOff::new(end.clone())))
-            .map_err(setup)?;
+            .map_err(setup("placing a device"))?;
         bus.register_pio(ports::PM_TIMER, 4, Arc::new(PmTimer::default()))
-            .map_err(setup)?;
+            .map_err(setup("placing a device"))?;
         let fw_cfg = FwCfg::new(config.cpus as u16, config.memory, &[]);
         bus.register_pio(ports::FW_CFG, 2, Arc::new(fw_cfg))
-            .map_err(setup)?;
+            .map_err(setup("placing a device"))?;
         let mut counters = Vec::new();
         for id in 0..config.cpus {
             let dev = Arc::new(CounterDevice::default());
             bus.register_pio(ports::counter(id), 4, dev.clone())
-                .map_err(setup)?;
+                .map_err(setup("placing a device"))?;
             counters.push(dev);
         }
 
@@ -143,7 +141,7 @@ impl Machine {
                 }
                 Some(_) => Ok(()),
             }
-            .map_err(setup)?;
+            .map_err(setup("setting a vCPU's registers"))?;
             vcpus.push(v);
         }
         let irq = match config.irqchip {
@@ -191,16 +189,16 @@ fn user_irq_sources(
         }
     };
     let timers = PeriodicTimers::with_thread_init(vcpus.len(), sink.clone(), Box::new(init))
-        .map_err(setup)?;
+        .map_err(setup("starting the timer thread"))?;
     bus.register_pio(
         ports::TIMER,
         TIMER_STRIDE * vcpus.len() as u16,
         timers.ports(),
     )
-    .map_err(setup)?;
+    .map_err(setup("placing a device"))?;
     let doorbell = Arc::new(Doorbell::new(sink.clone()));
     bus.register_pio(ports::DOORBELL, 4, doorbell.clone())
-        .map_err(setup)?;
+        .map_err(setup("placing a device"))?;
     Ok(IrqSources {
         sink,
         timers,
@@ -321,7 +319,7 @@ impl Vm {
             irq: m.irq,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
-            vm.spawn(v, ctl).map_err(setup)?;
+            vm.spawn(v, ctl).map_err(setup("starting a vCPU thread"))?;
         }
         Ok(vm)
     }

@@ -55,6 +55,12 @@ fn pausing_mid_split_mmio_never_fails_the_vcpu() {
     let vm = start("mmio-split", 2, Irqchip::User);
     wait_progress(&vm, 0, 0);
     for _ in 0..1500 {
+        // Both guests ran since the last pause, so this one parks them anew
+        // (and, about every other time, between two fragments of a load).
+        for id in 0..2 {
+            let p = vm.progress(id);
+            wait_progress(&vm, id, p);
+        }
         pause_all(vm.vcpus().iter().map(|v| &**v), soon()).unwrap();
         for v in vm.vcpus() {
             // Parked means the access completed: nothing left in flight.

@@ -29,10 +29,8 @@ impl Watch {
                 u64: v.id() as u64,
             };
             // SAFETY: as above.
-            assert_eq!(
-                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, v.state_fd(), &mut ev) },
-                0
-            );
+            let r = unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, v.state_fd(), &mut ev) };
+            assert_eq!(r, 0);
         }
         Watch { epfd }
     }
