@@ -24,7 +24,7 @@ pub fn run(_opts: &Opts) -> Vec<Table> {
 fn one(cpus: usize) -> Vec<Table> {
     let n = 200;
     let config = VmConfig {
-        guest: "spin".into(),
+        payload: brisk_vmm::Payload::builtin("spin"),
         cpus,
         ..VmConfig::default()
     };

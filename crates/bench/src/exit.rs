@@ -107,7 +107,7 @@ fn aggregate(opts: &Opts) -> Table {
     let mut rows = Vec::new();
     for n in 1..=cores {
         let config = brisk_vmm::VmConfig {
-            guest: "pio".into(),
+            payload: brisk_vmm::Payload::builtin("pio"),
             cpus: n,
             ..Default::default()
         };

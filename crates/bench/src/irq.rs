@@ -51,7 +51,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
 /// tasks that long. Returns the injection latencies and tasks run.
 fn one_vm(task_us: u64) -> (Vec<u64>, u64) {
     let config = VmConfig {
-        guest: "tick".into(),
+        payload: brisk_vmm::Payload::builtin("tick"),
         cpus: 1,
         ..VmConfig::default()
     };

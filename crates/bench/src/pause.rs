@@ -16,7 +16,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
     let (mut together, mut one_by_one) = (Vec::new(), Vec::new());
     for n in 1..=8 {
         let config = VmConfig {
-            guest: "spin".into(),
+            payload: brisk_vmm::Payload::builtin("spin"),
             cpus: n,
             ..VmConfig::default()
         };
@@ -71,7 +71,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
 fn exclusive_switch(iterations: usize) -> Table {
     let deadline = || Deadline::after(Duration::from_secs(5));
     let config = VmConfig {
-        guest: "spin".into(),
+        payload: brisk_vmm::Payload::builtin("spin"),
         cpus: 2,
         ..VmConfig::default()
     };

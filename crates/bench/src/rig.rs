@@ -23,7 +23,7 @@ pub struct Rig {
 impl Rig {
     pub fn new(guest: &str, cpus: usize, irqchip: Irqchip) -> Rig {
         let config = VmConfig {
-            guest: guest.into(),
+            payload: brisk_vmm::Payload::builtin(&guest),
             cpus,
             irqchip,
             ..VmConfig::default()

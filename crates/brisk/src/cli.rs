@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use brisk_vmm::seccomp::ThreadKind;
-use brisk_vmm::{Irqchip, Output, Vm, VmConfig, VmEnd};
+use brisk_vmm::{Irqchip, Output, Payload, Vm, VmConfig, VmEnd};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::{signals, status};
@@ -166,7 +166,8 @@ struct RunArgs {
     /// tables, fw_cfg at 0x510, PM timer at 0x608; APs wait for INIT/SIPI).
     #[arg(long, value_name = "FILE", conflicts_with = "guest")]
     kernel: Option<std::path::PathBuf>,
-    /// The kernel's command line (multiboot cmdline).
+    /// The kernel's arguments; it is handed its file name first, then
+    /// these (the multiboot command line, as GRUB and QEMU give it).
     #[arg(long, default_value = "", requires = "kernel")]
     cmdline: String,
     /// A file passed to the kernel as multiboot module 0.
@@ -365,7 +366,7 @@ fn stress(args: StressArgs) -> i32 {
         deadline: args.deadline,
     };
     if let Err(e) = (VmConfig {
-        guest: guest.name().into(),
+        payload: brisk_vmm::Payload::builtin(&guest.name()),
         cpus: args.cpus,
         irqchip,
         ..VmConfig::default()
@@ -392,24 +393,23 @@ fn stress(args: StressArgs) -> i32 {
 }
 
 fn run(args: RunArgs) -> i32 {
-    let config = VmConfig {
-        guest: args.guest,
-        cpus: args.cpus,
-        memory: args.memory,
-        irqchip: args
-            .irqchip
-            .map(Irqchip::from)
-            .unwrap_or(if args.kernel.is_some() {
-                Irqchip::Kernel
-            } else {
-                Irqchip::User
-            }),
-        mwait: args.mwait.into(),
-        kernel: args.kernel.map(|path| brisk_vmm::KernelConfig {
+    let payload = match args.kernel {
+        Some(path) => Payload::Multiboot(brisk_vmm::KernelConfig {
             path,
             cmdline: args.cmdline,
             initrd: args.initrd,
         }),
+        None => Payload::Builtin(args.guest),
+    };
+    let config = VmConfig {
+        irqchip: args
+            .irqchip
+            .map(Irqchip::from)
+            .unwrap_or(payload.default_irqchip()),
+        payload,
+        cpus: args.cpus,
+        memory: args.memory,
+        mwait: args.mwait.into(),
         seccomp: args.seccomp.into(),
     };
     let interrupt = match signals::install() {

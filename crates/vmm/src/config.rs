@@ -1,16 +1,15 @@
-//! What to build: guest, vCPUs, memory, irqchip.
-
-use std::path::PathBuf;
+//! What to build: payload, vCPUs, memory, irqchip.
 
 use brisk_boot::layout::{MAX_VCPUS, MIN_MEMORY};
 use brisk_kvm::{Irqchip, Mwait};
 
+use crate::Payload;
+
 /// A VM's configuration.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
-    /// A built-in guest (see `brisk guests`): `NAME`, or `NAME=N` for the
-    /// counting guests (`tick=20000`).
-    pub guest: String,
+    /// What the VM boots.
+    pub payload: Payload,
     /// Number of vCPUs.
     pub cpus: usize,
     /// Guest RAM in bytes.
@@ -19,31 +18,19 @@ pub struct VmConfig {
     pub irqchip: Irqchip,
     /// What the guest gets for MONITOR/MWAIT.
     pub mwait: Mwait,
-    /// Boot this multiboot kernel instead of the built-in `guest`.
-    pub kernel: Option<KernelConfig>,
     /// The seccomp filters brisk's threads install (none by default in
     /// the library; `brisk run` traps by default).
     pub seccomp: crate::seccomp::Seccomp,
 }
 
-/// A kernel from a file, booted as a multiboot (v1) loader would.
-#[derive(Clone, Debug, Default)]
-pub struct KernelConfig {
-    pub path: PathBuf,
-    pub cmdline: String,
-    /// Passed as multiboot module 0.
-    pub initrd: Option<PathBuf>,
-}
-
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
-            guest: "hello".into(),
+            payload: Payload::default(),
             cpus: 2,
             memory: 64 << 20,
             irqchip: Irqchip::User,
             mwait: Mwait::Hide,
-            kernel: None,
             seccomp: crate::seccomp::Seccomp::Off,
         }
     }
@@ -68,9 +55,7 @@ pub enum ConfigError {
 
 impl VmConfig {
     /// Check the configuration without touching KVM.
-    pub fn validate(&self) -> Result<brisk_guests::Choice, ConfigError> {
-        let choice = brisk_guests::choose(&self.guest).map_err(ConfigError::Guest)?;
-        let guest = choice.guest;
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_VCPUS {
             return Err(ConfigError::Cpus(self.cpus));
         }
@@ -80,13 +65,6 @@ impl VmConfig {
         {
             return Err(ConfigError::Memory(self.memory));
         }
-        if self.kernel.is_some() {
-            if self.irqchip != Irqchip::Kernel {
-                return Err(ConfigError::KernelNeedsKernelIrqchip);
-            }
-        } else if guest.user_irqchip && self.irqchip != Irqchip::User {
-            return Err(ConfigError::NeedsUserIrqchip(guest.name));
-        }
-        Ok(choice)
+        self.payload.validate(self.irqchip)
     }
 }

@@ -119,7 +119,7 @@ pub(crate) fn load_bounded(
         None => None,
     };
     let info = kernel
-        .write_info(vm.memory(), ram, &k.cmdline, module)
+        .write_info(vm.memory(), ram, &k.full_cmdline(), module)
         .map_err(refuse("kernel", &k.path))?;
     brisk_boot::acpi::write_tables(vm.memory(), cpus).map_err(|e| StartError::Setup {
         what: "writing the ACPI tables",

@@ -3,10 +3,10 @@
 //! VM ended ([`VmEnd`]).
 //!
 //! ```no_run
-//! use brisk_vmm::{Output, Vm, VmConfig, VmEnd};
+//! use brisk_vmm::{Output, Payload, Vm, VmConfig, VmEnd};
 //! use std::time::Duration;
 //!
-//! let config = VmConfig { guest: "hello".into(), cpus: 2, ..VmConfig::default() };
+//! let config = VmConfig { payload: Payload::builtin("hello"), cpus: 2, ..VmConfig::default() };
 //! let vm = Vm::start(&config, Output::Stdout).unwrap();
 //! let end = vm.wait(Some(Duration::from_secs(10)), None);
 //! assert_eq!(end, VmEnd::PowerOff);
@@ -19,14 +19,16 @@ pub mod exits;
 mod interrupts;
 mod kernel;
 mod output;
+mod payload;
 pub mod seccomp;
 pub mod stress;
 mod vm;
 
-pub use config::{ConfigError, KernelConfig, VmConfig};
+pub use config::{ConfigError, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};
+pub use payload::{KernelConfig, Payload, Platform};
 pub use vm::{Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;

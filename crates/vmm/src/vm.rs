@@ -88,25 +88,13 @@ impl Machine {
         output: Output,
         abort: &dyn Fn() -> bool,
     ) -> Result<Machine, StartError> {
-        let builtin = config.validate().map_err(StartError::Config)?;
+        config.validate()?;
         let mut kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
         kvm.set_mwait(config.mwait)?;
-        let (guest, multiboot) = match &config.kernel {
-            None => {
-                let code = builtin.assemble().map_err(setup("assembling the guest"))?;
-                brisk_boot::write_tables(kvm.memory()).map_err(setup("writing the boot tables"))?;
-                brisk_boot::load_program(kvm.memory(), &code)
-                    .map_err(setup("loading the guest"))?;
-                (builtin.guest.name.to_string(), None)
-            }
-            Some(k) => {
-                if !kvm.has_kvmclock_ctrl() {
-                    log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
-                }
-                let boot = crate::kernel::load_bounded(&kvm, k, config.memory, config.cpus, abort)?;
-                (k.path.display().to_string(), Some(boot))
-            }
-        };
+        let loaded = config
+            .payload
+            .load(&kvm, config.memory, config.cpus, abort)?;
+        let guest = config.payload.name();
 
         let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);
         let mut bus = Bus::new();
@@ -132,16 +120,10 @@ impl Machine {
         let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
-            let v = kvm.create_vcpu(id, config.cpus, multiboot.is_none())?;
-            match &multiboot {
-                None => brisk_boot::start_vcpu_in_long_mode(v.fd(), id, config.cpus),
-                // APs wait for the kernel's INIT/SIPI.
-                Some(b) if id == 0 => {
-                    brisk_boot::multiboot::start_boot_vcpu(v.fd(), kvm.memory(), b.entry, b.info)
-                }
-                Some(_) => Ok(()),
-            }
-            .map_err(setup("setting a vCPU's registers"))?;
+            let v = kvm.create_vcpu(id, config.cpus, loaded.start_aps())?;
+            loaded
+                .start_vcpu(&v, &kvm, id, config.cpus)
+                .map_err(setup("setting a vCPU's registers"))?;
             vcpus.push(v);
         }
         let irq = match config.irqchip {

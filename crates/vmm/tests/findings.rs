@@ -89,7 +89,7 @@ fn pausing_mid_split_mmio_never_fails_the_vcpu() {
 fn a_kick_after_dropping_a_vcpu_bound_elsewhere_is_safe() {
     require_kvm!();
     let config = VmConfig {
-        guest: "spin".into(),
+        payload: brisk_vmm::Payload::builtin("spin"),
         cpus: 1,
         ..VmConfig::default()
     };

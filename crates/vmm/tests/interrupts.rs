@@ -122,7 +122,7 @@ fn idle_tasks_run_between_ticks_and_no_tick_is_lost() {
 #[test]
 fn interrupt_guests_refuse_the_kernel_irqchip() {
     let config = brisk_vmm::VmConfig {
-        guest: "tick".into(),
+        payload: brisk_vmm::Payload::builtin("tick"),
         irqchip: Irqchip::Kernel,
         ..Default::default()
     };

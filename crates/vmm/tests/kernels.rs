@@ -14,7 +14,7 @@ fn config(kernel: &str, cpus: usize, cmdline: &str, initrd: Option<PathBuf>) -> 
     VmConfig {
         cpus,
         irqchip: Irqchip::Kernel,
-        kernel: Some(KernelConfig {
+        payload: brisk_vmm::Payload::Multiboot(KernelConfig {
             path: kernel.into(),
             cmdline: cmdline.into(),
             initrd,
@@ -44,7 +44,9 @@ fn hello_sees_the_multiboot_handover_and_exits_with_the_chosen_status() {
         assert_eq!(end, VmEnd::DebugExit(42), "{out}");
         assert!(out.contains("multiboot magic 0x2badb002 ok"), "{out}");
         assert!(out.contains("639 KiB low, 64512 KiB high"), "{out}");
-        assert!(out.contains("cmdline 'status=42 quiet'"), "{out}");
+        // argv[0] first, as GRUB and QEMU hand it over.
+        let expect = format!("cmdline '{} status=42 quiet'", k::HELLO);
+        assert!(out.contains(&expect), "{out}");
         assert!(out.contains("initrd 17 bytes at 0x"), "{out}");
         assert!(out.contains(": BRISK-INITRD\n"), "{out}");
     }

@@ -15,7 +15,7 @@ fn config(kernel: PathBuf, initrd: Option<PathBuf>) -> VmConfig {
     VmConfig {
         cpus: 1,
         irqchip: Irqchip::Kernel,
-        kernel: Some(KernelConfig {
+        payload: brisk_vmm::Payload::Multiboot(KernelConfig {
             path: kernel,
             cmdline: "status=5".into(),
             initrd,

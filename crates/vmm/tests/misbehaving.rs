@@ -56,7 +56,7 @@ fn int3_without_an_idt_is_reported() {
 /// Run `mwait` on 2 vCPUs under `policy`; `None` if the host refused it.
 fn mwait_end(policy: Mwait) -> Option<VmEnd> {
     let config = VmConfig {
-        guest: "mwait".into(),
+        payload: brisk_vmm::Payload::builtin("mwait"),
         mwait: policy,
         ..VmConfig::default()
     };

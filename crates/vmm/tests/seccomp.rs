@@ -12,7 +12,7 @@ use common::{soon, wait_progress};
 fn a_forbidden_syscall_on_a_vcpu_thread_is_stopped() {
     require_kvm!();
     let config = VmConfig {
-        guest: "pio".into(),
+        payload: brisk_vmm::Payload::builtin("pio"),
         cpus: 1,
         irqchip: Irqchip::User,
         seccomp: Seccomp::Errno(libc::EPERM as u32),
