@@ -22,7 +22,7 @@ struct Served {
 impl Served {
     fn start(guest: &str, name: &str) -> Served {
         let config = VmConfig {
-            payload: brisk_vmm::Payload::builtin(&guest),
+            payload: brisk_vmm::Payload::builtin(guest),
             cpus: 2,
             ..VmConfig::default()
         };

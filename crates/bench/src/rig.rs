@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use brisk_control::{Guest, Interrupt};
-use brisk_devices::Bus;
+use brisk_devices::DeviceManager;
 use brisk_kvm::{Exit, Irqchip, KvmVcpu};
 use brisk_vmm::{Machine, Output, VmConfig};
 
@@ -16,14 +16,14 @@ use brisk_vmm::{Machine, Output, VmConfig};
 pub struct Rig {
     /// Owns the VM and its memory; must outlive the vCPUs.
     pub _machine: Machine,
-    pub bus: Arc<Bus>,
+    pub bus: Arc<DeviceManager>,
     pub vcpus: Vec<KvmVcpu>,
 }
 
 impl Rig {
     pub fn new(guest: &str, cpus: usize, irqchip: Irqchip) -> Rig {
         let config = VmConfig {
-            payload: brisk_vmm::Payload::builtin(&guest),
+            payload: brisk_vmm::Payload::builtin(guest),
             cpus,
             irqchip,
             ..VmConfig::default()
@@ -31,7 +31,7 @@ impl Rig {
         let mut machine = Machine::build(&config, Output::Null).expect("benchmark VM");
         let vcpus = std::mem::take(&mut machine.vcpus);
         Rig {
-            bus: machine.bus.clone(),
+            bus: machine.devices.clone(),
             _machine: machine,
             vcpus,
         }
@@ -154,9 +154,9 @@ impl Guest for Timed {
 /// Answer the exits of the benchmark guests (`pio`, `spin`, `halt`) with
 /// brisk's own dispatcher: the same `Flow` brisk's vCPU threads act on
 /// (HLT -> `Flow::Halt`: block in user space).
-pub fn answer(v: &mut KvmVcpu, exit: Exit, bus: &Bus) -> brisk_control::Flow {
+pub fn answer(v: &mut KvmVcpu, exit: Exit, devices: &DeviceManager) -> brisk_control::Flow {
     let fatal = |e| panic!("benchmark guest failed: {e}");
-    brisk_vmm::exits::handle(v, exit, bus, &fatal)
+    brisk_vmm::exits::handle(v, exit, devices.bus(), &fatal)
 }
 
 /// A stop flag polled by the hand-written loops.

@@ -366,7 +366,7 @@ fn stress(args: StressArgs) -> i32 {
         deadline: args.deadline,
     };
     if let Err(e) = (VmConfig {
-        payload: brisk_vmm::Payload::builtin(&guest.name()),
+        payload: brisk_vmm::Payload::builtin(guest.name()),
         cpus: args.cpus,
         irqchip,
         ..VmConfig::default()

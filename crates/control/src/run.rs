@@ -40,6 +40,8 @@ impl<G> Drop for ExitGuard<'_, G> {
         let ctl = self.0;
         CURRENT.with(|c| c.set((std::ptr::null(), std::ptr::null())));
         ctl.mode.store(Mode::Exited);
+        // Dekker with `claim_and_signal` (kickers, then mode).
+        sync::dekker_fence();
         // A kicker that read InGuest may still be about to signal this
         // thread; once none is left, every later kicker reads Exited. So no
         // signal reaches this thread's id after it is gone (and reused).

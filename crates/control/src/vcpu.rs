@@ -185,6 +185,8 @@ impl<G> VcpuCtl<G> {
     /// it did not wait for finds `Exited` and sends nothing (SeqCst).
     fn claim_and_signal(&self) -> Result<(), Mode> {
         self.kickers.fetch_add(1, SeqCst);
+        // Dekker with the exit guard (mode, then kickers).
+        sync::dekker_fence();
         let claimed = self.mode.claim_exit();
         if claimed.is_ok() {
             // We won InGuest -> Exiting: ours is the one signal.

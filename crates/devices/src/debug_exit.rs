@@ -28,3 +28,17 @@ impl DevicePio for DebugExit {
             .guest_stopped(GuestStop::DebugExit(crate::port_value(data)));
     }
 }
+
+/// No state: what it does is fixed when it is made.
+impl crate::Stateful for DebugExit {
+    const VERSION: u32 = 1;
+    type State = crate::NoState;
+
+    fn save(&self) -> crate::NoState {
+        crate::NoState {}
+    }
+
+    fn restore(&self, _: crate::NoState) -> Result<(), String> {
+        Ok(())
+    }
+}

@@ -26,9 +26,11 @@ mod debug_exit;
 mod doorbell;
 mod fw_cfg;
 mod irq;
+mod manager;
 mod pm_timer;
 mod power;
 mod serial;
+mod state;
 mod timer;
 
 pub use bus::{Bus, BusError};
@@ -36,11 +38,13 @@ pub use counter::CounterDevice;
 pub use debug_exit::DebugExit;
 pub use doorbell::Doorbell;
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
-pub use irq::InterruptSink;
+pub use irq::{InterruptSink, IrqLine, NoLine};
+pub use manager::{DeviceManager, IoRange};
 pub use pm_timer::{PmTimer, PM_TIMER_HZ};
 pub use power::PowerOff;
-pub use serial::Uart;
-pub use timer::{PeriodicTimers, TimerPorts, TIMER_STRIDE};
+pub use serial::{Uart, UartState};
+pub use state::{DeviceState, NoState, SaveRestore, StateError, Stateful};
+pub use timer::{PeriodicTimers, TimerPorts, TimerState, TIMER_STRIDE};
 
 /// Why a device ended the guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

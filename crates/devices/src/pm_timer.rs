@@ -11,13 +11,13 @@ use vm_device::DevicePio;
 pub const PM_TIMER_HZ: u64 = 3_579_545;
 
 pub struct PmTimer {
-    start: Instant,
+    start: std::sync::Mutex<Instant>,
 }
 
 impl Default for PmTimer {
     fn default() -> Self {
         PmTimer {
-            start: Instant::now(),
+            start: std::sync::Mutex::new(Instant::now()),
         }
     }
 }
@@ -25,8 +25,14 @@ impl Default for PmTimer {
 impl PmTimer {
     /// The counter's current value.
     pub fn value(&self) -> u32 {
-        let ns = self.start.elapsed().as_nanos();
-        ((ns * u128::from(PM_TIMER_HZ) / 1_000_000_000) & 0xff_ffff) as u32
+        (self.ticks() & 0xff_ffff) as u32
+    }
+
+    /// Ticks since the timer started (not wrapped).
+    fn ticks(&self) -> u64 {
+        let start = *self.start.lock().unwrap_or_else(|p| p.into_inner());
+        let ns = start.elapsed().as_nanos();
+        (ns * u128::from(PM_TIMER_HZ) / 1_000_000_000) as u64
     }
 }
 
@@ -38,14 +44,58 @@ impl DevicePio for PmTimer {
     fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {}
 }
 
+/// The count at the save: a restored timer goes on from it (the time the
+/// VM spent saved is not counted, as on a suspended machine).
+impl crate::Stateful for PmTimer {
+    const VERSION: u32 = 1;
+    type State = u64;
+
+    fn save(&self) -> u64 {
+        self.ticks()
+    }
+
+    fn restore(&self, ticks: u64) -> Result<(), String> {
+        let ns = u128::from(ticks) * 1_000_000_000 / u128::from(PM_TIMER_HZ);
+        let back = std::time::Duration::from_nanos(ns.min(u64::MAX as u128) as u64);
+        let start = Instant::now()
+            .checked_sub(back)
+            .ok_or("the saved count is older than this host's clock")?;
+        *self.start.lock().unwrap_or_else(|p| p.into_inner()) = start;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
+    fn state_round_trips_and_the_count_goes_on() {
+        use crate::SaveRestore;
+        let a = PmTimer {
+            start: std::sync::Mutex::new(Instant::now() - std::time::Duration::from_secs(2)),
+        };
+        let b = PmTimer::default();
+        let saved = a.save_state();
+        b.restore_state("pm", &saved).unwrap();
+        let (was, now) = (saved.data.as_u64().unwrap(), b.ticks());
+        assert!(now >= was, "{now} < {was}");
+        assert!(matches!(
+            b.restore_state(
+                "pm",
+                &crate::DeviceState {
+                    version: 9,
+                    ..saved
+                }
+            ),
+            Err(crate::StateError::Version { .. })
+        ));
+    }
+
+    #[test]
     fn wraps_at_24_bits() {
         let t = PmTimer {
-            start: Instant::now() - std::time::Duration::from_secs(5),
+            start: std::sync::Mutex::new(Instant::now() - std::time::Duration::from_secs(5)),
         };
         // 5 s is 17.9 M ticks: past 2^24, so it has wrapped once.
         let v = t.value();

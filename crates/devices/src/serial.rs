@@ -1,34 +1,79 @@
-//! A 16550 UART (vm-superio) writing the guest's output to a writer.
+//! A 16550 UART (vm-superio) writing the guest's output to a writer and
+//! raising its interrupt line (IRQ 4 on the PC) on transmit-empty and on
+//! received data, so a guest can take console input.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::DevicePio;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
-/// No interrupt line yet: transmit-empty and receive interrupts go nowhere
-/// (guests poll LSR).
-pub struct NoIrq;
+use crate::{IrqLine, Stateful};
 
-impl Trigger for NoIrq {
+/// vm-superio's trigger, pulling the UART's line.
+#[derive(Clone)]
+pub struct LineTrigger(Arc<dyn IrqLine>);
+
+impl Trigger for LineTrigger {
     type E = std::convert::Infallible;
     fn trigger(&self) -> Result<(), Self::E> {
+        self.0.trigger();
         Ok(())
     }
 }
 
+/// The guest's output writer, shared so a restored UART keeps it.
+#[derive(Clone)]
+pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+type Inner = Serial<LineTrigger, NoEvents, SharedWriter>;
+
 /// The UART: eight registers from its base port.
 pub struct Uart {
-    serial: Mutex<Serial<NoIrq, vm_superio::serial::NoEvents, Box<dyn Write + Send>>>,
+    serial: Mutex<Inner>,
+    line: LineTrigger,
+    out: SharedWriter,
 }
 
 impl Uart {
-    /// A UART whose transmitted bytes go to `out`.
-    pub fn new(out: Box<dyn Write + Send>) -> Self {
+    /// A UART whose transmitted bytes go to `out`, raising `line`.
+    pub fn new(out: Box<dyn Write + Send>, line: Arc<dyn IrqLine>) -> Self {
+        let line = LineTrigger(line);
+        let out = SharedWriter(Arc::new(Mutex::new(out)));
         Uart {
-            serial: Mutex::new(Serial::new(NoIrq, out)),
+            serial: Mutex::new(Serial::new(line.clone(), out.clone())),
+            line,
+            out,
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.serial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes typed at the console: queued in the receive FIFO (raising
+    /// the line if the guest enabled receive interrupts). Returns how many
+    /// fit; the rest are for the caller to offer again.
+    pub fn input(&self, bytes: &[u8]) -> usize {
+        self.lock().enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+
+    /// Room left in the receive FIFO.
+    pub fn input_room(&self) -> usize {
+        self.lock().fifo_capacity()
     }
 }
 
@@ -38,8 +83,7 @@ impl DevicePio for Uart {
             data.fill(0xff);
             return;
         }
-        let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
-        data[0] = s.read(offset as u8);
+        data[0] = self.lock().read(offset as u8);
         data[1..].fill(0);
     }
 
@@ -47,10 +91,115 @@ impl DevicePio for Uart {
         if offset > 7 || data.is_empty() {
             return;
         }
-        let mut s = self.serial.lock().unwrap_or_else(|p| p.into_inner());
         // An output error (closed stdout) must not stop the guest.
-        if let Err(e) = s.write(offset as u8, data[0]) {
+        if let Err(e) = self.lock().write(offset as u8, data[0]) {
             log::debug!("UART output failed: {e:?}");
         }
+    }
+}
+
+/// The 16550's registers and receive FIFO.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl Stateful for Uart {
+    const VERSION: u32 = 1;
+    type State = UartState;
+
+    fn save(&self) -> UartState {
+        let s = self.lock().state();
+        UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    fn restore(&self, s: UartState) -> Result<(), String> {
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        let serial = Serial::from_state(&state, self.line.clone(), NoEvents, self.out.clone())
+            .map_err(|e| format!("{e:?}"))?;
+        *self.lock() = serial;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+
+    #[derive(Default)]
+    struct Count(AtomicU32);
+    impl IrqLine for Count {
+        fn trigger(&self) {
+            self.0.fetch_add(1, SeqCst);
+        }
+    }
+
+    fn uart() -> (Uart, Arc<Count>) {
+        let line = Arc::new(Count::default());
+        (Uart::new(Box::new(std::io::sink()), line.clone()), line)
+    }
+
+    #[test]
+    fn receive_and_transmit_empty_raise_the_line() {
+        let (u, line) = uart();
+        let w = |off: u16, v: u8| u.pio_write(PioAddress(0), off, &[v]);
+        w(1, 0b11); // IER: received data + THR empty
+        let mut iir = [0u8];
+        u.pio_read(PioAddress(0), 2, &mut iir); // acknowledge what IER raised
+        let before = line.0.load(SeqCst);
+        w(0, b'x'); // transmit: THR empty again -> interrupt
+        assert!(line.0.load(SeqCst) > before, "no THR-empty interrupt");
+        let before = line.0.load(SeqCst);
+        assert_eq!(u.input(b"hi"), 2);
+        assert!(line.0.load(SeqCst) > before, "no receive interrupt");
+        let mut b = [0u8];
+        u.pio_read(PioAddress(0), 0, &mut b);
+        assert_eq!(b[0], b'h');
+    }
+
+    #[test]
+    fn state_round_trips_with_registers_and_pending_input() {
+        let (a, _) = uart();
+        a.pio_write(PioAddress(0), 3, &[0x03]); // LCR
+        a.pio_write(PioAddress(0), 7, &[0x5a]); // scratch
+        a.input(b"abc");
+        let (b, _) = uart();
+        let saved = crate::state::tests::round_trip(&a, &b);
+        assert_eq!(saved.data["scratch"], 0x5a);
+        let mut c = [0u8];
+        b.pio_read(PioAddress(0), 0, &mut c);
+        assert_eq!(c[0], b'a', "restored FIFO");
     }
 }

@@ -20,6 +20,9 @@ pub const SMP: &str = concat!(env!("OUT_DIR"), "/smp.elf");
 pub const PMTIMER: &str = concat!(env!("OUT_DIR"), "/pmtimer.elf");
 /// Times `inl` from an unassigned port and from the PM timer with rdtsc.
 pub const INL: &str = concat!(env!("OUT_DIR"), "/inl.elf");
+/// Takes the UART's IRQ 4 through KVM's IOAPIC (transmit-empty, then
+/// received data: it waits for the host to type "ping"), and echoes it.
+pub const UARTIRQ: &str = concat!(env!("OUT_DIR"), "/uartirq.elf");
 
 /// The debug-exit value every kernel writes on success (brisk status 1).
 pub const PASS: u8 = 0;

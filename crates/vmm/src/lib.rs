@@ -20,6 +20,7 @@ mod interrupts;
 mod kernel;
 mod output;
 mod payload;
+pub mod platform;
 pub mod seccomp;
 pub mod stress;
 mod vm;

@@ -494,7 +494,7 @@ pub fn run(config: &StressConfig) -> Result<StressReport, StressFailure> {
     }
     let guest = config.guest();
     let vm_config = VmConfig {
-        payload: crate::Payload::builtin(&guest.name()),
+        payload: crate::Payload::builtin(guest.name()),
         cpus: config.cpus,
         irqchip: config.irqchip,
         ..VmConfig::default()

@@ -7,16 +7,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use brisk_boot::{layout, ports};
+use brisk_boot::layout;
 use brisk_control::RunEnd;
-use brisk_devices::{
-    Bus, CounterDevice, DebugExit, Doorbell, FwCfg, PeriodicTimers, PmTimer, PowerOff, Uart,
-    TIMER_STRIDE,
-};
+use brisk_devices::{CounterDevice, DeviceManager, Doorbell, PeriodicTimers, Uart};
 use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::end::EndLatch;
+use crate::platform::{self, Lines, Wiring};
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
 
@@ -54,15 +52,17 @@ fn setup<E: std::error::Error + Send + Sync + 'static>(
 }
 
 /// A VM assembled but not running: guest loaded, devices on the bus, every
-/// vCPU set up in long mode with its control block. [`Vm::start`] hands
-/// its vCPUs to threads; benchmarks drive them with loops of their own.
+/// vCPU set up with its control block. [`Vm::start`] hands its vCPUs to
+/// threads; benchmarks drive them with loops of their own.
 pub struct Machine {
     pub kvm: brisk_kvm::Vm,
-    pub bus: Arc<Bus>,
+    /// The devices (by name, with their ranges and state) and their bus.
+    pub devices: Arc<DeviceManager>,
     pub vcpus: Vec<KvmVcpu>,
     /// The control blocks the interrupt sources kick.
     pub ctls: Vec<Arc<Vcpu>>,
     pub guest: String,
+    uart: Arc<Uart>,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
     irq: Option<IrqSources>,
@@ -71,8 +71,8 @@ pub struct Machine {
 /// User irqchip mode: the pending sets and the devices that raise into them.
 struct IrqSources {
     sink: Arc<UserInterrupts>,
-    timers: PeriodicTimers,
-    doorbell: Arc<Doorbell>,
+    timers: Option<PeriodicTimers>,
+    doorbell: Option<Arc<Doorbell>>,
 }
 
 impl Machine {
@@ -97,26 +97,6 @@ impl Machine {
         let guest = config.payload.name();
 
         let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);
-        let mut bus = Bus::new();
-        bus.register_pio(ports::COM1, 8, Arc::new(Uart::new(output.into_writer())))
-            .map_err(setup("placing a device"))?;
-        bus.register_pio(ports::DEBUG_EXIT, 4, Arc::new(DebugExit::new(end.clone())))
-            .map_err(setup("placing a device"))?;
-        bus.register_pio(ports::PM1A_CNT, 2, Arc::new(PowerOff::new(end.clone())))
-            .map_err(setup("placing a device"))?;
-        bus.register_pio(ports::PM_TIMER, 4, Arc::new(PmTimer::default()))
-            .map_err(setup("placing a device"))?;
-        let fw_cfg = FwCfg::new(config.cpus as u16, config.memory, &[]);
-        bus.register_pio(ports::FW_CFG, 2, Arc::new(fw_cfg))
-            .map_err(setup("placing a device"))?;
-        let mut counters = Vec::new();
-        for id in 0..config.cpus {
-            let dev = Arc::new(CounterDevice::default());
-            bus.register_pio(ports::counter(id), 4, dev.clone())
-                .map_err(setup("placing a device"))?;
-            counters.push(dev);
-        }
-
         let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
@@ -126,36 +106,45 @@ impl Machine {
                 .map_err(setup("setting a vCPU's registers"))?;
             vcpus.push(v);
         }
-        let irq = match config.irqchip {
-            Irqchip::User => Some(user_irq_sources(
-                &mut bus,
-                &mut vcpus,
-                &ctls,
-                config.seccomp,
-            )?),
+        let sink = match config.irqchip {
+            Irqchip::User => Some(user_interrupts(&mut vcpus, &ctls)),
             Irqchip::Kernel => None,
         };
+        let lines = match &sink {
+            Some(s) => Lines::User(s.clone()),
+            None => Lines::Kernel(&kvm),
+        };
+        let wiring = Wiring {
+            platform: config.payload.platform(),
+            irqchip: config.irqchip,
+            cpus: config.cpus,
+            memory: config.memory,
+            seccomp: config.seccomp,
+            end: &end,
+            lines,
+        };
+        let d = platform::devices(wiring, output)?;
+        let irq = sink.map(|sink| IrqSources {
+            sink,
+            timers: d.timers,
+            doorbell: d.doorbell,
+        });
         Ok(Machine {
             kvm,
-            bus: Arc::new(bus),
+            devices: Arc::new(d.manager),
             vcpus,
             ctls,
             guest,
-            counters,
+            uart: d.uart,
+            counters: d.counters,
             end,
             irq,
         })
     }
 }
 
-/// Give each vCPU a pending-interrupt set and put the timers and the
-/// doorbell that raise into them on the bus.
-fn user_irq_sources(
-    bus: &mut Bus,
-    vcpus: &mut [KvmVcpu],
-    ctls: &[Arc<Vcpu>],
-    seccomp: Seccomp,
-) -> Result<IrqSources, StartError> {
+/// Give each vCPU a pending-interrupt set, raised into through the sink.
+fn user_interrupts(vcpus: &mut [KvmVcpu], ctls: &[Arc<Vcpu>]) -> Arc<UserInterrupts> {
     let pending: Vec<Arc<PendingInterrupts>> = vcpus
         .iter_mut()
         .map(|v| {
@@ -164,28 +153,7 @@ fn user_irq_sources(
             p
         })
         .collect();
-    let sink = Arc::new(UserInterrupts::new(pending, ctls.to_vec()));
-    let init = move || {
-        if let Err(e) = seccomp::install(ThreadKind::Timer, seccomp) {
-            log::error!("timer thread: cannot install its seccomp filter: {e}");
-        }
-    };
-    let timers = PeriodicTimers::with_thread_init(vcpus.len(), sink.clone(), Box::new(init))
-        .map_err(setup("starting the timer thread"))?;
-    bus.register_pio(
-        ports::TIMER,
-        TIMER_STRIDE * vcpus.len() as u16,
-        timers.ports(),
-    )
-    .map_err(setup("placing a device"))?;
-    let doorbell = Arc::new(Doorbell::new(sink.clone()));
-    bus.register_pio(ports::DOORBELL, 4, doorbell.clone())
-        .map_err(setup("placing a device"))?;
-    Ok(IrqSources {
-        sink,
-        timers,
-        doorbell,
-    })
+    Arc::new(UserInterrupts::new(pending, ctls.to_vec()))
 }
 
 /// Why [`Vm::pause`] or [`Vm::resume`] did nothing.
@@ -254,7 +222,8 @@ pub struct Vm {
     finished: Arc<Finished>,
     /// A vCPU thread was left running: keep what it may use.
     stuck: bool,
-    bus: Arc<Bus>,
+    devices: Arc<DeviceManager>,
+    uart: Arc<Uart>,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
     started: Instant,
@@ -290,7 +259,8 @@ impl Vm {
                 cv: Condvar::new(),
             }),
             stuck: false,
-            bus: m.bus,
+            devices: m.devices,
+            uart: m.uart,
             counters: m.counters,
             end: m.end,
             started: Instant::now(),
@@ -308,7 +278,7 @@ impl Vm {
 
     fn spawn(&mut self, v: KvmVcpu, ctl: Arc<Vcpu>) -> std::io::Result<()> {
         let id = v.id();
-        let (thread_ctl, bus, end) = (ctl.clone(), self.bus.clone(), self.end.clone());
+        let (thread_ctl, devices, end) = (ctl.clone(), self.devices.clone(), self.end.clone());
         let finished = FinishGuard(self.finished.clone(), id);
         let policy = self.seccomp;
         let thread = std::thread::Builder::new()
@@ -322,7 +292,8 @@ impl Vm {
                 }
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let fatal = |e| end.end(e);
-                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, &bus, &fatal)))
+                    let bus = devices.bus();
+                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, bus, &fatal)))
                 }));
                 let error = match run {
                     Ok(Ok(RunEnd::ExitRequested | RunEnd::GuestDone)) => return,
@@ -389,17 +360,29 @@ impl Vm {
 
     /// Ticks vCPU `id`'s timer has raised (user irqchip mode only).
     pub fn timer_ticks(&self, id: usize) -> Option<u64> {
-        self.irq.as_ref().map(|i| i.timers.ticks(id))
+        self.irq.as_ref()?.timers.as_ref().map(|t| t.ticks(id))
     }
 
     /// Doorbell rings delivered (user irqchip mode only).
     pub fn doorbell_rings(&self) -> Option<u64> {
-        self.irq.as_ref().map(|i| i.doorbell.rings())
+        self.irq.as_ref()?.doorbell.as_ref().map(|d| d.rings())
     }
 
     /// Accesses to ports or addresses no device claims.
     pub fn unclaimed_accesses(&self) -> u64 {
-        self.bus.unclaimed_accesses()
+        self.devices.bus().unclaimed_accesses()
+    }
+
+    /// The devices: names, ranges, state.
+    pub fn devices(&self) -> &DeviceManager {
+        &self.devices
+    }
+
+    /// Console input for the guest: bytes queued in the UART's receive
+    /// FIFO (raising IRQ 4 if the guest enabled receive interrupts).
+    /// Returns how many fit.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.uart.input(bytes)
     }
 
     /// How the VM ended, if it has.

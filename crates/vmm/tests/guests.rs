@@ -11,7 +11,7 @@ use brisk_vmm::{Capture, Irqchip, Output, Vm, VmConfig, VmEnd};
 fn run_to_end(guest: &str, cpus: usize, irqchip: Irqchip) -> (VmEnd, String) {
     let capture = Capture::default();
     let config = VmConfig {
-        payload: brisk_vmm::Payload::builtin(&guest),
+        payload: brisk_vmm::Payload::builtin(guest),
         cpus,
         irqchip,
         ..VmConfig::default()

@@ -148,3 +148,35 @@ fn files_that_are_not_multiboot_kernels_are_refused_by_name() {
         std::fs::remove_file(f).unwrap();
     }
 }
+
+/// The UART's IRQ 4 reaches a kernel through KVM's IOAPIC (an irqfd on
+/// GSI 4): first its transmit-empty interrupt, then received data typed
+/// at the console once the kernel says it is ready.
+#[test]
+fn the_uart_interrupt_reaches_the_kernel_through_the_ioapic() {
+    require_kvm!();
+    for cpus in [1, 2] {
+        let capture = Capture::default();
+        let vm = Vm::start(
+            &config(k::UARTIRQ, cpus, "", None),
+            Output::Capture(capture.clone()),
+        )
+        .expect("kernel boots");
+        let ready = std::time::Instant::now() + Duration::from_secs(60);
+        while !capture.text().contains("ready for input") {
+            assert!(vm.ended().is_none(), "{:?}: {}", vm.ended(), capture.text());
+            assert!(std::time::Instant::now() < ready, "{}", capture.text());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(vm.console_input(b"ping"), 4);
+        let end = vm.wait(Some(Duration::from_secs(60)), None);
+        vm.shutdown().unwrap();
+        let out = capture.text();
+        assert_eq!(end, PASS, "{out}");
+        assert!(
+            out.contains("transmit-empty interrupt as vector 0x24 via IOAPIC pin 4"),
+            "{out}"
+        );
+        assert!(out.contains("got 'ping'"), "{out}");
+    }
+}

@@ -8,10 +8,12 @@ CFLAGS="-m32 -march=i686 -ffreestanding -fno-pic -fno-pie -fno-stack-protector -
 gcc $CFLAGS -c "$src/boot.S" -o "$out/boot.o"
 gcc $CFLAGS -c "$src/lib.c" -o "$out/lib.o"
 gcc $CFLAGS -c "$src/smp_boot.S" -o "$out/smp_boot.o"
-for k in hello smp pmtimer inl; do
+gcc $CFLAGS -c "$src/uartirq_isr.S" -o "$out/uartirq_isr.o"
+for k in hello smp pmtimer inl uartirq; do
     gcc $CFLAGS -c "$src/$k.c" -o "$out/$k.o"
     extra=""
     [ "$k" = smp ] && extra="$out/smp_boot.o"
+    [ "$k" = uartirq ] && extra="$out/uartirq_isr.o"
     ld -m elf_i386 -T "$src/kernel.ld" -z noexecstack --no-warn-rwx-segments -o "$out/$k.elf" \
         "$out/boot.o" "$out/lib.o" "$out/$k.o" $extra
 done

@@ -8,7 +8,7 @@ use brisk_vmm::{Irqchip, Output, Vm, VmConfig};
 
 pub fn start(guest: &str, cpus: usize, irqchip: Irqchip) -> Vm {
     let config = VmConfig {
-        payload: brisk_vmm::Payload::builtin(&guest),
+        payload: brisk_vmm::Payload::builtin(guest),
         cpus,
         irqchip,
         ..VmConfig::default()

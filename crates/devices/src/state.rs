@@ -1,0 +1,117 @@
+//! Saving and restoring device state: every device has a versioned,
+//! serde-serialisable state struct. A snapshot stores each one as
+//! `DeviceState` (its version and its fields as JSON); a restore refuses a
+//! version it does not know, or fields that do not parse, by name.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// One device's saved state, as stored in a snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// The version of the device's state struct.
+    pub version: u32,
+    /// Its fields.
+    pub data: serde_json::Value,
+}
+
+/// Why a saved state cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("device {device}: saved state version {found}, this brisk reads version {supported}")]
+    Version {
+        device: String,
+        found: u32,
+        supported: u32,
+    },
+    #[error("device {device}: the saved state does not parse: {source}")]
+    Malformed {
+        device: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("device {device}: {why}")]
+    Invalid { device: String, why: String },
+    #[error("the snapshot has no state for device {0}")]
+    Missing(String),
+}
+
+/// A device whose state can be saved and restored.
+pub trait Stateful {
+    /// The state struct's version: bump it when its fields change.
+    const VERSION: u32;
+    type State: Serialize + DeserializeOwned;
+    fn save(&self) -> Self::State;
+    /// Put the device back in `state` (before the VM runs again).
+    fn restore(&self, state: Self::State) -> Result<(), String>;
+}
+
+/// [`Stateful`] with the types erased, for the device manager.
+pub trait SaveRestore: Send + Sync {
+    fn save_state(&self) -> DeviceState;
+    fn restore_state(&self, name: &str, state: &DeviceState) -> Result<(), StateError>;
+}
+
+impl<T: Stateful + Send + Sync> SaveRestore for T {
+    fn save_state(&self) -> DeviceState {
+        DeviceState {
+            version: T::VERSION,
+            data: serde_json::to_value(self.save()).expect("device state serialises"),
+        }
+    }
+
+    fn restore_state(&self, name: &str, state: &DeviceState) -> Result<(), StateError> {
+        if state.version != T::VERSION {
+            return Err(StateError::Version {
+                device: name.into(),
+                found: state.version,
+                supported: T::VERSION,
+            });
+        }
+        let s = T::State::deserialize(&state.data).map_err(|source| StateError::Malformed {
+            device: name.into(),
+            source,
+        })?;
+        self.restore(s).map_err(|why| StateError::Invalid {
+            device: name.into(),
+            why,
+        })
+    }
+}
+
+/// Devices without state (their behaviour is fixed at creation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoState {}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Save `a`, restore into `b`, and check `b` now saves the same.
+    pub(crate) fn round_trip<T: SaveRestore>(a: &T, b: &T) -> DeviceState {
+        let saved = a.save_state();
+        let text = serde_json::to_string(&saved).unwrap();
+        let back: DeviceState = serde_json::from_str(&text).unwrap();
+        b.restore_state("dev", &back).unwrap();
+        assert_eq!(b.save_state(), saved);
+        let newer = DeviceState {
+            version: saved.version + 1,
+            ..saved.clone()
+        };
+        assert!(matches!(
+            b.restore_state("dev", &newer),
+            Err(StateError::Version { .. })
+        ));
+        let junk = DeviceState {
+            version: saved.version,
+            data: serde_json::json!([1, 2, 3]),
+        };
+        if saved.data != serde_json::json!({}) {
+            assert!(matches!(
+                b.restore_state("dev", &junk),
+                Err(StateError::Malformed { .. })
+            ));
+        }
+        saved
+    }
+}

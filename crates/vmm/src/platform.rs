@@ -1,0 +1,178 @@
+//! The platforms a payload runs on: which devices exist, where they sit
+//! and which interrupt line each one pulls. One list per platform; a new
+//! device is added here (and nowhere else).
+
+use std::sync::Arc;
+
+use brisk_boot::ports;
+use brisk_devices::{
+    CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IrqLine, PeriodicTimers, PmTimer,
+    PowerOff, Uart, TIMER_STRIDE,
+};
+use brisk_kvm::Irqchip;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::end::EndLatch;
+use crate::seccomp::{self, Seccomp, ThreadKind};
+use crate::{Output, Platform, StartError, UserInterrupts};
+
+/// The PC's ISA IRQ of COM1.
+pub const UART_IRQ: u32 = 4;
+/// Under the user irqchip, ISA IRQ `n` is vector `USER_IRQ_BASE + n` on
+/// vCPU 0 (there is no PIC or IOAPIC to program).
+pub const USER_IRQ_BASE: u8 = 0x40;
+
+/// An IOAPIC input (GSI) of KVM's irqchip, pulled through an irqfd: the
+/// write is the whole interrupt, no exit and no lock.
+struct IrqfdLine(EventFd);
+
+impl IrqLine for IrqfdLine {
+    fn trigger(&self) {
+        // Fails only if the counter would overflow: not reachable.
+        let _ = self.0.write(1);
+    }
+}
+
+/// A vector on a vCPU, for the user irqchip.
+struct UserLine {
+    sink: Arc<UserInterrupts>,
+    vcpu: usize,
+    vector: u8,
+}
+
+impl IrqLine for UserLine {
+    fn trigger(&self) {
+        use brisk_devices::InterruptSink;
+        self.sink.raise(self.vcpu, self.vector);
+    }
+}
+
+/// Routes ISA IRQs (GSIs) to the irqchip the VM has.
+pub(crate) enum Lines<'a> {
+    Kernel(&'a brisk_kvm::Vm),
+    User(Arc<UserInterrupts>),
+}
+
+impl Lines<'_> {
+    /// The line of ISA IRQ (GSI) `irq`. KVM's default routing table sends
+    /// GSIs 0-23 to the IOAPIC (0-15 also to the PIC), so no route is set.
+    fn isa(&self, irq: u32) -> Result<Arc<dyn IrqLine>, StartError> {
+        Ok(match self {
+            Lines::Kernel(vm) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("an irqfd"))?;
+                vm.fd()
+                    .register_irqfd(&evt, irq)
+                    .map_err(setup("registering an irqfd"))?;
+                Arc::new(IrqfdLine(evt))
+            }
+            Lines::User(sink) => Arc::new(UserLine {
+                sink: sink.clone(),
+                vcpu: 0,
+                vector: USER_IRQ_BASE + irq as u8,
+            }),
+        })
+    }
+}
+
+fn setup<E: std::error::Error + Send + Sync + 'static>(
+    what: &'static str,
+) -> impl FnOnce(E) -> StartError {
+    move |e| StartError::Setup {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// The devices the platform's vCPUs see, and the handles the VM keeps.
+pub(crate) struct Devices {
+    pub(crate) manager: DeviceManager,
+    pub(crate) uart: Arc<Uart>,
+    /// Test platform: one counter per vCPU.
+    pub(crate) counters: Vec<Arc<CounterDevice>>,
+    /// Test platform, user irqchip: the timer thread and the doorbell.
+    pub(crate) timers: Option<PeriodicTimers>,
+    pub(crate) doorbell: Option<Arc<Doorbell>>,
+}
+
+/// What the device list needs from the VM being built.
+pub(crate) struct Wiring<'a> {
+    pub(crate) platform: Platform,
+    pub(crate) irqchip: Irqchip,
+    pub(crate) cpus: usize,
+    pub(crate) memory: u64,
+    pub(crate) seccomp: Seccomp,
+    pub(crate) end: &'a Arc<EndLatch>,
+    pub(crate) lines: Lines<'a>,
+}
+
+/// Register `w.platform`'s devices.
+pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartError> {
+    let place = setup::<brisk_devices::BusError>("placing a device");
+    let mut m = DeviceManager::new();
+    // Common to both: the PC's COM1, isa-debug-exit, ACPI PM1a control
+    // (power-off) and timer, fw_cfg.
+    let uart = Arc::new(Uart::new(output.into_writer(), w.lines.isa(UART_IRQ)?));
+    m.add_pio("uart", ports::COM1, 8, uart.clone())
+        .map_err(place)?;
+    let place = || setup::<brisk_devices::BusError>("placing a device");
+    m.add_pio(
+        "debug-exit",
+        ports::DEBUG_EXIT,
+        4,
+        Arc::new(DebugExit::new(w.end.clone())),
+    )
+    .map_err(place())?;
+    m.add_pio(
+        "pm1a-control",
+        ports::PM1A_CNT,
+        2,
+        Arc::new(PowerOff::new(w.end.clone())),
+    )
+    .map_err(place())?;
+    m.add_pio("pm-timer", ports::PM_TIMER, 4, Arc::new(PmTimer::default()))
+        .map_err(place())?;
+    let fw_cfg = FwCfg::new(w.cpus as u16, w.memory, &[]);
+    m.add_pio("fw_cfg", ports::FW_CFG, 2, Arc::new(fw_cfg))
+        .map_err(place())?;
+    let mut devices = Devices {
+        manager: m,
+        uart,
+        counters: Vec::new(),
+        timers: None,
+        doorbell: None,
+    };
+    if w.platform == Platform::Pc {
+        return Ok(devices);
+    }
+    // The built-in guests' test devices.
+    let m = &mut devices.manager;
+    for id in 0..w.cpus {
+        let dev = Arc::new(CounterDevice::default());
+        m.add_pio(&format!("counter{id}"), ports::counter(id), 4, dev.clone())
+            .map_err(place())?;
+        devices.counters.push(dev);
+    }
+    if let (Irqchip::User, Lines::User(sink)) = (w.irqchip, &w.lines) {
+        let seccomp = w.seccomp;
+        let init = move || {
+            if let Err(e) = seccomp::install(ThreadKind::Timer, seccomp) {
+                log::error!("timer thread: cannot install its seccomp filter: {e}");
+            }
+        };
+        let timers = PeriodicTimers::with_thread_init(w.cpus, sink.clone(), Box::new(init))
+            .map_err(setup("starting the timer thread"))?;
+        m.add_pio(
+            "timers",
+            ports::TIMER,
+            TIMER_STRIDE * w.cpus as u16,
+            timers.ports(),
+        )
+        .map_err(place())?;
+        let doorbell = Arc::new(Doorbell::new(sink.clone(), w.cpus));
+        m.add_pio("doorbell", ports::DOORBELL, 4, doorbell.clone())
+            .map_err(place())?;
+        devices.timers = Some(timers);
+        devices.doorbell = Some(doorbell);
+    }
+    Ok(devices)
+}
