@@ -17,17 +17,10 @@ use crate::{ports, BootError};
 
 /// Where the tables go; the RSDP is on a 16-byte boundary in
 /// 0xE0000-0xFFFFF, where the ACPI specification says to search.
-pub const RSDP: u64 = 0xE_0000;
-const RSDT: u64 = 0xE_0040;
-const XSDT: u64 = 0xE_0080;
-const FACS_AT: u64 = 0xE_0100;
-const FADT: u64 = 0xE_0200;
-const DSDT: u64 = 0xE_0400;
-const MADT_AT: u64 = 0xE_0500;
-
-/// The LAPIC and IOAPIC addresses (the architectural defaults).
-pub const LAPIC_BASE: u32 = 0xFEE0_0000;
-pub const IOAPIC_BASE: u32 = 0xFEC0_0000;
+pub use crate::layout::{
+    ACPI_DSDT as DSDT, ACPI_FACS as FACS_AT, ACPI_FADT as FADT, ACPI_MADT as MADT_AT,
+    ACPI_RSDP as RSDP, ACPI_RSDT as RSDT, ACPI_XSDT as XSDT, IOAPIC_BASE, LAPIC_BASE,
+};
 /// The SCI's ISA IRQ.
 const SCI_IRQ: u16 = 9;
 
@@ -45,7 +38,7 @@ fn checksum(b: &[u8]) -> u8 {
 }
 
 /// Write every table for `cpus` vCPUs; returns the RSDP's address.
-pub fn write_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<u64, BootError> {
+pub fn write_acpi_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<u64, BootError> {
     let w = |addr: u64, data: &[u8]| {
         mem.write_slice(data, GuestAddress(addr))
             .map_err(|source| BootError::Write {
@@ -121,7 +114,7 @@ mod tests {
     #[test]
     fn tables_checksum_and_the_madt_lists_every_lapic() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp = write_tables(&mem, 3).unwrap();
+        let rsdp = write_acpi_tables(&mem, 3).unwrap();
         let read = |addr: u64, len: usize| {
             let mut b = vec![0u8; len];
             mem.read_slice(&mut b, GuestAddress(addr)).unwrap();

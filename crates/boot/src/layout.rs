@@ -1,4 +1,78 @@
-//! Guest physical memory layout for built-in guests.
+//! Every guest-physical address brisk uses, in one place: the RAM map and
+//! its holes, the built-in guests' tables and data, where a multiboot
+//! kernel's information and the ACPI tables go, and the interrupt
+//! controllers' MMIO.
+//!
+//! ```text
+//! 0x0000_0000  low RAM: boot data (GDT, page tables, IDT, per-vCPU data,
+//!              multiboot info), stacks
+//! 0x0009_fc00  legacy hole (EBDA, VGA, BIOS; the ACPI tables at 0xE0000)
+//! 0x0010_0000  RAM: built-in guest code / the kernel, initrd, ...
+//! 0xC000_0000  32-bit MMIO hole (3 GiB - 4 GiB): IOAPIC 0xFEC00000,
+//!              LAPIC 0xFEE00000
+//! 0x1_0000_0000  RAM above 4 GiB (what does not fit below 3 GiB)
+//! ```
+
+/// The end of conventional memory (640 KiB less the EBDA).
+pub const LOW_RAM_END: u64 = 0x9_fc00;
+/// The end of the legacy hole: RAM again from 1 MiB.
+pub const LEGACY_HOLE_END: u64 = 0x10_0000;
+/// The 32-bit MMIO hole: no RAM between these.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+pub const MMIO_HOLE_END: u64 = 4 << 30;
+/// The most RAM brisk gives a guest.
+pub const MAX_MEMORY: u64 = 256 << 30;
+
+/// Guest RAM of `size` bytes as (start, length) regions: up to 3 GiB at
+/// 0, the rest above the 32-bit hole at 4 GiB.
+///
+/// ```
+/// use brisk_boot::layout::ram_regions;
+/// assert_eq!(ram_regions(64 << 20), vec![(0, 64 << 20)]);
+/// assert_eq!(ram_regions(16 << 30), vec![(0, 3 << 30), (4 << 30, 13 << 30)]);
+/// ```
+pub fn ram_regions(size: u64) -> Vec<(u64, u64)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut r = vec![(0, low)];
+    if size > low {
+        r.push((MMIO_HOLE_END, size - low));
+    }
+    r
+}
+
+/// RAM below the 32-bit hole (what a 32-bit kernel can reach).
+pub const fn low_ram(size: u64) -> u64 {
+    if size < MMIO_HOLE_START {
+        size
+    } else {
+        MMIO_HOLE_START
+    }
+}
+
+/// The ACPI tables, where a guest searches for the RSDP (16-byte aligned
+/// in 0xE0000-0xFFFFF).
+pub const ACPI_RSDP: u64 = 0xE_0000;
+pub const ACPI_RSDT: u64 = 0xE_0040;
+pub const ACPI_XSDT: u64 = 0xE_0080;
+pub const ACPI_FACS: u64 = 0xE_0100;
+pub const ACPI_FADT: u64 = 0xE_0200;
+pub const ACPI_DSDT: u64 = 0xE_0400;
+pub const ACPI_MADT: u64 = 0xE_0500;
+
+/// The LAPIC and IOAPIC (the architectural defaults).
+pub const LAPIC_BASE: u32 = 0xFEE0_0000;
+pub const IOAPIC_BASE: u32 = 0xFEC0_0000;
+
+/// The multiboot information and what it points at (in low RAM, below
+/// the built-in guests' per-vCPU data).
+pub const MULTIBOOT_INFO: u64 = 0x6000;
+pub const MULTIBOOT_MMAP: u64 = 0x6100;
+pub const MULTIBOOT_MODS: u64 = 0x6200;
+pub const MULTIBOOT_MOD_NAME: u64 = 0x6260;
+pub const MULTIBOOT_LOADER_NAME: u64 = 0x6240;
+pub const MULTIBOOT_CMDLINE: u64 = 0x6400;
+
+// The built-in guests' boot data.
 
 /// GDT: null, 64-bit code (0x8), data (0x10), TSS (0x18).
 pub const GDT: u64 = 0x500;

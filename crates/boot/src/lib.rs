@@ -10,4 +10,4 @@ mod long_mode;
 pub mod multiboot;
 pub mod ports;
 
-pub use long_mode::{load_program, start_vcpu_in_long_mode, write_tables, BootError};
+pub use long_mode::{load_program, start_vcpu_in_long_mode, write_page_tables, BootError};

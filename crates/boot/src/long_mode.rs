@@ -59,7 +59,7 @@ fn write<T: vm_memory::ByteValued>(
 }
 
 /// Write the GDT and identity-mapping page tables (shared by all vCPUs).
-pub fn write_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in GDT_ENTRIES.iter().enumerate() {
         write(mem, GDT + 8 * i as u64, *entry)?;
     }

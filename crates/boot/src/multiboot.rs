@@ -51,19 +51,19 @@ pub const CHUNK: usize = 1 << 20;
 static ZEROS: [u8; CHUNK] = [0; CHUNK];
 
 /// Where the boot data goes (below the kernel, which must not overlap it).
-pub const INFO: u64 = 0x6000;
-const MMAP: u64 = 0x6100;
-const MODS: u64 = 0x6200;
-const LOADER_NAME: u64 = 0x6240;
-const MOD_NAME: u64 = 0x6260;
-const CMDLINE: u64 = 0x6400;
+pub const INFO: u64 = crate::layout::MULTIBOOT_INFO;
+const MMAP: u64 = crate::layout::MULTIBOOT_MMAP;
+const MODS: u64 = crate::layout::MULTIBOOT_MODS;
+const LOADER_NAME: u64 = crate::layout::MULTIBOOT_LOADER_NAME;
+const MOD_NAME: u64 = crate::layout::MULTIBOOT_MOD_NAME;
+const CMDLINE: u64 = crate::layout::MULTIBOOT_CMDLINE;
 const CMDLINE_MAX: usize = 0x7000 - CMDLINE as usize - 1;
 /// Boot data, GDT, stack: [0, BOOT_DATA_END).
 const BOOT_DATA_END: u64 = 0x8000;
 const STACK_TOP: u64 = 0x7ff0;
+use crate::layout::LEGACY_HOLE_END as HOLE_END;
 /// The legacy hole: EBDA, VGA, option ROMs, BIOS (the ACPI tables live here).
-pub const LOW_RAM_END: u64 = 0x9_fc00;
-const HOLE_END: u64 = 0x10_0000;
+pub use crate::layout::LOW_RAM_END;
 
 /// A 32-bit flat GDT: null, code (0x08), data (0x10).
 const GDT: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
@@ -522,6 +522,8 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
         ram: u64,
         abort: &dyn Fn() -> bool,
     ) -> Result<(), LoadError> {
+        // A 32-bit kernel lives below the 32-bit hole.
+        let ram = crate::layout::low_ram(ram);
         for s in &self.segments {
             let (start, end) = (s.paddr, s.paddr + s.memsz);
             let outside = |why: String| LoadError::Outside { start, end, why };
@@ -559,6 +561,7 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
         initrd: &J,
         abort: &dyn Fn() -> bool,
     ) -> Result<Module, LoadError> {
+        let ram = crate::layout::low_ram(ram);
         let size = initrd.size();
         let start = self.end().next_multiple_of(4096);
         let end = start
@@ -588,8 +591,10 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
         let mut info = [0u32; 29];
         // flags: mem_* (0), cmdline (2), mods (3), mmap (6), loader name (9).
         info[0] = 1 | 1 << 2 | 1 << 3 | 1 << 6 | 1 << 9;
+        // mem_upper: KiB from 1 MiB to the first hole (the 32-bit one).
+        let low = crate::layout::low_ram(ram);
         info[1] = (LOW_RAM_END >> 10) as u32;
-        info[2] = ((ram - HOLE_END) >> 10) as u32;
+        info[2] = ((low - HOLE_END) >> 10) as u32;
         w(CMDLINE, cmdline.as_bytes())?;
         w(CMDLINE + cmdline.len() as u64, &[0])?;
         info[4] = CMDLINE as u32;
@@ -601,11 +606,16 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
         }
         info[6] = MODS as u32;
         // Memory map: entries of (size = 20, base, length, type).
-        let ranges = [
+        // Type 1 is RAM, 2 reserved: the same regions the VM maps
+        // (crate::layout::ram_regions), with the legacy hole carved out.
+        let mut ranges = vec![
             (0, LOW_RAM_END, 1u32),
             (LOW_RAM_END, HOLE_END - LOW_RAM_END, 2),
-            (HOLE_END, ram - HOLE_END, 1),
+            (HOLE_END, low - HOLE_END, 1),
         ];
+        if let Some(&(start, len)) = crate::layout::ram_regions(ram).get(1) {
+            ranges.push((start, len, 1));
+        }
         let mut mmap = Vec::new();
         for (base, len, kind) in ranges {
             mmap.extend_from_slice(&20u32.to_le_bytes());
@@ -1170,5 +1180,28 @@ mod tests {
         let err = k.load(&mem, 16 << 20, &never).unwrap_err();
         assert!(matches!(err, LoadError::Read { .. }), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_memory_map_splits_ram_around_the_32_bit_hole() {
+        let img = image(0x20_0000, 0x3, true);
+        let k = Kernel::parse(&img[..]).unwrap();
+        // 64 MiB of guest memory is enough to hold the info; the map
+        // describes the 16 GiB the VM would have.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let info = k.write_info(&mem, 16 << 30, "x", None).unwrap();
+        let word = |at: u64| mem.read_obj::<u32>(GuestAddress(at)).unwrap();
+        assert_eq!(word(info + 8), ((3u64 << 30) - (1 << 20)) as u32 >> 10);
+        let (len, addr) = (word(info + 44) as u64, word(info + 48) as u64);
+        let mut entries = Vec::new();
+        let mut at = addr;
+        while at < addr + len {
+            let base = mem.read_obj::<u64>(GuestAddress(at + 4)).unwrap();
+            let size = mem.read_obj::<u64>(GuestAddress(at + 12)).unwrap();
+            entries.push((base, size, word(at + 20)));
+            at += 24;
+        }
+        assert_eq!(entries.last(), Some(&(4 << 30, 13 << 30, 1)));
+        assert_eq!(entries[2], (1 << 20, (3 << 30) - (1 << 20), 1));
     }
 }

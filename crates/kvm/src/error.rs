@@ -20,7 +20,7 @@ pub enum Error {
         err: vmm_sys_util::errno::Error,
     },
     /// Guest memory of this size cannot be had.
-    #[error("guest memory: size must be a non-zero multiple of 4 KiB up to 3 GiB, not {0} bytes")]
+    #[error("guest memory: regions must be non-empty and page-aligned ({0} bytes asked for)")]
     MemorySize(u64),
     /// Mapping guest memory failed.
     #[error("guest memory: {0}")]

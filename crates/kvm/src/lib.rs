@@ -14,4 +14,4 @@ pub use error::{Error, Result};
 pub use interrupts::{InterruptStats, PendingInterrupts};
 pub use kick::{kick_signal, SignalInterrupt};
 pub use vcpu::{Exit, KvmVcpu};
-pub use vm::{Irqchip, Mwait, Vm, MAX_LOW_RAM};
+pub use vm::{Irqchip, Mwait, Vm};

@@ -38,9 +38,6 @@ pub enum Mwait {
 /// CPUID.1:ECX bit 3: MONITOR/MWAIT.
 const CPUID_MONITOR: u32 = 1 << 3;
 
-/// Guest RAM below this address (the 32-bit MMIO hole starts here).
-pub const MAX_LOW_RAM: u64 = 3 << 30;
-
 /// A VM: the KVM handle, the VM fd and guest memory.
 pub struct Vm {
     kvm: Kvm,
@@ -55,8 +52,9 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Open `/dev/kvm`, create a VM with `mem_size` bytes of RAM at 0.
-    pub fn new(mem_size: u64, irqchip: Irqchip) -> Result<Vm> {
+    /// Open `/dev/kvm`, create a VM with RAM in `regions` ((start,
+    /// length) pairs, page-aligned; brisk_boot::layout::ram_regions).
+    pub fn new(regions: &[(u64, u64)], irqchip: Irqchip) -> Result<Vm> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => Error::NoKvm,
             libc::EACCES | libc::EPERM => Error::KvmPermission,
@@ -68,8 +66,9 @@ impl Vm {
         if !kvm.check_extension(Cap::ImmediateExit) {
             return Err(Error::MissingCapability("KVM_CAP_IMMEDIATE_EXIT"));
         }
-        if mem_size == 0 || mem_size > MAX_LOW_RAM || mem_size % 4096 != 0 {
-            return Err(Error::MemorySize(mem_size));
+        let total: u64 = regions.iter().map(|r| r.1).sum();
+        if total == 0 || regions.iter().any(|&(a, l)| a % 4096 != 0 || l % 4096 != 0) {
+            return Err(Error::MemorySize(total));
         }
         crate::kick::install_handler()?;
         let run_size = kvm
@@ -82,8 +81,12 @@ impl Vm {
             );
         }
         let fd = kvm.create_vm().map_err(Error::sys("KVM_CREATE_VM"))?;
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-            .map_err(|e| Error::MemoryMap(Box::new(e)))?;
+        let ranges: Vec<(GuestAddress, usize)> = regions
+            .iter()
+            .map(|&(a, l)| (GuestAddress(a), l as usize))
+            .collect();
+        let memory =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryMap(Box::new(e)))?;
         for (slot, region) in memory.iter().enumerate() {
             let region_desc = kvm_userspace_memory_region {
                 slot: slot as u32,

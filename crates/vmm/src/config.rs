@@ -1,6 +1,6 @@
 //! What to build: payload, vCPUs, memory, irqchip.
 
-use brisk_boot::layout::{MAX_VCPUS, MIN_MEMORY};
+use brisk_boot::layout::{MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
 use brisk_kvm::{Irqchip, Mwait};
 
 use crate::Payload;
@@ -43,7 +43,7 @@ pub enum ConfigError {
     Guest(#[from] brisk_guests::ChoiceError),
     #[error("{0} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")]
     Cpus(usize),
-    #[error("{0} bytes of memory requested; need a multiple of 4 KiB from {min} MiB to 3 GiB", min = MIN_MEMORY >> 20)]
+    #[error("{0} bytes of memory requested; need a multiple of 4 KiB from {min} MiB to {max} GiB", min = MIN_MEMORY >> 20, max = MAX_MEMORY >> 30)]
     Memory(u64),
     /// The guest's interrupts come from user-space devices.
     #[error("guest '{0}' takes interrupts from brisk's user-space timer and doorbell, which need --irqchip user")]
@@ -59,10 +59,7 @@ impl VmConfig {
         if self.cpus == 0 || self.cpus > MAX_VCPUS {
             return Err(ConfigError::Cpus(self.cpus));
         }
-        if self.memory < MIN_MEMORY
-            || self.memory > brisk_kvm::MAX_LOW_RAM
-            || self.memory % 4096 != 0
-        {
+        if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || self.memory % 4096 != 0 {
             return Err(ConfigError::Memory(self.memory));
         }
         self.payload.validate(self.irqchip)

@@ -121,7 +121,7 @@ pub(crate) fn load_bounded(
     let info = kernel
         .write_info(vm.memory(), ram, &k.full_cmdline(), module)
         .map_err(refuse("kernel", &k.path))?;
-    brisk_boot::acpi::write_tables(vm.memory(), cpus).map_err(|e| StartError::Setup {
+    brisk_boot::acpi::write_acpi_tables(vm.memory(), cpus).map_err(|e| StartError::Setup {
         what: "writing the ACPI tables",
         source: Box::new(e),
     })?;

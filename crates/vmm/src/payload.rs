@@ -140,7 +140,8 @@ impl Payload {
                     what: "assembling the guest",
                     source: Box::new(e),
                 })?;
-                brisk_boot::write_tables(kvm.memory()).map_err(setup("writing the boot tables"))?;
+                brisk_boot::write_page_tables(kvm.memory())
+                    .map_err(setup("writing the boot tables"))?;
                 brisk_boot::load_program(kvm.memory(), &code)
                     .map_err(setup("loading the guest"))?;
                 Ok(Loaded::LongMode)

@@ -89,7 +89,8 @@ impl Machine {
         abort: &dyn Fn() -> bool,
     ) -> Result<Machine, StartError> {
         config.validate()?;
-        let mut kvm = brisk_kvm::Vm::new(config.memory, config.irqchip)?;
+        let regions = brisk_boot::layout::ram_regions(config.memory);
+        let mut kvm = brisk_kvm::Vm::new(&regions, config.irqchip)?;
         kvm.set_mwait(config.mwait)?;
         let loaded = config
             .payload

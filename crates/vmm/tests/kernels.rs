@@ -180,3 +180,16 @@ fn the_uart_interrupt_reaches_the_kernel_through_the_ioapic() {
         assert!(out.contains("got 'ping'"), "{out}");
     }
 }
+
+/// RAM beyond 3 GiB is split around the 32-bit hole: a multiboot kernel
+/// is told 3 GiB - 1 MiB of upper memory (the rest is above 4 GiB, in its
+/// memory map).
+#[test]
+fn sixteen_gib_split_around_the_32_bit_hole() {
+    require_kvm!();
+    let mut c = config(k::HELLO, 1, "status=0", None);
+    c.memory = 16 << 30;
+    let (end, out) = boot(&c);
+    assert_eq!(end, VmEnd::DebugExit(0), "{out}");
+    assert!(out.contains("639 KiB low, 3144704 KiB high"), "{out}");
+}
