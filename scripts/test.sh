@@ -42,10 +42,10 @@ done
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 echo "== cargo test"
 # A hang is a failure, not a stalled CI run: bound the whole suite.
-timeout --kill-after=30s 40m cargo test --workspace --locked
+timeout --kill-after=30s 40m cargo test --workspace --all-features --locked
 echo "== loom model check of the control protocol (release, own target dir)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     timeout --kill-after=30s 20m cargo test -p brisk-control --test model --release --locked

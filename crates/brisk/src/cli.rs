@@ -314,6 +314,13 @@ impl Cli {
     }
 }
 
+#[cfg(not(feature = "bench"))]
+fn bench(_args: BenchArgs) -> i32 {
+    eprintln!("brisk: this brisk was built without its benchmarks; build them with `cargo build --release --features bench`");
+    status::USAGE
+}
+
+#[cfg(feature = "bench")]
 fn bench(args: BenchArgs) -> i32 {
     if let Err(e) = brisk_vmm::kvm_available() {
         eprintln!("brisk: {e}");
@@ -349,7 +356,7 @@ fn bench(args: BenchArgs) -> i32 {
 }
 
 fn stress(args: StressArgs) -> i32 {
-    use brisk_vmm::stress::{StressConfig, StressGuest};
+    use brisk_stress::{StressConfig, StressGuest};
     let irqchip: Irqchip = args.irqchip.into();
     let guest = match args.guest.as_deref() {
         // clap accepts only the two names.
@@ -380,7 +387,7 @@ fn stress(args: StressArgs) -> i32 {
         eprintln!("brisk: {e}");
         return status::NO_KVM;
     }
-    match brisk_vmm::stress::run(&config) {
+    match brisk_stress::run(&config) {
         Ok(report) => {
             println!("{report}");
             status::OK

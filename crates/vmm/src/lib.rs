@@ -22,7 +22,6 @@ mod output;
 mod payload;
 pub mod platform;
 pub mod seccomp;
-pub mod stress;
 mod vm;
 
 pub use config::{ConfigError, VmConfig};

@@ -2,11 +2,9 @@
 //! and idle task checked, and the lost-wake-up detector on.
 //! `brisk stress --ops 1000000` is the long one.
 
-mod common;
-
 use brisk_vmm::require_kvm;
 
-use brisk_vmm::stress::{run, StressConfig, StressGuest};
+use brisk_stress::{run, StressConfig, StressGuest};
 use brisk_vmm::Irqchip;
 
 #[test]

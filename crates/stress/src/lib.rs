@@ -37,7 +37,7 @@ use brisk_control::{
 };
 use brisk_guests::{StressIrqRole, StressRole};
 
-use crate::{Irqchip, KvmVcpu, Output, Vcpu, Vm, VmConfig};
+use brisk_vmm::{Irqchip, KvmVcpu, Output, Vcpu, Vm, VmConfig};
 
 /// The guest a stress runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -494,7 +494,7 @@ pub fn run(config: &StressConfig) -> Result<StressReport, StressFailure> {
     }
     let guest = config.guest();
     let vm_config = VmConfig {
-        payload: crate::Payload::builtin(guest.name()),
+        payload: brisk_vmm::Payload::builtin(guest.name()),
         cpus: config.cpus,
         irqchip: config.irqchip,
         ..VmConfig::default()
