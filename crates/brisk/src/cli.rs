@@ -450,11 +450,20 @@ fn run(args: RunArgs) -> i32 {
             }
         },
     };
+    let console = match crate::console::Console::start(vm.clone(), config.seccomp) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("brisk: cannot start the console thread: {e}");
+            vm.request_shutdown();
+            return finish(vm, api, status::INTERNAL);
+        }
+    };
     // Everything is set up: from here on the main thread only waits and
     // tears down.
     if let Err(e) = brisk_vmm::seccomp::install(ThreadKind::Main, config.seccomp) {
         eprintln!("brisk: cannot install the main thread's seccomp filter: {e}");
         vm.request_shutdown();
+        drop(console);
         return finish(vm, api, status::INTERNAL);
     }
     // Logged once the vCPUs run and the API (if any) answers.
@@ -466,6 +475,7 @@ fn run(args: RunArgs) -> i32 {
     );
     let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
     let end = vm.wait(left, Some(interrupt));
+    drop(console);
     let code = status::for_end(&end, signals::last());
     match &end {
         VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::ShutdownRequested => log::info!("{end}"),

@@ -1,6 +1,7 @@
 //! The `brisk` command: a thin layer over `brisk-vmm`.
 
 mod cli;
+mod console;
 mod ctl;
 mod signals;
 mod status;

@@ -372,3 +372,36 @@ fn counting_guests_take_their_length() {
         assert_one_sentence(&out);
     }
 }
+
+/// brisk's stdin is the guest's console: the uartirq test kernel takes the
+/// UART's receive interrupt (IRQ 4 through the IOAPIC) for what is typed.
+#[test]
+fn stdin_reaches_the_guest_through_the_uart_interrupt() {
+    require_kvm!();
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .args([
+            "run",
+            "--kernel",
+            brisk_test_kernels::UARTIRQ,
+            "--timeout",
+            "120s",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("brisk runs");
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("ready for input") {
+        line.clear();
+        assert_ne!(out.read_line(&mut line).unwrap(), 0, "brisk ended early");
+    }
+    child.stdin.as_mut().unwrap().write_all(b"ping").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1), "{rest}"); // debug-exit 0: pass
+    assert!(rest.contains("got 'ping'"), "{rest}");
+}

@@ -45,6 +45,8 @@ pub enum ThreadKind {
     /// The main thread once the VM runs: waits for its end, then tears
     /// it down.
     Main,
+    /// `brisk run`'s console: reads stdin into the guest's UART.
+    Console,
 }
 
 /// Every thread: memory, futexes, time, signals, leaving.
@@ -91,6 +93,7 @@ fn list(kind: ThreadKind) -> Vec<i64> {
         // KVM_KVMCLOCK_CTRL; poll for nothing.
         ThreadKind::Vcpu => &[libc::SYS_ioctl],
         ThreadKind::Timer => &[],
+        ThreadKind::Console => &[libc::SYS_poll, libc::SYS_ppoll],
         ThreadKind::Api => &[
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
