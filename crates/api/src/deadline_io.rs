@@ -43,6 +43,25 @@ fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("client {what} stalled"))
 }
 
+/// `r` from an I/O poll, failing it once `timer` (started at the first
+/// Pending) has run out; progress clears the timer.
+fn timed<T>(
+    r: Poll<io::Result<T>>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    bound: Duration,
+    cx: &mut Context<'_>,
+    what: &str,
+) -> Poll<io::Result<T>> {
+    match r {
+        Poll::Pending if expired(timer, bound, cx) => Poll::Ready(Err(timed_out(what))),
+        Poll::Pending => Poll::Pending,
+        ready => {
+            *timer = None;
+            ready
+        }
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for DeadlineIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -50,18 +69,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for DeadlineIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Pending => {
-                if expired(&mut this.read_timer, this.bound, cx) {
-                    return Poll::Ready(Err(timed_out("read")));
-                }
-                Poll::Pending
-            }
-            ready => {
-                this.read_timer = None;
-                ready
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        timed(r, &mut this.read_timer, this.bound, cx, "read")
     }
 }
 
@@ -72,34 +81,14 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for DeadlineIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Pending => {
-                if expired(&mut this.write_timer, this.bound, cx) {
-                    return Poll::Ready(Err(timed_out("write")));
-                }
-                Poll::Pending
-            }
-            ready => {
-                this.write_timer = None;
-                ready
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        timed(r, &mut this.write_timer, this.bound, cx, "write")
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_flush(cx) {
-            Poll::Pending => {
-                if expired(&mut this.write_timer, this.bound, cx) {
-                    return Poll::Ready(Err(timed_out("write")));
-                }
-                Poll::Pending
-            }
-            ready => {
-                this.write_timer = None;
-                ready
-            }
-        }
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        timed(r, &mut this.write_timer, this.bound, cx, "write")
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

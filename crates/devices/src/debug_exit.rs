@@ -29,16 +29,4 @@ impl DevicePio for DebugExit {
     }
 }
 
-/// No state: what it does is fixed when it is made.
-impl crate::Stateful for DebugExit {
-    const VERSION: u32 = 1;
-    type State = crate::NoState;
-
-    fn save(&self) -> crate::NoState {
-        crate::NoState {}
-    }
-
-    fn restore(&self, _: crate::NoState) -> Result<(), String> {
-        Ok(())
-    }
-}
+crate::stateless!(DebugExit);

@@ -36,16 +36,4 @@ impl DevicePio for PowerOff {
     }
 }
 
-/// No state: what it does is fixed when it is made.
-impl crate::Stateful for PowerOff {
-    const VERSION: u32 = 1;
-    type State = crate::NoState;
-
-    fn save(&self) -> crate::NoState {
-        crate::NoState {}
-    }
-
-    fn restore(&self, _: crate::NoState) -> Result<(), String> {
-        Ok(())
-    }
-}
+crate::stateless!(PowerOff);

@@ -83,6 +83,26 @@ impl<T: Stateful + Send + Sync> SaveRestore for T {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NoState {}
 
+/// `Stateful` for a device with nothing to save.
+#[macro_export]
+macro_rules! stateless {
+    ($device:ty) => {
+        /// No state: what it does is fixed when it is made.
+        impl $crate::Stateful for $device {
+            const VERSION: u32 = 1;
+            type State = $crate::NoState;
+
+            fn save(&self) -> $crate::NoState {
+                $crate::NoState {}
+            }
+
+            fn restore(&self, _: $crate::NoState) -> Result<(), String> {
+                Ok(())
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::end::EndLatch;
 use crate::seccomp::{self, Seccomp, ThreadKind};
+use crate::vm::setup;
 use crate::{Output, Platform, StartError, UserInterrupts};
 
 /// The PC's ISA IRQ of COM1.
@@ -71,15 +72,6 @@ impl Lines<'_> {
                 vector: USER_IRQ_BASE + irq as u8,
             }),
         })
-    }
-}
-
-fn setup<E: std::error::Error + Send + Sync + 'static>(
-    what: &'static str,
-) -> impl FnOnce(E) -> StartError {
-    move |e| StartError::Setup {
-        what,
-        source: Box::new(e),
     }
 }
 

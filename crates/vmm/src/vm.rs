@@ -42,7 +42,7 @@ pub enum StartError {
 }
 
 /// `map_err` for a set-up step named `what`.
-fn setup<E: std::error::Error + Send + Sync + 'static>(
+pub(crate) fn setup<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
 ) -> impl FnOnce(E) -> StartError {
     move |e| StartError::Setup {

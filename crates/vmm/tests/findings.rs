@@ -11,7 +11,7 @@ use brisk_vmm::control::{pause_all, resume_all, Guest, Mode, Request};
 use brisk_vmm::{
     require_kvm, Irqchip, KvmVcpu, Machine, Output, ShutdownError, Vm, VmConfig, VmEnd,
 };
-use common::{soon, start, wait_progress};
+use common::{soon, start, wait_mode, wait_progress};
 
 /// Finding 1 on KVM: `tick`, halted, paused; a tick arrives; run_on reads
 /// the registers; resume. The guest must take that tick and every later
@@ -117,11 +117,7 @@ fn a_kick_after_dropping_a_vcpu_bound_elsewhere_is_safe() {
 fn a_masked_interrupt_leaves_cli_hlt_halted() {
     require_kvm!();
     let vm = start("halt", 1, Irqchip::User);
-    let ready = std::time::Instant::now() + Duration::from_secs(30);
-    while vm.vcpu(0).mode() != Mode::Halted {
-        assert!(std::time::Instant::now() < ready, "the guest never halted");
-        std::thread::yield_now();
-    }
+    wait_mode(&vm, 0, Mode::Halted);
     assert!(vm.pending_interrupts(0).unwrap().raise(0x30));
     vm.vcpu(0).kick(Request::Interrupt);
     // Idle tasks run only while halted, after requests are served.
@@ -288,11 +284,7 @@ fn a_late_kick_does_not_interrupt_a_blocking_read() {
 fn io_data_is_empty_after_a_non_io_exit() {
     require_kvm!();
     let vm = start("halt", 1, Irqchip::User);
-    let ready = std::time::Instant::now() + Duration::from_secs(30);
-    while vm.vcpu(0).mode() != Mode::Halted {
-        assert!(std::time::Instant::now() < ready, "the guest never halted");
-        std::thread::yield_now();
-    }
+    wait_mode(&vm, 0, Mode::Halted);
     let lens = vm
         .vcpu(0)
         .run_on(

@@ -45,3 +45,12 @@ pub fn wait_progress(vm: &Vm, id: usize, than: u64) -> u64 {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Wait (bounded) until vCPU `id` is in `mode`.
+pub fn wait_mode(vm: &Vm, id: usize, mode: brisk_vmm::control::Mode) {
+    let until = Instant::now() + Duration::from_secs(30);
+    while vm.vcpu(id).mode() != mode {
+        assert!(Instant::now() < until, "vCPU {id} never reached {mode:?}");
+        std::thread::yield_now();
+    }
+}
