@@ -248,7 +248,11 @@ async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         too_big().closing()
     } else {
         let mut body = req.into_body();
-        match Limited::new(&mut body, MAX_BODY).collect().await {
+        // One bound for the whole body too: a client dripping a byte per
+        // read keeps no slot for longer than IO_BOUND.
+        let collected =
+            tokio::time::timeout(IO_BOUND, Limited::new(&mut body, MAX_BODY).collect()).await;
+        match collected.unwrap_or_else(|_| Err("the body did not arrive within 10 s".into())) {
             Ok(bytes) => {
                 let bytes = bytes.to_bytes();
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -259,7 +263,8 @@ async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 // Read (and drop) the rest, up to a bound, so the client
                 // gets its 413 instead of a reset for unread data.
-                if drain(&mut body, DRAIN_LIMIT).await {
+                let drained = tokio::time::timeout(IO_BOUND, drain(&mut body, DRAIN_LIMIT));
+                if drained.await.unwrap_or(false) {
                     too_big()
                 } else {
                     too_big().closing()

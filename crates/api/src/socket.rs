@@ -11,7 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
 /// The socket could not be set up.
@@ -56,6 +56,47 @@ fn kind(t: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Whether a server accepts on the socket at `path`, asked without
+/// waiting: a non-blocking connect (a full backlog, EAGAIN, still means
+/// someone listens; ECONNREFUSED means nobody does).
+fn listening(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: a zeroed sockaddr_un is valid; the path is copied in below,
+    // bounded by sun_path's size less its terminating NUL.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return false;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un for the call; `fd` is ours.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: closing our own fd.
+    unsafe { libc::close(fd) };
+    r == 0 || errno == Some(libc::EAGAIN) || errno == Some(libc::EINPROGRESS)
+}
+
 impl SocketFile {
     /// Lock `PATH.lock`, check what is at `path`, bind a new socket there
     /// (mode 0600).
@@ -86,22 +127,27 @@ impl SocketFile {
         {
             return Err(SocketError::InUse(path.to_path_buf()));
         }
+        // From here the lock is ours: on any refusal, remove its file too.
+        let refuse = |e: SocketError| {
+            let _ = std::fs::remove_file(&lock_path);
+            e
+        };
         match std::fs::symlink_metadata(path) {
             Ok(m) if m.file_type().is_socket() => {
                 // Ours to replace only if nobody serves on it.
-                if UnixStream::connect(path).is_ok() {
-                    return Err(SocketError::InUse(path.to_path_buf()));
+                if listening(path) {
+                    return Err(refuse(SocketError::InUse(path.to_path_buf())));
                 }
-                std::fs::remove_file(path).map_err(io)?;
+                std::fs::remove_file(path).map_err(io).map_err(refuse)?;
             }
             Ok(m) => {
-                return Err(SocketError::NotASocket {
+                return Err(refuse(SocketError::NotASocket {
                     path: path.to_path_buf(),
                     kind: kind(m.file_type()),
-                })
+                }))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(e)),
+            Err(e) => return Err(refuse(io(e))),
         }
         // SAFETY: umask only swaps the process's file-creation mask; it is
         // restored right after the bind so the socket is born 0600.
@@ -109,8 +155,10 @@ impl SocketFile {
         let listener = UnixListener::bind(path);
         // SAFETY: as above.
         unsafe { libc::umask(old) };
-        let listener = listener.map_err(io)?;
-        let m = std::fs::symlink_metadata(path).map_err(io)?;
+        let listener = listener.map_err(io).map_err(refuse)?;
+        let m = std::fs::symlink_metadata(path)
+            .map_err(io)
+            .map_err(refuse)?;
         Ok((
             SocketFile {
                 path: path.to_path_buf(),

@@ -563,7 +563,9 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
     ) -> Result<Module, LoadError> {
         let ram = crate::layout::low_ram(ram);
         let size = initrd.size();
-        let start = self.end().next_multiple_of(4096);
+        // After the kernel and never below 1 MiB: the legacy hole holds the
+        // ACPI tables, written after the initrd.
+        let start = self.end().max(HOLE_END).next_multiple_of(4096);
         let end = start
             .checked_add(size)
             .filter(|&end| end <= ram)

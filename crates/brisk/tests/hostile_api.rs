@@ -183,7 +183,9 @@ fn d3_a_stalled_client_blocks_nobody_and_holds_nothing_up() {
         ("PUT /api/v1/vcpu.kick HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", "timeout"),
         ("PUT /api/v1/vcpu.kick HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 10\r\n\r\n", "sigterm"),
     ] {
-        let extra: &[&str] = if ending == "timeout" { &["--timeout", "3s"] } else { &[] };
+        // Long enough for the checks below on a loaded machine; it still
+        // fires while the staller holds its connection.
+        let extra: &[&str] = if ending == "timeout" { &["--timeout", "20s"] } else { &[] };
         let mut b = Brisk::start("d3", extra);
         let mut staller = UnixStream::connect(&b.sock).unwrap();
         staller.write_all(stall.as_bytes()).unwrap();
@@ -248,7 +250,8 @@ fn d6_unsupported_protocols_leak_nothing() {
         );
     }
     until("fds to return", || b.fds() <= fds);
-    assert_eq!(b.threads(), threads, "a thread per connection");
+    // (The console thread may end meanwhile: stdin is /dev/null.)
+    assert!(b.threads() <= threads, "a thread per connection");
     b.alive();
 }
 
@@ -462,9 +465,10 @@ fn d14_requests_in_flight_at_shutdown_get_a_real_reply() {
     require_kvm!();
     let mut b = Brisk::start("d14s", &[]);
     let sock = b.sock.clone();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let storm: Vec<_> = (0..4)
         .map(|_| {
-            let sock = sock.clone();
+            let (sock, answered) = (sock.clone(), answered.clone());
             std::thread::spawn(move || {
                 let mut bad = Vec::new();
                 for _ in 0..200 {
@@ -478,6 +482,9 @@ fn d14_requests_in_flight_at_shutdown_get_a_real_reply() {
                     let mut out = Vec::new();
                     let _ = s.read_to_end(&mut out);
                     let (status, body) = parse(&out);
+                    if status == 200 {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
                     if status != 0 && status != 200 && !body.contains("\"error\"") {
                         bad.push((status, body));
                     }
@@ -486,7 +493,11 @@ fn d14_requests_in_flight_at_shutdown_get_a_real_reply() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(200));
+    // The storm is under way (requests answered), then the shutdown lands
+    // in the middle of it.
+    until("the storm to start", || {
+        answered.load(std::sync::atomic::Ordering::SeqCst) >= 20
+    });
     let (status, _) = request(
         &b.sock,
         "PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",

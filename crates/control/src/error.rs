@@ -21,8 +21,7 @@ impl fmt::Display for Op {
 }
 
 fn list(vcpus: &[usize]) -> String {
-    let list: Vec<String> = vcpus.iter().map(|v| v.to_string()).collect();
-    list.join(", ")
+    Error::list(vcpus)
 }
 
 /// Why a control operation did not complete.
@@ -63,6 +62,14 @@ pub enum Error {
     EmptyGroup,
 }
 
+impl Error {
+    /// vCPU ids as "0, 2, 3", as the messages show them.
+    pub fn list(vcpus: &[usize]) -> String {
+        let list: Vec<String> = vcpus.iter().map(|v| v.to_string()).collect();
+        list.join(", ")
+    }
+}
+
 /// Why [`crate::VcpuCtl::run`] failed.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RunError<E> {
@@ -73,14 +80,4 @@ pub enum RunError<E> {
     /// interrupt is bound to the first thread, so it refuses.
     #[error("vCPU {vcpu}'s run loop was already started once")]
     AlreadyStarted { vcpu: usize },
-}
-
-impl<E> RunError<E> {
-    /// The guest's error, if that is what it is.
-    pub fn into_guest(self) -> Option<E> {
-        match self {
-            RunError::Guest(e) => Some(e),
-            RunError::AlreadyStarted { .. } => None,
-        }
-    }
 }

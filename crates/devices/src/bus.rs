@@ -9,15 +9,21 @@ use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
 
-/// A device could not be registered at `base .. base + len` (in `space`).
+/// A device could not be registered.
 #[derive(Debug, thiserror::Error)]
-#[error("{space} {base:#x}+{len}: {source:?}")]
-pub struct BusError {
-    pub space: &'static str,
-    pub base: u64,
-    pub len: u64,
-    #[source]
-    pub source: vm_device::bus::Error,
+pub enum BusError {
+    /// At `base .. base + len` (in `space`): overlapping or empty.
+    #[error("{space} {base:#x}+{len}: {source:?}")]
+    Range {
+        space: &'static str,
+        base: u64,
+        len: u64,
+        #[source]
+        source: vm_device::bus::Error,
+    },
+    /// Another device already has this name.
+    #[error("a device named '{0}' already exists")]
+    Name(String),
 }
 
 /// The VM's buses.
@@ -41,7 +47,7 @@ impl Bus {
         len: u16,
         dev: Arc<dyn DevicePio + Send + Sync>,
     ) -> Result<(), BusError> {
-        let err = |source| BusError {
+        let err = |source| BusError::Range {
             space: "ports",
             base: base.into(),
             len: len.into(),
@@ -58,7 +64,7 @@ impl Bus {
         len: u64,
         dev: Arc<dyn DeviceMmio + Send + Sync>,
     ) -> Result<(), BusError> {
-        let err = |source| BusError {
+        let err = |source| BusError::Range {
             space: "MMIO",
             base,
             len,

@@ -16,10 +16,3 @@ pub trait IrqLine: Send + Sync {
     /// Signal the interrupt (an edge). Must not block.
     fn trigger(&self);
 }
-
-/// A line to nowhere, for devices whose interrupts nobody takes.
-pub struct NoLine;
-
-impl IrqLine for NoLine {
-    fn trigger(&self) {}
-}

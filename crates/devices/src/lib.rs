@@ -38,7 +38,7 @@ pub use counter::CounterDevice;
 pub use debug_exit::DebugExit;
 pub use doorbell::Doorbell;
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
-pub use irq::{InterruptSink, IrqLine, NoLine};
+pub use irq::{InterruptSink, IrqLine};
 pub use manager::{DeviceManager, IoRange};
 pub use pm_timer::{PmTimer, PM_TIMER_HZ};
 pub use power::PowerOff;

@@ -61,9 +61,19 @@ impl DeviceManager {
     where
         D: DeviceMmio + SaveRestore + Send + Sync + 'static,
     {
+        self.check_name(name, &(dev.clone() as Arc<dyn SaveRestore>))?;
         self.bus.register_mmio(base, len, dev.clone())?;
         self.push(name, IoRange::Mmio { base, len }, dev);
         Ok(())
+    }
+
+    fn check_name(&self, name: &str, dev: &Arc<dyn SaveRestore>) -> Result<(), BusError> {
+        match self.devices.iter().find(|e| e.name == name) {
+            Some(e) if !std::ptr::addr_eq(Arc::as_ptr(&e.state), Arc::as_ptr(dev)) => {
+                Err(BusError::Name(name.to_string()))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn push(&mut self, name: &str, range: IoRange, dev: Arc<dyn SaveRestore>) {
@@ -139,6 +149,10 @@ mod tests {
         assert!(m
             .add_pio("clash", 0x702, 4, Arc::new(CounterDevice::default()))
             .is_err());
+        assert!(matches!(
+            m.add_pio("counter0", 0x800, 4, Arc::new(CounterDevice::default())),
+            Err(BusError::Name(_))
+        ));
         let mut d = [0u8; 4];
         m.bus().pio_read(0x700, &mut d);
         let saved = m.save();

@@ -11,13 +11,17 @@ use vm_device::DevicePio;
 pub const PM_TIMER_HZ: u64 = 3_579_545;
 
 pub struct PmTimer {
-    start: std::sync::Mutex<Instant>,
+    epoch: Instant,
+    /// Nanoseconds to subtract from `epoch.elapsed()` (a restore moves the
+    /// count back to what was saved); an atomic, so a read takes no lock.
+    offset_ns: std::sync::atomic::AtomicI64,
 }
 
 impl Default for PmTimer {
     fn default() -> Self {
         PmTimer {
-            start: std::sync::Mutex::new(Instant::now()),
+            epoch: Instant::now(),
+            offset_ns: std::sync::atomic::AtomicI64::new(0),
         }
     }
 }
@@ -30,8 +34,8 @@ impl PmTimer {
 
     /// Ticks since the timer started (not wrapped).
     fn ticks(&self) -> u64 {
-        let start = *self.start.lock().unwrap_or_else(|p| p.into_inner());
-        let ns = start.elapsed().as_nanos();
+        let off = self.offset_ns.load(std::sync::atomic::Ordering::Relaxed);
+        let ns = (self.epoch.elapsed().as_nanos() as i128 - i128::from(off)).max(0) as u128;
         (ns * u128::from(PM_TIMER_HZ) / 1_000_000_000) as u64
     }
 }
@@ -55,12 +59,11 @@ impl crate::Stateful for PmTimer {
     }
 
     fn restore(&self, ticks: u64) -> Result<(), String> {
-        let ns = u128::from(ticks) * 1_000_000_000 / u128::from(PM_TIMER_HZ);
-        let back = std::time::Duration::from_nanos(ns.min(u64::MAX as u128) as u64);
-        let start = Instant::now()
-            .checked_sub(back)
-            .ok_or("the saved count is older than this host's clock")?;
-        *self.start.lock().unwrap_or_else(|p| p.into_inner()) = start;
+        let want = u128::from(ticks) * 1_000_000_000 / u128::from(PM_TIMER_HZ);
+        let off = self.epoch.elapsed().as_nanos() as i128 - want as i128;
+        let off = i64::try_from(off).map_err(|_| "the saved count is out of range")?;
+        self.offset_ns
+            .store(off, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -73,7 +76,8 @@ mod tests {
     fn state_round_trips_and_the_count_goes_on() {
         use crate::SaveRestore;
         let a = PmTimer {
-            start: std::sync::Mutex::new(Instant::now() - std::time::Duration::from_secs(2)),
+            epoch: Instant::now() - std::time::Duration::from_secs(2),
+            offset_ns: Default::default(),
         };
         let b = PmTimer::default();
         let saved = a.save_state();
@@ -95,7 +99,8 @@ mod tests {
     #[test]
     fn wraps_at_24_bits() {
         let t = PmTimer {
-            start: std::sync::Mutex::new(Instant::now() - std::time::Duration::from_secs(5)),
+            epoch: Instant::now() - std::time::Duration::from_secs(5),
+            offset_ns: Default::default(),
         };
         // 5 s is 17.9 M ticks: past 2^24, so it has wrapped once.
         let v = t.value();

@@ -66,14 +66,17 @@ impl Uart {
 
     /// Bytes typed at the console: queued in the receive FIFO (raising
     /// the line if the guest enabled receive interrupts). Returns how many
-    /// fit; the rest are for the caller to offer again.
+    /// fit; the rest are for the caller to offer again. Never waits: while
+    /// a vCPU holds the UART (writing output to a slow or full stdout, say)
+    /// it takes nothing, and the caller tries again.
     pub fn input(&self, bytes: &[u8]) -> usize {
-        self.lock().enqueue_raw_bytes(bytes).unwrap_or(0)
-    }
-
-    /// Room left in the receive FIFO.
-    pub fn input_room(&self) -> usize {
-        self.lock().fifo_capacity()
+        match self.serial.try_lock() {
+            Ok(mut s) => s.enqueue_raw_bytes(bytes).unwrap_or(0),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                p.into_inner().enqueue_raw_bytes(bytes).unwrap_or(0)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => 0,
+        }
     }
 }
 

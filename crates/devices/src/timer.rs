@@ -249,6 +249,18 @@ impl crate::Stateful for TimerPorts {
                 state.timers.len()
             ));
         }
+        for s in &saved {
+            // As the guest's own writes: a period of 0 means stopped, not
+            // "tick without pause"; a next tick at most a period away.
+            if s.period_us == Some(0) || s.period_us.is_none() != s.next_in_us.is_none() {
+                return Err(format!("timer state {s:?} is not one a guest can set"));
+            }
+            if let (Some(p), Some(n)) = (s.period_us, s.next_in_us) {
+                if n > p || p > u64::from(u32::MAX) {
+                    return Err(format!("timer state {s:?} is not one a guest can set"));
+                }
+            }
+        }
         for (t, s) in state.timers.iter_mut().zip(saved) {
             t.vector = s.vector;
             t.period = s.period_us.map(Duration::from_micros);

@@ -75,11 +75,6 @@ impl Vm {
             .get_vcpu_mmap_size()
             .map_err(Error::sys("KVM_GET_VCPU_MMAP_SIZE"))?;
         let kvmclock_ctrl = kvm.check_extension(Cap::KvmclockCtrl);
-        if !kvmclock_ctrl {
-            log::info!(
-                "this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a guest using kvmclock is not told when brisk pauses it and may report a soft lock-up"
-            );
-        }
         let fd = kvm.create_vm().map_err(Error::sys("KVM_CREATE_VM"))?;
         let ranges: Vec<(GuestAddress, usize)> = regions
             .iter()

@@ -127,19 +127,11 @@ impl Payload {
         cpus: usize,
         abort: &dyn Fn() -> bool,
     ) -> Result<Loaded, StartError> {
-        let setup = |what| {
-            move |e: brisk_boot::BootError| StartError::Setup {
-                what,
-                source: Box::new(e),
-            }
-        };
+        use crate::vm::setup;
         match self {
             Payload::Builtin(spec) => {
                 let choice = brisk_guests::choose(spec).map_err(ConfigError::from)?;
-                let code = choice.assemble().map_err(|e| StartError::Setup {
-                    what: "assembling the guest",
-                    source: Box::new(e),
-                })?;
+                let code = choice.assemble().map_err(setup("assembling the guest"))?;
                 brisk_boot::write_page_tables(kvm.memory())
                     .map_err(setup("writing the boot tables"))?;
                 brisk_boot::load_program(kvm.memory(), &code)

@@ -99,14 +99,13 @@ pub(crate) struct Wiring<'a> {
 
 /// Register `w.platform`'s devices.
 pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartError> {
-    let place = setup::<brisk_devices::BusError>("placing a device");
+    let place = || setup::<brisk_devices::BusError>("placing a device");
     let mut m = DeviceManager::new();
     // Common to both: the PC's COM1, isa-debug-exit, ACPI PM1a control
     // (power-off) and timer, fw_cfg.
     let uart = Arc::new(Uart::new(output.into_writer(), w.lines.isa(UART_IRQ)?));
     m.add_pio("uart", ports::COM1, 8, uart.clone())
-        .map_err(place)?;
-    let place = || setup::<brisk_devices::BusError>("placing a device");
+        .map_err(place())?;
     m.add_pio(
         "debug-exit",
         ports::DEBUG_EXIT,

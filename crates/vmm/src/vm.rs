@@ -190,8 +190,7 @@ pub enum ShutdownError {
 }
 
 fn list(vcpus: &[usize]) -> String {
-    let v: Vec<String> = vcpus.iter().map(|v| v.to_string()).collect();
-    v.join(", ")
+    brisk_control::Error::list(vcpus)
 }
 
 /// Which vCPU threads have left their loop (set as their last act).
@@ -576,7 +575,11 @@ impl Drop for Vm {
             // its memory: leave the VM (fds and memory) to process exit.
             return;
         }
-        // SAFETY: dropped once, here, after every vCPU thread was joined.
+        // SAFETY: dropped once, here, after every vCPU thread was joined,
+        // except the one running this drop if it is a vCPU thread (the last
+        // reference dropped by an orphaned closure in its exit guard): that
+        // thread is leaving its loop and neither enters the guest nor touches
+        // guest memory again.
         unsafe { ManuallyDrop::drop(&mut self.kvm) };
     }
 }

@@ -258,6 +258,21 @@ fn a_late_kick_does_not_interrupt_a_blocking_read() {
         assert!(std::time::Instant::now() < ready, "reader never blocked");
         std::thread::yield_now();
     }
+    // The reader wakes for the signal (one more voluntary context switch)
+    // and, with SA_RESTART, blocks in read(2) again; only then does data
+    // come, so a read the signal ended would have returned EINTR already.
+    let status = format!("/proc/self/task/{tid}/status");
+    let switches = || {
+        std::fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = switches();
     // SAFETY: tgkill to a live thread of this process with brisk's signal.
     unsafe {
         libc::syscall(
@@ -267,6 +282,18 @@ fn a_late_kick_does_not_interrupt_a_blocking_read() {
             brisk_vmm::kick_signal(),
         )
     };
+    while !(switches() > before
+        && std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with("0 ")))
+    {
+        assert!(
+            std::time::Instant::now() < ready,
+            "the reader did not take the signal"
+        );
+        if reader.is_finished() {
+            break; // it returned (with EINTR, the bug): the join below says so
+        }
+        std::thread::yield_now();
+    }
     // SAFETY: one byte to our pipe.
     assert_eq!(unsafe { libc::write(wr, b"x".as_ptr().cast(), 1) }, 1);
     let (n, errno) = reader.join().unwrap();
