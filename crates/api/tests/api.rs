@@ -149,6 +149,18 @@ fn counters_match_what_was_done() {
         assert_eq!(s.call("PUT", "vm.pause", None).status, 204);
         assert_eq!(s.call("PUT", "vm.resume", None).status, 204);
     }
+    // A park's time is counted when the vCPU leaves it: wait until both
+    // have (a resume returns before the parked thread has woken).
+    let end = Instant::now() + Duration::from_secs(30);
+    while s.json("vm.info")["vcpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["state"] == "parked")
+    {
+        assert!(Instant::now() < end, "{}", s.json("vm.info"));
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let c = s.json("vm.counters");
     for v in c["vcpus"].as_array().unwrap() {
         let n = |k: &str| v[k].as_u64().unwrap();
