@@ -34,7 +34,9 @@ impl DeviceManager {
         Self::default()
     }
 
-    /// Put `dev` on ports `base .. base + len` under `name` (unique).
+    /// Put `dev` on ports `base .. base + len` under `name` (unique: a
+    /// name already given to another device is refused; the same device
+    /// may answer at more than one range).
     pub fn add_pio<D>(
         &mut self,
         name: &str,
@@ -45,6 +47,7 @@ impl DeviceManager {
     where
         D: DevicePio + SaveRestore + Send + Sync + 'static,
     {
+        self.check_name(name, &(dev.clone() as Arc<dyn SaveRestore>))?;
         self.bus.register_pio(base, len, dev.clone())?;
         self.push(name, IoRange::Pio { base, len }, dev);
         Ok(())
