@@ -339,8 +339,26 @@ fn read_error(offset: u64, len: usize) -> impl Fn(io::Error) -> LoadError {
     }
 }
 
-/// Copy `len` bytes of `image` at `offset` to guest `addr`, a [`CHUNK`] at
-/// a time, asking `abort` before each.
+/// Walk `len` bytes a [`CHUNK`] at a time, asking `abort` before each:
+/// `step(done, n)` handles bytes `done .. done + n`.
+fn in_chunks(
+    len: u64,
+    abort: &dyn Fn() -> bool,
+    mut step: impl FnMut(u64, usize) -> Result<(), LoadError>,
+) -> Result<(), LoadError> {
+    let mut done = 0;
+    while done < len {
+        if abort() {
+            return Err(LoadError::Interrupted);
+        }
+        let n = (len - done).min(CHUNK as u64) as usize;
+        step(done, n)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Copy `len` bytes of `image` at `offset` to guest `addr`.
 fn copy<I: Image + ?Sized>(
     image: &I,
     mem: &GuestMemoryMmap,
@@ -349,38 +367,24 @@ fn copy<I: Image + ?Sized>(
     len: u64,
     abort: &dyn Fn() -> bool,
 ) -> Result<(), LoadError> {
-    let mut done = 0;
-    while done < len {
-        if abort() {
-            return Err(LoadError::Interrupted);
-        }
-        let n = (len - done).min(CHUNK as u64) as usize;
+    in_chunks(len, abort, |done, n| {
         image
             .copy_to(mem, GuestAddress(addr + done), offset + done, n)
-            .map_err(read_error(offset + done, n))?;
-        done += n as u64;
-    }
-    Ok(())
+            .map_err(read_error(offset + done, n))
+    })
 }
 
-/// Zero `len` bytes of guest memory at `addr`, a [`CHUNK`] at a time.
+/// Zero `len` bytes of guest memory at `addr`.
 fn zero(
     mem: &GuestMemoryMmap,
     addr: u64,
     len: u64,
     abort: &dyn Fn() -> bool,
 ) -> Result<(), LoadError> {
-    let mut done = 0;
-    while done < len {
-        if abort() {
-            return Err(LoadError::Interrupted);
-        }
-        let n = (len - done).min(CHUNK as u64) as usize;
+    in_chunks(len, abort, |done, n| {
         mem.write_slice(&ZEROS[..n], GuestAddress(addr + done))
-            .map_err(|e| LoadError::Memory(e.to_string()))?;
-        done += n as u64;
-    }
-    Ok(())
+            .map_err(|e| LoadError::Memory(e.to_string()))
+    })
 }
 
 impl<'a, I: Image + ?Sized> Kernel<'a, I> {
