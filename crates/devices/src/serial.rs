@@ -116,39 +116,36 @@ pub struct UartState {
     pub in_buffer: Vec<u8>,
 }
 
+/// vm-superio's `SerialState` and ours have the same fields: move them
+/// from `$src` into a `$dst`, the field list written once.
+macro_rules! same_fields {
+    ($src:ident => $dst:ident) => {
+        $dst {
+            baud_divisor_low: $src.baud_divisor_low,
+            baud_divisor_high: $src.baud_divisor_high,
+            interrupt_enable: $src.interrupt_enable,
+            interrupt_identification: $src.interrupt_identification,
+            line_control: $src.line_control,
+            line_status: $src.line_status,
+            modem_control: $src.modem_control,
+            modem_status: $src.modem_status,
+            scratch: $src.scratch,
+            in_buffer: $src.in_buffer,
+        }
+    };
+}
+
 impl Stateful for Uart {
     const VERSION: u32 = 1;
     type State = UartState;
 
     fn save(&self) -> UartState {
         let s = self.lock().state();
-        UartState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
+        same_fields!(s => UartState)
     }
 
     fn restore(&self, s: UartState) -> Result<(), String> {
-        let state = SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        };
+        let state = same_fields!(s => SerialState);
         let serial = Serial::from_state(&state, self.line.clone(), NoEvents, self.out.clone())
             .map_err(|e| format!("{e:?}"))?;
         *self.lock() = serial;
