@@ -92,6 +92,15 @@ impl crate::Stateful for FwCfg {
     }
 
     fn restore(&self, cursor: (u16, usize)) -> Result<(), String> {
+        // An offset past the item could only come from a corrupt state (and
+        // would overflow as the guest reads on).
+        let len = self.items.get(&cursor.0).map_or(0, Vec::len);
+        if cursor.1 > len {
+            return Err(format!(
+                "offset {} past item {:#x} ({len} bytes)",
+                cursor.1, cursor.0
+            ));
+        }
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = cursor;
         Ok(())
     }
@@ -139,5 +148,11 @@ mod tests {
         crate::state::tests::round_trip(&a, &b);
         b.pio_read(PioAddress(0), 1, &mut one);
         assert_eq!(one[0], b'E', "the second byte of QEMU");
+        use crate::SaveRestore;
+        let corrupt = crate::DeviceState {
+            version: 1,
+            data: serde_json::json!([0, usize::MAX]),
+        };
+        assert!(b.restore_state("fw_cfg", &corrupt).is_err());
     }
 }
