@@ -67,6 +67,8 @@ const COMMON: &[i64] = &[
     libc::SYS_gettid,
     libc::SYS_getrandom,
     libc::SYS_rt_sigreturn,
+    // A timed wait a signal interrupted resumes through it (SA_RESTART).
+    libc::SYS_restart_syscall,
     libc::SYS_rt_sigprocmask,
     libc::SYS_sigaltstack,
     // Kicks (a device raising an interrupt, a controller kicking a vCPU).
