@@ -1,7 +1,9 @@
 //! ACPI tables where a guest searches for them (the BIOS area below 1 MiB):
 //! RSDP, RSDT and XSDT, FADT (PM1a event/control blocks and the PM timer at
-//! QEMU PIIX4's ports), FACS, MADT (one LAPIC per vCPU, the IOAPIC) and an
-//! empty DSDT. Encodings from rust-vmm's `acpi_tables`.
+//! QEMU PIIX4's ports), FACS, MADT (one LAPIC per vCPU, the IOAPIC) and a
+//! DSDT with the `_S5` sleep state (so a kernel's `poweroff` writes
+//! PM1a_CNT) and the pvpanic device (ACPI `QEMU0001` at port 0x505, so a
+//! panicking kernel says so). Encodings from rust-vmm's `acpi_tables`.
 
 use acpi_tables::fadt::FADTBuilder;
 use acpi_tables::madt::{
@@ -10,7 +12,7 @@ use acpi_tables::madt::{
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::{facs::FACS, Aml};
+use acpi_tables::{aml, facs::FACS, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{ports, BootError};
@@ -37,6 +39,25 @@ fn checksum(b: &[u8]) -> u8 {
     0u8.wrapping_sub(b.iter().fold(0u8, |a, x| a.wrapping_add(*x)))
 }
 
+/// The DSDT's definitions: `\\_S5` (SLP_TYP 5 for PM1a and PM1b) and
+/// `\\_SB.PEVT`, the pvpanic device.
+fn dsdt_body() -> Vec<u8> {
+    let mut body = Vec::new();
+    let s5 = aml::Package::new(vec![&5u8, &5u8, &0u8, &0u8]);
+    aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
+    let port = ports::PVPANIC;
+    let io = aml::IO::new(port, port, 1, 1);
+    let crs = aml::ResourceTemplate::new(vec![&io]);
+    let sta: u8 = 0xf; // present, enabled, shown, functioning
+    let hid: &'static str = "QEMU0001";
+    let hid = aml::Name::new("_HID".into(), &hid);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let sta = aml::Name::new("_STA".into(), &sta);
+    let pvpanic = aml::Device::new("_SB_.PEVT".into(), vec![&hid, &crs, &sta]);
+    pvpanic.to_aml_bytes(&mut body);
+    body
+}
+
 /// Write every table for `cpus` vCPUs; returns the RSDP's address.
 pub fn write_acpi_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<u64, BootError> {
     let w = |addr: u64, data: &[u8]| {
@@ -48,7 +69,8 @@ pub fn write_acpi_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<u64, Boot
             })
     };
 
-    let dsdt = Sdt::new(*b"DSDT", 36, 2, OEM, OEM_TABLE, 1);
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 2, OEM, OEM_TABLE, 1);
+    dsdt.append_slice(&dsdt_body());
     w(DSDT, dsdt.as_slice())?;
     w(FACS_AT, &bytes(&FACS::new()))?;
 
@@ -152,5 +174,12 @@ mod tests {
             }
         }
         assert_eq!(signatures, ["FACP", "APIC"]);
+        // The DSDT (from the FADT) defines _S5 and the pvpanic device.
+        let dsdt = read(DSDT, 36);
+        let len = u32::from_le_bytes(dsdt[4..8].try_into().unwrap()) as usize;
+        let dsdt = read(DSDT, len);
+        assert_eq!(sum(&dsdt), 0);
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"_S5_") && has(b"QEMU0001") && has(b"PEVT"));
     }
 }

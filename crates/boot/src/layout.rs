@@ -117,3 +117,23 @@ pub const fn last_read(id: usize) -> u64 {
 pub const fn stack_top(id: usize) -> u64 {
     STACKS + (id as u64 + 1) * STACK_SIZE
 }
+
+// A Linux kernel's boot data (the 64-bit boot protocol and PVH). The
+// 64-bit entry uses the identity page tables at `PML4` and a GDT at `GDT`.
+
+/// The zero page (`struct boot_params`, 4 KiB).
+pub const LINUX_ZERO_PAGE: u64 = 0x7000;
+/// PVH: `struct hvm_start_info`, its memory map and module list.
+pub const PVH_START_INFO: u64 = 0x8000;
+pub const PVH_MEMMAP: u64 = 0x8040;
+pub const PVH_MEMMAP_MAX: usize = 8;
+pub const PVH_MODLIST: u64 = 0x8100;
+/// The boot stack (the kernel switches to its own at once).
+pub const LINUX_STACK_TOP: u64 = 0x1_0000;
+/// The kernel command line, at most `LINUX_CMDLINE_MAX` bytes with its NUL
+/// (and at most what the kernel's header says it takes).
+pub const LINUX_CMDLINE: u64 = 0x2_0000;
+pub const LINUX_CMDLINE_MAX: usize = 0x1_0000;
+/// Where a bzImage's protected-mode kernel is loaded (the boot protocol's
+/// default; it decompresses itself to its own load address).
+pub const LINUX_KERNEL: u64 = 0x10_0000;

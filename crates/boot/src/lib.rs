@@ -6,6 +6,7 @@
 
 pub mod acpi;
 pub mod layout;
+pub mod linux;
 mod long_mode;
 pub mod multiboot;
 pub mod ports;

@@ -40,6 +40,9 @@ pub enum BootError {
     /// A program of `len` bytes does not fit at `addr`.
     #[error("a {len}-byte program at {addr:#x} does not fit in guest memory")]
     DoesNotFit { len: usize, addr: u64 },
+    /// KVM set only `set` of `of` boot MSRs.
+    #[error("KVM_SET_MSRS set {set} of the {of} boot MSRs")]
+    Msrs { set: usize, of: usize },
     /// A register ioctl failed.
     #[error("{0} failed: {1}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
@@ -102,26 +105,44 @@ pub(crate) fn segment(selector: u16, type_: u8, l: u8, db: u8, s: u8) -> kvm_seg
     }
 }
 
-/// Put vCPU `id` in 64-bit mode at [`CODE`] with `rdi = id`,
-/// `rsi = vcpu_count`, its own stack, and interrupts disabled.
-pub fn start_vcpu_in_long_mode(fd: &VcpuFd, id: usize, vcpu_count: usize) -> Result<(), BootError> {
+/// Switch a vCPU's special registers to 64-bit mode on the identity page
+/// tables at [`PML4`], with the GDT at `gdt` (`entries` long) and flat
+/// 64-bit code at `code`, flat data at `data` (selectors).
+pub(crate) fn enter_long_mode(
+    fd: &VcpuFd,
+    gdt: u64,
+    entries: usize,
+    code: u16,
+    data: u16,
+) -> Result<(), BootError> {
     let mut sregs = fd
         .get_sregs()
         .map_err(|e| BootError::Kvm("KVM_GET_SREGS", e))?;
-    sregs.cs = segment(CODE_SEL, 0xb, 1, 0, 1);
-    let data = segment(DATA_SEL, 0x3, 0, 1, 1);
+    sregs.cs = segment(code, 0xb, 1, 0, 1);
+    let data = segment(data, 0x3, 0, 1, 1);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.gdt.base = gdt;
+    sregs.gdt.limit = (entries * 8 - 1) as u16;
+    sregs.cr3 = PML4;
+    sregs.cr4 |= CR4_PAE;
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_PG) & !(CR0_CD | CR0_NW);
+    sregs.efer |= EFER_LME | EFER_LMA;
+    fd.set_sregs(&sregs)
+        .map_err(|e| BootError::Kvm("KVM_SET_SREGS", e))
+}
+
+/// Put vCPU `id` in 64-bit mode at [`CODE`] with `rdi = id`,
+/// `rsi = vcpu_count`, its own stack, and interrupts disabled.
+pub fn start_vcpu_in_long_mode(fd: &VcpuFd, id: usize, vcpu_count: usize) -> Result<(), BootError> {
+    enter_long_mode(fd, GDT, GDT_ENTRIES.len(), CODE_SEL, DATA_SEL)?;
+    let mut sregs = fd
+        .get_sregs()
+        .map_err(|e| BootError::Kvm("KVM_GET_SREGS", e))?;
     sregs.tr = kvm_segment {
         limit: 0x67,
         g: 0,
         ..segment(TSS_SEL, 0xb, 0, 0, 0)
     };
-    sregs.gdt.base = GDT;
-    sregs.gdt.limit = (GDT_ENTRIES.len() * 8 - 1) as u16;
-    sregs.cr3 = PML4;
-    sregs.cr4 |= CR4_PAE;
-    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_PG) & !(CR0_CD | CR0_NW);
-    sregs.efer |= EFER_LME | EFER_LMA;
     fd.set_sregs(&sregs)
         .map_err(|e| BootError::Kvm("KVM_SET_SREGS", e))?;
 

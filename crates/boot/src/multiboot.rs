@@ -65,8 +65,14 @@ use crate::layout::LEGACY_HOLE_END as HOLE_END;
 /// The legacy hole: EBDA, VGA, option ROMs, BIOS (the ACPI tables live here).
 pub use crate::layout::LOW_RAM_END;
 
-/// A 32-bit flat GDT: null, code (0x08), data (0x10).
-const GDT: [u64; 3] = [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+/// A 32-bit flat GDT: null, code (0x08), data (0x10), a 32-bit busy TSS
+/// (0x18, base 0, limit 0x67) for TR.
+const GDT: [u64; 4] = [
+    0,
+    0x00cf_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x0000_8b00_0000_0067,
+];
 
 /// Where a kernel's (or an initrd's) bytes come from. The loader only
 /// reads by offset what it needs: never the whole image at once.
@@ -130,6 +136,11 @@ impl FileImage {
     pub fn new(file: File) -> io::Result<FileImage> {
         let size = file.metadata()?.len();
         Ok(FileImage { file, size })
+    }
+
+    /// The file, for a loader that reads it as a stream (linux-loader).
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 
@@ -359,7 +370,7 @@ fn in_chunks(
 }
 
 /// Copy `len` bytes of `image` at `offset` to guest `addr`.
-fn copy<I: Image + ?Sized>(
+pub(crate) fn copy<I: Image + ?Sized>(
     image: &I,
     mem: &GuestMemoryMmap,
     addr: u64,
@@ -387,6 +398,15 @@ fn zero(
     })
 }
 
+/// The offset of the multiboot header's magic in `head` (the file's
+/// first 8 KiB), 4-byte aligned with room for magic, flags and checksum.
+pub(crate) fn find_header(head: &[u8]) -> Option<usize> {
+    let head = &head[..head.len().min(SEARCH)];
+    (0..head.len().saturating_sub(11))
+        .step_by(4)
+        .find(|&at| u32_at(head, at, "header") == Ok(HEADER_MAGIC))
+}
+
 impl<'a, I: Image + ?Sized> Kernel<'a, I> {
     /// Find the multiboot header, check it, and read and check the ELF
     /// program headers. Reads the first 8 KiB and the program header
@@ -399,14 +419,11 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
             .map_err(read_error(0, head.len()))?;
         let bytes = &head[..];
         let is_elf = bytes.starts_with(b"\x7fELF");
-        let header = (0..bytes.len().saturating_sub(11))
-            .step_by(4)
-            .find(|&at| u32_at(bytes, at, "header") == Ok(HEADER_MAGIC))
-            .ok_or(LoadError::NotMultiboot {
+        let header = find_header(bytes).ok_or(LoadError::NotMultiboot {
                 what: if is_elf {
                     "an ELF file with no multiboot header in its first 8 KiB"
                 } else if bytes.get(0x202..0x206) == Some(b"HdrS") {
-                    "a Linux bzImage, which brisk cannot boot yet"
+                    "a Linux bzImage (boot it as Linux, not multiboot)"
                 } else {
                     "no multiboot header in its first 8 KiB and not an ELF file"
                 },
@@ -656,6 +673,19 @@ pub fn start_boot_vcpu(
     entry: u32,
     info: u64,
 ) -> Result<(), BootError> {
+    start_protected_mode(fd, mem, entry, BOOTLOADER_MAGIC, info)
+}
+
+/// Put a vCPU at `entry` in 32-bit protected mode with flat segments
+/// (code 0x08, data 0x10, a 32-bit TSS), paging off, interrupts off, and
+/// EAX, EBX as given: the state multiboot and PVH both specify.
+pub(crate) fn start_protected_mode(
+    fd: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    entry: u32,
+    eax: u32,
+    ebx: u64,
+) -> Result<(), BootError> {
     for (i, e) in GDT.iter().enumerate() {
         let addr = layout::GDT + 8 * i as u64;
         mem.write_obj(*e, GuestAddress(addr))
@@ -671,6 +701,11 @@ pub fn start_boot_vcpu(
     sregs.cs = flat(0x08, 0xb);
     let data = flat(0x10, 0x3);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
+    sregs.tr = kvm_segment {
+        limit: 0x67,
+        g: 0,
+        ..flat(0x18, 0xb)
+    };
     sregs.gdt.base = layout::GDT;
     sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
     sregs.cr0 = (sregs.cr0 | 1) & !(1 << 31); // PE on, PG off
@@ -680,8 +715,8 @@ pub fn start_boot_vcpu(
         .map_err(|e| BootError::Kvm("KVM_SET_SREGS", e))?;
     let regs = kvm_regs {
         rip: entry.into(),
-        rax: BOOTLOADER_MAGIC.into(),
-        rbx: info,
+        rax: eax.into(),
+        rbx: ebx,
         rsp: STACK_TOP,
         rflags: 0x2,
         ..Default::default()

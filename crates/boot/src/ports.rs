@@ -22,6 +22,18 @@ pub const COUNTER: u16 = 0x700;
 pub const TIMER: u16 = 0x900;
 /// Inter-vCPU doorbell (user irqchip): write `(target << 8) | vector`.
 pub const DOORBELL: u16 = 0x6f0;
+/// pvpanic (QEMU's ISA pvpanic, ACPI QEMU0001): the guest writes bit 0
+/// when it panics; reads say which events are supported.
+pub const PVPANIC: u16 = 0x505;
+/// The keyboard controller (i8042): command/status at `I8042_COMMAND`,
+/// data at `I8042_DATA`; command 0xFE pulses the CPU reset line.
+pub const I8042_DATA: u16 = 0x60;
+pub const I8042_COMMAND: u16 = 0x64;
+/// The CMOS RTC: index at `CMOS`, data at `CMOS + 1`.
+pub const CMOS: u16 = 0x70;
+/// PCI configuration mechanism #1: address at `PCI_CONFIG`, data at
+/// `PCI_CONFIG + 4` (four bytes).
+pub const PCI_CONFIG: u16 = 0xcf8;
 /// A port no device claims (reads all-ones).
 pub const UNCLAIMED: u16 = 0x80;
 

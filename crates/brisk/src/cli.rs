@@ -401,7 +401,7 @@ fn stress(args: StressArgs) -> i32 {
 
 fn run(args: RunArgs) -> i32 {
     let payload = match args.kernel {
-        Some(path) => Payload::Multiboot(brisk_vmm::KernelConfig {
+        Some(path) => Payload::Kernel(brisk_vmm::KernelConfig {
             path,
             cmdline: args.cmdline,
             initrd: args.initrd,

@@ -23,6 +23,10 @@ pub const STRESS_FAILED: i32 = 14;
 pub const API_ERROR: i32 = 16;
 /// `brisk ctl`: the API socket could not be reached.
 pub const API_UNREACHABLE: i32 = 18;
+/// The guest reset the machine (a Linux `reboot`).
+pub const REBOOT: i32 = 20;
+/// The guest kernel panicked (pvpanic).
+pub const PANICKED: i32 = 22;
 
 /// The text `brisk run --help` shows.
 pub const HELP: &str = "\
@@ -33,8 +37,12 @@ Exit status:
   4      /dev/kvm is missing, not accessible, or lacks a needed capability
          (e.g. --mwait passthrough on a host that cannot disable MWAIT exits)
   6      bad configuration (unknown guest, vCPU count, memory size, API socket in
-         use, a --kernel or --initrd that cannot be read or is not a multiboot kernel)
+         use; a --kernel, --initramfs or --disk that cannot be read or booted: not a
+         bzImage, ELF vmlinux or multiboot kernel, truncated, too big for the RAM)
   8      the guest crashed (triple fault, emulation failure, unhandled exit)
+  20     the guest rebooted (keyboard-controller reset, Linux's reboot=k); brisk
+         ends the VM rather than booting it again
+  22     the guest kernel panicked (reported through pvpanic, ACPI QEMU0001)
   10     --timeout passed with the guest still running
   12     internal VMM failure (a KVM call or a vCPU thread failed)
   128+n  stopped by signal n, cleanly (vCPUs stopped, API socket removed): 130 SIGINT
@@ -46,6 +54,8 @@ pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
         VmEnd::PowerOff | VmEnd::ShutdownRequested => OK,
         VmEnd::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
         VmEnd::Crash { .. } => GUEST_CRASH,
+        VmEnd::Reboot => REBOOT,
+        VmEnd::Panicked => PANICKED,
         VmEnd::VcpuFailed { .. } => INTERNAL,
         VmEnd::Timeout => TIMEOUT,
         VmEnd::Interrupted => 128 + signal,

@@ -21,27 +21,36 @@
 //! ```
 
 mod bus;
+mod cmos;
 mod counter;
 mod debug_exit;
 mod doorbell;
 mod fw_cfg;
+mod i8042;
 mod irq;
 mod manager;
+mod pci_host;
 mod pm_timer;
 mod power;
+mod pvpanic;
 mod serial;
 mod state;
 mod timer;
+pub mod virtio;
 
 pub use bus::{Bus, BusError};
+pub use cmos::{Cmos, CmosState};
 pub use counter::CounterDevice;
 pub use debug_exit::DebugExit;
 pub use doorbell::Doorbell;
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
+pub use i8042::{I8042, I8042_COMMAND_OFFSET};
 pub use irq::{InterruptSink, IrqLine};
 pub use manager::{DeviceManager, IoRange};
+pub use pci_host::PciHostBridge;
 pub use pm_timer::{PmTimer, PM_TIMER_HZ};
 pub use power::PowerOff;
+pub use pvpanic::PvPanic;
 pub use serial::{Uart, UartState};
 pub use state::{DeviceState, NoState, SaveRestore, StateError, Stateful};
 pub use timer::{PeriodicTimers, TimerPorts, TimerState, TIMER_STRIDE};
@@ -53,6 +62,10 @@ pub enum GuestStop {
     PowerOff,
     /// The guest wrote this value to the debug-exit port.
     DebugExit(u32),
+    /// The guest reset the machine (i8042 command 0xFE).
+    Reset,
+    /// The guest kernel reported a panic (pvpanic).
+    Panic,
 }
 
 /// Where devices report that the guest asked to stop. The VMM implements

@@ -13,6 +13,12 @@ pub enum VmEnd {
     PowerOff,
     /// The guest wrote this value to the debug-exit port.
     DebugExit(u32),
+    /// The guest reset the machine (the keyboard controller's reset line:
+    /// Linux's `reboot`, with `reboot=k`). brisk ends the VM, as
+    /// Firecracker does, rather than booting it again.
+    Reboot,
+    /// The guest kernel panicked (reported through pvpanic).
+    Panicked,
     /// A vCPU hit something the guest cannot continue from.
     Crash { vcpu: usize, what: String, rip: u64 },
     /// A vCPU thread failed (KVM error or panic).
@@ -30,6 +36,8 @@ impl fmt::Display for VmEnd {
         match self {
             VmEnd::PowerOff => write!(f, "guest powered off"),
             VmEnd::DebugExit(v) => write!(f, "guest wrote {v:#x} to the debug-exit port"),
+            VmEnd::Reboot => write!(f, "guest rebooted (reset through the keyboard controller)"),
+            VmEnd::Panicked => write!(f, "guest kernel panicked"),
             VmEnd::Crash { vcpu, what, rip } => {
                 write!(f, "guest crashed: vCPU {vcpu}: {what} at RIP {rip:#x}")
             }
@@ -76,6 +84,8 @@ impl StopSink for EndLatch {
         self.end(match why {
             GuestStop::PowerOff => VmEnd::PowerOff,
             GuestStop::DebugExit(v) => VmEnd::DebugExit(v),
+            GuestStop::Reset => VmEnd::Reboot,
+            GuestStop::Panic => VmEnd::Panicked,
         });
     }
 }

@@ -1,6 +1,7 @@
 //! Booting a kernel from a file: open it (a regular file only, no bigger
-//! than guest RAM), load it as multiboot reading only what it needs, and
-//! lay out the platform tables it looks for.
+//! than guest RAM), tell its format from its first 8 KiB (a Linux bzImage
+//! or ELF vmlinux, or a multiboot kernel), load it, and lay out the
+//! platform tables it looks for.
 //!
 //! Loading is bounded: the kernel and initrd are opened so that open never
 //! blocks (a FIFO would) and refused unless they are regular files no
@@ -12,7 +13,8 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 
-use brisk_boot::multiboot::{FileImage, Kernel, LoadError};
+use brisk_boot::linux::{KernelFormat, LinuxError, LinuxKernel};
+use brisk_boot::multiboot::{FileImage, Image, Kernel, LoadError};
 
 use crate::{KernelConfig, StartError};
 
@@ -21,6 +23,18 @@ pub(crate) struct MultibootStart {
     pub entry: u32,
     pub info: u64,
 }
+
+/// A kernel loaded and ready to start.
+pub(crate) enum KernelStart {
+    Multiboot(MultibootStart),
+    /// `info`: the zero page or PVH start info.
+    Linux { kernel: LinuxKernel, info: u64 },
+}
+
+/// The command line a Linux kernel gets when the user gives none: the
+/// console on COM1, reboot through the keyboard controller (brisk's
+/// reset line), reboot at once on a panic that pvpanic did not report.
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// What `meta` is when it is not a regular file ("a FIFO", ...).
 fn not_regular(meta: &Metadata) -> Option<&'static str> {
@@ -79,23 +93,66 @@ fn open(what: &str, path: &Path, ram: u64) -> Result<FileImage, StartError> {
     FileImage::new(file).map_err(cannot)
 }
 
-/// Load `k` into `vm`'s memory (`ram` bytes, `cpus` vCPUs): segments,
-/// multiboot information, initrd, ACPI tables; asking `abort` before each
-/// chunk (1 MiB) it copies: when it says true, loading stops with
-/// [`StartError::Interrupted`].
+/// Load `k` into `vm`'s memory (`ram` bytes, `cpus` vCPUs), whatever its
+/// format, with the ACPI tables; a Linux kernel's command line gets
+/// `extra_cmdline` (the virtio-mmio devices) appended. `abort` is asked
+/// before each chunk (1 MiB) of a multiboot kernel and of an initrd.
 pub(crate) fn load_bounded(
     vm: &brisk_kvm::Vm,
     k: &KernelConfig,
     ram: u64,
     cpus: usize,
+    extra_cmdline: &str,
     abort: &dyn Fn() -> bool,
-) -> Result<MultibootStart, StartError> {
+) -> Result<KernelStart, StartError> {
     // Both files are checked before either is read.
     let image = open("kernel", &k.path, ram)?;
     let initrd = match &k.initrd {
-        Some(path) => Some((path, open("initrd", path, ram)?)),
+        Some(path) => Some((path.as_path(), open("initrd", path, ram)?)),
         None => None,
     };
+    let mut head = vec![0u8; image.size().min(8192) as usize];
+    image.read_at(&mut head, 0).map_err(|e| {
+        StartError::Kernel(format!("cannot read kernel {}: {e}", k.path.display()))
+    })?;
+    let start = match KernelFormat::detect(&head) {
+        Some(f @ (KernelFormat::BzImage | KernelFormat::Elf64)) => {
+            load_linux(vm, k, f, image, initrd, (ram, cpus), extra_cmdline, abort)?
+        }
+        // A 32-bit ELF without the header gets the multiboot loader's
+        // sentence for it.
+        Some(KernelFormat::Multiboot) | None if head.starts_with(b"\x7fELF") => {
+            KernelStart::Multiboot(load_multiboot(vm, k, &image, initrd, (ram, cpus), abort)?)
+        }
+        Some(KernelFormat::Multiboot) => {
+            KernelStart::Multiboot(load_multiboot(vm, k, &image, initrd, (ram, cpus), abort)?)
+        }
+        None => {
+            return Err(StartError::Kernel(format!(
+                "kernel {} is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel",
+                k.path.display()
+            )))
+        }
+    };
+    Ok(start)
+}
+
+fn acpi_tables(vm: &brisk_kvm::Vm, cpus: usize) -> Result<u64, StartError> {
+    brisk_boot::acpi::write_acpi_tables(vm.memory(), cpus).map_err(|e| StartError::Setup {
+        what: "writing the ACPI tables",
+        source: Box::new(e),
+    })
+}
+
+/// A multiboot kernel: segments, multiboot information, initrd as module 0.
+fn load_multiboot(
+    vm: &brisk_kvm::Vm,
+    k: &KernelConfig,
+    image: &FileImage,
+    initrd: Option<(&Path, FileImage)>,
+    (ram, cpus): (u64, usize),
+    abort: &dyn Fn() -> bool,
+) -> Result<MultibootStart, StartError> {
     let refuse = |what: &str, path: &Path| {
         let shown = path.display().to_string();
         let what = what.to_string();
@@ -106,7 +163,7 @@ pub(crate) fn load_bounded(
             e => StartError::Kernel(format!("{what} {shown}: {e}")),
         }
     };
-    let kernel = Kernel::parse(&image).map_err(refuse("kernel", &k.path))?;
+    let kernel = Kernel::parse(image).map_err(refuse("kernel", &k.path))?;
     kernel
         .load(vm.memory(), ram, abort)
         .map_err(refuse("kernel", &k.path))?;
@@ -121,12 +178,67 @@ pub(crate) fn load_bounded(
     let info = kernel
         .write_info(vm.memory(), ram, &k.full_cmdline(), module)
         .map_err(refuse("kernel", &k.path))?;
-    brisk_boot::acpi::write_acpi_tables(vm.memory(), cpus).map_err(|e| StartError::Setup {
-        what: "writing the ACPI tables",
-        source: Box::new(e),
-    })?;
+    acpi_tables(vm, cpus)?;
     Ok(MultibootStart {
         entry: kernel.entry(),
         info,
     })
+}
+
+/// A Linux bzImage or vmlinux: the kernel (rust-vmm's linux-loader), the
+/// initramfs as high as the kernel reads it, the command line, the e820
+/// map in the zero page (or PVH start info), the ACPI tables.
+fn load_linux(
+    vm: &brisk_kvm::Vm,
+    k: &KernelConfig,
+    format: KernelFormat,
+    image: FileImage,
+    initrd: Option<(&Path, FileImage)>,
+    (ram, cpus): (u64, usize),
+    extra_cmdline: &str,
+    abort: &dyn Fn() -> bool,
+) -> Result<KernelStart, StartError> {
+    let refuse = |what: &str, path: &Path| {
+        let shown = path.display().to_string();
+        let what = what.to_string();
+        move |e: LinuxError| match e {
+            LinuxError::Initrd(LoadError::Interrupted) => {
+                StartError::Interrupted(format!("loading {what} {shown} was interrupted"))
+            }
+            e => StartError::Kernel(format!("{what} {shown}: {e}")),
+        }
+    };
+    if !vm.has_kvmclock_ctrl() {
+        log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
+    }
+    let mut file = image.into_file();
+    let kernel = brisk_boot::linux::load_kernel(vm.memory(), ram, &mut file, format)
+        .map_err(refuse("kernel", &k.path))?;
+    let initrd = match &initrd {
+        Some((path, initrd)) => Some(
+            kernel
+                .load_initrd(vm.memory(), ram, initrd, abort)
+                .map_err(refuse("initramfs", path))?,
+        ),
+        None => None,
+    };
+    let mut cmdline = if k.cmdline.trim().is_empty() {
+        DEFAULT_LINUX_CMDLINE.to_string()
+    } else {
+        k.cmdline.clone()
+    };
+    if !extra_cmdline.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(extra_cmdline);
+    }
+    let rsdp = acpi_tables(vm, cpus)?;
+    let info = kernel
+        .write_boot_info(vm.memory(), ram, &cmdline, initrd, rsdp)
+        .map_err(refuse("kernel", &k.path))?;
+    log::info!(
+        "Linux {format:?} {}: entry {:?}, command line {cmdline:?}",
+        k.path.display(),
+        kernel.entry
+    );
+    Ok(KernelStart::Linux { kernel, info })
 }

@@ -1,5 +1,5 @@
-//! What a VM boots: a built-in guest or a multiboot kernel (and, next, a
-//! Linux kernel). Each payload knows which irqchip it needs, how it loads
+//! What a VM boots: a built-in guest or a kernel from a file (Linux or
+//! multiboot, told apart by the file's first bytes). Each payload knows which irqchip it needs, how it loads
 //! itself into guest memory and how its vCPUs start; `Machine::build`
 //! asks it, and knows no payload by name.
 
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use brisk_kvm::{Irqchip, KvmVcpu};
 
-use crate::kernel::MultibootStart;
+use crate::kernel::{KernelStart, MultibootStart};
 use crate::{ConfigError, StartError};
 
 /// What the VM boots.
@@ -16,19 +16,22 @@ pub enum Payload {
     /// A built-in guest (see `brisk guests`): `NAME`, or `NAME=N` for the
     /// counting guests (`tick=20000`).
     Builtin(String),
-    /// A multiboot (v1) ELF kernel from a file, booted as GRUB or QEMU's
-    /// `-kernel` would.
-    Multiboot(KernelConfig),
+    /// A kernel from a file: a Linux bzImage or ELF vmlinux (64-bit boot
+    /// protocol, or PVH when the vmlinux has the note), or a multiboot
+    /// (v1) ELF kernel booted as GRUB or QEMU's `-kernel` would.
+    Kernel(KernelConfig),
 }
 
 /// A kernel from a file, with its command line and initrd.
 #[derive(Clone, Debug, Default)]
 pub struct KernelConfig {
     pub path: PathBuf,
-    /// The arguments. The kernel sees them after its own file name, as
-    /// GRUB and QEMU hand them over (`argv[0]` first).
+    /// The arguments. A multiboot kernel sees them after its own file
+    /// name, as GRUB and QEMU hand them over (`argv[0]` first); a Linux
+    /// kernel sees them as given, or `DEFAULT_LINUX_CMDLINE` when empty,
+    /// with the virtio-mmio devices appended.
     pub cmdline: String,
-    /// Passed as multiboot module 0.
+    /// Linux: the initramfs; multiboot: module 0.
     pub initrd: Option<PathBuf>,
 }
 
@@ -63,6 +66,11 @@ pub(crate) enum Loaded {
     LongMode,
     /// The boot vCPU at the multiboot entry; the APs wait for INIT/SIPI.
     Multiboot(MultibootStart),
+    /// The boot vCPU at the Linux entry; the APs wait for INIT/SIPI.
+    Linux {
+        kernel: brisk_boot::linux::LinuxKernel,
+        info: u64,
+    },
 }
 
 impl Default for Payload {
@@ -81,7 +89,7 @@ impl Payload {
     pub fn name(&self) -> String {
         match self {
             Payload::Builtin(spec) => spec.split('=').next().unwrap_or(spec).to_string(),
-            Payload::Multiboot(k) => k.path.display().to_string(),
+            Payload::Kernel(k) => k.path.display().to_string(),
         }
     }
 
@@ -89,7 +97,7 @@ impl Payload {
     pub fn platform(&self) -> Platform {
         match self {
             Payload::Builtin(_) => Platform::Test,
-            Payload::Multiboot(_) => Platform::Pc,
+            Payload::Kernel(_) => Platform::Pc,
         }
     }
 
@@ -97,7 +105,7 @@ impl Payload {
     pub fn default_irqchip(&self) -> Irqchip {
         match self {
             Payload::Builtin(_) => Irqchip::User,
-            Payload::Multiboot(_) => Irqchip::Kernel,
+            Payload::Kernel(_) => Irqchip::Kernel,
         }
     }
 
@@ -111,20 +119,21 @@ impl Payload {
                 }
             }
             // Kernels bring up APs through the in-kernel LAPIC.
-            Payload::Multiboot(_) if irqchip != Irqchip::Kernel => {
+            Payload::Kernel(_) if irqchip != Irqchip::Kernel => {
                 return Err(ConfigError::KernelNeedsKernelIrqchip)
             }
-            Payload::Multiboot(_) => {}
+            Payload::Kernel(_) => {}
         }
         Ok(())
     }
 
-    /// Load it into `kvm`'s memory, asking `abort` between chunks.
+    /// Load it into `kvm`'s memory, asking `abort` between chunks; a Linux
+    /// kernel's command line gets `extra_cmdline` (the platform's devices).
     pub(crate) fn load(
         &self,
         kvm: &brisk_kvm::Vm,
-        memory: u64,
-        cpus: usize,
+        (memory, cpus): (u64, usize),
+        extra_cmdline: &str,
         abort: &dyn Fn() -> bool,
     ) -> Result<Loaded, StartError> {
         use crate::vm::setup;
@@ -138,12 +147,16 @@ impl Payload {
                     .map_err(setup("loading the guest"))?;
                 Ok(Loaded::LongMode)
             }
-            Payload::Multiboot(k) => {
-                if !kvm.has_kvmclock_ctrl() {
-                    log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
+            Payload::Kernel(k) => {
+                match crate::kernel::load_bounded(kvm, k, memory, cpus, extra_cmdline, abort)? {
+                    KernelStart::Multiboot(start) => {
+                        if !kvm.has_kvmclock_ctrl() {
+                            log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
+                        }
+                        Ok(Loaded::Multiboot(start))
+                    }
+                    KernelStart::Linux { kernel, info } => Ok(Loaded::Linux { kernel, info }),
                 }
-                let start = crate::kernel::load_bounded(kvm, k, memory, cpus, abort)?;
-                Ok(Loaded::Multiboot(start))
             }
         }
     }
@@ -170,6 +183,11 @@ impl Loaded {
             }
             // APs wait for the kernel's INIT/SIPI.
             Loaded::Multiboot(_) => Ok(()),
+            Loaded::Linux { kernel, info } if id == 0 => {
+                brisk_boot::linux::start_boot_vcpu(v.fd(), kvm.memory(), kernel, *info)
+            }
+            // APs get the same reset MSRs, then wait for INIT/SIPI.
+            Loaded::Linux { .. } => brisk_boot::linux::set_boot_msrs(v.fd()),
         }
     }
 }

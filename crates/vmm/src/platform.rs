@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use brisk_boot::ports;
 use brisk_devices::{
-    CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IrqLine, PeriodicTimers, PmTimer,
-    PowerOff, Uart, TIMER_STRIDE,
+    Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, I8042, IrqLine, PciHostBridge,
+    PeriodicTimers, PmTimer, PowerOff, PvPanic, Uart, TIMER_STRIDE,
 };
 use brisk_kvm::Irqchip;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::end::EndLatch;
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::vm::setup;
-use crate::{Output, Platform, StartError, UserInterrupts};
+use crate::{Output, Platform, StartError, UserInterrupts, VmConfig};
 
 /// The PC's ISA IRQ of COM1.
 pub const UART_IRQ: u32 = 4;
@@ -75,6 +75,12 @@ impl Lines<'_> {
     }
 }
 
+/// What a Linux kernel's command line needs to find the platform's
+/// devices that nothing else announces (the virtio-mmio devices).
+pub(crate) fn kernel_cmdline(_config: &VmConfig) -> String {
+    String::new()
+}
+
 /// The devices the platform's vCPUs see, and the handles the VM keeps.
 pub(crate) struct Devices {
     pub(crate) manager: DeviceManager,
@@ -95,6 +101,32 @@ pub(crate) struct Wiring<'a> {
     pub(crate) seccomp: Seccomp,
     pub(crate) end: &'a Arc<EndLatch>,
     pub(crate) lines: Lines<'a>,
+}
+
+/// The rest of the PC a kernel probes: the keyboard controller (its reset
+/// line), the CMOS RTC, PCI configuration mechanism #1 with a host bridge,
+/// and pvpanic.
+fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
+    let place = || setup::<brisk_devices::BusError>("placing a device");
+    let i8042 = Arc::new(I8042::new(w.end.clone()));
+    m.add_pio("i8042", ports::I8042_DATA, 5, i8042)
+        .map_err(place())?;
+    m.add_pio("cmos", ports::CMOS, 2, Arc::new(Cmos::new(layout_low(w.memory))))
+        .map_err(place())?;
+    m.add_pio(
+        "pci-host",
+        ports::PCI_CONFIG,
+        8,
+        Arc::new(PciHostBridge::default()),
+    )
+    .map_err(place())?;
+    m.add_pio("pvpanic", ports::PVPANIC, 1, Arc::new(PvPanic::new(w.end.clone())))
+        .map_err(place())?;
+    Ok(())
+}
+
+fn layout_low(memory: u64) -> u64 {
+    brisk_boot::layout::low_ram(memory)
 }
 
 /// Register `w.platform`'s devices.
@@ -133,6 +165,7 @@ pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartErr
         doorbell: None,
     };
     if w.platform == Platform::Pc {
+        pc_devices(&mut devices.manager, &w)?;
         return Ok(devices);
     }
     // The built-in guests' test devices.

@@ -92,9 +92,12 @@ impl Machine {
         let regions = brisk_boot::layout::ram_regions(config.memory);
         let mut kvm = brisk_kvm::Vm::new(&regions, config.irqchip)?;
         kvm.set_mwait(config.mwait)?;
-        let loaded = config
-            .payload
-            .load(&kvm, config.memory, config.cpus, abort)?;
+        let loaded = config.payload.load(
+            &kvm,
+            (config.memory, config.cpus),
+            &platform::kernel_cmdline(config),
+            abort,
+        )?;
         let guest = config.payload.name();
 
         let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);

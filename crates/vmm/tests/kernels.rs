@@ -14,7 +14,7 @@ fn config(kernel: &str, cpus: usize, cmdline: &str, initrd: Option<PathBuf>) -> 
     VmConfig {
         cpus,
         irqchip: Irqchip::Kernel,
-        payload: brisk_vmm::Payload::Multiboot(KernelConfig {
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
             path: kernel.into(),
             cmdline: cmdline.into(),
             initrd,

@@ -15,7 +15,7 @@ fn config(kernel: PathBuf, initrd: Option<PathBuf>) -> VmConfig {
     VmConfig {
         cpus: 1,
         irqchip: Irqchip::Kernel,
-        payload: brisk_vmm::Payload::Multiboot(KernelConfig {
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
             path: kernel,
             cmdline: "status=5".into(),
             initrd,
