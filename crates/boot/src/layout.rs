@@ -137,3 +137,18 @@ pub const LINUX_CMDLINE_MAX: usize = 0x1_0000;
 /// Where a bzImage's protected-mode kernel is loaded (the boot protocol's
 /// default; it decompresses itself to its own load address).
 pub const LINUX_KERNEL: u64 = 0x10_0000;
+
+/// virtio-mmio devices: device `i`'s 0x200-byte register window at
+/// `VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_STRIDE` (in the 32-bit MMIO hole),
+/// its interrupt on ISA IRQ (IOAPIC pin) `VIRTIO_IRQS[i]`: the PC's free
+/// ISA lines (4 is COM1, 8 the RTC, 9 the SCI, 13 the FPU).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_MMIO_STRIDE: u64 = 0x1000;
+pub const VIRTIO_IRQS: [u32; 8] = [5, 6, 7, 10, 11, 12, 14, 15];
+/// The most virtio-mmio devices (one per free IRQ).
+pub const MAX_VIRTIO_DEVICES: usize = VIRTIO_IRQS.len();
+
+/// The register window of virtio-mmio device `i`.
+pub const fn virtio_mmio(i: usize) -> u64 {
+    VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE
+}

@@ -161,18 +161,30 @@ struct RunArgs {
     /// PIC/IOAPIC/LAPIC and PIT; the default, and required, with --kernel).
     #[arg(long, value_enum)]
     irqchip: Option<IrqchipArg>,
-    /// Boot this multiboot (v1) ELF kernel instead of a built-in guest
-    /// (32-bit protected mode, EAX=0x2BADB002, EBX=multiboot info; ACPI
-    /// tables, fw_cfg at 0x510, PM timer at 0x608; APs wait for INIT/SIPI).
+    /// Boot this kernel instead of a built-in guest; its format is read
+    /// from the file: a Linux bzImage (64-bit boot protocol) or ELF
+    /// vmlinux (its PVH entry when it has the note), or a multiboot (v1)
+    /// ELF kernel (32-bit protected mode, EAX=0x2BADB002, EBX=multiboot
+    /// info). The PC platform: ACPI tables (MADT, FADT, DSDT with _S5 and
+    /// pvpanic), COM1 on IRQ 4, i8042 reset, CMOS RTC, PCI host bridge,
+    /// PM timer, fw_cfg; APs wait for INIT/SIPI.
     #[arg(long, value_name = "FILE", conflicts_with = "guest")]
     kernel: Option<std::path::PathBuf>,
-    /// The kernel's arguments; it is handed its file name first, then
-    /// these (the multiboot command line, as GRUB and QEMU give it).
+    /// The kernel's command line. Linux gets it as given (default
+    /// "console=ttyS0 reboot=k panic=-1"), with `virtio_mmio.device=`
+    /// for each --disk appended; a multiboot kernel is handed its file
+    /// name first, then these (as GRUB and QEMU do).
     #[arg(long, default_value = "", requires = "kernel")]
     cmdline: String,
-    /// A file passed to the kernel as multiboot module 0.
-    #[arg(long, value_name = "FILE", requires = "kernel")]
+    /// Linux: the initramfs (an uncompressed cpio is fastest to unpack);
+    /// multiboot: module 0.
+    #[arg(long, visible_alias = "initramfs", value_name = "FILE", requires = "kernel")]
     initrd: Option<std::path::PathBuf>,
+    /// A raw disk image served as virtio-blk over virtio-mmio
+    /// (`/dev/vda`, then `/dev/vdb`, ...): `FILE` (read-write) or
+    /// `FILE,readonly`. Repeat for more disks (at most 8).
+    #[arg(long, value_name = "FILE[,readonly]", requires = "kernel")]
+    disk: Vec<brisk_vmm::DiskConfig>,
     /// MONITOR/MWAIT: `hide` (not in CPUID, guests idle with HLT), `exit`
     /// (in CPUID; KVM traps MWAIT and runs it as a NOP, so an MWAIT idle
     /// loop polls) or `passthrough` (runs natively; needs a host that can
@@ -418,6 +430,7 @@ fn run(args: RunArgs) -> i32 {
         memory: args.memory,
         mwait: args.mwait.into(),
         seccomp: args.seccomp.into(),
+        disks: args.disk,
     };
     let interrupt = match signals::install() {
         Ok(fd) => fd,

@@ -21,6 +21,38 @@ pub struct VmConfig {
     /// The seccomp filters brisk's threads install (none by default in
     /// the library; `brisk run` traps by default).
     pub seccomp: crate::seccomp::Seccomp,
+    /// virtio-blk disks, `/dev/vda`, `/dev/vdb`, ... in this order.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A raw disk image served as virtio-blk over virtio-mmio.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: std::path::PathBuf,
+    /// Offered read-only (VIRTIO_BLK_F_RO); the file is opened read-only.
+    pub readonly: bool,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    /// `FILE` or `FILE,readonly` (also `,ro`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, readonly) = match s.rsplit_once(',') {
+            Some((p, "readonly" | "ro")) => (p, true),
+            Some((_, opt)) if !opt.contains('/') => {
+                return Err(format!("unknown disk option '{opt}' (the only one is 'readonly')"))
+            }
+            _ => (s, false),
+        };
+        if path.is_empty() {
+            return Err("a disk needs a file name".into());
+        }
+        Ok(DiskConfig {
+            path: path.into(),
+            readonly,
+        })
+    }
 }
 
 impl Default for VmConfig {
@@ -32,6 +64,7 @@ impl Default for VmConfig {
             irqchip: Irqchip::User,
             mwait: Mwait::Hide,
             seccomp: crate::seccomp::Seccomp::Off,
+            disks: Vec::new(),
         }
     }
 }
@@ -48,8 +81,13 @@ pub enum ConfigError {
     /// The guest's interrupts come from user-space devices.
     #[error("guest '{0}' takes interrupts from brisk's user-space timer and doorbell, which need --irqchip user")]
     NeedsUserIrqchip(&'static str),
+    /// Disks are devices of the PC platform.
+    #[error("--disk needs --kernel: built-in guests have no virtio devices")]
+    DiskNeedsKernel,
+    #[error("{0} disks requested; brisk has room for {max}", max = brisk_boot::layout::MAX_VIRTIO_DEVICES)]
+    TooManyDisks(usize),
     /// Kernels bring up APs through the in-kernel LAPIC.
-    #[error("--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a multiboot kernel expects, and INIT/SIPI for its APs)")]
+    #[error("--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a kernel expects, and INIT/SIPI for its APs)")]
     KernelNeedsKernelIrqchip,
 }
 
@@ -61,6 +99,12 @@ impl VmConfig {
         }
         if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || self.memory % 4096 != 0 {
             return Err(ConfigError::Memory(self.memory));
+        }
+        if !self.disks.is_empty() && self.payload.platform() != crate::Platform::Pc {
+            return Err(ConfigError::DiskNeedsKernel);
+        }
+        if self.disks.len() > brisk_boot::layout::MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
         self.payload.validate(self.irqchip)
     }

@@ -24,7 +24,7 @@ pub mod platform;
 pub mod seccomp;
 mod vm;
 
-pub use config::{ConfigError, VmConfig};
+pub use config::{ConfigError, DiskConfig, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};

@@ -15,7 +15,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::end::EndLatch;
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::vm::setup;
-use crate::{Output, Platform, StartError, UserInterrupts, VmConfig};
+use crate::{DiskConfig, Output, Platform, StartError, UserInterrupts, VmConfig};
+use brisk_boot::layout;
+use brisk_devices::virtio::{DiskImage, VirtioMmio, MMIO_SIZE};
 
 /// The PC's ISA IRQ of COM1.
 pub const UART_IRQ: u32 = 4;
@@ -77,8 +79,65 @@ impl Lines<'_> {
 
 /// What a Linux kernel's command line needs to find the platform's
 /// devices that nothing else announces (the virtio-mmio devices).
-pub(crate) fn kernel_cmdline(_config: &VmConfig) -> String {
-    String::new()
+pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
+    (0..config.disks.len())
+        .map(|i| {
+            format!(
+                "virtio_mmio.device={}@{:#x}:{}",
+                MMIO_SIZE,
+                layout::virtio_mmio(i),
+                layout::VIRTIO_IRQS[i]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Open disk `d` as a virtio-blk image: a regular file (never a device or
+/// FIFO: opening one can block or have effects), read-only if asked.
+fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let shown = d.path.display();
+    let cannot = |e: std::io::Error| StartError::Kernel(format!("cannot open disk {shown}: {e}"));
+    let check = |m: &std::fs::Metadata| {
+        let t = m.file_type();
+        let kind = if t.is_file() {
+            return Ok(());
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_block_device() || t.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        Err(StartError::Kernel(format!(
+            "disk {shown} is {kind}; brisk serves raw image files"
+        )))
+    };
+    check(&std::fs::metadata(&d.path).map_err(cannot)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!d.readonly)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&d.path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    check(&meta)?;
+    if meta.len() < 512 {
+        return Err(StartError::Kernel(format!(
+            "disk {shown} is {} bytes, less than one 512-byte sector",
+            meta.len()
+        )));
+    }
+    if meta.len() % 512 != 0 {
+        log::warn!(
+            "disk {shown}: {} bytes is not a whole number of sectors; the guest sees the last partial sector as missing",
+            meta.len()
+        );
+    }
+    DiskImage::new(file, d.readonly, &format!("brisk-disk{i}")).map_err(cannot)
 }
 
 /// The devices the platform's vCPUs see, and the handles the VM keeps.
@@ -101,6 +160,8 @@ pub(crate) struct Wiring<'a> {
     pub(crate) seccomp: Seccomp,
     pub(crate) end: &'a Arc<EndLatch>,
     pub(crate) lines: Lines<'a>,
+    pub(crate) disks: &'a [DiskConfig],
+    pub(crate) guest_memory: &'a vm_memory::GuestMemoryMmap,
 }
 
 /// The rest of the PC a kernel probes: the keyboard controller (its reset
@@ -111,7 +172,7 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
     let i8042 = Arc::new(I8042::new(w.end.clone()));
     m.add_pio("i8042", ports::I8042_DATA, 5, i8042)
         .map_err(place())?;
-    m.add_pio("cmos", ports::CMOS, 2, Arc::new(Cmos::new(layout_low(w.memory))))
+    m.add_pio("cmos", ports::CMOS, 2, Arc::new(Cmos::new(layout::low_ram(w.memory))))
         .map_err(place())?;
     m.add_pio(
         "pci-host",
@@ -122,11 +183,19 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
     .map_err(place())?;
     m.add_pio("pvpanic", ports::PVPANIC, 1, Arc::new(PvPanic::new(w.end.clone())))
         .map_err(place())?;
+    for (i, d) in w.disks.iter().enumerate() {
+        let disk = open_disk(d, i)?;
+        let line = w.lines.isa(layout::VIRTIO_IRQS[i])?;
+        let dev = Arc::new(VirtioMmio::new(disk, w.guest_memory.clone(), line));
+        m.add_mmio(
+            &format!("virtio-blk{i}"),
+            layout::virtio_mmio(i),
+            MMIO_SIZE,
+            dev,
+        )
+        .map_err(place())?;
+    }
     Ok(())
-}
-
-fn layout_low(memory: u64) -> u64 {
-    brisk_boot::layout::low_ram(memory)
 }
 
 /// Register `w.platform`'s devices.

@@ -126,6 +126,8 @@ impl Machine {
             seccomp: config.seccomp,
             end: &end,
             lines,
+            disks: &config.disks,
+            guest_memory: kvm.memory(),
         };
         let d = platform::devices(wiring, output)?;
         let irq = sink.map(|sink| IrqSources {
