@@ -24,5 +24,18 @@ pub const INL: &str = concat!(env!("OUT_DIR"), "/inl.elf");
 /// received data: it waits for the host to type "ping"), and echoes it.
 pub const UARTIRQ: &str = concat!(env!("OUT_DIR"), "/uartirq.elf");
 
+/// Drives the first virtio-blk disk by polling its queue: writes a known
+/// pattern (byte i of sector s is `(s * 31 + i * 7 + 1) & 0xff`) to the
+/// first 64 sectors, flushes, reads it back; `bench=N` times N random and
+/// N sequential 4 KiB reads instead.
+pub const VIRTIOBLK: &str = concat!(env!("OUT_DIR"), "/virtioblk.elf");
+/// Sectors the `VIRTIOBLK` kernel writes its pattern to.
+pub const VIRTIOBLK_SECTORS: u64 = 64;
+
+/// Byte `i` of sector `s` of the `VIRTIOBLK` pattern.
+pub fn virtioblk_pattern(s: u64, i: u64) -> u8 {
+    (s * 31 + i * 7 + 1) as u8
+}
+
 /// The debug-exit value every kernel writes on success (brisk status 1).
 pub const PASS: u8 = 0;

@@ -169,8 +169,13 @@ impl<D: VirtioDevice> DeviceMmio for VirtioMmio<D> {
             0x30 => t.queue_sel = v,
             0x38 if queue_writable => t.queue.set_size(v as u16),
             0x44 if queue_writable => {
-                let ready = v == 1 && t.queue.is_valid(&self.mem);
-                t.queue.set_ready(ready);
+                // is_valid checks a ready queue: mark it, then take it
+                // back if its rings do not fit guest memory.
+                t.queue.set_ready(v == 1);
+                if v == 1 && !t.queue.is_valid(&self.mem) {
+                    log::warn!("virtio: the driver's queue does not fit guest memory; not ready");
+                    t.queue.set_ready(false);
+                }
             }
             0x50 if v == 0 && t.status & DRIVER_OK != 0 && t.queue.ready() => {
                 let Transport { device, queue, .. } = &mut *t;
@@ -257,10 +262,11 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
         q.set_used_ring_address(l, h);
         q.set_next_avail(s.next_avail);
         q.set_next_used(s.next_used);
+        q.set_ready(s.queue_ready);
         if s.queue_ready && !q.is_valid(&self.mem) {
+            q.set_ready(false);
             return Err("the saved virtqueue does not fit guest memory".into());
         }
-        q.set_ready(s.queue_ready);
         t.status = s.status;
         t.driver_features = s.driver_features;
         t.interrupt_status = s.interrupt_status;

@@ -1,0 +1,116 @@
+//! virtio-blk over virtio-mmio, driven by the `virtioblk` test kernel
+//! (C, polling the virtqueue): what it writes lands in the image file,
+//! reads come back from it, a read-only disk refuses writes, and a bad
+//! disk file is refused before the VM starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use brisk_test_kernels as k;
+use brisk_vmm::{
+    require_kvm, Capture, DiskConfig, Irqchip, KernelConfig, Output, StartError, Vm, VmConfig,
+    VmEnd,
+};
+
+fn image(name: &str, bytes: usize) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("brisk-disk-{name}-{}", std::process::id()));
+    std::fs::write(&p, vec![0xeeu8; bytes]).unwrap();
+    p
+}
+
+fn config(disk: &std::path::Path, readonly: bool) -> VmConfig {
+    VmConfig {
+        cpus: 1,
+        irqchip: Irqchip::Kernel,
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
+            path: k::VIRTIOBLK.into(),
+            ..KernelConfig::default()
+        }),
+        disks: vec![DiskConfig {
+            path: disk.into(),
+            readonly,
+        }],
+        ..VmConfig::default()
+    }
+}
+
+fn boot(config: &VmConfig) -> (VmEnd, String) {
+    let capture = Capture::default();
+    let vm = Vm::start(config, Output::Capture(capture.clone())).expect("kernel boots");
+    let end = vm.wait(Some(Duration::from_secs(60)), None);
+    vm.shutdown().unwrap();
+    (end, capture.text())
+}
+
+#[test]
+fn a_pattern_written_through_virtio_blk_is_in_the_image_file() {
+    require_kvm!();
+    let disk = image("rw", 1 << 20);
+    let (end, out) = boot(&config(&disk, false));
+    assert_eq!(end, VmEnd::DebugExit(k::PASS as u32), "{out}");
+    assert!(out.contains("capacity 2048 sectors"), "{out}");
+    assert!(out.contains("wrote, flushed and read back 32768 bytes"), "{out}");
+    assert!(out.contains("a read past the end answers 1"), "{out}");
+    assert!(out.contains("id 'brisk-disk0'"), "{out}");
+    let bytes = std::fs::read(&disk).unwrap();
+    for s in 0..k::VIRTIOBLK_SECTORS {
+        for i in 0..512 {
+            let at = (s * 512 + i) as usize;
+            assert_eq!(bytes[at], k::virtioblk_pattern(s, i), "sector {s} byte {i}");
+        }
+    }
+    // Past the pattern, the file is untouched.
+    let rest = (k::VIRTIOBLK_SECTORS * 512) as usize;
+    assert!(bytes[rest..].iter().all(|&b| b == 0xee));
+    std::fs::remove_file(disk).unwrap();
+}
+
+#[test]
+fn a_readonly_disk_refuses_writes_and_keeps_its_bytes() {
+    require_kvm!();
+    let disk = image("ro", 1 << 20);
+    let (end, out) = boot(&config(&disk, true));
+    assert_eq!(end, VmEnd::DebugExit(4), "{out}");
+    assert!(out.contains("a write failed"), "{out}");
+    assert!(std::fs::read(&disk).unwrap().iter().all(|&b| b == 0xee));
+    std::fs::remove_file(disk).unwrap();
+}
+
+#[test]
+fn a_disk_that_is_not_a_regular_image_is_refused_in_one_sentence() {
+    require_kvm!();
+    let tiny = image("tiny", 100);
+    let cases = [
+        (PathBuf::from("/nonexistent/disk.img"), "cannot open disk /nonexistent/disk.img"),
+        (std::env::temp_dir(), "is a directory"),
+        (PathBuf::from("/dev/null"), "is a device"),
+        (tiny.clone(), "less than one 512-byte sector"),
+    ];
+    for (path, says) in cases {
+        let err = Vm::start(&config(&path, false), Output::Null)
+            .err()
+            .expect("refused");
+        assert!(matches!(err, StartError::Kernel(_)), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(says), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+    }
+    std::fs::remove_file(tiny).unwrap();
+}
+
+#[test]
+fn disks_are_for_kernels_only() {
+    let c = VmConfig {
+        disks: vec!["x.img".parse().unwrap()],
+        ..VmConfig::default()
+    };
+    assert_eq!(c.validate(), Err(brisk_vmm::ConfigError::DiskNeedsKernel));
+    assert_eq!(
+        "a.img,readonly".parse::<DiskConfig>().unwrap(),
+        DiskConfig {
+            path: "a.img".into(),
+            readonly: true
+        }
+    );
+    assert!("a.img,fast".parse::<DiskConfig>().unwrap_err().contains("readonly"));
+}
