@@ -57,14 +57,22 @@ fi
 
 patches=()
 [ "$pvm" = yes ] && patches+=("$dir/pvm-skip-int3-selftest.patch")
+# The key: what the result is built from. Bump BUILD_STEPS when the steps
+# below change what they produce.
+BUILD_STEPS=1
 key=$( {
-    echo "v1 pvm=$pvm"
+    echo "steps=$BUILD_STEPS pvm=$pvm"
     dpkg-query -W -f='${Version}\n' linux-source-6.1 2>/dev/null || sha256sum "$source_tar"
-    cat "$dir/kernel.config" "$dir/init.c" "$0"
+    cat "$dir/kernel.config" "$dir/init.c"
     [ ${#patches[@]} -eq 0 ] || cat "${patches[@]}"
 } | sha256sum | cut -c1-16)
 out="$cache/guest-kernel/$key"
 
+mkdir -p "$cache/guest-kernel"
+# One build at a time (two test binaries, two CI jobs): the second waits,
+# then finds the first one's result.
+exec 9>"$cache/guest-kernel/.lock"
+flock 9
 if [ ! -f "$out/done" ]; then
     rm -rf "$out.tmp"
     mkdir -p "$out.tmp"

@@ -156,7 +156,8 @@ impl Guest for Timed {
 /// (HLT -> `Flow::Halt`: block in user space).
 pub fn answer(v: &mut KvmVcpu, exit: Exit, devices: &DeviceManager) -> brisk_control::Flow {
     let fatal = |e| panic!("benchmark guest failed: {e}");
-    brisk_vmm::exits::handle(v, exit, devices.bus(), &fatal)
+    // A crash panics here; the report needs no instruction bytes.
+    brisk_vmm::exits::handle(v, exit, devices.bus(), &Default::default(), &fatal)
 }
 
 /// A stop flag polled by the hand-written loops.

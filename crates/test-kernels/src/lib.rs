@@ -39,3 +39,73 @@ pub fn virtioblk_pattern(s: u64, i: u64) -> u8 {
 
 /// The debug-exit value every kernel writes on success (brisk status 1).
 pub const PASS: u8 = 0;
+
+/// The guest Linux `scripts/guest-kernel.sh` builds (Debian's
+/// linux-source-6.1, cached outside the tree), and the images it boots.
+#[derive(Clone, Debug)]
+pub struct GuestLinux {
+    pub bzimage: std::path::PathBuf,
+    pub vmlinux: std::path::PathBuf,
+    /// An uncompressed cpio with the marker `/init`.
+    pub initramfs: std::path::PathBuf,
+    /// An ext4 image with the marker `/sbin/init` (copy it before booting
+    /// it read-write).
+    pub rootfs: std::path::PathBuf,
+}
+
+/// What the marker init prints once user space runs.
+pub const LINUX_USERSPACE_MARKER: &str = "brisk-init: userspace reached";
+
+/// Run `scripts/guest-kernel.sh` (a cache hit takes a second; a miss
+/// builds the kernel, about 8 minutes on 2 cores) and take the paths from
+/// its last lines.
+pub fn guest_linux() -> Result<GuestLinux, String> {
+    static ONCE: std::sync::OnceLock<Result<GuestLinux, String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/guest-kernel.sh");
+        let out = std::process::Command::new("bash")
+            .arg(script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .map_err(|e| format!("cannot run {script}: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("{script} failed ({})", out.status));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let get = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .map(std::path::PathBuf::from)
+                .ok_or_else(|| format!("{script} printed no {key}= line: {text}"))
+        };
+        Ok(GuestLinux {
+            bzimage: get("bzImage")?,
+            vmlinux: get("vmlinux")?,
+            initramfs: get("initramfs")?,
+            rootfs: get("rootfs")?,
+        })
+    })
+    .clone()
+}
+
+/// Whether this host's KVM is PVM (module kvm_pvm): guest kernel code
+/// runs largely in KVM's instruction emulator, a few instructions are not
+/// emulated (XRSTOR, POPCNT and CLAC alternatives) and guest user mode
+/// cannot make system calls.
+pub fn host_is_pvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The command line the Linux tests boot with: brisk's default, plus,
+/// under PVM, the options that keep the kernel off what PVM cannot
+/// emulate.
+pub fn linux_cmdline(extra: &str) -> String {
+    let pvm = if host_is_pvm() {
+        " noxsave clearcpuid=popcnt,smap"
+    } else {
+        ""
+    };
+    format!("console=ttyS0 reboot=k panic=-1{pvm} {extra}")
+        .trim()
+        .to_string()
+}

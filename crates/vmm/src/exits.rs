@@ -4,6 +4,7 @@
 use brisk_control::Flow;
 use brisk_devices::Bus;
 use brisk_kvm::{Exit, KvmVcpu};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmEnd;
 
@@ -13,7 +14,13 @@ const EMULATION_FAILURE: u32 = 1;
 /// The exit handler of a vCPU thread: I/O to the bus, HLT to a user-space
 /// halt, fatal exits to `fatal` (with the vCPU and RIP) and [`Flow::Exit`].
 /// No allocation, no lock of its own: devices lock what they need.
-pub fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, fatal: &dyn Fn(VmEnd)) -> Flow {
+pub fn handle(
+    v: &mut KvmVcpu,
+    exit: Exit,
+    bus: &Bus,
+    mem: &GuestMemoryMmap,
+    fatal: &dyn Fn(VmEnd),
+) -> Flow {
     match exit {
         Exit::IoIn { port, size, .. } => {
             // String I/O (`rep ins`) arrives as `count` elements of `size`.
@@ -42,10 +49,13 @@ pub fn handle(v: &mut KvmVcpu, exit: Exit, bus: &Bus, fatal: &dyn Fn(VmEnd)) -> 
         // The next entry injects the pending interrupt.
         Exit::IrqWindowOpen => Flow::Continue,
         other => {
+            let rip = v.fd().get_regs().map(|r| r.rip).unwrap_or(0);
+            let mut what = describe_fatal(other);
+            what.push_str(&instruction_at(v, mem, rip));
             fatal(VmEnd::Crash {
                 vcpu: v.id(),
-                what: describe_fatal(other),
-                rip: v.fd().get_regs().map(|r| r.rip).unwrap_or(0),
+                what,
+                rip,
             });
             Flow::Exit
         }
@@ -69,4 +79,49 @@ fn describe_fatal(exit: Exit) -> String {
         Exit::Other { reason } => format!("unhandled exit reason {reason}"),
         other => format!("unexpected exit {other:?}"),
     }
+}
+
+/// "; instruction at RIP: BYTES (DECODED)": the bytes at the vCPU's RIP and
+/// what they decode to, so that a report tells an instruction the host
+/// could not emulate (say `xrstor`) from a guest that jumped into garbage
+/// or a brisk bug. Empty when RIP does not translate to guest RAM.
+fn instruction_at(v: &KvmVcpu, mem: &GuestMemoryMmap, rip: u64) -> String {
+    use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
+    let Ok(sregs) = v.fd().get_sregs() else {
+        return String::new();
+    };
+    let linear = sregs.cs.base.wrapping_add(rip);
+    let physical = match v.fd().translate_gva(linear) {
+        Ok(t) if t.valid != 0 => t.physical_address,
+        // Paging off: linear is physical.
+        _ if sregs.cr0 & (1 << 31) == 0 => linear,
+        _ => return String::new(),
+    };
+    let mut bytes = [0u8; 15];
+    // Up to 15 bytes, fewer where RAM ends.
+    let n = (1..=bytes.len())
+        .rev()
+        .find(|&n| mem.read_slice(&mut bytes[..n], GuestAddress(physical)).is_ok())
+        .unwrap_or(0);
+    if n == 0 {
+        return String::new();
+    }
+    let bitness = if sregs.cs.l == 1 {
+        64
+    } else if sregs.cs.db == 1 {
+        32
+    } else {
+        16
+    };
+    let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
+    let insn = decoder.decode();
+    let len = if insn.is_invalid() { n.min(8) } else { insn.len() };
+    let hex: Vec<String> = bytes[..len].iter().map(|b| format!("{b:02x}")).collect();
+    let mut text = String::new();
+    if insn.is_invalid() {
+        text.push_str("not a valid instruction");
+    } else {
+        IntelFormatter::new().format(&insn, &mut text);
+    }
+    format!("; instruction at RIP: {} ({text})", hex.join(" "))
 }

@@ -92,8 +92,15 @@ const FCNTL_GETFD: i64 = libc::SYS_fcntl;
 fn list(kind: ThreadKind) -> Vec<i64> {
     let own: &[i64] = match kind {
         // KVM_RUN, KVM_INTERRUPT, register access in run_on closures,
-        // KVM_KVMCLOCK_CTRL; poll for nothing.
-        ThreadKind::Vcpu => &[libc::SYS_ioctl],
+        // KVM_KVMCLOCK_CTRL; poll for nothing. virtio-blk requests are
+        // served on the vCPU thread: pread/pwrite on the image, fdatasync
+        // for a flush.
+        ThreadKind::Vcpu => &[
+            libc::SYS_ioctl,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+        ],
         ThreadKind::Timer => &[],
         ThreadKind::Console => &[libc::SYS_poll, libc::SYS_ppoll],
         ThreadKind::Api => &[

@@ -284,6 +284,7 @@ impl Vm {
     fn spawn(&mut self, v: KvmVcpu, ctl: Arc<Vcpu>) -> std::io::Result<()> {
         let id = v.id();
         let (thread_ctl, devices, end) = (ctl.clone(), self.devices.clone(), self.end.clone());
+        let mem = self.kvm.memory().clone();
         let finished = FinishGuard(self.finished.clone(), id);
         let policy = self.seccomp;
         let thread = std::thread::Builder::new()
@@ -298,7 +299,7 @@ impl Vm {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let fatal = |e| end.end(e);
                     let bus = devices.bus();
-                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, bus, &fatal)))
+                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, bus, &mem, &fatal)))
                 }));
                 let error = match run {
                     Ok(Ok(RunEnd::ExitRequested | RunEnd::GuestDone)) => return,

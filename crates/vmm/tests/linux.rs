@@ -1,0 +1,120 @@
+//! Linux (scripts/guest-kernel.sh: Debian's linux-source-6.1) booted to
+//! its init: a bzImage from a virtio-blk root on 2 vCPUs, and refusals of
+//! kernels that are not. An initramfs boot under a pause/resume storm
+//! through the API is in crates/api/tests/linux.rs.
+//!
+//! What "booted" means depends on the host: on hardware KVM the marker
+//! /init prints and powers off (status 0); under PVM guest user mode
+//! cannot make system calls, so init's first one faults, the kernel
+//! panics ("Attempted to kill init") and reports it through pvpanic. On
+//! both, the kernel must first say "Run ... as init process".
+
+use std::time::Duration;
+
+use brisk_test_kernels::{guest_linux, host_is_pvm, linux_cmdline, LINUX_USERSPACE_MARKER};
+use brisk_vmm::{
+    require_kvm, Capture, DiskConfig, Irqchip, KernelConfig, Output, StartError, Vm, VmConfig,
+    VmEnd,
+};
+
+/// Far above a boot here (about 100 s); only a hang reaches it.
+const BOOT_BOUND: Duration = Duration::from_secs(900);
+
+fn config(kernel: &std::path::Path, cpus: usize) -> VmConfig {
+    VmConfig {
+        cpus,
+        memory: 256 << 20,
+        irqchip: Irqchip::Kernel,
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
+            path: kernel.into(),
+            cmdline: linux_cmdline(""),
+            initrd: None,
+        }),
+        ..VmConfig::default()
+    }
+}
+
+/// The kernel ran `init` and the VM ended as this host allows.
+pub fn assert_reached_init(end: &VmEnd, out: &str, init: &str) {
+    let marker = format!("Run {init} as init process");
+    assert!(out.contains(&marker), "no '{marker}' in:\n{out}");
+    if host_is_pvm() {
+        let faulted = *end == VmEnd::Panicked && out.contains("Attempted to kill init");
+        let ran = *end == VmEnd::PowerOff && out.contains(LINUX_USERSPACE_MARKER);
+        assert!(faulted || ran, "{end:?}:\n{out}");
+    } else {
+        assert_eq!(*end, VmEnd::PowerOff, "{out}");
+        assert!(out.contains(LINUX_USERSPACE_MARKER), "{out}");
+    }
+}
+
+#[test]
+fn a_bzimage_boots_two_vcpus_to_sbin_init_on_a_virtio_blk_root() {
+    require_kvm!();
+    let linux = guest_linux().expect("scripts/guest-kernel.sh builds the guest kernel");
+    let root = std::env::temp_dir().join(format!("brisk-rootfs-{}.ext4", std::process::id()));
+    std::fs::copy(&linux.rootfs, &root).unwrap();
+    let mut c = config(&linux.bzimage, 2);
+    if let brisk_vmm::Payload::Kernel(k) = &mut c.payload {
+        k.cmdline = linux_cmdline("root=/dev/vda rw");
+    }
+    c.disks = vec![DiskConfig {
+        path: root.clone(),
+        readonly: false,
+    }];
+    let capture = Capture::default();
+    let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
+    let end = vm.wait(Some(BOOT_BOUND), None);
+    vm.shutdown().unwrap();
+    let out = capture.text();
+    assert!(out.contains("smpboot: Total of 2 processors activated"), "{out}");
+    assert!(out.contains("virtio_blk virtio0: [vda]"), "{out}");
+    assert!(out.contains("VFS: Mounted root (ext4 filesystem)"), "{out}");
+    assert_reached_init(&end, &out, "/sbin/init");
+    std::fs::remove_file(root).unwrap();
+}
+
+#[test]
+fn kernels_that_are_not_bootable_are_refused_in_one_sentence() {
+    require_kvm!();
+    let linux = guest_linux().expect("scripts/guest-kernel.sh builds the guest kernel");
+    let dir = std::env::temp_dir().join(format!("brisk-bad-kernels-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bz = std::fs::read(&linux.bzimage).unwrap();
+    let elf = std::fs::read(&linux.vmlinux).unwrap();
+    let mut old_bz = bz[..4096].to_vec();
+    old_bz[0x206..0x208].copy_from_slice(&0x0200u16.to_le_bytes()); // protocol 2.00
+    let mut bad_phdr = elf[..4096].to_vec();
+    bad_phdr[54..56].copy_from_slice(&7u16.to_le_bytes()); // e_phentsize
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated-bzimage", bz[..bz.len() / 2].to_vec(), "kernel"),
+        ("old-bzimage", old_bz, "boot protocol is 2.00"),
+        ("truncated-vmlinux", elf[..64].to_vec(), "kernel"),
+        ("bad-phdr-vmlinux", bad_phdr, "kernel"),
+        ("garbage", vec![0x5a; 8192], "is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel"),
+    ];
+    for (name, bytes, says) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let c = config(&path, 1);
+        let err = Vm::start(&c, Output::Null).err().expect(name);
+        assert!(matches!(err, StartError::Kernel(_)), "{name}: {err:?}");
+        let text = err.to_string();
+        assert!(text.contains(says), "{name}: {text}");
+        assert!(text.contains(&*path.to_string_lossy()), "{name}: {text}");
+        assert!(!text.contains('\n'), "{name}: {text}");
+    }
+    // An initramfs larger than the RAM the kernel leaves free.
+    let big = dir.join("big-initramfs");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(250 << 20)
+        .unwrap();
+    let mut c = config(&linux.vmlinux, 1);
+    if let brisk_vmm::Payload::Kernel(k) = &mut c.payload {
+        k.initrd = Some(big.clone());
+    }
+    let err = Vm::start(&c, Output::Null).err().expect("big initramfs");
+    assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
