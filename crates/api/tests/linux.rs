@@ -55,7 +55,11 @@ fn linux_boots_to_init_through_a_pause_resume_storm() {
     done.store(true, Ordering::Release);
     let cycles = storm.join().unwrap();
     drop(server);
-    Arc::try_unwrap(vm).ok().expect("the API released the VM").shutdown().unwrap();
+    Arc::try_unwrap(vm)
+        .ok()
+        .expect("the API released the VM")
+        .shutdown()
+        .unwrap();
     let out = capture.text();
     assert!(cycles > 100, "only {cycles} pause/resume cycles ran");
     assert!(out.contains("Run /init as init process"), "{out}");

@@ -10,8 +10,11 @@
 //! - [`pause`]: pause_all + resume_all with 1..=8 vCPUs vs one-by-one.
 //! - [`api`]: pause/resume through the API socket vs in-process.
 //! - [`irq`]: timer interrupt latency with and without idle-time tasks.
+//! - [`boot`]: spawn to marker and to exit for built-in, multiboot and
+//!   Linux guests; virtio-blk 4 KiB reads vs pread.
 
 pub mod api;
+pub mod boot;
 pub mod exit;
 pub mod irq;
 pub mod kick;
@@ -32,6 +35,8 @@ pub enum Which {
     Pause,
     Api,
     Irq,
+    Boot,
+    Blk,
     All,
 }
 
@@ -101,6 +106,13 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Irq | Which::All) {
         go(irq::run);
+    }
+    // Minutes under PVM (Linux boots in about 100 s): not part of `all`.
+    if which == Which::Boot {
+        go(boot::run);
+    }
+    if matches!(which, Which::Blk | Which::All) {
+        go(boot::run_blk);
     }
     Report {
         quick: opts.quick,

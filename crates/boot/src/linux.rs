@@ -80,6 +80,8 @@ pub enum LinuxError {
     OldProtocol { major: u16, minor: u16 },
     #[error("the bzImage has no 64-bit entry point (xloadflags bit 0 is clear): brisk boots 64-bit kernels")]
     No64BitEntry,
+    #[error("the bzImage is truncated: its header gives {expected} bytes of kernel after the setup code, the file has {loaded}")]
+    Truncated { expected: u64, loaded: u64 },
     #[error("the kernel needs {need} MiB of RAM from its load address; the guest has {ram} MiB")]
     TooBig { need: u64, ram: u64 },
     #[error("the command line is {len} bytes; this kernel takes at most {max}")]
@@ -148,6 +150,13 @@ pub fn load_kernel(
             }
             if hdr.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(LinuxError::No64BitEntry);
+            }
+            // linux-loader copies what the file has; the header says what
+            // it should have (syssize: 16-byte units of protected-mode code).
+            let loaded = r.kernel_end - r.kernel_load.0;
+            let expected = u64::from(hdr.syssize) * 16;
+            if loaded < expected {
+                return Err(LinuxError::Truncated { expected, loaded });
             }
             // The decompressed kernel runs at max(pref_address, 16 MiB)
             // and needs init_size bytes from there.
@@ -287,7 +296,12 @@ impl LinuxKernel {
                         type_: kind,
                         reserved: 0,
                     };
-                    write_obj(mem, layout::PVH_MEMMAP + 24 * i as u64, e, "the PVH memory map")?;
+                    write_obj(
+                        mem,
+                        layout::PVH_MEMMAP + 24 * i as u64,
+                        e,
+                        "the PVH memory map",
+                    )?;
                 }
                 let mut info = hvm_start_info {
                     magic: XEN_HVM_START_MAGIC,
@@ -424,9 +438,7 @@ pub fn start_boot_vcpu(
 ) -> Result<(), BootError> {
     set_boot_msrs(fd)?;
     match kernel.entry {
-        Entry::Pvh(entry) => {
-            crate::multiboot::start_protected_mode(fd, mem, entry as u32, 0, info)
-        }
+        Entry::Pvh(entry) => crate::multiboot::start_protected_mode(fd, mem, entry as u32, 0, info),
         Entry::Long64(entry) => {
             crate::write_page_tables(mem)?;
             for (i, e) in LINUX_GDT.iter().enumerate() {

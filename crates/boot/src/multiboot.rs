@@ -420,14 +420,14 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
         let bytes = &head[..];
         let is_elf = bytes.starts_with(b"\x7fELF");
         let header = find_header(bytes).ok_or(LoadError::NotMultiboot {
-                what: if is_elf {
-                    "an ELF file with no multiboot header in its first 8 KiB"
-                } else if bytes.get(0x202..0x206) == Some(b"HdrS") {
-                    "a Linux bzImage (boot it as Linux, not multiboot)"
-                } else {
-                    "no multiboot header in its first 8 KiB and not an ELF file"
-                },
-            })?;
+            what: if is_elf {
+                "an ELF file with no multiboot header in its first 8 KiB"
+            } else if bytes.get(0x202..0x206) == Some(b"HdrS") {
+                "a Linux bzImage (boot it as Linux, not multiboot)"
+            } else {
+                "no multiboot header in its first 8 KiB and not an ELF file"
+            },
+        })?;
         let flags = u32_at(bytes, header + 4, "multiboot header")?;
         let checksum = u32_at(bytes, header + 8, "multiboot header")?;
         if HEADER_MAGIC.wrapping_add(flags).wrapping_add(checksum) != 0 {

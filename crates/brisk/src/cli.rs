@@ -107,7 +107,13 @@ enum BenchWhich {
     Api,
     /// Timer interrupt latency (user irqchip) with and without idle-time tasks.
     Irq,
-    /// All of the above.
+    /// Spawn to marker and to exit: built-in hello, a multiboot kernel,
+    /// Linux (vmlinux and bzImage; built by scripts/guest-kernel.sh).
+    /// Minutes under PVM; not part of `all`.
+    Boot,
+    /// virtio-blk 4 KiB random and sequential reads vs pread on the file.
+    Blk,
+    /// All of the above but boot.
     All,
 }
 
@@ -178,7 +184,12 @@ struct RunArgs {
     cmdline: String,
     /// Linux: the initramfs (an uncompressed cpio is fastest to unpack);
     /// multiboot: module 0.
-    #[arg(long, visible_alias = "initramfs", value_name = "FILE", requires = "kernel")]
+    #[arg(
+        long,
+        visible_alias = "initramfs",
+        value_name = "FILE",
+        requires = "kernel"
+    )]
     initrd: Option<std::path::PathBuf>,
     /// A raw disk image served as virtio-blk over virtio-mmio
     /// (`/dev/vda`, then `/dev/vdb`, ...): `FILE` (read-write) or
@@ -344,6 +355,8 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Pause => brisk_bench::Which::Pause,
         BenchWhich::Api => brisk_bench::Which::Api,
         BenchWhich::Irq => brisk_bench::Which::Irq,
+        BenchWhich::Boot => brisk_bench::Which::Boot,
+        BenchWhich::Blk => brisk_bench::Which::Blk,
         BenchWhich::All => brisk_bench::Which::All,
     };
     let opts = brisk_bench::Opts { quick: args.quick };

@@ -159,7 +159,10 @@ impl crate::Stateful for Cmos {
             .ram
             .try_into()
             .map_err(|r: Vec<u8>| format!("{} bytes of CMOS RAM, not 128", r.len()))?;
-        *self.regs.lock().unwrap_or_else(|p| p.into_inner()) = Regs { index: s.index, ram };
+        *self.regs.lock().unwrap_or_else(|p| p.into_inner()) = Regs {
+            index: s.index,
+            ram,
+        };
         Ok(())
     }
 }
@@ -189,10 +192,16 @@ mod tests {
     #[test]
     fn the_clock_reads_the_hosts_date_in_bcd() {
         let c = Cmos::new(64 << 20);
-        let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let before = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let (y, m, d) = (read(&c, 9), read(&c, 8), read(&c, 7));
         let century = read(&c, 0x32);
-        let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let after = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let year = from_bcd(century) * 100 + from_bcd(y);
         let date = (year as i64, from_bcd(m), from_bcd(d));
         // Read across midnight at worst: one of the two ends' dates.
@@ -204,7 +213,10 @@ mod tests {
         assert_eq!(read(&c, 0x0d), D_VRT);
         assert_eq!(read(&c, 0x0a) & 0x80, 0, "no update in progress");
         // Extended memory: 63 MiB above 1 MiB, in KiB.
-        assert_eq!(u16::from_le_bytes([read(&c, 0x30), read(&c, 0x31)]), 63 * 1024);
+        assert_eq!(
+            u16::from_le_bytes([read(&c, 0x30), read(&c, 0x31)]),
+            63 * 1024
+        );
         // NVRAM keeps what is written; the clock ignores writes.
         c.pio_write(PioAddress(0x70), 0, &[0x40]);
         c.pio_write(PioAddress(0x70), 1, &[0x5a]);

@@ -63,7 +63,11 @@ mod tests {
         k.pio_write(base, 4, &[0xad]); // disable keyboard
         let mut status = [0xffu8];
         k.pio_read(base, 4, &mut status);
-        assert_eq!(status, [0], "a kernel waits for bit 1 (input full) to clear");
+        assert_eq!(
+            status,
+            [0],
+            "a kernel waits for bit 1 (input full) to clear"
+        );
         assert!(stops.0.lock().unwrap().is_empty());
         k.pio_write(base, 4, &[CMD_RESET]);
         assert_eq!(*stops.0.lock().unwrap(), [GuestStop::Reset]);

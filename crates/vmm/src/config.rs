@@ -41,7 +41,9 @@ impl std::str::FromStr for DiskConfig {
         let (path, readonly) = match s.rsplit_once(',') {
             Some((p, "readonly" | "ro")) => (p, true),
             Some((_, opt)) if !opt.contains('/') => {
-                return Err(format!("unknown disk option '{opt}' (the only one is 'readonly')"))
+                return Err(format!(
+                    "unknown disk option '{opt}' (the only one is 'readonly')"
+                ))
             }
             _ => (s, false),
         };

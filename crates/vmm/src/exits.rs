@@ -101,7 +101,10 @@ fn instruction_at(v: &KvmVcpu, mem: &GuestMemoryMmap, rip: u64) -> String {
     // Up to 15 bytes, fewer where RAM ends.
     let n = (1..=bytes.len())
         .rev()
-        .find(|&n| mem.read_slice(&mut bytes[..n], GuestAddress(physical)).is_ok())
+        .find(|&n| {
+            mem.read_slice(&mut bytes[..n], GuestAddress(physical))
+                .is_ok()
+        })
         .unwrap_or(0);
     if n == 0 {
         return String::new();
@@ -115,7 +118,11 @@ fn instruction_at(v: &KvmVcpu, mem: &GuestMemoryMmap, rip: u64) -> String {
     };
     let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
     let insn = decoder.decode();
-    let len = if insn.is_invalid() { n.min(8) } else { insn.len() };
+    let len = if insn.is_invalid() {
+        n.min(8)
+    } else {
+        insn.len()
+    };
     let hex: Vec<String> = bytes[..len].iter().map(|b| format!("{b:02x}")).collect();
     let mut text = String::new();
     if insn.is_invalid() {

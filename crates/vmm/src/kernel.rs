@@ -28,7 +28,10 @@ pub(crate) struct MultibootStart {
 pub(crate) enum KernelStart {
     Multiboot(MultibootStart),
     /// `info`: the zero page or PVH start info.
-    Linux { kernel: LinuxKernel, info: u64 },
+    Linux {
+        kernel: LinuxKernel,
+        info: u64,
+    },
 }
 
 /// The command line a Linux kernel gets when the user gives none: the
@@ -112,9 +115,9 @@ pub(crate) fn load_bounded(
         None => None,
     };
     let mut head = vec![0u8; image.size().min(8192) as usize];
-    image.read_at(&mut head, 0).map_err(|e| {
-        StartError::Kernel(format!("cannot read kernel {}: {e}", k.path.display()))
-    })?;
+    image
+        .read_at(&mut head, 0)
+        .map_err(|e| StartError::Kernel(format!("cannot read kernel {}: {e}", k.path.display())))?;
     let start = match KernelFormat::detect(&head) {
         Some(f @ (KernelFormat::BzImage | KernelFormat::Elf64)) => {
             load_linux(vm, k, f, image, initrd, (ram, cpus), extra_cmdline, abort)?

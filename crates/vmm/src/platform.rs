@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use brisk_boot::ports;
 use brisk_devices::{
-    Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, I8042, IrqLine, PciHostBridge,
-    PeriodicTimers, PmTimer, PowerOff, PvPanic, Uart, TIMER_STRIDE,
+    Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IrqLine, PciHostBridge,
+    PeriodicTimers, PmTimer, PowerOff, PvPanic, Uart, I8042, TIMER_STRIDE,
 };
 use brisk_kvm::Irqchip;
 use vmm_sys_util::eventfd::EventFd;
@@ -172,8 +172,13 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
     let i8042 = Arc::new(I8042::new(w.end.clone()));
     m.add_pio("i8042", ports::I8042_DATA, 5, i8042)
         .map_err(place())?;
-    m.add_pio("cmos", ports::CMOS, 2, Arc::new(Cmos::new(layout::low_ram(w.memory))))
-        .map_err(place())?;
+    m.add_pio(
+        "cmos",
+        ports::CMOS,
+        2,
+        Arc::new(Cmos::new(layout::low_ram(w.memory))),
+    )
+    .map_err(place())?;
     m.add_pio(
         "pci-host",
         ports::PCI_CONFIG,
@@ -181,8 +186,13 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
         Arc::new(PciHostBridge::default()),
     )
     .map_err(place())?;
-    m.add_pio("pvpanic", ports::PVPANIC, 1, Arc::new(PvPanic::new(w.end.clone())))
-        .map_err(place())?;
+    m.add_pio(
+        "pvpanic",
+        ports::PVPANIC,
+        1,
+        Arc::new(PvPanic::new(w.end.clone())),
+    )
+    .map_err(place())?;
     for (i, d) in w.disks.iter().enumerate() {
         let disk = open_disk(d, i)?;
         let line = w.lines.isa(layout::VIRTIO_IRQS[i])?;

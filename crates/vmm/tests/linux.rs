@@ -67,7 +67,10 @@ fn a_bzimage_boots_two_vcpus_to_sbin_init_on_a_virtio_blk_root() {
     let end = vm.wait(Some(BOOT_BOUND), None);
     vm.shutdown().unwrap();
     let out = capture.text();
-    assert!(out.contains("smpboot: Total of 2 processors activated"), "{out}");
+    assert!(
+        out.contains("smpboot: Total of 2 processors activated"),
+        "{out}"
+    );
     assert!(out.contains("virtio_blk virtio0: [vda]"), "{out}");
     assert!(out.contains("VFS: Mounted root (ext4 filesystem)"), "{out}");
     assert_reached_init(&end, &out, "/sbin/init");
@@ -87,11 +90,19 @@ fn kernels_that_are_not_bootable_are_refused_in_one_sentence() {
     let mut bad_phdr = elf[..4096].to_vec();
     bad_phdr[54..56].copy_from_slice(&7u16.to_le_bytes()); // e_phentsize
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated-bzimage", bz[..bz.len() / 2].to_vec(), "kernel"),
+        (
+            "truncated-bzimage",
+            bz[..bz.len() / 2].to_vec(),
+            "the bzImage is truncated",
+        ),
         ("old-bzimage", old_bz, "boot protocol is 2.00"),
         ("truncated-vmlinux", elf[..64].to_vec(), "kernel"),
         ("bad-phdr-vmlinux", bad_phdr, "kernel"),
-        ("garbage", vec![0x5a; 8192], "is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel"),
+        (
+            "garbage",
+            vec![0x5a; 8192],
+            "is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel",
+        ),
     ];
     for (name, bytes, says) in cases {
         let path = dir.join(name);
@@ -115,6 +126,9 @@ fn kernels_that_are_not_bootable_are_refused_in_one_sentence() {
         k.initrd = Some(big.clone());
     }
     let err = Vm::start(&c, Output::Null).err().expect("big initramfs");
-    assert!(err.to_string().contains("does not fit in guest RAM"), "{err}");
+    assert!(
+        err.to_string().contains("does not fit in guest RAM"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

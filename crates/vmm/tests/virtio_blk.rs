@@ -49,7 +49,10 @@ fn a_pattern_written_through_virtio_blk_is_in_the_image_file() {
     let (end, out) = boot(&config(&disk, false));
     assert_eq!(end, VmEnd::DebugExit(k::PASS as u32), "{out}");
     assert!(out.contains("capacity 2048 sectors"), "{out}");
-    assert!(out.contains("wrote, flushed and read back 32768 bytes"), "{out}");
+    assert!(
+        out.contains("wrote, flushed and read back 32768 bytes"),
+        "{out}"
+    );
     assert!(out.contains("a read past the end answers 1"), "{out}");
     assert!(out.contains("id 'brisk-disk0'"), "{out}");
     let bytes = std::fs::read(&disk).unwrap();
@@ -81,7 +84,10 @@ fn a_disk_that_is_not_a_regular_image_is_refused_in_one_sentence() {
     require_kvm!();
     let tiny = image("tiny", 100);
     let cases = [
-        (PathBuf::from("/nonexistent/disk.img"), "cannot open disk /nonexistent/disk.img"),
+        (
+            PathBuf::from("/nonexistent/disk.img"),
+            "cannot open disk /nonexistent/disk.img",
+        ),
         (std::env::temp_dir(), "is a directory"),
         (PathBuf::from("/dev/null"), "is a device"),
         (tiny.clone(), "less than one 512-byte sector"),
@@ -112,5 +118,8 @@ fn disks_are_for_kernels_only() {
             readonly: true
         }
     );
-    assert!("a.img,fast".parse::<DiskConfig>().unwrap_err().contains("readonly"));
+    assert!("a.img,fast"
+        .parse::<DiskConfig>()
+        .unwrap_err()
+        .contains("readonly"));
 }

@@ -75,7 +75,11 @@ impl DiskImage {
     }
 
     /// Serve one request; returns the bytes written into the chain.
-    fn serve(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Option<u32> {
+    fn serve(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Option<u32> {
         let mut reader = chain.clone().reader(mem).ok()?;
         let mut writer = chain.writer(mem).ok()?;
         // The status byte is the last writable byte.
@@ -127,7 +131,9 @@ impl DiskImage {
                 let mut left = len;
                 while left > 0 {
                     let n = left.min(BOUNCE);
-                    self.file.read_exact_at(&mut self.bounce[..n], at).map_err(io)?;
+                    self.file
+                        .read_exact_at(&mut self.bounce[..n], at)
+                        .map_err(io)?;
                     writer.write_all(&self.bounce[..n]).map_err(io)?;
                     (at, left) = (at + n as u64, left - n);
                 }
@@ -172,7 +178,11 @@ impl VirtioDevice for DiskImage {
     }
 
     fn features(&self) -> u64 {
-        let ro = if self.readonly { 1 << VIRTIO_BLK_F_RO } else { 0 };
+        let ro = if self.readonly {
+            1 << VIRTIO_BLK_F_RO
+        } else {
+            0
+        };
         (1 << VIRTIO_BLK_F_FLUSH) | ro
     }
 
