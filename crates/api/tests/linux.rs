@@ -25,6 +25,7 @@ fn linux_boots_to_init_through_a_pause_resume_storm() {
             cmdline: linux_cmdline(""),
             initrd: Some(linux.initramfs.clone()),
         }),
+        pv_ipi: brisk_test_kernels::linux_pv_ipi(),
         ..VmConfig::default()
     };
     let capture = Capture::default();

@@ -196,6 +196,11 @@ struct RunArgs {
     /// `FILE,readonly`. Repeat for more disks (at most 8).
     #[arg(long, value_name = "FILE[,readonly]", requires = "kernel")]
     disk: Vec<brisk_vmm::DiskConfig>,
+    /// KVM's PV send-IPI hypercall in CPUID: `on` (KVM's default) or
+    /// `off` (as QEMU's kvm-pv-ipi=off: the guest uses its LAPIC). On a
+    /// PVM host a Linux AP hangs at its first PV IPI: use `off` there.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    kvm_pv_ipi: OnOff,
     /// MONITOR/MWAIT: `hide` (not in CPUID, guests idle with HLT), `exit`
     /// (in CPUID; KVM traps MWAIT and runs it as a NOP, so an MWAIT idle
     /// loop polls) or `passthrough` (runs natively; needs a host that can
@@ -211,6 +216,12 @@ struct RunArgs {
     /// (allowed, logged by the kernel) or `off`.
     #[arg(long, value_enum, default_value_t = SeccompArg::On)]
     seccomp: SeccompArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -444,6 +455,7 @@ fn run(args: RunArgs) -> i32 {
         mwait: args.mwait.into(),
         seccomp: args.seccomp.into(),
         disks: args.disk,
+        pv_ipi: args.kvm_pv_ipi == OnOff::On,
     };
     let interrupt = match signals::install() {
         Ok(fd) => fd,

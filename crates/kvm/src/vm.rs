@@ -37,6 +37,9 @@ pub enum Mwait {
 
 /// CPUID.1:ECX bit 3: MONITOR/MWAIT.
 const CPUID_MONITOR: u32 = 1 << 3;
+/// KVM's feature leaf, and its PV send-IPI bit (KVM_FEATURE_PV_SEND_IPI).
+const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 
 /// A VM: the KVM handle, the VM fd and guest memory.
 pub struct Vm {
@@ -45,6 +48,8 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     irqchip: Irqchip,
     mwait: Mwait,
+    /// Offer KVM's PV send-IPI hypercall in CPUID (as QEMU's kvm-pv-ipi).
+    pv_ipi: bool,
     /// Bytes of each vCPU's `kvm_run` mapping.
     run_size: usize,
     /// KVM_CAP_KVMCLOCK_CTRL: parked vCPUs tell kvmclock guests.
@@ -112,9 +117,19 @@ impl Vm {
             memory,
             irqchip,
             mwait: Mwait::default(),
+            pv_ipi: true,
             run_size,
             kvmclock_ctrl,
         })
+    }
+
+    /// Offer KVM_FEATURE_PV_SEND_IPI to the guest (the default) or hide
+    /// it, as QEMU's `kvm-pv-ipi=off`: a guest then sends IPIs through its
+    /// LAPIC. For hosts whose KVM advertises the hypercall but never
+    /// completes it (PVM: a Linux AP stops at its first PV IPI). Call
+    /// before creating vCPUs.
+    pub fn set_pv_ipi(&mut self, offer: bool) {
+        self.pv_ipi = offer;
     }
 
     /// Choose the MWAIT policy; call before creating vCPUs. `Passthrough`
@@ -202,6 +217,7 @@ impl Vm {
                 5 => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0),
                 // x2APIC id.
                 0xb | 0x1f => entry.edx = id as u32,
+                KVM_CPUID_FEATURES if !self.pv_ipi => entry.eax &= !KVM_FEATURE_PV_SEND_IPI,
                 _ => {}
             }
         }

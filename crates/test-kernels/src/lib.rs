@@ -96,6 +96,12 @@ pub fn host_is_pvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
 
+/// Whether the Linux tests offer KVM's PV send-IPI hypercall: not under
+/// PVM, which advertises it but never completes it.
+pub fn linux_pv_ipi() -> bool {
+    !host_is_pvm()
+}
+
 /// The command line the Linux tests boot with: brisk's default, plus,
 /// under PVM, the options that keep the kernel off what PVM cannot
 /// emulate.

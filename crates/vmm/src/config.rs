@@ -23,6 +23,9 @@ pub struct VmConfig {
     pub seccomp: crate::seccomp::Seccomp,
     /// virtio-blk disks, `/dev/vda`, `/dev/vdb`, ... in this order.
     pub disks: Vec<DiskConfig>,
+    /// Offer KVM's PV send-IPI hypercall in CPUID (default true; false is
+    /// QEMU's `kvm-pv-ipi=off`, needed where the host cannot complete it).
+    pub pv_ipi: bool,
 }
 
 /// A raw disk image served as virtio-blk over virtio-mmio.
@@ -67,6 +70,7 @@ impl Default for VmConfig {
             mwait: Mwait::Hide,
             seccomp: crate::seccomp::Seccomp::Off,
             disks: Vec::new(),
+            pv_ipi: true,
         }
     }
 }

@@ -92,6 +92,7 @@ impl Machine {
         let regions = brisk_boot::layout::ram_regions(config.memory);
         let mut kvm = brisk_kvm::Vm::new(&regions, config.irqchip)?;
         kvm.set_mwait(config.mwait)?;
+        kvm.set_pv_ipi(config.pv_ipi);
         let loaded = config.payload.load(
             &kvm,
             (config.memory, config.cpus),
