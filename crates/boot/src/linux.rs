@@ -74,7 +74,7 @@ impl KernelFormat {
 /// Why a Linux kernel or its initramfs cannot be booted.
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {
-    #[error("{0}")]
+    #[error("linux-loader cannot load it: {0}")]
     Loader(#[source] linux_loader::loader::Error),
     #[error("the bzImage's boot protocol is {major}.{minor:02}; brisk needs 2.12 or later (a 64-bit entry)")]
     OldProtocol { major: u16, minor: u16 },
@@ -126,6 +126,42 @@ impl std::fmt::Debug for LinuxKernel {
     }
 }
 
+/// Check a bzImage's header against the file before linux-loader reads
+/// it: the protocol version, the 64-bit entry, and that the setup code and
+/// the kernel the header describes are all in the file.
+fn check_bzimage(file: &File) -> Result<(), LinuxError> {
+    use std::os::unix::fs::FileExt;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut h = [0u8; 0x240];
+    let got = file.read_at(&mut h, 0).unwrap_or(0) as u64;
+    if got < 0x240 {
+        return Err(LinuxError::Truncated {
+            expected: 0x240,
+            loaded: got,
+        });
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([h[o], h[o + 1]]);
+    let version = u16_at(0x206);
+    if version < 0x020c {
+        return Err(LinuxError::OldProtocol {
+            major: version >> 8,
+            minor: version & 0xff,
+        });
+    }
+    if u16_at(0x236) & XLF_KERNEL_64 == 0 {
+        return Err(LinuxError::No64BitEntry);
+    }
+    let setup = (u64::from(h[0x1f1].max(4)) + 1) * 512;
+    let syssize = u64::from(u32::from_le_bytes([h[0x1f4], h[0x1f5], h[0x1f6], h[0x1f7]])) * 16;
+    if len < setup + syssize {
+        return Err(LinuxError::Truncated {
+            expected: syssize,
+            loaded: len.saturating_sub(setup),
+        });
+    }
+    Ok(())
+}
+
 /// Load `file` (of `format` BzImage or Elf64, checked to be at most the
 /// guest's RAM by the caller) into `mem` of `ram` bytes.
 pub fn load_kernel(
@@ -137,6 +173,7 @@ pub fn load_kernel(
     let high = Some(GuestAddress(layout::LEGACY_HOLE_END));
     match format {
         KernelFormat::BzImage => {
+            check_bzimage(file)?;
             let r = BzImage::load(mem, Some(GuestAddress(layout::LINUX_KERNEL)), file, high)
                 .map_err(LinuxError::Loader)?;
             // linux-loader always returns a bzImage's header.

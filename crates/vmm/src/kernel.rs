@@ -120,7 +120,7 @@ pub(crate) fn load_bounded(
         .map_err(|e| StartError::Kernel(format!("cannot read kernel {}: {e}", k.path.display())))?;
     let start = match KernelFormat::detect(&head) {
         Some(f @ (KernelFormat::BzImage | KernelFormat::Elf64)) => {
-            load_linux(vm, k, f, image, initrd, (ram, cpus), extra_cmdline, abort)?
+            load_linux(vm, k, (f, image), initrd, (ram, cpus), extra_cmdline, abort)?
         }
         // A 32-bit ELF without the header gets the multiboot loader's
         // sentence for it.
@@ -194,8 +194,7 @@ fn load_multiboot(
 fn load_linux(
     vm: &brisk_kvm::Vm,
     k: &KernelConfig,
-    format: KernelFormat,
-    image: FileImage,
+    (format, image): (KernelFormat, FileImage),
     initrd: Option<(&Path, FileImage)>,
     (ram, cpus): (u64, usize),
     extra_cmdline: &str,

@@ -93,7 +93,10 @@ fn two_vcpus_boot_linux_to_init() {
     let end = vm.wait(Some(BOOT_BOUND), None);
     vm.shutdown().unwrap();
     let out = capture.text();
-    assert!(out.contains("smpboot: Total of 2 processors activated"), "{out}");
+    assert!(
+        out.contains("smpboot: Total of 2 processors activated"),
+        "{out}"
+    );
     assert_reached_init(&end, &out, "/init");
 }
 
