@@ -148,7 +148,13 @@ pub fn run_blk(opts: &Opts) -> Vec<Table> {
     let n: u64 = if opts.quick { 500 } else { 5000 };
     let image = std::env::temp_dir().join(format!("brisk-bench-blk-{}.img", std::process::id()));
     let size: u64 = 64 << 20;
-    let file = std::fs::File::create(&image).expect("bench image");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&image)
+        .expect("bench image");
     file.set_len(size).expect("bench image size");
     // Written, so that both sides read data (and the page cache has it).
     let chunk = vec![0x5au8; 1 << 20];
