@@ -76,6 +76,8 @@ impl KernelFormat {
 pub enum LinuxError {
     #[error("linux-loader cannot load it: {0}")]
     Loader(#[source] linux_loader::loader::Error),
+    #[error("a multiboot kernel, not Linux (brisk boots it as multiboot)")]
+    NotLinux,
     #[error("the bzImage's boot protocol is {major}.{minor:02}; brisk needs 2.12 or later (a 64-bit entry)")]
     OldProtocol { major: u16, minor: u16 },
     #[error("the bzImage has no 64-bit entry point (xloadflags bit 0 is clear): brisk boots 64-bit kernels")]
@@ -211,7 +213,8 @@ pub fn load_kernel(
                 header: Some(hdr),
             })
         }
-        KernelFormat::Elf64 | KernelFormat::Multiboot => {
+        KernelFormat::Multiboot => Err(LinuxError::NotLinux),
+        KernelFormat::Elf64 => {
             let r = Elf::load(mem, None, file, high).map_err(LinuxError::Loader)?;
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(at) => Entry::Pvh(at.0),

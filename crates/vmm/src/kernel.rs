@@ -118,14 +118,15 @@ pub(crate) fn load_bounded(
     image
         .read_at(&mut head, 0)
         .map_err(|e| StartError::Kernel(format!("cannot read kernel {}: {e}", k.path.display())))?;
-    let start = match KernelFormat::detect(&head) {
+    // A 32-bit ELF without a multiboot header goes to the multiboot
+    // loader, whose sentence for it says what is missing.
+    let format = KernelFormat::detect(&head).or_else(|| {
+        head.starts_with(b"\x7fELF")
+            .then_some(KernelFormat::Multiboot)
+    });
+    let start = match format {
         Some(f @ (KernelFormat::BzImage | KernelFormat::Elf64)) => {
             load_linux(vm, k, (f, image), initrd, (ram, cpus), extra_cmdline, abort)?
-        }
-        // A 32-bit ELF without the header gets the multiboot loader's
-        // sentence for it.
-        Some(KernelFormat::Multiboot) | None if head.starts_with(b"\x7fELF") => {
-            KernelStart::Multiboot(load_multiboot(vm, k, &image, initrd, (ram, cpus), abort)?)
         }
         Some(KernelFormat::Multiboot) => {
             KernelStart::Multiboot(load_multiboot(vm, k, &image, initrd, (ram, cpus), abort)?)
@@ -138,6 +139,24 @@ pub(crate) fn load_bounded(
         }
     };
     Ok(start)
+}
+
+/// `map_err` for loading `what` (kernel, initrd) from `path`: an
+/// interruption (signal, --timeout) becomes `Interrupted`, anything else
+/// one sentence naming the file.
+fn refusal<E: std::fmt::Display>(
+    what: &'static str,
+    path: &Path,
+    interrupted: fn(&E) -> bool,
+) -> impl FnOnce(E) -> StartError {
+    let shown = path.display().to_string();
+    move |e| {
+        if interrupted(&e) {
+            StartError::Interrupted(format!("loading {what} {shown} was interrupted"))
+        } else {
+            StartError::Kernel(format!("{what} {shown}: {e}"))
+        }
+    }
 }
 
 fn acpi_tables(vm: &brisk_kvm::Vm, cpus: usize) -> Result<u64, StartError> {
@@ -156,16 +175,7 @@ fn load_multiboot(
     (ram, cpus): (u64, usize),
     abort: &dyn Fn() -> bool,
 ) -> Result<MultibootStart, StartError> {
-    let refuse = |what: &str, path: &Path| {
-        let shown = path.display().to_string();
-        let what = what.to_string();
-        move |e: LoadError| match e {
-            LoadError::Interrupted => {
-                StartError::Interrupted(format!("loading {what} {shown} was interrupted"))
-            }
-            e => StartError::Kernel(format!("{what} {shown}: {e}")),
-        }
-    };
+    let refuse = |what, path| refusal(what, path, |e| matches!(e, LoadError::Interrupted));
     let kernel = Kernel::parse(image).map_err(refuse("kernel", &k.path))?;
     kernel
         .load(vm.memory(), ram, abort)
@@ -200,15 +210,10 @@ fn load_linux(
     extra_cmdline: &str,
     abort: &dyn Fn() -> bool,
 ) -> Result<KernelStart, StartError> {
-    let refuse = |what: &str, path: &Path| {
-        let shown = path.display().to_string();
-        let what = what.to_string();
-        move |e: LinuxError| match e {
-            LinuxError::Initrd(LoadError::Interrupted) => {
-                StartError::Interrupted(format!("loading {what} {shown} was interrupted"))
-            }
-            e => StartError::Kernel(format!("{what} {shown}: {e}")),
-        }
+    let refuse = |what, path| {
+        refusal(what, path, |e| {
+            matches!(e, LinuxError::Initrd(LoadError::Interrupted))
+        })
     };
     if !vm.has_kvmclock_ctrl() {
         log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
