@@ -298,7 +298,8 @@ fn kernel_files_that_cannot_be_booted_are_refused_with_one_sentence() {
     let out = brisk(&["run", "--kernel", path]);
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains(path), "names the file");
-    assert!(text(&out.stderr).contains("not a multiboot kernel"));
+    assert!(text(&out.stderr)
+        .contains("is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel"));
     assert_one_sentence(&out);
     let out = brisk(&["run", "--kernel", path, "--irqchip", "user"]);
     assert_eq!(out.status.code(), Some(6));

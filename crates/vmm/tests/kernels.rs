@@ -127,7 +127,7 @@ fn files_that_are_not_multiboot_kernels_are_refused_by_name() {
     for (path, says) in [
         (
             &text,
-            "not a multiboot kernel: no multiboot header in its first 8 KiB and not an ELF file",
+            "is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel",
         ),
         (&corrupt, "bad checksum"),
         (&truncated, "truncated"),
