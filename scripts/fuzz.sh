@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of brisk's parsers of hostile input with AFL++
-# (cargo-afl, stable toolchain): the multiboot/ELF loader and the API's
+# (cargo-afl, stable toolchain): the multiboot/ELF loader, the Linux loader
+# (bzImage/vmlinux through linux-loader) and the API's
 # request parsing and routing. Each target starts from its corpus in
 # fuzz/corpus/ and runs SECONDS (default 10); any crash or hang fails.
 #
@@ -11,7 +12,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(multiboot api)
+[ ${#targets[@]} -gt 0 ] || targets=(multiboot linux api)
 
 if ! cargo afl --version >/dev/null 2>&1; then
     echo "== installing cargo-afl (builds AFL++ from crates.io with the machine's C compiler)"
