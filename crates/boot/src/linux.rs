@@ -178,18 +178,9 @@ pub fn load_kernel(
             check_bzimage(file)?;
             let r = BzImage::load(mem, Some(GuestAddress(layout::LINUX_KERNEL)), file, high)
                 .map_err(LinuxError::Loader)?;
-            // linux-loader always returns a bzImage's header.
+            // linux-loader always returns a bzImage's header (the one
+            // check_bzimage read).
             let hdr = r.setup_header.ok_or(LinuxError::No64BitEntry)?;
-            let version = hdr.version;
-            if version < 0x020c {
-                return Err(LinuxError::OldProtocol {
-                    major: version >> 8,
-                    minor: version & 0xff,
-                });
-            }
-            if hdr.xloadflags & XLF_KERNEL_64 == 0 {
-                return Err(LinuxError::No64BitEntry);
-            }
             // linux-loader copies what the file has; the header says what
             // it should have (syssize: 16-byte units of protected-mode code).
             let loaded = r.kernel_end - r.kernel_load.0;
@@ -200,7 +191,10 @@ pub fn load_kernel(
             // The decompressed kernel runs at max(pref_address, 16 MiB)
             // and needs init_size bytes from there.
             let runs_at = { hdr.pref_address }.max(PHYSICAL_START);
-            let end = (runs_at + u64::from(hdr.init_size)).max(r.kernel_end);
+            // Saturating: pref_address is the file's word.
+            let end = runs_at
+                .saturating_add(u64::from(hdr.init_size))
+                .max(r.kernel_end);
             if end > layout::low_ram(ram) {
                 return Err(LinuxError::TooBig {
                     need: end.div_ceil(1 << 20),

@@ -1,7 +1,7 @@
 //! What a VM boots: a built-in guest or a kernel from a file (Linux or
-//! multiboot, told apart by the file's first bytes). Each payload knows which irqchip it needs, how it loads
-//! itself into guest memory and how its vCPUs start; `Machine::build`
-//! asks it, and knows no payload by name.
+//! multiboot, told apart by the file's first bytes). Each payload knows
+//! which irqchip it needs, how it loads itself into guest memory and how
+//! its vCPUs start; `Machine::build` asks it, and knows no payload by name.
 
 use std::path::PathBuf;
 
