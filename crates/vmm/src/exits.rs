@@ -12,13 +12,14 @@ use crate::VmEnd;
 const EMULATION_FAILURE: u32 = 1;
 
 /// The exit handler of a vCPU thread: I/O to the bus, HLT to a user-space
-/// halt, fatal exits to `fatal` (with the vCPU and RIP) and [`Flow::Exit`].
+/// halt, fatal exits to `fatal` (with the vCPU, RIP and, given guest memory
+/// `mem`, the instruction there) and [`Flow::Exit`].
 /// No allocation, no lock of its own: devices lock what they need.
 pub fn handle(
     v: &mut KvmVcpu,
     exit: Exit,
     bus: &Bus,
-    mem: &GuestMemoryMmap,
+    mem: Option<&GuestMemoryMmap>,
     fatal: &dyn Fn(VmEnd),
 ) -> Flow {
     match exit {
@@ -51,7 +52,9 @@ pub fn handle(
         other => {
             let rip = v.fd().get_regs().map(|r| r.rip).unwrap_or(0);
             let mut what = describe_fatal(other);
-            what.push_str(&instruction_at(v, mem, rip));
+            if let Some(mem) = mem {
+                what.push_str(&instruction_at(v, mem, rip));
+            }
             fatal(VmEnd::Crash {
                 vcpu: v.id(),
                 what,

@@ -215,9 +215,6 @@ fn load_linux(
             matches!(e, LinuxError::Initrd(LoadError::Interrupted))
         })
     };
-    if !vm.has_kvmclock_ctrl() {
-        log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
-    }
     let mut file = image.into_file();
     let kernel = brisk_boot::linux::load_kernel(vm.memory(), ram, &mut file, format)
         .map_err(refuse("kernel", &k.path))?;

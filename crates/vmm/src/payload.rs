@@ -148,13 +148,11 @@ impl Payload {
                 Ok(Loaded::LongMode)
             }
             Payload::Kernel(k) => {
+                if !kvm.has_kvmclock_ctrl() {
+                    log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
+                }
                 match crate::kernel::load_bounded(kvm, k, memory, cpus, extra_cmdline, abort)? {
-                    KernelStart::Multiboot(start) => {
-                        if !kvm.has_kvmclock_ctrl() {
-                            log::warn!("this host's KVM lacks KVM_CAP_KVMCLOCK_CTRL: a kernel using kvmclock is not told when brisk pauses it");
-                        }
-                        Ok(Loaded::Multiboot(start))
-                    }
+                    KernelStart::Multiboot(start) => Ok(Loaded::Multiboot(start)),
                     KernelStart::Linux { kernel, info } => Ok(Loaded::Linux { kernel, info }),
                 }
             }

@@ -300,7 +300,9 @@ impl Vm {
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     let fatal = |e| end.end(e);
                     let bus = devices.bus();
-                    thread_ctl.run(v, |v, exit| Ok(exits::handle(v, exit, bus, &mem, &fatal)))
+                    thread_ctl.run(v, |v, exit| {
+                        Ok(exits::handle(v, exit, bus, Some(&mem), &fatal))
+                    })
                 }));
                 let error = match run {
                     Ok(Ok(RunEnd::ExitRequested | RunEnd::GuestDone)) => return,

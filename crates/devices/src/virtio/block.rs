@@ -33,22 +33,7 @@ pub struct DiskImage {
     sectors: u64,
     readonly: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
-    stats: BlockStats,
     bounce: Vec<u8>,
-}
-
-/// What the device has done (for tests and benchmarks).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct BlockStats {
-    pub reads: u64,
-    pub writes: u64,
-    pub flushes: u64,
-    pub bytes_read: u64,
-    pub bytes_written: u64,
-    /// Requests completed with IOERR or UNSUPP.
-    pub errors: u64,
-    /// Chains returned unused (buffers outside guest memory).
-    pub bad_chains: u64,
 }
 
 impl DiskImage {
@@ -65,13 +50,8 @@ impl DiskImage {
             sectors,
             readonly,
             id: ident,
-            stats: BlockStats::default(),
             bounce: vec![0; BOUNCE],
         })
-    }
-
-    pub fn stats(&self) -> BlockStats {
-        self.stats
     }
 
     /// Serve one request; returns the bytes written into the chain.
@@ -93,10 +73,7 @@ impl DiskImage {
             let sector = u64::from_le_bytes(header[8..16].try_into().ok()?);
             match self.request(kind, sector, &mut reader, &mut writer) {
                 Ok(()) => VIRTIO_BLK_S_OK,
-                Err(s) => {
-                    self.stats.errors += 1;
-                    s
-                }
+                Err(s) => s,
             }
         };
         status_w.write_all(&[status as u8]).ok()?;
@@ -137,8 +114,6 @@ impl DiskImage {
                     writer.write_all(&self.bounce[..n]).map_err(io)?;
                     (at, left) = (at + n as u64, left - n);
                 }
-                self.stats.reads += 1;
-                self.stats.bytes_read += len as u64;
                 Ok(())
             }
             VIRTIO_BLK_T_OUT if self.readonly => Err(VIRTIO_BLK_S_IOERR),
@@ -152,12 +127,9 @@ impl DiskImage {
                     self.file.write_all_at(&self.bounce[..n], at).map_err(io)?;
                     (at, left) = (at + n as u64, left - n);
                 }
-                self.stats.writes += 1;
-                self.stats.bytes_written += len as u64;
                 Ok(())
             }
             VIRTIO_BLK_T_FLUSH => {
-                self.stats.flushes += 1;
                 if self.readonly {
                     return Ok(());
                 }
@@ -206,7 +178,6 @@ impl VirtioDevice for DiskImage {
             let len = match self.serve(chain, mem) {
                 Some(len) => len,
                 None => {
-                    self.stats.bad_chains += 1;
                     log::warn!("virtio-blk: descriptor chain {head} is malformed or outside guest memory; returned unused");
                     0
                 }

@@ -87,11 +87,6 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         }
     }
 
-    /// Run `f` on the device (its statistics, in tests and benchmarks).
-    pub fn with_device<R>(&self, f: impl FnOnce(&D) -> R) -> R {
-        f(&self.lock().device)
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Transport<D>> {
         self.t.lock().unwrap_or_else(|p| p.into_inner())
     }

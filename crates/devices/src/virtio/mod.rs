@@ -8,5 +8,5 @@
 pub mod block;
 pub mod mmio;
 
-pub use block::{BlockStats, DiskImage};
+pub use block::DiskImage;
 pub use mmio::{VirtioMmio, MMIO_SIZE};
