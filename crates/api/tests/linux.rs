@@ -44,7 +44,7 @@ fn linux_boots_to_init_through_a_pause_resume_storm() {
                 // main thread's wait returns and sets `done`: a VM that has
                 // shut down ends the storm; a live one must answer 204.
                 let ended = |b: &str| b.contains("the VM has shut down");
-                if done.load(Ordering::Acquire) || ended(&p.body) {
+                if done.load(Ordering::Acquire) || ended(&p.body) || ended(&r.body) {
                     break;
                 }
                 assert_eq!((p.status, r.status), (204, 204), "{} {}", p.body, r.body);
