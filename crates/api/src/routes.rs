@@ -13,7 +13,7 @@ use crate::prometheus;
 const DEADLINE: Duration = Duration::from_secs(2);
 
 /// The paths and the methods each accepts.
-pub const PATHS: [(&str, &str); 7] = [
+pub const PATHS: [(&str, &str); 8] = [
     ("/api/v1/vmm.ping", "GET"),
     ("/api/v1/vm.info", "GET"),
     ("/api/v1/vm.counters", "GET"),
@@ -21,7 +21,13 @@ pub const PATHS: [(&str, &str); 7] = [
     ("/api/v1/vm.resume", "PUT"),
     ("/api/v1/vm.shutdown", "PUT"),
     ("/api/v1/vcpu.kick", "PUT"),
+    ("/api/v1/vm.snapshot", "PUT"),
 ];
+
+/// Paths whose handler blocks for long (it writes or sends guest RAM):
+/// the server runs them off its event loop, so other requests (a cancel)
+/// are still answered meanwhile.
+pub const SLOW_PATHS: [&str; 1] = ["/api/v1/vm.snapshot"];
 
 /// An HTTP reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +53,57 @@ pub fn shorten(path: &str) -> String {
 #[serde(deny_unknown_fields)]
 struct KickBody {
     id: u64,
+}
+
+/// The body of `vm.snapshot` (cloud-hypervisor's shape).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    destination_url: String,
+}
+
+/// The directory a `file://` URL names (`file:///abs/dir`); other
+/// schemes and relative or empty paths are refused by name.
+pub fn file_url(url: &str) -> Result<std::path::PathBuf, String> {
+    let Some(path) = url.strip_prefix("file://") else {
+        return Err(format!(
+            "'{}' is not a file:// URL (snapshots go to file:///DIR)",
+            shorten(url)
+        ));
+    };
+    if !path.starts_with('/') {
+        return Err(format!(
+            "'{}': the directory must be an absolute path (file:///DIR)",
+            shorten(url)
+        ));
+    }
+    if path.contains('\0') {
+        return Err("the directory name contains a NUL byte".into());
+    }
+    Ok(path.into())
+}
+
+/// Parse a JSON object body into `T`, or the 400 reply naming the problem
+/// (`example` shows the expected shape). Pure, like [`route`].
+fn body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, Reply> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) if v.is_object() => {}
+        Ok(_) => {
+            return Err(Reply::error(
+                400,
+                format!("body must be an object like {example}"),
+            ))
+        }
+        Err(e) => return Err(Reply::error(400, format!("body is not JSON: {e}"))),
+    }
+    serde_json::from_slice::<T>(body)
+        .map_err(|e| Reply::error(400, format!("body must be like {example}: {e}")))
+}
+
+/// The directory in a `vm.snapshot` body, or the 400 reply. Pure.
+pub fn snapshot_target(b: &[u8]) -> Result<std::path::PathBuf, Reply> {
+    let s: SnapshotBody = body(b, "{\"destination_url\": \"file:///DIR\"}")?;
+    file_url(&s.destination_url).map_err(|e| Reply::error(400, e))
 }
 
 impl Reply {
@@ -151,6 +208,10 @@ impl Api {
                 Ok(id) => self.kick(id),
                 Err(reply) => reply,
             },
+            "/api/v1/vm.snapshot" => match snapshot_target(body) {
+                Ok(dir) => self.snapshot(&dir),
+                Err(reply) => reply,
+            },
             _ => Reply::error(500, "route table and dispatch disagree"),
         }
     }
@@ -223,6 +284,25 @@ impl Api {
             Ok(()) => Reply::no_content(),
             Err(e @ PauseError::Control(_)) => Reply::error(500, e.to_string()),
             Err(e) => Reply::error(409, e.to_string()),
+        }
+    }
+
+    fn snapshot(&self, dir: &std::path::Path) -> Reply {
+        use brisk_vmm::SnapshotError;
+        match self.vm.snapshot(dir) {
+            Ok(info) => Reply::json(
+                200,
+                json!({
+                    "destination_url": format!("file://{}", dir.display()),
+                    "memory_bytes": info.memory.ram,
+                    "memory_written_bytes": info.memory.data,
+                    "pause_ms": info.pause.as_secs_f64() * 1e3,
+                    "total_ms": info.total.as_secs_f64() * 1e3,
+                }),
+            ),
+            Err(e @ SnapshotError::Pause(PauseError::Ended)) => Reply::error(409, e.to_string()),
+            Err(e @ SnapshotError::Io { .. }) => Reply::error(400, e.to_string()),
+            Err(e) => Reply::error(500, e.to_string()),
         }
     }
 

@@ -170,7 +170,7 @@ async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver
     let io = TokioIo::new(DeadlineIo::new(stream, IO_BOUND));
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
-        async move { Ok::<_, Infallible>(respond(&api, req).await) }
+        async move { Ok::<_, Infallible>(respond(api, req).await) }
     });
     let conn = http1().serve_connection(io, service);
     tokio::pin!(conn);
@@ -228,7 +228,7 @@ async fn drain(body: &mut Incoming, limit: usize) -> bool {
     true
 }
 
-async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let accept = req
@@ -255,10 +255,23 @@ async fn respond(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match collected.unwrap_or_else(|_| Err("the body did not arrive within 10 s".into())) {
             Ok(bytes) => {
                 let bytes = bytes.to_bytes();
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    api.handle(&method, &path, &bytes, accept.as_deref())
-                }))
-                .unwrap_or_else(|_| Reply::error(500, "internal error handling the request"))
+                let (m, p) = (method.clone(), path.clone());
+                let handle = move || {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        api.handle(&m, &p, &bytes, accept.as_deref())
+                    }))
+                    .unwrap_or_else(|_| Reply::error(500, "internal error handling the request"))
+                };
+                if crate::routes::SLOW_PATHS.contains(&path.as_str()) {
+                    // On tokio's blocking pool (threads the API thread
+                    // spawns, under its seccomp filter): the event loop
+                    // keeps answering meanwhile.
+                    tokio::task::spawn_blocking(handle)
+                        .await
+                        .unwrap_or_else(|_| Reply::error(500, "the request's worker failed"))
+                } else {
+                    handle()
+                }
             }
             Err(e) if e.is::<http_body_util::LengthLimitError>() => {
                 // Read (and drop) the rest, up to a bound, so the client

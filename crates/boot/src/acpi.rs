@@ -13,6 +13,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, facs::FACS, Aml};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{ports, BootError};
@@ -59,7 +60,10 @@ fn dsdt_body() -> Vec<u8> {
 }
 
 /// Write every table for `cpus` vCPUs; returns the RSDP's address.
-pub fn write_acpi_tables(mem: &GuestMemoryMmap, cpus: usize) -> Result<u64, BootError> {
+pub fn write_acpi_tables(
+    mem: &GuestMemoryMmap<AtomicBitmap>,
+    cpus: usize,
+) -> Result<u64, BootError> {
     let w = |addr: u64, data: &[u8]| {
         mem.write_slice(data, GuestAddress(addr))
             .map_err(|source| BootError::Write {
@@ -135,7 +139,8 @@ mod tests {
 
     #[test]
     fn tables_checksum_and_the_madt_lists_every_lapic() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let mem =
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let rsdp = write_acpi_tables(&mem, 3).unwrap();
         let read = |addr: u64, len: usize| {
             let mut b = vec![0u8; len];

@@ -16,6 +16,7 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{self, ram_regions};
@@ -167,7 +168,7 @@ fn check_bzimage(file: &File) -> Result<(), LinuxError> {
 /// Load `file` (of `format` BzImage or Elf64, checked to be at most the
 /// guest's RAM by the caller) into `mem` of `ram` bytes.
 pub fn load_kernel(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     ram: u64,
     file: &mut File,
     format: KernelFormat,
@@ -250,7 +251,7 @@ impl LinuxKernel {
     /// before each. Returns (address, size).
     pub fn load_initrd(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         ram: u64,
         initrd: &FileImage,
         abort: &dyn Fn() -> bool,
@@ -273,7 +274,7 @@ impl LinuxKernel {
     /// the address to hand the kernel in RSI / EBX.
     pub fn write_boot_info(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         ram: u64,
         cmdline: &str,
         initrd: Option<(u64, u64)>,
@@ -390,7 +391,7 @@ pub fn e820_map(ram: u64) -> Vec<(u64, u64, u32)> {
 }
 
 fn write_obj<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     addr: u64,
     v: T,
     what: &'static str,
@@ -400,7 +401,7 @@ fn write_obj<T: vm_memory::ByteValued>(
 }
 
 fn write_bytes(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     addr: u64,
     b: &[u8],
     what: &'static str,
@@ -466,7 +467,7 @@ const LINUX_GDT: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
 /// [`LinuxKernel::write_boot_info`]); APs wait for INIT/SIPI.
 pub fn start_boot_vcpu(
     fd: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     kernel: &LinuxKernel,
     info: u64,
 ) -> Result<(), BootError> {

@@ -2,6 +2,7 @@
 
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::*;
@@ -49,7 +50,7 @@ pub enum BootError {
 }
 
 fn write<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     addr: u64,
     v: T,
 ) -> Result<(), BootError> {
@@ -62,7 +63,7 @@ fn write<T: vm_memory::ByteValued>(
 }
 
 /// Write the GDT and identity-mapping page tables (shared by all vCPUs).
-pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
+pub fn write_page_tables(mem: &GuestMemoryMmap<AtomicBitmap>) -> Result<(), BootError> {
     for (i, entry) in GDT_ENTRIES.iter().enumerate() {
         write(mem, GDT + 8 * i as u64, *entry)?;
     }
@@ -79,7 +80,7 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
 }
 
 /// Copy a program to [`CODE`].
-pub fn load_program(mem: &GuestMemoryMmap, code: &[u8]) -> Result<(), BootError> {
+pub fn load_program(mem: &GuestMemoryMmap<AtomicBitmap>, code: &[u8]) -> Result<(), BootError> {
     mem.write_slice(code, GuestAddress(CODE))
         .map_err(|_| BootError::DoesNotFit {
             len: code.len(),

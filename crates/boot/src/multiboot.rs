@@ -25,6 +25,7 @@ use std::os::unix::fs::FileExt;
 
 use kvm_bindings::{kvm_regs, kvm_segment};
 use kvm_ioctls::VcpuFd;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::{layout, BootError};
@@ -84,7 +85,7 @@ pub trait Image {
     /// Copy the `len` bytes at `offset` into guest memory at `addr`.
     fn copy_to(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         addr: GuestAddress,
         offset: u64,
         len: usize,
@@ -111,7 +112,7 @@ impl Image for [u8] {
 
     fn copy_to(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         addr: GuestAddress,
         offset: u64,
         len: usize,
@@ -155,7 +156,7 @@ impl Image for FileImage {
 
     fn copy_to(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         addr: GuestAddress,
         offset: u64,
         len: usize,
@@ -372,7 +373,7 @@ fn in_chunks(
 /// Copy `len` bytes of `image` at `offset` to guest `addr`.
 pub(crate) fn copy<I: Image + ?Sized>(
     image: &I,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     addr: u64,
     offset: u64,
     len: u64,
@@ -387,7 +388,7 @@ pub(crate) fn copy<I: Image + ?Sized>(
 
 /// Zero `len` bytes of guest memory at `addr`.
 fn zero(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     addr: u64,
     len: u64,
     abort: &dyn Fn() -> bool,
@@ -539,7 +540,7 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
     /// [`LoadError::Interrupted`] when `abort` says so.
     pub fn load(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         ram: u64,
         abort: &dyn Fn() -> bool,
     ) -> Result<(), LoadError> {
@@ -577,7 +578,7 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
     /// `abort` before each).
     pub fn load_initrd<J: Image + ?Sized>(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         ram: u64,
         initrd: &J,
         abort: &dyn Fn() -> bool,
@@ -599,7 +600,7 @@ impl<'a, I: Image + ?Sized> Kernel<'a, I> {
     /// command line, `initrd` as module 0) and return its address.
     pub fn write_info(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
         ram: u64,
         cmdline: &str,
         initrd: Option<Module>,
@@ -669,7 +670,7 @@ fn flat(selector: u16, type_: u8) -> kvm_segment {
 /// interrupts off, EAX = [`BOOTLOADER_MAGIC`], EBX = `info`.
 pub fn start_boot_vcpu(
     fd: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     entry: u32,
     info: u64,
 ) -> Result<(), BootError> {
@@ -681,7 +682,7 @@ pub fn start_boot_vcpu(
 /// EAX, EBX as given: the state multiboot and PVH both specify.
 pub(crate) fn start_protected_mode(
     fd: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemoryMmap<AtomicBitmap>,
     entry: u32,
     eax: u32,
     ebx: u64,
@@ -813,7 +814,7 @@ mod tests {
         }
         fn copy_to(
             &self,
-            mem: &GuestMemoryMmap,
+            mem: &GuestMemoryMmap<AtomicBitmap>,
             addr: GuestAddress,
             offset: u64,
             len: usize,
@@ -823,8 +824,8 @@ mod tests {
         }
     }
 
-    fn memory(size: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
+    fn memory(size: u64) -> GuestMemoryMmap<AtomicBitmap> {
+        GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap()
     }
 
     #[test]
@@ -1229,7 +1230,8 @@ mod tests {
         let k = Kernel::parse(&img[..]).unwrap();
         // 64 MiB of guest memory is enough to hold the info; the map
         // describes the 16 GiB the VM would have.
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem =
+            GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let info = k.write_info(&mem, 16 << 30, "x", None).unwrap();
         let word = |at: u64| mem.read_obj::<u32>(GuestAddress(at)).unwrap();
         assert_eq!(word(info + 8), ((3u64 << 30) - (1 << 20)) as u32 >> 10);

@@ -77,6 +77,13 @@ enum CtlOp {
     },
     /// Check the VMM answers; prints its version.
     Ping,
+    /// Pause the VM, save it to DIR (guest memory and a versioned state
+    /// file; created if missing, an earlier snapshot there replaced), and
+    /// let it go on as it was. Restore it with `brisk run --restore DIR`.
+    Snapshot {
+        /// The snapshot directory (made absolute for the API).
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -158,6 +165,11 @@ struct RunArgs {
     /// Guest memory, with a K, M or G suffix (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     memory: u64,
+    /// Keep guest RAM in a memfd, mapped shared, rather than anonymous
+    /// memory: a local upgrade (`brisk ctl send-migration --local`) can
+    /// then hand it to the new brisk without copying a page.
+    #[arg(long)]
+    shared_memory: bool,
     /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
@@ -211,6 +223,16 @@ struct RunArgs {
     /// socket, created 0600 and removed on exit.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<std::path::PathBuf>,
+    /// Restore the VM saved in this snapshot directory (`brisk ctl
+    /// snapshot DIR`) and continue it where it was: its configuration
+    /// (guest, vCPUs, memory, disks) comes from the snapshot, so the
+    /// options that choose those are refused with it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait"])]
+    restore: Option<std::path::PathBuf>,
+    /// With --restore: start the restored VM paused (resume it through
+    /// the API: `brisk ctl resume`).
+    #[arg(long, requires = "restore")]
+    paused: bool,
     /// Per-thread seccomp filters (docs/seccomp.md): `on` (a forbidden
     /// system call is named on stderr and ends brisk, status 12), `log`
     /// (allowed, logged by the kernel) or `off`.
@@ -276,6 +298,7 @@ impl From<CtlOp> for crate::ctl::Op {
             CtlOp::Counters => Op::Counters,
             CtlOp::Kick { id } => Op::Kick(id),
             CtlOp::Ping => Op::Ping,
+            CtlOp::Snapshot { dir } => Op::Snapshot(dir),
         }
     }
 }
@@ -456,6 +479,7 @@ fn run(args: RunArgs) -> i32 {
         seccomp: args.seccomp.into(),
         disks: args.disk,
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
+        shared_memory: args.shared_memory,
     };
     let interrupt = match signals::install() {
         Ok(fd) => fd,
@@ -469,7 +493,17 @@ fn run(args: RunArgs) -> i32 {
         .timeout
         .and_then(|t| std::time::Instant::now().checked_add(t));
     let abort = || signals::last() != 0 || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-    let vm = match Vm::start_with_abort(&config, Output::Stdout, &abort) {
+    let started = match &args.restore {
+        Some(dir) => {
+            let opts = brisk_vmm::RestoreOptions {
+                paused: args.paused,
+                seccomp: config.seccomp,
+            };
+            Vm::restore(dir, Output::Stdout, opts)
+        }
+        None => Vm::start_with_abort(&config, Output::Stdout, &abort),
+    };
+    let vm = match started {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("brisk: {e}");
@@ -506,10 +540,15 @@ fn run(args: RunArgs) -> i32 {
     }
     // Logged once the vCPUs run and the API (if any) answers.
     log::info!(
-        "guest '{}' running on {} vCPUs ({:?} irqchip)",
+        "guest '{}' {} on {} vCPUs ({:?} irqchip)",
         vm.guest(),
-        config.cpus,
-        config.irqchip
+        if args.restore.is_some() {
+            "restored"
+        } else {
+            "running"
+        },
+        vm.vcpus().len(),
+        vm.irqchip()
     );
     let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
     let end = vm.wait(left, Some(interrupt));

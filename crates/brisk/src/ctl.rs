@@ -15,10 +15,11 @@ pub enum Op {
     Counters,
     Kick(usize),
     Ping,
+    Snapshot(std::path::PathBuf),
 }
 
 pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
-    let kick_body;
+    let (kick_body, snapshot_body);
     let (method, path, body, done) = match &op {
         Op::Info => ("GET", "/api/v1/vm.info", None, ""),
         Op::Pause => ("PUT", "/api/v1/vm.pause", None, "paused"),
@@ -35,6 +36,27 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
             )
         }
         Op::Ping => ("GET", "/api/v1/vmm.ping", None, ""),
+        Op::Snapshot(dir) => {
+            let dir = match std::path::absolute(dir) {
+                Ok(d) => d,
+                Err(e) => {
+                    eprintln!("brisk: {}: {e}", dir.display());
+                    return status::CONFIG;
+                }
+            };
+            let Some(dir) = dir.to_str() else {
+                eprintln!("brisk: {}: the API takes UTF-8 paths only", dir.display());
+                return status::CONFIG;
+            };
+            snapshot_body =
+                serde_json::json!({ "destination_url": format!("file://{dir}") }).to_string();
+            (
+                "PUT",
+                "/api/v1/vm.snapshot",
+                Some(snapshot_body.as_str()),
+                "",
+            )
+        }
     };
     let reply = match request(socket, method, path, body, None) {
         Ok(r) => r,
@@ -130,6 +152,17 @@ fn human(op: &Op, v: &Value) -> String {
             ));
             s
         }
+        Op::Snapshot(_) => format!(
+            "snapshot in {}: {} MiB of RAM ({:.1} MiB written), paused {:.1} ms, {:.1} ms in all",
+            v["destination_url"]
+                .as_str()
+                .unwrap_or("?")
+                .trim_start_matches("file://"),
+            v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
+            v["memory_written_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+            v["pause_ms"].as_f64().unwrap_or(0.0),
+            v["total_ms"].as_f64().unwrap_or(0.0)
+        ),
         _ => v.to_string(),
     }
 }

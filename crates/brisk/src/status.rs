@@ -38,7 +38,9 @@ Exit status:
          (e.g. --mwait passthrough on a host that cannot disable MWAIT exits)
   6      bad configuration (unknown guest, vCPU count, memory size, API socket in
          use; a --kernel, --initramfs or --disk that cannot be read or booted: not a
-         bzImage, ELF vmlinux or multiboot kernel, truncated, too big for the RAM)
+         bzImage, ELF vmlinux or multiboot kernel, truncated, too big for the RAM; a
+         --restore snapshot that is missing, of another format version, truncated or
+         corrupt, or whose state KVM refuses)
   8      the guest crashed (triple fault, emulation failure, unhandled exit)
   20     the guest rebooted (keyboard-controller reset, Linux's reboot=k); brisk
          ends the VM rather than booting it again
@@ -68,7 +70,7 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
     match e {
         StartError::Interrupted(_) if signal != 0 => 128 + signal,
         StartError::Interrupted(_) => TIMEOUT,
-        StartError::Config(_) | StartError::Kernel(_) => CONFIG,
+        StartError::Config(_) | StartError::Kernel(_) | StartError::Snapshot(_) => CONFIG,
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM
         }

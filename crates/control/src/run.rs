@@ -94,11 +94,12 @@ impl<G: Guest> VcpuCtl<G> {
                 &guest as *const RefCell<G> as *const (),
             ))
         });
+        let halted = std::mem::take(&mut self.lock().guest_halted);
         let mut lp = Loop {
             ctl: self,
             guest: &guest,
             on_exit,
-            halted: false,
+            halted,
         };
         lp.run().map_err(RunError::Guest)
     }
@@ -298,6 +299,7 @@ where
         ctl.state.set(VcpuState::Parked);
         slow = ctl.lock();
         slow.parked = true;
+        slow.guest_halted = self.halted;
         ctl.ack_cv.notify_all();
         loop {
             // The mode is stored under the lock so a kicker that sees

@@ -30,6 +30,10 @@ pub(crate) struct Slow<G> {
     /// Controllers waiting in `wait_parked`: `resume` wakes them only
     /// when there are some (a condvar notify is a syscall).
     pub(crate) stop_waiters: usize,
+    /// While parked: the guest had executed HLT and was not woken (user
+    /// irqchip), so it resumes halted. Before `run`: start halted (a
+    /// restored vCPU that was halted when saved).
+    pub(crate) guest_halted: bool,
 }
 
 /// The control block of one vCPU, shared (in an `Arc`) between its thread
@@ -89,6 +93,7 @@ impl<G> VcpuCtl<G> {
                 idle: VecDeque::new(),
                 idle_group: None,
                 stop_waiters: 0,
+                guest_halted: false,
             }),
             vcpu_cv: Condvar::new(),
             ack_cv: Condvar::new(),
@@ -144,6 +149,28 @@ impl<G> VcpuCtl<G> {
     /// Whether the vCPU is parked (acknowledged a stop).
     pub fn is_parked(&self) -> bool {
         self.lock().parked
+    }
+
+    /// Whether the guest is halted in user space (executed HLT with no
+    /// in-kernel irqchip and was not woken): known while the vCPU is
+    /// parked, `None` otherwise. Part of a vCPU's saved state.
+    pub fn halted_while_parked(&self) -> Option<bool> {
+        let slow = self.lock();
+        slow.parked.then_some(slow.guest_halted)
+    }
+
+    /// Make the vCPU park before its first entry (a VM restored paused):
+    /// [`VcpuCtl::resume`] lets it go. Call before [`VcpuCtl::run`].
+    pub fn start_paused(&self) {
+        self.lock().paused = true;
+        self.requests.fetch_or(Request::Stop.bit(), SeqCst);
+    }
+
+    /// Make the vCPU start halted, as if it had executed HLT (a restored
+    /// vCPU that was halted when saved): only a kick or a deliverable
+    /// interrupt lets it go on. Call before [`VcpuCtl::run`].
+    pub fn start_halted(&self) {
+        self.lock().guest_halted = true;
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Slow<G>> {

@@ -29,6 +29,11 @@ struct Timer {
 struct State {
     timers: Vec<Timer>,
     shutdown: bool,
+    /// Frozen since then ([`PeriodicTimers::freeze`]): nothing is raised,
+    /// and the time until each next tick stands still.
+    frozen_at: Option<Instant>,
+    /// The thread is raising ticks it counted (without the lock).
+    raising: bool,
     /// Largest delay seen between a tick's due time and its raise.
     max_late: Duration,
 }
@@ -72,6 +77,8 @@ impl PeriodicTimers {
             state: Mutex::new(State {
                 timers: vec![Timer::default(); vcpus],
                 shutdown: false,
+                frozen_at: None,
+                raising: false,
                 max_late: Duration::ZERO,
             }),
             cv: Condvar::new(),
@@ -107,6 +114,32 @@ impl PeriodicTimers {
     pub fn max_late(&self) -> Duration {
         self.inner.lock().max_late
     }
+
+    /// Stop time for the timers (a snapshot of a paused VM): returns once
+    /// every tick counted so far has been raised, and raises none until
+    /// [`PeriodicTimers::thaw`], so the saved ticks and the pending
+    /// interrupts agree. Saving while frozen records the time left as it
+    /// was at the freeze.
+    pub fn freeze(&self) {
+        let mut state = self.inner.lock();
+        while state.raising {
+            state = self.inner.cv.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        state.frozen_at.get_or_insert_with(Instant::now);
+    }
+
+    /// Let time run again: every next tick moves by the time spent frozen.
+    pub fn thaw(&self) {
+        let mut state = self.inner.lock();
+        if let Some(at) = state.frozen_at.take() {
+            let frozen = at.elapsed();
+            for t in &mut state.timers {
+                t.next_due = t.next_due.map(|d| d + frozen);
+            }
+        }
+        drop(state);
+        self.inner.cv.notify_all();
+    }
 }
 
 impl Drop for PeriodicTimers {
@@ -126,6 +159,10 @@ fn serve(inner: &Inner) {
         if state.shutdown {
             return;
         }
+        if state.frozen_at.is_some() {
+            state = inner.cv.wait(state).unwrap_or_else(|p| p.into_inner());
+            continue;
+        }
         let now = Instant::now();
         let mut due = Vec::new();
         let mut max_late = state.max_late;
@@ -144,12 +181,16 @@ fn serve(inner: &Inner) {
         }
         state.max_late = max_late;
         if !due.is_empty() {
-            // Raise without the lock: the sink kicks vCPUs.
+            // Raise without the lock: the sink kicks vCPUs. `raising`
+            // makes a freeze wait for these.
+            state.raising = true;
             drop(state);
             for (vcpu, vector) in due {
                 inner.sink.raise(vcpu, vector);
             }
             state = inner.lock();
+            state.raising = false;
+            inner.cv.notify_all();
             continue;
         }
         let next = state.timers.iter().filter_map(|t| t.next_due).min();
@@ -223,9 +264,9 @@ impl crate::Stateful for TimerPorts {
     type State = Vec<TimerState>;
 
     fn save(&self) -> Vec<TimerState> {
-        let now = Instant::now();
-        self.0
-            .lock()
+        let state = self.0.lock();
+        let now = state.frozen_at.unwrap_or_else(Instant::now);
+        state
             .timers
             .iter()
             .map(|t| TimerState {

@@ -25,6 +25,9 @@ pub enum Error {
     /// Mapping guest memory failed.
     #[error("guest memory: {0}")]
     MemoryMap(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Saved state that KVM's structures cannot take.
+    #[error("{0}")]
+    State(String),
     /// An option the user chose that this host's KVM cannot provide.
     #[error("{what} is not available: {why}")]
     Unavailable {

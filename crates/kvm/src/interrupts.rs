@@ -126,6 +126,16 @@ impl PendingInterrupts {
         fresh
     }
 
+    /// The pending vectors, lowest first (a snapshot's; none are taken).
+    pub fn pending_vectors(&self) -> Vec<u8> {
+        (0..=255u8)
+            .filter(|&v| {
+                let (word, mask) = Self::slot(v);
+                self.bits[word].load(Acquire) & mask != 0
+            })
+            .collect()
+    }
+
     /// Whether any vector is pending.
     #[inline]
     pub fn any(&self) -> bool {

@@ -7,11 +7,15 @@
 mod error;
 mod interrupts;
 mod kick;
+mod memory;
+mod state;
 mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
 pub use interrupts::{InterruptStats, PendingInterrupts};
 pub use kick::{kick_signal, SignalInterrupt};
+pub use memory::{GuestRam, MemoryBacking};
+pub use state::{VcpuSnapshot, VmSnapshot};
 pub use vcpu::{Exit, KvmVcpu};
 pub use vm::{Irqchip, Mwait, Vm};

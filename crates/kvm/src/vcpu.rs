@@ -86,6 +86,8 @@ pub struct KvmVcpu {
     kvmclock_ctrl: bool,
     /// Parks a kvmclock guest was told about.
     clock_stops: u64,
+    /// The VM has the in-kernel irqchip: this vCPU has a LAPIC.
+    lapic: bool,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with it;
@@ -95,7 +97,13 @@ pub struct KvmVcpu {
 unsafe impl Send for KvmVcpu {}
 
 impl KvmVcpu {
-    pub(crate) fn new(id: usize, mut fd: VcpuFd, run_size: usize, kvmclock_ctrl: bool) -> Self {
+    pub(crate) fn new(
+        id: usize,
+        mut fd: VcpuFd,
+        run_size: usize,
+        kvmclock_ctrl: bool,
+        lapic: bool,
+    ) -> Self {
         let run = fd.get_kvm_run() as *mut kvm_run;
         KvmVcpu {
             id,
@@ -109,7 +117,21 @@ impl KvmVcpu {
             bound_elsewhere: false,
             kvmclock_ctrl,
             clock_stops: 0,
+            lapic,
         }
+    }
+
+    /// Whether this vCPU has an in-kernel LAPIC (kernel irqchip).
+    pub fn has_lapic(&self) -> bool {
+        self.lapic
+    }
+
+    /// Set `kvm_run.if_flag` as KVM would have on an exit with RFLAGS.IF
+    /// = `on` (a restored vCPU that has not exited yet).
+    pub(crate) fn seed_if_flag(&mut self, on: bool) {
+        // SAFETY: a plain byte of the live mapping; KVM writes it only
+        // during KVM_RUN, which this thread is not in.
+        unsafe { addr_of_mut!((*self.run).if_flag).write(on as u8) }
     }
 
     /// Inject interrupts from `pending` before entries (user irqchip only:

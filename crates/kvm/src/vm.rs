@@ -1,13 +1,14 @@
 //! A KVM VM with one slot of guest RAM at guest physical address 0.
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::memory::{self, GuestRam, MemoryBacking};
 use crate::{Error, KvmVcpu, Result};
 
 /// Where interrupts and HLT are handled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Irqchip {
     /// No in-kernel irqchip: HLT exits to brisk, which halts the vCPU in
     /// user space until a kick.
@@ -17,7 +18,7 @@ pub enum Irqchip {
 }
 
 /// What the guest gets for MONITOR/MWAIT.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Mwait {
     /// CPUID does not offer MONITOR/MWAIT, so guests idle with HLT (which
     /// brisk can halt in user space). If a guest uses them anyway, KVM
@@ -45,7 +46,14 @@ const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
+    /// The memfd behind shared RAM ([`MemoryBacking::NewMemfd`] or
+    /// [`MemoryBacking::Shared`]).
+    shared_memory: Option<std::fs::File>,
+    /// RAM is anonymous (untouched pages are not resident).
+    anonymous: bool,
+    /// KVM logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES).
+    dirty_log: bool,
     irqchip: Irqchip,
     mwait: Mwait,
     /// Offer KVM's PV send-IPI hypercall in CPUID (as QEMU's kvm-pv-ipi).
@@ -60,6 +68,15 @@ impl Vm {
     /// Open `/dev/kvm`, create a VM with RAM in `regions` ((start,
     /// length) pairs, page-aligned; brisk_boot::layout::ram_regions).
     pub fn new(regions: &[(u64, u64)], irqchip: Irqchip) -> Result<Vm> {
+        Self::with_backing(regions, irqchip, MemoryBacking::Anonymous)
+    }
+
+    /// As [`Vm::new`], with RAM from `backing`.
+    pub fn with_backing(
+        regions: &[(u64, u64)],
+        irqchip: Irqchip,
+        backing: MemoryBacking,
+    ) -> Result<Vm> {
         let kvm = Kvm::new().map_err(|e| match e.errno() {
             libc::ENOENT => Error::NoKvm,
             libc::EACCES | libc::EPERM => Error::KvmPermission,
@@ -81,25 +98,8 @@ impl Vm {
             .map_err(Error::sys("KVM_GET_VCPU_MMAP_SIZE"))?;
         let kvmclock_ctrl = kvm.check_extension(Cap::KvmclockCtrl);
         let fd = kvm.create_vm().map_err(Error::sys("KVM_CREATE_VM"))?;
-        let ranges: Vec<(GuestAddress, usize)> = regions
-            .iter()
-            .map(|&(a, l)| (GuestAddress(a), l as usize))
-            .collect();
-        let memory =
-            GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::MemoryMap(Box::new(e)))?;
-        for (slot, region) in memory.iter().enumerate() {
-            let region_desc = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: region.as_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: the region is a live mapping owned by `memory`, which
-            // the Vm keeps for as long as the VM fd exists.
-            unsafe { fd.set_user_memory_region(region_desc) }
-                .map_err(Error::sys("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        let ram = memory::map(regions, backing)?;
+        register_slots(&fd, &ram.memory, 0)?;
         if irqchip == Irqchip::Kernel {
             // PIC, IOAPIC, LAPICs, and the PIT (with port 0x61 handled by
             // KVM, so guests can calibrate with PIT channel 2).
@@ -114,7 +114,10 @@ impl Vm {
         Ok(Vm {
             kvm,
             fd,
-            memory,
+            memory: ram.memory,
+            shared_memory: ram.shared,
+            anonymous: ram.anonymous,
+            dirty_log: false,
             irqchip,
             mwait: Mwait::default(),
             pv_ipi: true,
@@ -164,8 +167,65 @@ impl Vm {
     }
 
     /// Guest RAM.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestRam {
         &self.memory
+    }
+
+    /// The memfd behind shared guest RAM, if it is shared.
+    pub fn shared_memory(&self) -> Option<&std::fs::File> {
+        self.shared_memory.as_ref()
+    }
+
+    /// Whether guest RAM is anonymous memory: a page no one touched is not
+    /// resident, and reads as zero.
+    pub fn memory_is_anonymous(&self) -> bool {
+        self.anonymous
+    }
+
+    /// The `/dev/kvm` handle, for system ioctls this crate does not wrap.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// Start or stop KVM's log of the pages the guest writes
+    /// (KVM_MEM_LOG_DIRTY_PAGES on every slot). Starting also clears
+    /// vm-memory's bitmaps of brisk's own writes.
+    pub fn set_dirty_log(&mut self, on: bool) -> Result<()> {
+        if on == self.dirty_log {
+            return Ok(());
+        }
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        register_slots(&self.fd, &self.memory, flags)?;
+        if on {
+            for region in self.memory.iter() {
+                vm_memory::MmapRegion::bitmap(region).reset();
+            }
+        }
+        self.dirty_log = on;
+        Ok(())
+    }
+
+    /// For each region (slot) in address order: the pages written since
+    /// the last call (or since logging started), by the guest (KVM's log)
+    /// or by brisk (vm-memory's bitmap), one bit per 4 KiB page; both are
+    /// reset. Needs [`Vm::set_dirty_log`] on.
+    pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
+        if !self.dirty_log {
+            return Err(Error::State("dirty logging is off".into()));
+        }
+        let mut out = Vec::new();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mut kvm = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(Error::sys("KVM_GET_DIRTY_LOG"))?;
+            let ours = vm_memory::MmapRegion::bitmap(region).get_and_reset();
+            for (k, o) in kvm.iter_mut().zip(ours) {
+                *k |= o;
+            }
+            out.push(kvm);
+        }
+        Ok(out)
     }
 
     /// The VM fd, for ioctls this crate does not wrap.
@@ -232,6 +292,31 @@ impl Vm {
             fd.set_mp_state(state)
                 .map_err(Error::sys("KVM_SET_MP_STATE"))?;
         }
-        Ok(KvmVcpu::new(id, fd, self.run_size, self.kvmclock_ctrl))
+        Ok(KvmVcpu::new(
+            id,
+            fd,
+            self.run_size,
+            self.kvmclock_ctrl,
+            self.irqchip == Irqchip::Kernel,
+        ))
     }
+}
+
+/// Tell KVM where each region of `memory` is (slot i = region i), with
+/// `flags` (0, or KVM_MEM_LOG_DIRTY_PAGES).
+fn register_slots(fd: &VmFd, memory: &GuestRam, flags: u32) -> Result<()> {
+    for (slot, region) in memory.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which
+        // the Vm keeps for as long as the VM fd exists.
+        unsafe { fd.set_user_memory_region(region_desc) }
+            .map_err(Error::sys("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
 }

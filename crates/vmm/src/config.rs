@@ -5,8 +5,8 @@ use brisk_kvm::{Irqchip, Mwait};
 
 use crate::Payload;
 
-/// A VM's configuration.
-#[derive(Clone, Debug)]
+/// A VM's configuration (saved in snapshots).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// What the VM boots.
     pub payload: Payload,
@@ -26,10 +26,14 @@ pub struct VmConfig {
     /// Offer KVM's PV send-IPI hypercall in CPUID (default true; false is
     /// QEMU's `kvm-pv-ipi=off`, needed where the host cannot complete it).
     pub pv_ipi: bool,
+    /// Guest RAM in a memfd mapped shared (default false: anonymous),
+    /// so a local upgrade can hand it to a new brisk without a copy.
+    #[serde(default)]
+    pub shared_memory: bool,
 }
 
 /// A raw disk image served as virtio-blk over virtio-mmio.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: std::path::PathBuf,
     /// Offered read-only (VIRTIO_BLK_F_RO); the file is opened read-only.
@@ -71,6 +75,7 @@ impl Default for VmConfig {
             seccomp: crate::seccomp::Seccomp::Off,
             disks: Vec::new(),
             pv_ipi: true,
+            shared_memory: false,
         }
     }
 }

@@ -4,6 +4,7 @@
 use brisk_control::Flow;
 use brisk_devices::Bus;
 use brisk_kvm::{Exit, KvmVcpu};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::VmEnd;
@@ -19,7 +20,7 @@ pub fn handle(
     v: &mut KvmVcpu,
     exit: Exit,
     bus: &Bus,
-    mem: Option<&GuestMemoryMmap>,
+    mem: Option<&GuestMemoryMmap<AtomicBitmap>>,
     fatal: &dyn Fn(VmEnd),
 ) -> Flow {
     match exit {
@@ -88,7 +89,7 @@ fn describe_fatal(exit: Exit) -> String {
 /// what they decode to, so that a report tells an instruction the host
 /// could not emulate (say `xrstor`) from a guest that jumped into garbage
 /// or a brisk bug. Empty when RIP does not translate to guest RAM.
-fn instruction_at(v: &KvmVcpu, mem: &GuestMemoryMmap, rip: u64) -> String {
+fn instruction_at(v: &KvmVcpu, mem: &GuestMemoryMmap<AtomicBitmap>, rip: u64) -> String {
     use iced_x86::{Decoder, DecoderOptions, Formatter, IntelFormatter};
     let Ok(sregs) = v.fd().get_sregs() else {
         return String::new();

@@ -22,6 +22,7 @@ mod output;
 mod payload;
 pub mod platform;
 pub mod seccomp;
+pub mod snapshot;
 mod vm;
 
 pub use config::{ConfigError, DiskConfig, VmConfig};
@@ -29,6 +30,7 @@ pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use output::{Capture, Output};
 pub use payload::{KernelConfig, Payload, Platform};
+pub use snapshot::{RestoreOptions, SnapshotError, SnapshotInfo};
 pub use vm::{Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;

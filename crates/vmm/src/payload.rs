@@ -11,7 +11,7 @@ use crate::kernel::{KernelStart, MultibootStart};
 use crate::{ConfigError, StartError};
 
 /// What the VM boots.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Payload {
     /// A built-in guest (see `brisk guests`): `NAME`, or `NAME=N` for the
     /// counting guests (`tick=20000`).
@@ -23,7 +23,7 @@ pub enum Payload {
 }
 
 /// A kernel from a file, with its command line and initrd.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct KernelConfig {
     pub path: PathBuf,
     /// The arguments. A multiboot kernel sees them after its own file

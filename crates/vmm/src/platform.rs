@@ -161,7 +161,7 @@ pub(crate) struct Wiring<'a> {
     pub(crate) end: &'a Arc<EndLatch>,
     pub(crate) lines: Lines<'a>,
     pub(crate) disks: &'a [DiskConfig],
-    pub(crate) guest_memory: &'a vm_memory::GuestMemoryMmap,
+    pub(crate) guest_memory: &'a vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
 }
 
 /// The rest of the PC a kernel probes: the keyboard controller (its reset

@@ -18,7 +18,7 @@ use seccompiler::{
 };
 
 /// What a filter does with a system call not on its list.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Seccomp {
     /// No filter (debugging; `--seccomp off`).
     #[default]
@@ -116,6 +116,24 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_getsockopt,
             libc::SYS_fcntl,
             libc::SYS_ioctl,
+            // Snapshots (run on a worker the API thread spawns): create
+            // the directory and the two files, read /proc/self/pagemap,
+            // write the pages, rename the files into place.
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_openat,
+            libc::SYS_mkdir,
+            libc::SYS_mkdirat,
+            libc::SYS_newfstatat,
+            libc::SYS_statx,
+            libc::SYS_fstat,
+            libc::SYS_lseek,
+            libc::SYS_ftruncate,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_rename,
+            libc::SYS_renameat,
+            libc::SYS_renameat2,
         ],
         ThreadKind::Main => &[
             libc::SYS_poll,

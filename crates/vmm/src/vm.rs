@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use brisk_boot::layout;
 use brisk_control::RunEnd;
 use brisk_devices::{CounterDevice, DeviceManager, Doorbell, PeriodicTimers, Uart};
-use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, PendingInterrupts};
+use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, MemoryBacking, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::end::EndLatch;
@@ -29,6 +29,10 @@ pub enum StartError {
     /// naming the file.
     #[error("{0}")]
     Kernel(String),
+    /// A snapshot (or migration stream) cannot be restored: one sentence
+    /// saying why (a bad or mismatched file, a state KVM refuses).
+    #[error("{0}")]
+    Snapshot(String),
     /// The caller's abort (a signal, its timeout) stopped the set-up.
     #[error("{0}")]
     Interrupted(String),
@@ -62,6 +66,8 @@ pub struct Machine {
     /// The control blocks the interrupt sources kick.
     pub ctls: Vec<Arc<Vcpu>>,
     pub guest: String,
+    /// What it was built from (a snapshot saves it).
+    pub config: VmConfig,
     uart: Arc<Uart>,
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
@@ -69,9 +75,9 @@ pub struct Machine {
 }
 
 /// User irqchip mode: the pending sets and the devices that raise into them.
-struct IrqSources {
-    sink: Arc<UserInterrupts>,
-    timers: Option<PeriodicTimers>,
+pub(crate) struct IrqSources {
+    pub(crate) sink: Arc<UserInterrupts>,
+    pub(crate) timers: Option<PeriodicTimers>,
     doorbell: Option<Arc<Doorbell>>,
 }
 
@@ -88,27 +94,55 @@ impl Machine {
         output: Output,
         abort: &dyn Fn() -> bool,
     ) -> Result<Machine, StartError> {
+        Self::assemble(config, output, Boot::Load(abort))
+    }
+
+    /// Create the VM, its memory from `boot`, its vCPUs and devices. A
+    /// loaded payload sets the vCPUs' registers; a restore leaves them for
+    /// the caller to fill from the snapshot.
+    pub(crate) fn assemble(
+        config: &VmConfig,
+        output: Output,
+        boot: Boot<'_>,
+    ) -> Result<Machine, StartError> {
         config.validate()?;
         let regions = brisk_boot::layout::ram_regions(config.memory);
-        let mut kvm = brisk_kvm::Vm::new(&regions, config.irqchip)?;
+        let backing = match &boot {
+            Boot::Load(_) => MemoryBacking::Anonymous,
+            Boot::Restore(file) => MemoryBacking::SnapshotFile(
+                file.try_clone()
+                    .map_err(setup("duplicating the memory file"))?,
+            ),
+        };
+        let backing = match (backing, config.shared_memory) {
+            (MemoryBacking::Anonymous, true) => MemoryBacking::NewMemfd,
+            (b, _) => b,
+        };
+        let mut kvm = brisk_kvm::Vm::with_backing(&regions, config.irqchip, backing)?;
         kvm.set_mwait(config.mwait)?;
         kvm.set_pv_ipi(config.pv_ipi);
-        let loaded = config.payload.load(
-            &kvm,
-            (config.memory, config.cpus),
-            &platform::kernel_cmdline(config),
-            abort,
-        )?;
+        let loaded = match boot {
+            Boot::Load(abort) => Some(config.payload.load(
+                &kvm,
+                (config.memory, config.cpus),
+                &platform::kernel_cmdline(config),
+                abort,
+            )?),
+            Boot::Restore(_) => None,
+        };
         let guest = config.payload.name();
 
         let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);
         let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
-            let v = kvm.create_vcpu(id, config.cpus, loaded.start_aps())?;
-            loaded
-                .start_vcpu(&v, &kvm, id, config.cpus)
-                .map_err(setup("setting a vCPU's registers"))?;
+            let start_aps = loaded.as_ref().is_none_or(|l| l.start_aps());
+            let v = kvm.create_vcpu(id, config.cpus, start_aps)?;
+            if let Some(loaded) = &loaded {
+                loaded
+                    .start_vcpu(&v, &kvm, id, config.cpus)
+                    .map_err(setup("setting a vCPU's registers"))?;
+            }
             vcpus.push(v);
         }
         let sink = match config.irqchip {
@@ -142,11 +176,27 @@ impl Machine {
             vcpus,
             ctls,
             guest,
+            config: config.clone(),
             uart: d.uart,
             counters: d.counters,
             end,
             irq,
         })
+    }
+}
+
+/// Where a new VM's RAM and registers come from.
+pub(crate) enum Boot<'a> {
+    /// Load the payload into fresh memory, asking the abort meanwhile.
+    Load(&'a dyn Fn() -> bool),
+    /// Map a snapshot's memory file; the caller restores the state.
+    Restore(&'a std::fs::File),
+}
+
+impl Machine {
+    /// The user irqchip's interrupt sink (raising also kicks).
+    pub(crate) fn irq_sink(&self) -> Option<Arc<UserInterrupts>> {
+        self.irq.as_ref().map(|i| i.sink.clone())
     }
 }
 
@@ -222,25 +272,27 @@ impl Drop for FinishGuard {
 pub struct Vm {
     /// Dropped by hand, last: kept for good if a vCPU thread is stuck, so
     /// no thread that may still run the guest sees its memory unmapped.
-    kvm: ManuallyDrop<brisk_kvm::Vm>,
-    vcpus: Vec<Arc<Vcpu>>,
+    pub(crate) kvm: ManuallyDrop<brisk_kvm::Vm>,
+    pub(crate) vcpus: Vec<Arc<Vcpu>>,
     threads: Vec<JoinHandle<()>>,
     finished: Arc<Finished>,
     /// A vCPU thread was left running: keep what it may use.
     stuck: bool,
-    devices: Arc<DeviceManager>,
+    pub(crate) devices: Arc<DeviceManager>,
     uart: Arc<Uart>,
     counters: Vec<Arc<CounterDevice>>,
-    end: Arc<EndLatch>,
     started: Instant,
     guest: String,
     memory_size: u64,
     seccomp: Seccomp,
     /// Paused as a whole ([`Vm::pause`]); the lock also serialises pause
-    /// and resume.
-    paused: Mutex<bool>,
+    /// and resume (and snapshots and migrations, which pause).
+    pub(crate) paused: Mutex<bool>,
+    /// What it was built from.
+    pub(crate) config: VmConfig,
+    pub(crate) end: Arc<EndLatch>,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
-    irq: Option<IrqSources>,
+    pub(crate) irq: Option<IrqSources>,
 }
 
 impl Vm {
@@ -256,6 +308,19 @@ impl Vm {
         abort: &dyn Fn() -> bool,
     ) -> Result<Vm, StartError> {
         let m = Machine::build_with_abort(config, output, abort)?;
+        Self::run_machine(m, |_, _| Ok(()))
+    }
+
+    /// Start `m`'s vCPU threads, after `prepare` had each vCPU and its
+    /// control block first (a restore fills them from the snapshot).
+    pub(crate) fn run_machine(
+        mut m: Machine,
+        mut prepare: impl FnMut(&mut KvmVcpu, &Vcpu) -> Result<(), StartError>,
+    ) -> Result<Vm, StartError> {
+        for (v, ctl) in m.vcpus.iter_mut().zip(&m.ctls) {
+            prepare(v, ctl)?;
+        }
+        let config = m.config.clone();
         let mut vm = Vm {
             kvm: ManuallyDrop::new(m.kvm),
             vcpus: Vec::new(),
@@ -274,6 +339,7 @@ impl Vm {
             memory_size: config.memory,
             seccomp: config.seccomp,
             paused: Mutex::new(false),
+            config: m.config,
             irq: m.irq,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
@@ -416,6 +482,15 @@ impl Vm {
         if *paused {
             return Err(PauseError::AlreadyPaused);
         }
+        self.pause_locked(&mut paused, deadline)
+    }
+
+    /// Pause, holding the `paused` lock (not paused yet).
+    pub(crate) fn pause_locked(
+        &self,
+        paused: &mut bool,
+        deadline: brisk_control::Deadline,
+    ) -> Result<(), PauseError> {
         let vcpus = || self.vcpus.iter().map(|v| &**v);
         match brisk_control::pause_all(vcpus(), deadline) {
             Ok(()) => {
@@ -435,9 +510,19 @@ impl Vm {
         if !*paused {
             return Err(PauseError::NotPaused);
         }
+        self.resume_locked(&mut paused);
+        Ok(())
+    }
+
+    /// Resume, holding the `paused` lock (paused).
+    pub(crate) fn resume_locked(&self, paused: &mut bool) {
         brisk_control::resume_all(self.vcpus.iter().map(|v| &**v));
         *paused = false;
-        Ok(())
+    }
+
+    /// Record that every vCPU was started paused (a restore).
+    pub(crate) fn mark_paused(&self) {
+        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
     }
 
     /// Whether the VM is paused as a whole.

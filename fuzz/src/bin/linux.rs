@@ -9,12 +9,13 @@ use std::os::unix::fs::FileExt;
 
 use brisk_boot::linux::{load_kernel, KernelFormat};
 use brisk_boot::multiboot::FileImage;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const RAM: u64 = 64 << 20;
 
 fn main() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)])
+    let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), RAM as usize)])
         .expect("64 MiB of memory");
     let path = std::env::temp_dir().join(format!("brisk-fuzz-linux-{}", std::process::id()));
     afl::fuzz!(|data: &[u8]| {

@@ -3,12 +3,13 @@
 //! load, never panic, hang or touch memory outside the guest's.
 
 use brisk_boot::multiboot::Kernel;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 const RAM: u64 = 16 << 20;
 
 fn main() {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)])
+    let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), RAM as usize)])
         .expect("16 MiB of memory");
     afl::fuzz!(|data: &[u8]| {
         let Ok(kernel) = Kernel::parse(data) else {

@@ -19,7 +19,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
+
+/// The dirty-bitmap slice of guest RAM: what the device writes is marked
+/// for a live migration.
+type Dirty<'a> = vm_memory::bitmap::BS<'a, AtomicBitmap>;
 
 use super::mmio::VirtioDevice;
 
@@ -57,8 +62,8 @@ impl DiskImage {
     /// Serve one request; returns the bytes written into the chain.
     fn serve(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap<AtomicBitmap>>,
+        mem: &GuestMemoryMmap<AtomicBitmap>,
     ) -> Option<u32> {
         let mut reader = chain.clone().reader(mem).ok()?;
         let mut writer = chain.writer(mem).ok()?;
@@ -97,8 +102,8 @@ impl DiskImage {
         &mut self,
         kind: u32,
         sector: u64,
-        reader: &mut virtio_queue::Reader<'_>,
-        writer: &mut virtio_queue::Writer<'_>,
+        reader: &mut virtio_queue::Reader<'_, Dirty<'_>>,
+        writer: &mut virtio_queue::Writer<'_, Dirty<'_>>,
     ) -> Result<(), u32> {
         let io = |_| VIRTIO_BLK_S_IOERR;
         match kind {
@@ -171,7 +176,7 @@ impl VirtioDevice for DiskImage {
         }
     }
 
-    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> usize {
+    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap<AtomicBitmap>) -> usize {
         let mut done = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::DeviceMmio;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
 use crate::IrqLine;
@@ -45,7 +46,7 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Serve the queue: pop every available chain, complete it, add it to
     /// the used ring. Returns how many were completed.
-    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> usize;
+    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap<AtomicBitmap>) -> usize;
 }
 
 struct Transport<D> {
@@ -63,13 +64,13 @@ struct Transport<D> {
 /// One virtio device on the MMIO bus.
 pub struct VirtioMmio<D> {
     t: Mutex<Transport<D>>,
-    mem: GuestMemoryMmap,
+    mem: GuestMemoryMmap<AtomicBitmap>,
     irq: Arc<dyn IrqLine>,
 }
 
 impl<D: VirtioDevice> VirtioMmio<D> {
     /// `device`, reading and writing guest memory `mem`, pulling `irq`.
-    pub fn new(device: D, mem: GuestMemoryMmap, irq: Arc<dyn IrqLine>) -> Self {
+    pub fn new(device: D, mem: GuestMemoryMmap<AtomicBitmap>, irq: Arc<dyn IrqLine>) -> Self {
         VirtioMmio {
             t: Mutex::new(Transport {
                 device,

@@ -1,0 +1,294 @@
+//! Saving and restoring what KVM holds of a VM: each vCPU's registers and
+//! in-kernel state, and the VM's irqchip, PIT and clock.
+//!
+//! The structures are KVM's own (`kvm-bindings`, serialised as their bytes
+//! through its `serde` feature), so a field KVM adds is carried without a
+//! change here. The order of the ioctls is KVM's, not ours to choose: see
+//! the comments on [`KvmVcpu::save_state`] and [`KvmVcpu::restore_state`].
+
+use kvm_bindings::*;
+use kvm_ioctls::Cap;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Irqchip, KvmVcpu, Result, Vm};
+
+/// The most MSRs one vCPU's state may carry (KVM's index list is ~100).
+const MAX_MSRS: usize = 1024;
+
+/// One vCPU as KVM holds it. The FPU and SSE state are the legacy area of
+/// the XSAVE image.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuSnapshot {
+    /// The CPUID the guest saw (restored as it was, not recomputed).
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    /// With the in-kernel irqchip only.
+    pub lapic: Option<kvm_lapic_state>,
+    /// Every MSR of KVM's index list this vCPU could read.
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
+    /// The guest TSC frequency, where KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+/// The VM-wide state KVM holds: the in-kernel PIC and IOAPIC, the PIT, and
+/// the clock kvmclock reads.
+#[derive(Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// PIC master, PIC slave, IOAPIC (kernel irqchip only).
+    pub irqchips: Vec<kvm_irqchip>,
+    pub pit: Option<kvm_pit_state2>,
+    pub clock: kvm_clock_data,
+}
+
+/// The chips KVM_GET_IRQCHIP knows, in the order they are saved.
+const CHIPS: [u32; 3] = [
+    KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQCHIP_IOAPIC,
+];
+
+impl Vm {
+    /// The MSRs KVM can save for a vCPU (KVM_GET_MSR_INDEX_LIST).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>> {
+        let list = self
+            .kvm()
+            .get_msr_index_list()
+            .map_err(Error::sys("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(list.as_slice().to_vec())
+    }
+
+    /// Refuse what a 4 KiB `kvm_xsave` cannot hold (AMX tile state).
+    pub fn check_xsave_fits(&self) -> Result<()> {
+        let size = self.fd().check_extension_int(Cap::Xsave2);
+        if size as usize > std::mem::size_of::<kvm_xsave>() {
+            return Err(Error::Unavailable {
+                what: "saving vCPU state",
+                why:
+                    "this host's XSAVE state is larger than 4 KiB (AMX), which brisk does not save",
+            });
+        }
+        Ok(())
+    }
+
+    /// Save the irqchip, PIT and clock (every vCPU paused).
+    pub fn save_state(&self) -> Result<VmSnapshot> {
+        let mut irqchips = Vec::new();
+        let mut pit = None;
+        if self.irqchip() == Irqchip::Kernel {
+            for chip_id in CHIPS {
+                let mut chip = kvm_irqchip {
+                    chip_id,
+                    ..Default::default()
+                };
+                self.fd()
+                    .get_irqchip(&mut chip)
+                    .map_err(Error::sys("KVM_GET_IRQCHIP"))?;
+                irqchips.push(chip);
+            }
+            pit = Some(self.fd().get_pit2().map_err(Error::sys("KVM_GET_PIT2"))?);
+        }
+        let clock = self.fd().get_clock().map_err(Error::sys("KVM_GET_CLOCK"))?;
+        Ok(VmSnapshot {
+            irqchips,
+            pit,
+            clock,
+        })
+    }
+
+    /// Put the VM-wide state back, before any vCPU is restored or runs.
+    pub fn restore_state(&self, s: &VmSnapshot) -> Result<()> {
+        let kernel = self.irqchip() == Irqchip::Kernel;
+        if kernel != (s.irqchips.len() == CHIPS.len() && s.pit.is_some())
+            || (!kernel && !s.irqchips.is_empty())
+        {
+            return Err(Error::State(
+                "the saved irqchip state does not match the VM's irqchip mode".into(),
+            ));
+        }
+        if let Some(pit) = &s.pit {
+            self.fd()
+                .set_pit2(pit)
+                .map_err(Error::sys("KVM_SET_PIT2"))?;
+        }
+        for (chip, want) in s.irqchips.iter().zip(CHIPS) {
+            if chip.chip_id != want {
+                return Err(Error::State(format!(
+                    "saved irqchip {} where chip {want} belongs",
+                    chip.chip_id
+                )));
+            }
+            self.fd()
+                .set_irqchip(chip)
+                .map_err(Error::sys("KVM_SET_IRQCHIP"))?;
+        }
+        // The clock continues from where it was saved: no jump by the
+        // time the VM spent on disk (KVM_CLOCK_REALTIME would add it).
+        let clock = kvm_clock_data {
+            clock: s.clock.clock,
+            ..Default::default()
+        };
+        self.fd()
+            .set_clock(&clock)
+            .map_err(Error::sys("KVM_SET_CLOCK"))?;
+        Ok(())
+    }
+}
+
+impl KvmVcpu {
+    /// Save this vCPU (not running: parked, or never started). `msr_index`
+    /// is [`Vm::msr_index_list`].
+    ///
+    /// KVM's order: KVM_GET_MP_STATE first (it accepts pending INIT/SIPI
+    /// events, which change the LAPIC and registers), KVM_GET_VCPU_EVENTS
+    /// last (reading MSRs and the LAPIC can raise events).
+    pub fn save_state(&self, msr_index: &[u32]) -> Result<VcpuSnapshot> {
+        let fd = self.fd();
+        let mp_state = fd.get_mp_state().map_err(Error::sys("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(Error::sys("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(Error::sys("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(Error::sys("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(Error::sys("KVM_GET_XCRS"))?;
+        let debugregs = fd
+            .get_debug_regs()
+            .map_err(Error::sys("KVM_GET_DEBUGREGS"))?;
+        let lapic = match self.has_lapic() {
+            true => Some(fd.get_lapic().map_err(Error::sys("KVM_GET_LAPIC"))?),
+            false => None,
+        };
+        let tsc_khz = fd.get_tsc_khz().ok();
+        let msrs = self.read_msrs(msr_index)?;
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::sys("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let events = fd
+            .get_vcpu_events()
+            .map_err(Error::sys("KVM_GET_VCPU_EVENTS"))?;
+        Ok(VcpuSnapshot {
+            cpuid,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debugregs,
+            lapic,
+            msrs,
+            events,
+            tsc_khz,
+        })
+    }
+
+    /// Every MSR of `index` KVM lets this vCPU read. KVM_GET_MSRS stops
+    /// at the first it cannot read: skip that one and go on.
+    fn read_msrs(&self, index: &[u32]) -> Result<Vec<kvm_msr_entry>> {
+        let mut out = Vec::new();
+        let mut rest = index;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(MAX_MSRS)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|_| Error::State("too many MSRs for one KVM_GET_MSRS".into()))?;
+            let read = self
+                .fd()
+                .get_msrs(&mut msrs)
+                .map_err(Error::sys("KVM_GET_MSRS"))?;
+            out.extend_from_slice(&msrs.as_slice()[..read]);
+            // Entry `read` failed (if any): skip it.
+            rest = &rest[(read + 1).min(rest.len())..];
+        }
+        Ok(out)
+    }
+
+    /// Write saved MSRs. KVM_SET_MSRS stops at the first it refuses: one
+    /// that already holds the saved value (some hosts refuse writes of
+    /// PV MSRs they do not let the guest enable) is skipped; any other is
+    /// an error naming it.
+    fn write_msrs(&self, saved: &[kvm_msr_entry]) -> Result<()> {
+        let mut rest = saved;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(MAX_MSRS)];
+            let msrs = Msrs::from_entries(chunk)
+                .map_err(|_| Error::State("too many MSRs for one KVM_SET_MSRS".into()))?;
+            let written = self
+                .fd()
+                .set_msrs(&msrs)
+                .map_err(Error::sys("KVM_SET_MSRS"))?;
+            if written == chunk.len() {
+                rest = &rest[written..];
+                continue;
+            }
+            let refused = chunk[written];
+            let now = self.read_msrs(&[refused.index])?;
+            if now.first().map(|e| e.data) != Some(refused.data) {
+                return Err(Error::State(format!(
+                    "vCPU {}: KVM refused to set MSR {:#x} to {:#x}",
+                    self.id(),
+                    refused.index,
+                    refused.data
+                )));
+            }
+            rest = &rest[written + 1..];
+        }
+        Ok(())
+    }
+
+    /// Put a saved vCPU back (before its thread runs it). KVM's order:
+    /// CPUID before anything that depends on it, registers and segments
+    /// before the LAPIC (whose base is in the segment state), the LAPIC
+    /// before MSRs (TSC deadline), events last.
+    pub fn restore_state(&mut self, s: &VcpuSnapshot) -> Result<()> {
+        if s.lapic.is_some() != self.has_lapic() {
+            return Err(Error::State(format!(
+                "vCPU {}: the saved LAPIC state does not match the VM's irqchip mode",
+                self.id()
+            )));
+        }
+        let cpuid = CpuId::from_entries(&s.cpuid)
+            .map_err(|_| Error::State(format!("vCPU {}: too many CPUID entries", self.id())))?;
+        let fd = self.fd();
+        fd.set_cpuid2(&cpuid)
+            .map_err(Error::sys("KVM_SET_CPUID2"))?;
+        if let Some(khz) = s.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(Error::sys("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        fd.set_mp_state(s.mp_state)
+            .map_err(Error::sys("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&s.regs).map_err(Error::sys("KVM_SET_REGS"))?;
+        fd.set_sregs(&s.sregs)
+            .map_err(Error::sys("KVM_SET_SREGS"))?;
+        // SAFETY: KVM reads at most its XSAVE uabi size, which the VM
+        // checked is within the 4 KiB of `kvm_xsave` (Vm::check_xsave_fits);
+        // it validates the header itself and refuses a bad one (EINVAL).
+        unsafe { fd.set_xsave(&s.xsave) }.map_err(Error::sys("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&s.xcrs).map_err(Error::sys("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&s.debugregs)
+            .map_err(Error::sys("KVM_SET_DEBUGREGS"))?;
+        if let Some(lapic) = &s.lapic {
+            fd.set_lapic(lapic).map_err(Error::sys("KVM_SET_LAPIC"))?;
+        }
+        self.write_msrs(&s.msrs)?;
+        fd.set_vcpu_events(&s.events)
+            .map_err(Error::sys("KVM_SET_VCPU_EVENTS"))?;
+        // The run loop asks `if_flag` whether a pending interrupt wakes a
+        // halted vCPU; KVM refreshes it on every exit, but a restored vCPU
+        // has not exited yet: seed it from the restored RFLAGS.IF.
+        self.seed_if_flag(s.regs.rflags & (1 << 9) != 0);
+        Ok(())
+    }
+}

@@ -1,0 +1,165 @@
+//! The state file: a fixed header, then the VM's state as JSON.
+//!
+//! ```text
+//! offset  size  field
+//!      0     8  magic "BRISKSNP"
+//!      8     4  format version (u32 LE), FORMAT_VERSION
+//!     12     4  reserved, 0
+//!     16     8  body length in bytes (u64 LE)
+//!     24     4  CRC-32 (IEEE) of the body (u32 LE)
+//!     28     4  reserved, 0
+//!     32     -  body: the VmState as JSON
+//! ```
+//!
+//! Reading checks each in that order, so a file from another program, from
+//! another format version, cut short or altered is refused with the one
+//! sentence that says which, before anything is built.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// The first bytes of every state file.
+pub const MAGIC: &[u8; 8] = b"BRISKSNP";
+/// The state file format this brisk writes and reads. Bump it whenever
+/// the body's meaning changes; older and newer files are refused.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER: usize = 32;
+/// A state file is a few hundred KiB at most (8 vCPUs); refuse to read a
+/// file claiming more than this.
+const MAX_BODY: u64 = 64 << 20;
+
+/// Write `state` to `path` (through a temporary file renamed into place,
+/// so a reader sees the old file or the new one, never half of one).
+pub fn write<T: Serialize>(path: &Path, state: &T) -> std::io::Result<()> {
+    let body = serde_json::to_vec(state)?;
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&body);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&out)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// Read a state file, or the one sentence saying why it cannot be used.
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{shown} is not a regular file"));
+    }
+    if meta.len() > HEADER as u64 + MAX_BODY {
+        return Err(format!(
+            "{shown} is {} bytes, too big to be a brisk state file",
+            meta.len()
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    parse(&bytes).map_err(|why| format!("{shown}: {why}"))
+}
+
+/// Check and decode a state file's bytes (pure: the fuzz target's entry).
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+        return Err("not a brisk snapshot state file (no BRISKSNP header)".into());
+    }
+    if bytes.len() < HEADER {
+        return Err(format!(
+            "truncated: {} bytes, shorter than the {HEADER}-byte header",
+            bytes.len()
+        ));
+    }
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let version = word(8);
+    if version != FORMAT_VERSION {
+        return Err(format!(
+            "snapshot format version {version}; this brisk reads version {FORMAT_VERSION} only"
+        ));
+    }
+    let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let have = (bytes.len() - HEADER) as u64;
+    if len != have {
+        return Err(if len > have {
+            format!("truncated: the header promises {len} bytes of state, the file has {have}")
+        } else {
+            format!(
+                "{} bytes of junk after the {len} bytes of state",
+                have - len
+            )
+        });
+    }
+    let body = &bytes[HEADER..];
+    if crc32fast::hash(body) != word(24) {
+        return Err("corrupt: the state does not match its checksum".into());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("the state does not parse: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct S {
+        a: u32,
+        b: String,
+    }
+
+    fn bytes() -> Vec<u8> {
+        let dir = std::env::temp_dir().join(format!("brisk-file-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("state");
+        write(
+            &p,
+            &S {
+                a: 7,
+                b: "x".into(),
+            },
+        )
+        .unwrap();
+        let b = std::fs::read(&p).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        b
+    }
+
+    #[test]
+    fn round_trip_and_every_refusal_names_its_reason() {
+        let good = bytes();
+        assert_eq!(
+            parse::<S>(&good).unwrap(),
+            S {
+                a: 7,
+                b: "x".into()
+            }
+        );
+        let refuse = |b: &[u8]| parse::<S>(b).unwrap_err();
+        assert!(refuse(b"hello world").contains("not a brisk snapshot"));
+        assert!(refuse(&good[..20]).contains("truncated"));
+        assert!(refuse(&good[..good.len() - 1]).contains("truncated"));
+        let mut newer = good.clone();
+        newer[8] = 2;
+        assert!(refuse(&newer).contains("format version 2"));
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(refuse(&flipped).contains("checksum"));
+        let mut longer = good.clone();
+        longer.push(b' ');
+        assert!(refuse(&longer).contains("junk"));
+        // A body that checks out but is not the state.
+        let body = b"[1,2]";
+        let mut other = good[..32].to_vec();
+        other[16..24].copy_from_slice(&(body.len() as u64).to_le_bytes());
+        other[24..28].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
+        other.extend_from_slice(body);
+        assert!(refuse(&other).contains("does not parse"));
+    }
+}

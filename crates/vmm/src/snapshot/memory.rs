@@ -1,0 +1,136 @@
+//! The memory file: guest RAM's regions one after another, as a file the
+//! restore maps. Pages that read as zero are left as holes, so a guest
+//! that never touched most of its RAM makes a small (sparse) file.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use brisk_kvm::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+pub(crate) const PAGE: usize = 4096;
+
+/// One region of guest RAM as host memory.
+pub(crate) struct HostRegion {
+    pub(crate) ptr: *const u8,
+    pub(crate) len: usize,
+}
+
+/// Every region of `ram`, in address order (the file's order).
+pub(crate) fn regions(ram: &GuestRam) -> Vec<HostRegion> {
+    ram.iter()
+        .map(|r| HostRegion {
+            ptr: r.as_ptr() as *const u8,
+            len: r.len() as usize,
+        })
+        .collect()
+}
+
+impl HostRegion {
+    /// Page `i` of the region.
+    ///
+    /// # Safety
+    /// Every vCPU is parked and no device writes guest RAM meanwhile, so
+    /// nothing writes the page while the slice lives; the region is mapped
+    /// for the VM's life.
+    pub(crate) unsafe fn page(&self, i: usize) -> &[u8] {
+        // SAFETY: `i * PAGE + PAGE <= len` (callers iterate below
+        // len / PAGE) inside the live mapping; the caller guarantees no
+        // concurrent writer.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(i * PAGE), PAGE) }
+    }
+
+    /// Which pages may hold data. For anonymous memory, a page that is
+    /// neither present nor swapped was never touched and reads as zero
+    /// (`/proc/self/pagemap`); otherwise (or if pagemap cannot be read)
+    /// every page is a candidate.
+    pub(crate) fn touched(&self, anonymous: bool) -> Vec<bool> {
+        let pages = self.len / PAGE;
+        if !anonymous {
+            return vec![true; pages];
+        }
+        pagemap(self.ptr as usize, pages).unwrap_or_else(|e| {
+            log::debug!("reading /proc/self/pagemap: {e}; scanning every page");
+            vec![true; pages]
+        })
+    }
+}
+
+/// Bit 63: present; bit 62: swapped.
+fn pagemap(addr: usize, pages: usize) -> std::io::Result<Vec<bool>> {
+    let mut f = File::open("/proc/self/pagemap")?;
+    f.seek(SeekFrom::Start((addr / PAGE * 8) as u64))?;
+    let mut buf = vec![0u8; pages * 8];
+    f.read_exact(&mut buf)?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (3 << 62) != 0)
+        .collect())
+}
+
+pub(crate) fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to splits off any
+        // unaligned ends.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// What writing the memory file did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MemoryWritten {
+    /// Bytes of RAM (the file's length).
+    pub ram: u64,
+    /// Bytes written (the rest are holes).
+    pub data: u64,
+}
+
+/// Write guest RAM to `path` (a temporary file, renamed into place).
+///
+/// # Safety
+/// As [`HostRegion::page`]: every vCPU parked, no device writing RAM.
+pub(crate) unsafe fn write(
+    ram: &GuestRam,
+    anonymous: bool,
+    path: &Path,
+) -> std::io::Result<MemoryWritten> {
+    let tmp = path.with_extension("tmp");
+    let f = File::create(&tmp)?;
+    let regions = regions(ram);
+    let total: u64 = regions.iter().map(|r| r.len as u64).sum();
+    f.set_len(total)?;
+    let mut written = 0u64;
+    let mut offset = 0u64;
+    for r in &regions {
+        let touched = r.touched(anonymous);
+        let mut run: Option<usize> = None; // first page of a run of data
+        for i in 0..=touched.len() {
+            // SAFETY: the caller's guarantee; i < pages.
+            let data = i < touched.len() && touched[i] && !is_zero(unsafe { r.page(i) });
+            match (data, run) {
+                (true, None) => run = Some(i),
+                (false, Some(start)) => {
+                    // SAFETY: pages start..i lie inside the region; the
+                    // caller's guarantee holds for all of them.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(r.ptr.add(start * PAGE), (i - start) * PAGE)
+                    };
+                    f.write_all_at(bytes, offset + (start * PAGE) as u64)?;
+                    written += bytes.len() as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        offset += r.len as u64;
+    }
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    Ok(MemoryWritten {
+        ram: total,
+        data: written,
+    })
+}

@@ -1,0 +1,316 @@
+//! Snapshots: a paused VM written to a directory, and a VM restored from
+//! one (in this process or a new one) that continues exactly there.
+//!
+//! A snapshot directory holds two files (docs/snapshot.md):
+//! - `memory`: guest RAM, the regions one after another, holes where the
+//!   pages read as zero; the restore maps it copy-on-write.
+//! - `state`: a versioned, checksummed header and the [`VmState`] as JSON
+//!   (see [`file`]).
+//!
+//! What is saved, and why it is enough: KVM's view of each vCPU and of
+//! the VM ([`brisk_kvm::VcpuSnapshot`], [`brisk_kvm::VmSnapshot`]), every
+//! device's versioned state, and the control plane's own share of the
+//! guest: the interrupts raised but not yet injected (user irqchip) and
+//! whether a vCPU sits halted in user space. The pause that precedes the
+//! save completes any PIO/MMIO access that had exited (the control plane
+//! settles it before parking), so no access is half-done in the state.
+
+pub mod file;
+pub(crate) mod memory;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use brisk_control::Deadline;
+use brisk_devices::{DeviceState, InterruptSink};
+use brisk_kvm::{VcpuSnapshot, VmSnapshot};
+use serde::{Deserialize, Serialize};
+
+pub use memory::MemoryWritten;
+
+use crate::vm::{setup, Boot, Machine};
+use crate::{Output, PauseError, StartError, Vm, VmConfig};
+
+/// The memory file's name in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+/// The state file's name in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// How long a snapshot waits for the vCPUs to park, and for each vCPU's
+/// state to be read on its thread.
+const PAUSE_BOUND: Duration = Duration::from_secs(5);
+
+/// Everything but RAM: the state file's body.
+#[derive(Serialize, Deserialize)]
+pub struct VmState {
+    /// What the VM was built from (the restore builds the same).
+    pub config: VmConfig,
+    /// The RAM regions (guest address, bytes), in the memory file's order.
+    pub regions: Vec<(u64, u64)>,
+    pub vcpus: Vec<SavedVcpu>,
+    pub vm: VmSnapshot,
+    /// Every device's state by name (`DeviceManager::save`).
+    pub devices: BTreeMap<String, DeviceState>,
+}
+
+/// One vCPU: KVM's state and the control plane's.
+#[derive(Serialize, Deserialize)]
+pub struct SavedVcpu {
+    pub kvm: VcpuSnapshot,
+    /// Halted in user space (user irqchip): it resumes halted.
+    pub halted: bool,
+    /// Vectors raised and not yet injected (user irqchip).
+    pub pending: Vec<u8>,
+}
+
+/// Why a snapshot could not be taken. The VM is left as it was (running
+/// or paused).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot pause the VM for a snapshot: {0}")]
+    Pause(#[source] PauseError),
+    #[error("reading vCPU {vcpu}'s state: {source}")]
+    Vcpu {
+        vcpu: usize,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(transparent)]
+    Kvm(#[from] brisk_kvm::Error),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What a snapshot wrote, and how long its parts took.
+#[derive(Clone, Debug)]
+pub struct SnapshotInfo {
+    pub dir: PathBuf,
+    pub memory: MemoryWritten,
+    /// From the call to every vCPU parked.
+    pub pause: Duration,
+    /// From the call to both files in place.
+    pub total: Duration,
+}
+
+/// How a restored VM starts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RestoreOptions {
+    /// Start paused (resume it through [`Vm::resume`] or the API).
+    pub paused: bool,
+    /// The seccomp policy of the new process's threads (not the saved one:
+    /// it belongs to whoever restores).
+    pub seccomp: crate::seccomp::Seccomp,
+}
+
+impl Vm {
+    /// Pause the VM (if running), save it to `dir` (created if missing;
+    /// an earlier snapshot there is replaced), and leave it running or
+    /// paused as it was.
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+        let start = Instant::now();
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ended().is_some() {
+            return Err(SnapshotError::Pause(PauseError::Ended));
+        }
+        let was_paused = *paused;
+        if !was_paused {
+            self.pause_locked(&mut paused, Deadline::after(PAUSE_BOUND))
+                .map_err(SnapshotError::Pause)?;
+        }
+        let pause = start.elapsed();
+        let result = self.save_paused(dir);
+        if !was_paused {
+            self.resume_locked(&mut paused);
+        }
+        let memory = result?;
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            memory,
+            pause,
+            total: start.elapsed(),
+        })
+    }
+
+    /// The state of a paused VM (every vCPU parked). User-irqchip timers
+    /// are frozen meanwhile, so the ticks they counted and the interrupts
+    /// pending agree.
+    pub(crate) fn save_state(&self) -> Result<VmState, SnapshotError> {
+        let timers = self.irq.as_ref().and_then(|i| i.timers.as_ref());
+        if let Some(t) = timers {
+            t.freeze();
+        }
+        let state = self.collect_state();
+        if let Some(t) = timers {
+            t.thaw();
+        }
+        state
+    }
+
+    fn collect_state(&self) -> Result<VmState, SnapshotError> {
+        self.kvm.check_xsave_fits()?;
+        let msrs = self.kvm.msr_index_list()?;
+        let mut vcpus = Vec::new();
+        for ctl in &self.vcpus {
+            let id = ctl.id();
+            let fail = |source: Box<dyn std::error::Error + Send + Sync>| SnapshotError::Vcpu {
+                vcpu: id,
+                source,
+            };
+            let index = msrs.clone();
+            let kvm = ctl
+                .run_on(move |v| v.save_state(&index), Deadline::after(PAUSE_BOUND))
+                .map_err(|e| fail(Box::new(e)))?
+                .map_err(|e| fail(Box::new(e)))?;
+            let halted = ctl
+                .halted_while_parked()
+                .ok_or_else(|| fail("it is not parked".into()))?;
+            let pending = self
+                .pending_interrupts(id)
+                .map(|p| p.pending_vectors())
+                .unwrap_or_default();
+            vcpus.push(SavedVcpu {
+                kvm,
+                halted,
+                pending,
+            });
+        }
+        Ok(VmState {
+            config: self.config.clone(),
+            regions: brisk_boot::layout::ram_regions(self.config.memory),
+            vcpus,
+            vm: self.kvm.save_state()?,
+            devices: self.devices.save(),
+        })
+    }
+
+    fn save_paused(&self, dir: &Path) -> Result<MemoryWritten, SnapshotError> {
+        let io = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| SnapshotError::Io { what, path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
+        let state = self.save_state()?;
+        let mem = dir.join(MEMORY_FILE);
+        // SAFETY: the VM is paused (every vCPU parked), and no device
+        // writes guest RAM while it is (they write from vCPU threads).
+        let written =
+            unsafe { memory::write(self.kvm.memory(), self.kvm.memory_is_anonymous(), &mem) }
+                .map_err(io("cannot write guest memory to", &mem))?;
+        let path = dir.join(STATE_FILE);
+        file::write(&path, &state).map_err(io("cannot write the state file", &path))?;
+        Ok(written)
+    }
+
+    /// Build a VM from the snapshot in `dir` and start it, paused or
+    /// running as `opts` says. A state file of another format version, cut
+    /// short, corrupt, or not matching its memory file is refused with one
+    /// sentence ([`StartError::Snapshot`]) before anything is built; a
+    /// state KVM refuses ends the new VM (never a half-restored one runs).
+    pub fn restore(dir: &Path, output: Output, opts: RestoreOptions) -> Result<Vm, StartError> {
+        let (state, mem) = read_snapshot(dir)?;
+        Self::from_state(state, output, opts, Boot::Restore(&mem))
+    }
+
+    /// Build and start a VM whose RAM `boot` provides, in `state`.
+    pub(crate) fn from_state(
+        mut state: VmState,
+        output: Output,
+        opts: RestoreOptions,
+        boot: Boot<'_>,
+    ) -> Result<Vm, StartError> {
+        state.config.seccomp = opts.seccomp;
+        check_state(&state)?;
+        let m = Machine::assemble(&state.config, output, boot)?;
+        let refused =
+            |e: brisk_kvm::Error| StartError::Snapshot(format!("KVM refused the saved state: {e}"));
+        m.kvm.check_xsave_fits()?;
+        m.kvm.restore_state(&state.vm).map_err(refused)?;
+        m.devices
+            .restore(&state.devices)
+            .map_err(|e| StartError::Snapshot(e.to_string()))?;
+        let sink = m.irq_sink();
+        let mut saved = state.vcpus.into_iter();
+        let vm = Vm::run_machine(m, |v, ctl| {
+            let s = saved.next().expect("checked: one state per vCPU");
+            v.restore_state(&s.kvm).map_err(refused)?;
+            if s.halted {
+                ctl.start_halted();
+            }
+            if opts.paused {
+                ctl.start_paused();
+            }
+            if let Some(sink) = &sink {
+                for vector in &s.pending {
+                    sink.raise(v.id(), *vector);
+                }
+            }
+            Ok(())
+        })?;
+        if opts.paused {
+            vm.mark_paused();
+        }
+        Ok(vm)
+    }
+}
+
+/// The state and memory file of the snapshot in `dir`, checked against
+/// each other.
+pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError> {
+    if !dir.is_dir() {
+        return Err(StartError::Snapshot(format!(
+            "{} is not a snapshot directory",
+            dir.display()
+        )));
+    }
+    let state: VmState = file::read(&dir.join(STATE_FILE)).map_err(StartError::Snapshot)?;
+    let path = dir.join(MEMORY_FILE);
+    let mem = std::fs::File::open(&path)
+        .map_err(|e| StartError::Snapshot(format!("cannot open {}: {e}", path.display())))?;
+    let len = mem
+        .metadata()
+        .map_err(setup("reading the memory file's size"))?
+        .len();
+    let want: u64 = state.regions.iter().map(|r| r.1).sum();
+    if len != want {
+        return Err(StartError::Snapshot(format!(
+            "{} is {len} bytes; the state file says the guest has {want} bytes of RAM",
+            path.display()
+        )));
+    }
+    Ok((state, mem))
+}
+
+/// What must hold before a VM is built from `state`.
+fn check_state(state: &VmState) -> Result<(), StartError> {
+    let c = &state.config;
+    c.validate()
+        .map_err(|e| StartError::Snapshot(format!("the saved configuration is not valid: {e}")))?;
+    if state.regions != brisk_boot::layout::ram_regions(c.memory) {
+        return Err(StartError::Snapshot(
+            "the saved RAM regions do not match the saved memory size".into(),
+        ));
+    }
+    if state.vcpus.len() != c.cpus {
+        return Err(StartError::Snapshot(format!(
+            "the state holds {} vCPUs; its configuration has {}",
+            state.vcpus.len(),
+            c.cpus
+        )));
+    }
+    let user = c.irqchip == brisk_kvm::Irqchip::User;
+    if state
+        .vcpus
+        .iter()
+        .any(|v| !user && (v.halted || !v.pending.is_empty()))
+    {
+        return Err(StartError::Snapshot(
+            "user-space halts and pending interrupts saved for a kernel-irqchip VM".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,398 @@
+//! Snapshot and restore on real KVM, checked by guests that notice: the
+//! tick guest counts its timer interrupts, the pio guest its counter
+//! reads, the halt guest its wake-ups, pingpong its rounds, and the
+//! multiboot test kernels print and exit with what they checked. Each
+//! cycle pauses the VM, saves it, drops it, and restores a new one from
+//! the files, so the guest's whole future runs in the restored VM.
+
+mod common;
+
+use brisk_vmm::require_kvm;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use brisk_guests::PINGPONG_ROUNDS;
+use brisk_test_kernels as k;
+use brisk_vmm::control::Mode;
+use brisk_vmm::snapshot::{self, VmState};
+use brisk_vmm::{
+    Capture, Irqchip, KernelConfig, Output, RestoreOptions, StartError, Vm, VmConfig, VmEnd,
+};
+use common::{soon, start, wait_mode, wait_progress};
+
+/// A scratch directory, removed when dropped.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("brisk-snap-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        Dir(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn state(dir: &Path) -> VmState {
+    snapshot::file::read(&dir.join(snapshot::STATE_FILE)).unwrap()
+}
+
+fn paused() -> RestoreOptions {
+    RestoreOptions {
+        paused: true,
+        ..RestoreOptions::default()
+    }
+}
+
+/// Pause `vm`, save it to `dir`, drop it, and restore a paused VM from
+/// the files. The old VM never runs past the snapshot.
+fn cycle(vm: Vm, dir: &Path, output: Output) -> Vm {
+    if !vm.is_paused() {
+        vm.pause(soon()).unwrap();
+    }
+    vm.snapshot(dir).unwrap();
+    assert!(vm.is_paused(), "a snapshot of a paused VM leaves it paused");
+    vm.shutdown().unwrap();
+    let new = Vm::restore(dir, output, paused()).unwrap();
+    assert!(new.is_paused());
+    new
+}
+
+fn run_to(vm: &Vm, end: VmEnd) {
+    assert_eq!(vm.wait(Some(Duration::from_secs(120)), None), end);
+}
+
+/// 100 cycles of the tick guest at random points: every interrupt the
+/// guest handled was injected exactly once, in one of the VMs; those
+/// pending at a snapshot are pending in the restored VM; the guest ends
+/// after its ticks, as if never interrupted.
+#[test]
+fn tick_guest_loses_no_interrupt_over_100_cycles() {
+    require_kvm!();
+    let dir = Dir::new("tick");
+    const CPUS: usize = 2;
+    let ticks = 2000; // 2 s of 1 ms ticks per vCPU
+    let mut vm = start(&format!("tick={ticks}"), CPUS, Irqchip::User);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0001);
+    let mut injected = [0u64; CPUS];
+    let (mut halted, mut pending, mut cycles) = (0, 0, 0);
+    while cycles < 100 && vm.ended().is_none() {
+        std::thread::sleep(Duration::from_micros(rng.u64(0..8000)));
+        vm.pause(soon()).unwrap();
+        if vm.ended().is_some() {
+            break;
+        }
+        for (id, n) in injected.iter_mut().enumerate() {
+            *n += vm.interrupt_stats(id).unwrap().injected;
+        }
+        vm.snapshot(&dir.0).unwrap();
+        vm.shutdown().unwrap();
+        let saved = state(&dir.0);
+        halted += saved.vcpus.iter().filter(|v| v.halted).count();
+        pending += saved.vcpus.iter().filter(|v| !v.pending.is_empty()).count();
+        vm = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
+        for (id, v) in saved.vcpus.iter().enumerate() {
+            // Its timers run while it is paused: more may be pending.
+            let now = vm.pending_interrupts(id).unwrap().pending_vectors();
+            assert!(
+                v.pending.iter().all(|p| now.contains(p)),
+                "cycle {cycles}: vCPU {id} had {:?} pending, the restored VM {now:?}",
+                v.pending
+            );
+        }
+        vm.resume().unwrap();
+        cycles += 1;
+    }
+    eprintln!(
+        "{cycles} cycles; {halted} vCPU snapshots halted, {pending} with an interrupt pending"
+    );
+    assert!(cycles >= 50, "only {cycles} cycles before the guest ended");
+    run_to(&vm, VmEnd::PowerOff);
+    for (id, before) in injected.iter().enumerate() {
+        let handled = vm.progress(id);
+        assert!(
+            (ticks..=ticks + 1).contains(&handled),
+            "vCPU {id}: {handled} ticks"
+        );
+        let s = vm.interrupt_stats(id).unwrap();
+        assert_eq!(
+            before + s.injected,
+            handled,
+            "vCPU {id}: interrupts injected over all the VMs vs handled by the guest"
+        );
+    }
+    vm.shutdown().unwrap();
+}
+
+/// The pio guest reads its counter device in a tight loop (an exit per
+/// read): at every pause the device's count, the guest's last value and
+/// its loop count fit one point of the loop, and the restored VM holds
+/// exactly the same: no read completed twice or lost.
+#[test]
+fn pio_storm_loses_no_access_across_cycles() {
+    require_kvm!();
+    let dir = Dir::new("pio");
+    let mut vm = start("pio", 2, Irqchip::User);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0002);
+    let point = |vm: &Vm, id: usize| (vm.progress(id), vm.last_read(id), vm.counter_reads(id));
+    for c in 0..30 {
+        wait_progress(&vm, 0, vm.progress(0) + rng.u64(1..5000));
+        vm.pause(soon()).unwrap();
+        let before: Vec<_> = (0..2).map(|id| point(&vm, id)).collect();
+        for &(progress, last, reads) in &before {
+            let reads = u64::from(reads);
+            // After `in`: reads = k + 1; then last = k; then progress = k + 1.
+            assert!(
+                progress == reads || progress + 1 == reads,
+                "cycle {c}: {progress} iterations, {reads} reads"
+            );
+            assert!(
+                last + 1 == reads || last + 2 == reads,
+                "cycle {c}: last value {last}, {reads} reads"
+            );
+        }
+        vm = cycle(vm, &dir.0, Output::Null);
+        let after: Vec<_> = (0..2).map(|id| point(&vm, id)).collect();
+        assert_eq!(
+            before, after,
+            "cycle {c}: the restored VM is not where it was saved"
+        );
+        vm.resume().unwrap();
+    }
+    wait_progress(&vm, 1, vm.progress(1) + 1000);
+    vm.shutdown().unwrap();
+}
+
+/// A vCPU halted in user space (the halt guest: HLT with interrupts off)
+/// is restored halted: it does not run past its HLT until kicked.
+#[test]
+fn halted_vcpus_stay_halted_until_kicked() {
+    require_kvm!();
+    let dir = Dir::new("halt");
+    let vm = start("halt", 2, Irqchip::User);
+    for id in 0..2 {
+        wait_mode(&vm, id, Mode::Halted);
+    }
+    let progress: Vec<u64> = (0..2).map(|id| vm.progress(id)).collect();
+    let vm = cycle(vm, &dir.0, Output::Null);
+    assert!(state(&dir.0).vcpus.iter().all(|v| v.halted));
+    vm.resume().unwrap();
+    for (id, &p) in progress.iter().enumerate() {
+        wait_mode(&vm, id, Mode::Halted);
+        assert_eq!(vm.progress(id), p, "vCPU {id} ran past its HLT");
+    }
+    wait_progress(&vm, 0, progress[0]);
+    assert_eq!(vm.progress(1), progress[1]);
+    vm.shutdown().unwrap();
+}
+
+/// Interrupts raised while the VM is paused are pending in the snapshot
+/// and taken by the restored guest.
+#[test]
+fn interrupts_pending_at_the_snapshot_are_taken_after_the_restore() {
+    require_kvm!();
+    let dir = Dir::new("pending");
+    let vm = start("tick=300", 1, Irqchip::User);
+    wait_progress(&vm, 0, 10);
+    vm.pause(soon()).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while !vm.pending_interrupts(0).unwrap().any() {
+        assert!(std::time::Instant::now() < until, "no tick while paused");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let handled = vm.progress(0);
+    let injected = vm.interrupt_stats(0).unwrap().injected;
+    let vm = cycle(vm, &dir.0, Output::Null);
+    assert_eq!(state(&dir.0).vcpus[0].pending, [0x20]);
+    assert_eq!(vm.progress(0), handled);
+    vm.resume().unwrap();
+    run_to(&vm, VmEnd::PowerOff);
+    let s = vm.interrupt_stats(0).unwrap();
+    assert!((300..=301).contains(&vm.progress(0)));
+    assert_eq!(injected + s.injected, vm.progress(0));
+    vm.shutdown().unwrap();
+}
+
+/// The pingpong token goes round every vCPU through the doorbell, each
+/// HLTing until rung: cycles at random points lose no ring.
+#[test]
+fn pingpong_passes_every_round_across_cycles() {
+    require_kvm!();
+    let dir = Dir::new("pingpong");
+    let mut vm = start("pingpong", 3, Irqchip::User);
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0003);
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_micros(rng.u64(0..3000)));
+        if vm.ended().is_some() {
+            break;
+        }
+        vm = cycle(vm, &dir.0, Output::Null);
+        vm.resume().unwrap();
+    }
+    run_to(&vm, VmEnd::PowerOff);
+    for id in 0..3 {
+        assert_eq!(vm.progress(id), PINGPONG_ROUNDS, "vCPU {id}");
+    }
+    vm.shutdown().unwrap();
+}
+
+/// A restored VM started paused stays paused until resumed, and the
+/// snapshot of a running VM leaves it running.
+#[test]
+fn restore_paused_waits_for_resume_and_snapshot_keeps_a_vm_running() {
+    require_kvm!();
+    let dir = Dir::new("paused");
+    let vm = start("spin", 1, Irqchip::User);
+    wait_progress(&vm, 0, 1000);
+    let info = vm.snapshot(&dir.0).unwrap();
+    assert!(!vm.is_paused());
+    assert_eq!(info.memory.ram, 64 << 20);
+    assert!(
+        info.memory.data < info.memory.ram / 4,
+        "{info:?}: holes expected"
+    );
+    let p = vm.progress(0);
+    wait_progress(&vm, 0, p + 1000);
+    vm.shutdown().unwrap();
+    let vm = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
+    let frozen = vm.progress(0);
+    assert!(frozen <= p, "restored at {frozen}, saved by {p}");
+    wait_mode(&vm, 0, Mode::Parked);
+    assert_eq!(vm.progress(0), frozen);
+    vm.resume().unwrap();
+    wait_progress(&vm, 0, frozen + 1000);
+    vm.shutdown().unwrap();
+}
+
+fn kernel(path: &str, cpus: usize) -> VmConfig {
+    VmConfig {
+        cpus,
+        irqchip: Irqchip::Kernel,
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
+            path: path.into(),
+            cmdline: String::new(),
+            initrd: None,
+        }),
+        ..VmConfig::default()
+    }
+}
+
+const PASS: VmEnd = VmEnd::DebugExit(k::PASS as u32);
+
+/// The SMP test kernel brings up its APs with INIT/SIPI through KVM's
+/// LAPICs while it is snapshotted and restored at random points; it still
+/// starts every AP and passes. The VMs' outputs, one after another, are
+/// the one run's.
+#[test]
+fn smp_kernel_passes_across_cycles_at_random_points() {
+    require_kvm!();
+    let dir = Dir::new("smp");
+    let mut rng = fastrand::Rng::with_seed(0x5eed_0004);
+    let mut out = Vec::new();
+    let mut capture = Capture::default();
+    let mut vm = Vm::start(&kernel(k::SMP, 4), Output::Capture(capture.clone())).unwrap();
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_micros(rng.u64(0..4000)));
+        if vm.ended().is_some() {
+            break;
+        }
+        let next = Capture::default();
+        vm = cycle(vm, &dir.0, Output::Capture(next.clone()));
+        out.push(capture.text());
+        capture = next;
+        vm.resume().unwrap();
+    }
+    run_to(&vm, PASS);
+    vm.shutdown().unwrap();
+    out.push(capture.text());
+    let all = out.concat();
+    assert!(all.contains("3 of 3 APs started"), "{all}");
+    for ap in 1..4 {
+        assert!(
+            all.contains(&format!("AP with APIC id {ap} is up")),
+            "{all}"
+        );
+    }
+}
+
+/// The UART-interrupt kernel waits, halted, for input through the IOAPIC;
+/// restored from a snapshot taken there, it takes the input and passes.
+#[test]
+fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
+    require_kvm!();
+    let dir = Dir::new("uartirq");
+    let capture = Capture::default();
+    let vm = Vm::start(&kernel(k::UARTIRQ, 2), Output::Capture(capture.clone())).unwrap();
+    let ready = std::time::Instant::now() + Duration::from_secs(60);
+    while !capture.text().contains("ready for input") {
+        assert!(vm.ended().is_none(), "{:?}: {}", vm.ended(), capture.text());
+        assert!(std::time::Instant::now() < ready, "{}", capture.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let after = Capture::default();
+    let vm = cycle(vm, &dir.0, Output::Capture(after.clone()));
+    vm.resume().unwrap();
+    assert_eq!(vm.console_input(b"ping"), 4);
+    run_to(&vm, PASS);
+    vm.shutdown().unwrap();
+    assert!(after.text().contains("got 'ping'"), "{}", after.text());
+}
+
+/// Snapshots that cannot be used are refused, in one sentence, before a
+/// VM is built.
+#[test]
+fn bad_snapshots_are_refused_with_a_reason() {
+    require_kvm!();
+    let dir = Dir::new("bad");
+    let vm = start("spin", 2, Irqchip::User);
+    vm.snapshot(&dir.0).unwrap();
+    vm.shutdown().unwrap();
+    let state_path = dir.0.join(snapshot::STATE_FILE);
+    let mem_path = dir.0.join(snapshot::MEMORY_FILE);
+    let good = std::fs::read(&state_path).unwrap();
+    let refused = |why: &str| match Vm::restore(&dir.0, Output::Null, paused()) {
+        Err(StartError::Snapshot(msg)) => {
+            assert!(msg.contains(why), "{msg:?} should say {why:?}");
+            assert!(!msg.contains('\n'), "one sentence: {msg:?}");
+        }
+        Err(e) => panic!("refused as something else: {e}"),
+        Ok(_) => panic!("restored a snapshot that should be refused ({why})"),
+    };
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&state_path, &newer).unwrap();
+    refused("format version 2");
+    let mut older = good.clone();
+    older[8..12].copy_from_slice(&0u32.to_le_bytes());
+    std::fs::write(&state_path, &older).unwrap();
+    refused("format version 0");
+    std::fs::write(&state_path, &good[..good.len() / 2]).unwrap();
+    refused("truncated");
+    let mut flipped = good.clone();
+    let at = flipped.len() - 100;
+    flipped[at] ^= 0x40;
+    std::fs::write(&state_path, &flipped).unwrap();
+    refused("checksum");
+    std::fs::write(&state_path, b"{\"config\": 1}").unwrap();
+    refused("not a brisk snapshot");
+    std::fs::write(&state_path, &good).unwrap();
+    let mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mem_path)
+        .unwrap();
+    mem.set_len(32 << 20).unwrap();
+    refused("RAM");
+    std::fs::remove_file(&mem_path).unwrap();
+    refused("memory");
+    std::fs::remove_file(&state_path).unwrap();
+    refused("state");
+    match Vm::restore(&dir.0.join("nowhere"), Output::Null, paused()) {
+        Err(StartError::Snapshot(msg)) => assert!(msg.contains("not a snapshot directory")),
+        _ => panic!("a missing directory restored"),
+    }
+}
