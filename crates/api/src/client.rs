@@ -12,7 +12,11 @@ pub struct Response {
     pub body: String,
 }
 
-/// Send one request (`Connection: close`) and read the whole reply.
+/// How long [`request`] waits for a reply.
+pub const REPLY_BOUND: Duration = Duration::from_secs(30);
+
+/// Send one request (`Connection: close`) and read the whole reply,
+/// waiting at most [`REPLY_BOUND`].
 pub fn request(
     socket: &Path,
     method: &str,
@@ -20,8 +24,21 @@ pub fn request(
     body: Option<&str>,
     accept: Option<&str>,
 ) -> io::Result<Response> {
+    request_within(socket, method, path, body, accept, REPLY_BOUND)
+}
+
+/// As [`request`], waiting at most `bound` for the reply (operations that
+/// take long: a migration).
+pub fn request_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    accept: Option<&str>,
+    bound: Duration,
+) -> io::Result<Response> {
     let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(Some(bound))?;
     let body = body.unwrap_or("");
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",

@@ -13,7 +13,7 @@ use crate::prometheus;
 const DEADLINE: Duration = Duration::from_secs(2);
 
 /// The paths and the methods each accepts.
-pub const PATHS: [(&str, &str); 8] = [
+pub const PATHS: [(&str, &str); 11] = [
     ("/api/v1/vmm.ping", "GET"),
     ("/api/v1/vm.info", "GET"),
     ("/api/v1/vm.counters", "GET"),
@@ -22,12 +22,15 @@ pub const PATHS: [(&str, &str); 8] = [
     ("/api/v1/vm.shutdown", "PUT"),
     ("/api/v1/vcpu.kick", "PUT"),
     ("/api/v1/vm.snapshot", "PUT"),
+    ("/api/v1/vm.send-migration", "PUT"),
+    ("/api/v1/vm.migration", "GET"),
+    ("/api/v1/vm.cancel-migration", "PUT"),
 ];
 
 /// Paths whose handler blocks for long (it writes or sends guest RAM):
 /// the server runs them off its event loop, so other requests (a cancel)
 /// are still answered meanwhile.
-pub const SLOW_PATHS: [&str; 1] = ["/api/v1/vm.snapshot"];
+pub const SLOW_PATHS: [&str; 2] = ["/api/v1/vm.snapshot", "/api/v1/vm.send-migration"];
 
 /// An HTTP reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,6 +63,63 @@ struct KickBody {
 #[serde(deny_unknown_fields)]
 struct SnapshotBody {
     destination_url: String,
+}
+
+/// The body of `vm.send-migration`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendMigrationBody {
+    destination_url: String,
+    #[serde(default)]
+    downtime_ms: Option<u64>,
+    #[serde(default)]
+    timeout_s: Option<u64>,
+    #[serde(default)]
+    local: bool,
+    /// cloud-hypervisor's: "cancel" (default) or "ignore" (stop and
+    /// copy anyway) when `timeout_s` passes before convergence.
+    #[serde(default)]
+    timeout_strategy: Option<String>,
+}
+
+/// The options in a `vm.send-migration` body, or the 400 reply. Pure.
+pub fn migration_target(b: &[u8]) -> Result<brisk_vmm::MigrationOptions, Reply> {
+    let m: SendMigrationBody = body(
+        b,
+        "{\"destination_url\": \"unix:PATH\" or \"tcp:HOST:PORT\", \"downtime_ms\": 300, \"timeout_s\": 60, \"timeout_strategy\": \"cancel\", \"local\": false}",
+    )?;
+    let url = m
+        .destination_url
+        .parse()
+        .map_err(|e: String| Reply::error(400, e))?;
+    let mut o = brisk_vmm::MigrationOptions::new(url);
+    if let Some(ms) = m.downtime_ms {
+        if !(1..=60_000).contains(&ms) {
+            return Err(Reply::error(400, "downtime_ms must be from 1 to 60000"));
+        }
+        o.downtime = Duration::from_millis(ms);
+    }
+    if let Some(s) = m.timeout_s {
+        if !(1..=86_400).contains(&s) {
+            return Err(Reply::error(400, "timeout_s must be from 1 to 86400"));
+        }
+        o.timeout = Duration::from_secs(s);
+    }
+    o.local = m.local;
+    o.force_on_timeout = match m.timeout_strategy.as_deref() {
+        None | Some("cancel") => false,
+        Some("ignore") => true,
+        Some(other) => {
+            return Err(Reply::error(
+                400,
+                format!(
+                    "timeout_strategy '{}' is neither \"cancel\" nor \"ignore\"",
+                    shorten(other)
+                ),
+            ))
+        }
+    };
+    Ok(o)
 }
 
 /// The directory a `file://` URL names (`file:///abs/dir`); other
@@ -212,6 +272,18 @@ impl Api {
                 Ok(dir) => self.snapshot(&dir),
                 Err(reply) => reply,
             },
+            "/api/v1/vm.send-migration" => match migration_target(body) {
+                Ok(opts) => self.send_migration(opts),
+                Err(reply) => reply,
+            },
+            "/api/v1/vm.migration" => match self.vm.migration_status() {
+                Some(s) => Reply::json(200, json!(s)),
+                None => Reply::error(404, "no migration was started"),
+            },
+            "/api/v1/vm.cancel-migration" => match self.vm.cancel_migration() {
+                true => Reply::no_content(),
+                false => Reply::error(409, "no migration is in progress"),
+            },
             _ => Reply::error(500, "route table and dispatch disagree"),
         }
     }
@@ -302,6 +374,36 @@ impl Api {
             ),
             Err(e @ SnapshotError::Pause(PauseError::Ended)) => Reply::error(409, e.to_string()),
             Err(e @ SnapshotError::Io { .. }) => Reply::error(400, e.to_string()),
+            Err(e) => Reply::error(500, e.to_string()),
+        }
+    }
+
+    fn send_migration(&self, opts: brisk_vmm::MigrationOptions) -> Reply {
+        use brisk_vmm::MigrationError as E;
+        // As cloud-hypervisor's: the reply comes when the migration has
+        // ended (GET vm.migration follows it meanwhile).
+        match self.vm.send_migration(opts) {
+            Ok(()) => match self.vm.wait_migration() {
+                Some(s) if s.phase == brisk_vmm::migration::Phase::Completed => {
+                    Reply::json(200, json!(s))
+                }
+                Some(s) => {
+                    let status = match s.phase {
+                        brisk_vmm::migration::Phase::Cancelled => 409,
+                        _ => 500,
+                    };
+                    let mut v = json!(s);
+                    v["error"] = json!(format!(
+                        "migration {}: {}",
+                        json!(s.phase).as_str().unwrap_or("failed"),
+                        s.error.as_deref().unwrap_or("?")
+                    ));
+                    Reply::json(status, v)
+                }
+                None => Reply::error(500, "the migration started but has no status"),
+            },
+            Err(e @ (E::Ended | E::InProgress)) => Reply::error(409, e.to_string()),
+            Err(e @ (E::NotShared | E::LocalNeedsUnix)) => Reply::error(400, e.to_string()),
             Err(e) => Reply::error(500, e.to_string()),
         }
     }

@@ -84,6 +84,35 @@ enum CtlOp {
         /// The snapshot directory (made absolute for the API).
         dir: std::path::PathBuf,
     },
+    /// Migrate the VM live to a `brisk run --receive-migration URL` that
+    /// waits there: pre-copy while the guest runs, then a stop-and-copy
+    /// within the downtime budget. Progress (bytes, rate, dirty pages
+    /// left, estimated downtime) goes to stderr; exits 0 once the VM runs
+    /// at the destination (the source brisk then exits 0 too).
+    SendMigration {
+        /// `unix:PATH` or `tcp:HOST:PORT`.
+        url: String,
+        /// The longest the guest may be stopped, in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        downtime_ms: u64,
+        /// Give up, the VM still running here, if the copy has not
+        /// converged after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        /// At the timeout, stop the guest and copy the rest anyway (over
+        /// the downtime budget) instead of giving up.
+        #[arg(long)]
+        force: bool,
+        /// Local upgrade: hand guest memory to the destination as a file
+        /// descriptor (`unix:` only; the VM must run with
+        /// --shared-memory): nothing is copied.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Cancel a migration in progress: the VM keeps running here.
+    CancelMigration,
+    /// The outgoing migration's progress.
+    Migration,
 }
 
 #[derive(clap::Args, Debug)]
@@ -229,9 +258,16 @@ struct RunArgs {
     /// options that choose those are refused with it.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait"])]
     restore: Option<std::path::PathBuf>,
-    /// With --restore: start the restored VM paused (resume it through
-    /// the API: `brisk ctl resume`).
-    #[arg(long, requires = "restore")]
+    /// Wait on URL (`unix:PATH`, created 0600 and removed after, or
+    /// `tcp:HOST:PORT`) for one live migration (`brisk ctl
+    /// send-migration URL` on the source), then run the VM as if it had
+    /// booted here, exiting with the guest's status. The configuration
+    /// comes from the source.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait", "restore"])]
+    receive_migration: Option<String>,
+    /// With --restore or --receive-migration: start the VM paused
+    /// (resume it through the API: `brisk ctl resume`).
+    #[arg(long)]
     paused: bool,
     /// Per-thread seccomp filters (docs/seccomp.md): `on` (a forbidden
     /// system call is named on stderr and ends brisk, status 12), `log`
@@ -299,6 +335,21 @@ impl From<CtlOp> for crate::ctl::Op {
             CtlOp::Kick { id } => Op::Kick(id),
             CtlOp::Ping => Op::Ping,
             CtlOp::Snapshot { dir } => Op::Snapshot(dir),
+            CtlOp::SendMigration {
+                url,
+                downtime_ms,
+                timeout_s,
+                force,
+                local,
+            } => Op::SendMigration {
+                url,
+                downtime_ms,
+                timeout_s,
+                force,
+                local,
+            },
+            CtlOp::CancelMigration => Op::CancelMigration,
+            CtlOp::Migration => Op::Migration,
         }
     }
 }
@@ -493,15 +544,27 @@ fn run(args: RunArgs) -> i32 {
         .timeout
         .and_then(|t| std::time::Instant::now().checked_add(t));
     let abort = || signals::last() != 0 || deadline.is_some_and(|d| std::time::Instant::now() >= d);
-    let started = match &args.restore {
-        Some(dir) => {
-            let opts = brisk_vmm::RestoreOptions {
-                paused: args.paused,
-                seccomp: config.seccomp,
-            };
-            Vm::restore(dir, Output::Stdout, opts)
-        }
-        None => Vm::start_with_abort(&config, Output::Stdout, &abort),
+    let opts = brisk_vmm::RestoreOptions {
+        paused: args.paused,
+        seccomp: config.seccomp,
+    };
+    if args.paused && args.restore.is_none() && args.receive_migration.is_none() {
+        eprintln!("brisk: --paused goes with --restore or --receive-migration");
+        return status::USAGE;
+    }
+    let started = match (&args.restore, &args.receive_migration) {
+        (Some(dir), _) => Vm::restore(dir, Output::Stdout, opts),
+        (None, Some(url)) => match url.parse::<brisk_vmm::MigrationUrl>() {
+            Ok(url) => {
+                eprintln!("brisk: waiting for a migration on {url}");
+                Vm::receive_migration(&url, Output::Stdout, opts, &abort)
+            }
+            Err(e) => {
+                eprintln!("brisk: --receive-migration: {e}");
+                return status::USAGE;
+            }
+        },
+        (None, None) => Vm::start_with_abort(&config, Output::Stdout, &abort),
     };
     let vm = match started {
         Ok(vm) => vm,
@@ -556,6 +619,7 @@ fn run(args: RunArgs) -> i32 {
     let code = status::for_end(&end, signals::last());
     match &end {
         VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::ShutdownRequested => log::info!("{end}"),
+        VmEnd::Migrated { .. } => eprintln!("brisk: the VM {end}"),
         VmEnd::Interrupted => eprintln!("brisk: stopped by signal {}", signals::last()),
         _ => eprintln!("brisk: {end}"),
     }
@@ -568,6 +632,9 @@ fn run(args: RunArgs) -> i32 {
 /// process's exit: brisk never waits for it without bound.
 fn finish(vm: std::sync::Arc<Vm>, api: Option<brisk_api::ApiServer>, code: i32) -> i32 {
     drop(api);
+    // An outgoing migration's thread holds the VM: cancel it (if still
+    // going) and wait for it, bounded by its stream's I/O timeout.
+    vm.stop_migration();
     let vm = match std::sync::Arc::try_unwrap(vm) {
         Ok(vm) => vm,
         Err(_) => {

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use brisk_api::client::request;
+use brisk_api::client::{request, request_within};
 use serde_json::Value;
 
 use crate::status;
@@ -16,10 +16,19 @@ pub enum Op {
     Kick(usize),
     Ping,
     Snapshot(std::path::PathBuf),
+    SendMigration {
+        url: String,
+        downtime_ms: u64,
+        timeout_s: u64,
+        force: bool,
+        local: bool,
+    },
+    CancelMigration,
+    Migration,
 }
 
 pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
-    let (kick_body, snapshot_body);
+    let (kick_body, snapshot_body, migration_body);
     let (method, path, body, done) = match &op {
         Op::Info => ("GET", "/api/v1/vm.info", None, ""),
         Op::Pause => ("PUT", "/api/v1/vm.pause", None, "paused"),
@@ -57,8 +66,51 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
                 "",
             )
         }
+        Op::SendMigration {
+            url,
+            downtime_ms,
+            timeout_s,
+            force,
+            local,
+        } => {
+            migration_body = serde_json::json!({
+                "destination_url": url,
+                "downtime_ms": downtime_ms,
+                "timeout_s": timeout_s,
+                "timeout_strategy": if *force { "ignore" } else { "cancel" },
+                "local": local,
+            })
+            .to_string();
+            (
+                "PUT",
+                "/api/v1/vm.send-migration",
+                Some(migration_body.as_str()),
+                "",
+            )
+        }
+        Op::CancelMigration => ("PUT", "/api/v1/vm.cancel-migration", None, "cancelling"),
+        Op::Migration => ("GET", "/api/v1/vm.migration", None, ""),
     };
-    let reply = match request(socket, method, path, body, None) {
+    // A migration's reply comes when it has ended; meanwhile a second
+    // connection follows its progress.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = matches!(op, Op::SendMigration { .. }).then(|| {
+        let (socket, done) = (socket.to_path_buf(), finished.clone());
+        std::thread::spawn(move || follow_migration(&socket, &done))
+    });
+    let bound = match &op {
+        Op::SendMigration { timeout_s, .. } => {
+            std::time::Duration::from_secs(timeout_s.saturating_add(120))
+        }
+        Op::Snapshot(_) => std::time::Duration::from_secs(600),
+        _ => brisk_api::client::REPLY_BOUND,
+    };
+    let reply = request_within(socket, method, path, body, None, bound);
+    finished.store(true, std::sync::atomic::Ordering::SeqCst);
+    if let Some(f) = follower {
+        let _ = f.join();
+    }
+    let reply = match reply {
         Ok(r) => r,
         Err(e) => {
             eprintln!("brisk: cannot reach the API at {}: {e}", socket.display());
@@ -89,6 +141,38 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         Err(_) => println!("{}", reply.body),
     }
     status::OK
+}
+
+/// Print the outgoing migration's progress on stderr, a line per change,
+/// until `done` is set.
+fn follow_migration(socket: &Path, done: &std::sync::atomic::AtomicBool) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut last = String::new();
+    while !done.load(SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let Ok(reply) = request(socket, "GET", "/api/v1/vm.migration", None, None) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&reply.body) else {
+            continue;
+        };
+        if reply.status != 200 || done.load(SeqCst) {
+            continue;
+        }
+        let line = format!(
+            "migration {}: pass {}, {:.1} MiB sent at {:.1} MiB/s, {} dirty pages left, estimated downtime {:.1} ms",
+            v["phase"].as_str().unwrap_or("?"),
+            v["iteration"],
+            v["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+            v["rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1048576.0,
+            v["dirty_pages"],
+            v["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
+        );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+    }
 }
 
 fn human(op: &Op, v: &Value) -> String {
@@ -152,6 +236,24 @@ fn human(op: &Op, v: &Value) -> String {
             ));
             s
         }
+        Op::SendMigration { .. } => format!(
+            "migrated to {}: downtime {:.1} ms, {:.1} ms in all, {:.1} MiB sent in {} passes",
+            v["destination_url"].as_str().unwrap_or("?"),
+            v["downtime_ms"].as_f64().unwrap_or(0.0),
+            v["total_ms"].as_f64().unwrap_or(0.0),
+            v["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+            v["iteration"].as_u64().unwrap_or(0) + 1
+        ),
+        Op::Migration => format!(
+            "{}: {} pass(es), {:.1} MiB sent, {} dirty pages, downtime {}",
+            v["phase"].as_str().unwrap_or("?"),
+            v["iteration"].as_u64().unwrap_or(0) + 1,
+            v["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+            v["dirty_pages"],
+            v["downtime_ms"]
+                .as_f64()
+                .map_or("-".to_string(), |d| format!("{d:.1} ms"))
+        ),
         Op::Snapshot(_) => format!(
             "snapshot in {}: {} MiB of RAM ({:.1} MiB written), paused {:.1} ms, {:.1} ms in all",
             v["destination_url"]

@@ -31,7 +31,8 @@ pub const PANICKED: i32 = 22;
 /// The text `brisk run --help` shows.
 pub const HELP: &str = "\
 Exit status:
-  0      the guest powered off (ACPI PM1a_CNT at port 0x604), or the API shut it down
+  0      the guest powered off (ACPI PM1a_CNT at port 0x604), the API shut it down,
+         or it was migrated away (the destination runs it now)
   odd    the guest wrote v to the debug-exit port 0xf4: (v << 1) | 1, as QEMU's isa-debug-exit
   2      bad command line
   4      /dev/kvm is missing, not accessible, or lacks a needed capability
@@ -53,7 +54,7 @@ Exit status:
 /// Status for a VM that ran and ended.
 pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
     match end {
-        VmEnd::PowerOff | VmEnd::ShutdownRequested => OK,
+        VmEnd::PowerOff | VmEnd::ShutdownRequested | VmEnd::Migrated { .. } => OK,
         VmEnd::DebugExit(v) => (((v << 1) | 1) & 0xff) as i32,
         VmEnd::Crash { .. } => GUEST_CRASH,
         VmEnd::Reboot => REBOOT,

@@ -194,6 +194,14 @@ pub const ALL: &[Builtin] = &[
         assemble: programs::pingpong,
     },
     Builtin {
+        name: "dirty",
+        about: "each vCPU sweeps its own N MiB (default 16) from 16 MiB up, writing the sweep number into every 4 KiB page, forever, counting sweeps (dirties memory for migration tests and benchmarks; dirty=N, give it the RAM)",
+        ends: false,
+        user_irqchip: false,
+        param: Some(Param { what: "MiB each vCPU dirties", default: DIRTY_MIB, max: 4096 }),
+        assemble: programs::dirty,
+    },
+    Builtin {
         name: "debug-exit",
         about: "vCPU 0 prints a line and writes 0x21 to the debug-exit port (status 67)",
         ends: true,
@@ -328,6 +336,11 @@ pub const TICK_PERIOD_US: u32 = 1000;
 /// the doorbell's vector.
 pub const PINGPONG_ROUNDS: u64 = 1000;
 pub const DOORBELL_VECTOR: u8 = 0x21;
+
+/// MiB each vCPU of the `dirty` guest sweeps, by default, and where the
+/// sweeps start: vCPU `i`'s area is `DIRTY_BASE + i * N MiB`.
+pub const DIRTY_MIB: u64 = 16;
+pub const DIRTY_BASE: u64 = 16 << 20;
 
 /// The value the `debug-exit` guest writes to the debug-exit port.
 pub const DEBUG_EXIT_VALUE: u8 = 0x21;

@@ -61,6 +61,37 @@ pub(crate) fn spin(_n: u64) -> Program {
     asm::finish(a)
 }
 
+/// Sweep this vCPU's `mib` MiB from `DIRTY_BASE + id * mib MiB`: write
+/// the sweep number (progress + 1) into the first qword of every page,
+/// then count the sweep. At any moment the pages hold progress + 1 up to
+/// where the sweep is, progress after it: what a migration test checks.
+pub(crate) fn dirty(mib: u64) -> Program {
+    let mut a = asm::new()?;
+    asm::vcpu_data_to_rbx(&mut a)?;
+    let bytes = mib << 20;
+    // r12 = start of this vCPU's area, r13 = its end.
+    a.mov(r12, bytes)?;
+    a.imul_2(r12, rdi)?;
+    a.mov(rax, crate::DIRTY_BASE)?;
+    a.add(r12, rax)?;
+    a.mov(r13, r12)?;
+    a.mov(rax, bytes)?;
+    a.add(r13, rax)?;
+    let (mut sweep, mut page) = (a.create_label(), a.create_label());
+    a.set_label(&mut sweep)?;
+    a.mov(rax, qword_ptr(rbx))?;
+    a.inc(rax)?;
+    a.mov(rcx, r12)?;
+    a.set_label(&mut page)?;
+    a.mov(qword_ptr(rcx), rax)?;
+    a.add(rcx, 4096)?;
+    a.cmp(rcx, r13)?;
+    a.jb(page)?;
+    a.mov(qword_ptr(rbx), rax)?;
+    a.jmp(sweep)?;
+    asm::finish(a)
+}
+
 /// `in` from the vCPU's counter port forever; stores the value read and
 /// counts iterations.
 pub(crate) fn pio(_n: u64) -> Program {

@@ -53,7 +53,7 @@ pub struct Vm {
     /// RAM is anonymous (untouched pages are not resident).
     anonymous: bool,
     /// KVM logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES).
-    dirty_log: bool,
+    dirty_log: std::sync::atomic::AtomicBool,
     irqchip: Irqchip,
     mwait: Mwait,
     /// Offer KVM's PV send-IPI hypercall in CPUID (as QEMU's kvm-pv-ipi).
@@ -117,7 +117,7 @@ impl Vm {
             memory: ram.memory,
             shared_memory: ram.shared,
             anonymous: ram.anonymous,
-            dirty_log: false,
+            dirty_log: std::sync::atomic::AtomicBool::new(false),
             irqchip,
             mwait: Mwait::default(),
             pv_ipi: true,
@@ -190,8 +190,9 @@ impl Vm {
     /// Start or stop KVM's log of the pages the guest writes
     /// (KVM_MEM_LOG_DIRTY_PAGES on every slot). Starting also clears
     /// vm-memory's bitmaps of brisk's own writes.
-    pub fn set_dirty_log(&mut self, on: bool) -> Result<()> {
-        if on == self.dirty_log {
+    pub fn set_dirty_log(&self, on: bool) -> Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if on == self.dirty_log.load(SeqCst) {
             return Ok(());
         }
         let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
@@ -201,7 +202,7 @@ impl Vm {
                 vm_memory::MmapRegion::bitmap(region).reset();
             }
         }
-        self.dirty_log = on;
+        self.dirty_log.store(on, SeqCst);
         Ok(())
     }
 
@@ -210,7 +211,7 @@ impl Vm {
     /// or by brisk (vm-memory's bitmap), one bit per 4 KiB page; both are
     /// reset. Needs [`Vm::set_dirty_log`] on.
     pub fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>> {
-        if !self.dirty_log {
+        if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::State("dirty logging is off".into()));
         }
         let mut out = Vec::new();

@@ -29,6 +29,8 @@ pub enum VmEnd {
     Interrupted,
     /// A controller asked for it (e.g. `PUT /api/v1/vm.shutdown`).
     ShutdownRequested,
+    /// The VM was migrated: it runs at `to` now.
+    Migrated { to: String },
 }
 
 impl fmt::Display for VmEnd {
@@ -45,6 +47,7 @@ impl fmt::Display for VmEnd {
             VmEnd::Timeout => write!(f, "timed out with the guest still running"),
             VmEnd::Interrupted => write!(f, "interrupted"),
             VmEnd::ShutdownRequested => write!(f, "shut down on request"),
+            VmEnd::Migrated { to } => write!(f, "migrated to {to}"),
         }
     }
 }

@@ -134,6 +134,11 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_rename,
             libc::SYS_renameat,
             libc::SYS_renameat2,
+            // Migrations (on a thread the API thread spawns): connect to
+            // the destination, set the stream's timeouts.
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_setsockopt,
         ],
         ThreadKind::Main => &[
             libc::SYS_poll,

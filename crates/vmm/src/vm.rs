@@ -113,6 +113,11 @@ impl Machine {
                 file.try_clone()
                     .map_err(setup("duplicating the memory file"))?,
             ),
+            Boot::Receive(Some(file)) => MemoryBacking::Shared(
+                file.try_clone()
+                    .map_err(setup("duplicating the memory fd"))?,
+            ),
+            Boot::Receive(None) => MemoryBacking::Anonymous,
         };
         let backing = match (backing, config.shared_memory) {
             (MemoryBacking::Anonymous, true) => MemoryBacking::NewMemfd,
@@ -128,7 +133,7 @@ impl Machine {
                 &platform::kernel_cmdline(config),
                 abort,
             )?),
-            Boot::Restore(_) => None,
+            Boot::Restore(_) | Boot::Receive(_) => None,
         };
         let guest = config.payload.name();
 
@@ -191,6 +196,9 @@ pub(crate) enum Boot<'a> {
     Load(&'a dyn Fn() -> bool),
     /// Map a snapshot's memory file; the caller restores the state.
     Restore(&'a std::fs::File),
+    /// A migration's destination: fresh memory the source fills, or the
+    /// source's own (its memfd, handed over on a local upgrade).
+    Receive(Option<&'a std::fs::File>),
 }
 
 impl Machine {
@@ -291,6 +299,8 @@ pub struct Vm {
     /// What it was built from.
     pub(crate) config: VmConfig,
     pub(crate) end: Arc<EndLatch>,
+    /// The outgoing migration, if one was started.
+    pub(crate) migration: Mutex<Option<Arc<crate::migration::Outgoing>>>,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
     pub(crate) irq: Option<IrqSources>,
 }
@@ -340,6 +350,7 @@ impl Vm {
             seccomp: config.seccomp,
             paused: Mutex::new(false),
             config: m.config,
+            migration: Mutex::new(None),
             irq: m.irq,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
@@ -416,6 +427,11 @@ impl Vm {
         // SAFETY: an 8-byte aligned address inside guest RAM, mapped for the
         // VM's lifetime; the guest writes it concurrently, hence atomic.
         unsafe { (*(host as *const AtomicU64)).load(Ordering::SeqCst) }
+    }
+
+    /// Guest RAM (tests and tools that read what the guest wrote).
+    pub fn guest_memory(&self) -> &brisk_kvm::GuestRam {
+        self.kvm.memory()
     }
 
     /// Reads answered by vCPU `id`'s counter device.

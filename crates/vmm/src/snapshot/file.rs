@@ -34,6 +34,16 @@ const MAX_BODY: u64 = 64 << 20;
 /// Write `state` to `path` (through a temporary file renamed into place,
 /// so a reader sees the old file or the new one, never half of one).
 pub fn write<T: Serialize>(path: &Path, state: &T) -> std::io::Result<()> {
+    let out = encode(state)?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&out)?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// The bytes of a state file holding `state` (also a migration's STATE).
+pub fn encode<T: Serialize>(state: &T) -> std::io::Result<Vec<u8>> {
     let body = serde_json::to_vec(state)?;
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);
@@ -43,11 +53,7 @@ pub fn write<T: Serialize>(path: &Path, state: &T) -> std::io::Result<()> {
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&body);
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&out)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    Ok(out)
 }
 
 /// Read a state file, or the one sentence saying why it cannot be used.

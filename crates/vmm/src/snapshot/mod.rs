@@ -226,10 +226,28 @@ impl Vm {
         state.config.seccomp = opts.seccomp;
         check_state(&state)?;
         let m = Machine::assemble(&state.config, output, boot)?;
+        Self::restore_into(m, state, opts)
+    }
+
+    /// Put `state` into `m` (built from `state.config`, RAM already
+    /// filled) and start it.
+    pub(crate) fn restore_into(
+        m: Machine,
+        state: VmState,
+        opts: RestoreOptions,
+    ) -> Result<Vm, StartError> {
+        check_state(&state)?;
+        if m.vcpus.len() != state.vcpus.len() {
+            return Err(StartError::Snapshot(
+                "the state's vCPUs do not match the VM's".into(),
+            ));
+        }
         let refused =
             |e: brisk_kvm::Error| StartError::Snapshot(format!("KVM refused the saved state: {e}"));
+        let t = Instant::now();
         m.kvm.check_xsave_fits()?;
         m.kvm.restore_state(&state.vm).map_err(refused)?;
+        log::debug!("restore: VM state in {:?}", t.elapsed());
         m.devices
             .restore(&state.devices)
             .map_err(|e| StartError::Snapshot(e.to_string()))?;
@@ -254,6 +272,7 @@ impl Vm {
         if opts.paused {
             vm.mark_paused();
         }
+        log::debug!("restore: vCPUs and devices in {:?}", t.elapsed());
         Ok(vm)
     }
 }
@@ -286,7 +305,7 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
 }
 
 /// What must hold before a VM is built from `state`.
-fn check_state(state: &VmState) -> Result<(), StartError> {
+pub(crate) fn check_state(state: &VmState) -> Result<(), StartError> {
     let c = &state.config;
     c.validate()
         .map_err(|e| StartError::Snapshot(format!("the saved configuration is not valid: {e}")))?;
