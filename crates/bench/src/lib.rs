@@ -12,6 +12,9 @@
 //! - [`irq`]: timer interrupt latency with and without idle-time tasks.
 //! - [`boot`]: spawn to marker and to exit for built-in, multiboot and
 //!   Linux guests; virtio-blk 4 KiB reads vs pread.
+//! - [`snapshot`]: snapshot create and restore vs writing the bytes and
+//!   starting a fresh VM; migration downtime and total time (idle,
+//!   dirtying, local fd hand-over) vs pausing in place.
 
 pub mod api;
 pub mod boot;
@@ -22,6 +25,7 @@ pub mod pause;
 pub mod plot;
 mod rig;
 mod sigmask;
+pub mod snapshot;
 pub mod stats;
 
 use serde::Serialize;
@@ -37,6 +41,7 @@ pub enum Which {
     Irq,
     Boot,
     Blk,
+    Snapshot,
     All,
 }
 
@@ -113,6 +118,9 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Blk | Which::All) {
         go(boot::run_blk);
+    }
+    if matches!(which, Which::Snapshot | Which::All) {
+        go(snapshot::run);
     }
     Report {
         quick: opts.quick,

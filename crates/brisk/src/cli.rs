@@ -149,6 +149,11 @@ enum BenchWhich {
     Boot,
     /// virtio-blk 4 KiB random and sequential reads vs pread on the file.
     Blk,
+    /// Snapshot create and restore-to-running (1 and 2 vCPUs, 256 MiB and
+    /// 2 GiB; --quick: 256 MiB) vs pwrite of the bytes and a fresh VM
+    /// start; live migration downtime and total (idle, dirtying, local fd
+    /// hand-over at 2 GiB) vs pause + resume in place.
+    Snapshot,
     /// All of the above but boot.
     All,
 }
@@ -442,6 +447,7 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Irq => brisk_bench::Which::Irq,
         BenchWhich::Boot => brisk_bench::Which::Boot,
         BenchWhich::Blk => brisk_bench::Which::Blk,
+        BenchWhich::Snapshot => brisk_bench::Which::Snapshot,
         BenchWhich::All => brisk_bench::Which::All,
     };
     let opts = brisk_bench::Opts { quick: args.quick };

@@ -34,7 +34,15 @@ fn bench_quick_runs_and_writes_well_formed_json() {
         .iter()
         .map(|t| t["title"].as_str().unwrap())
         .collect();
-    for prefix in ["exit:", "kick:", "pause:", "api:", "blk:"] {
+    for prefix in [
+        "exit:",
+        "kick:",
+        "pause:",
+        "api:",
+        "blk:",
+        "snapshot:",
+        "migration:",
+    ] {
         assert!(
             titles.iter().any(|t| t.starts_with(prefix)),
             "no {prefix} table"

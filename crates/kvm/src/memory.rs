@@ -42,6 +42,9 @@ pub(crate) struct Ram {
     pub(crate) memory: GuestRam,
     /// The shared memfd (NewMemfd / Shared).
     pub(crate) shared: Option<File>,
+    /// The file behind RAM (any backing but Anonymous): where pages not
+    /// (yet) in this process's memory read from.
+    pub(crate) file: Option<File>,
     /// Anonymous: pages never touched are not resident (mincore says so),
     /// and a snapshot may skip them.
     pub(crate) anonymous: bool,
@@ -92,11 +95,16 @@ pub(crate) fn map(regions: &[(u64, u64)], backing: MemoryBacking) -> Result<Ram>
     let memory = GuestMemoryMmap::from_regions(out).map_err(|e| Error::MemoryMap(Box::new(e)))?;
     let shared = match flags & libc::MAP_SHARED {
         0 => None,
-        _ => file,
+        _ => file
+            .as_ref()
+            .map(File::try_clone)
+            .transpose()
+            .map_err(|e| Error::MemoryMap(Box::new(e)))?,
     };
     Ok(Ram {
         memory,
         shared,
+        file,
         anonymous,
     })
 }

@@ -50,6 +50,8 @@ pub struct Vm {
     /// The memfd behind shared RAM ([`MemoryBacking::NewMemfd`] or
     /// [`MemoryBacking::Shared`]).
     shared_memory: Option<std::fs::File>,
+    /// The file behind RAM, whatever the backing but anonymous.
+    memory_file: Option<std::fs::File>,
     /// RAM is anonymous (untouched pages are not resident).
     anonymous: bool,
     /// KVM logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES).
@@ -116,6 +118,7 @@ impl Vm {
             fd,
             memory: ram.memory,
             shared_memory: ram.shared,
+            memory_file: ram.file,
             anonymous: ram.anonymous,
             dirty_log: std::sync::atomic::AtomicBool::new(false),
             irqchip,
@@ -174,6 +177,12 @@ impl Vm {
     /// The memfd behind shared guest RAM, if it is shared.
     pub fn shared_memory(&self) -> Option<&std::fs::File> {
         self.shared_memory.as_ref()
+    }
+
+    /// The file guest RAM is mapped from (a snapshot's memory file, a
+    /// memfd), its regions one after another; `None` for anonymous RAM.
+    pub fn memory_file(&self) -> Option<&std::fs::File> {
+        self.memory_file.as_ref()
     }
 
     /// Whether guest RAM is anonymous memory: a page no one touched is not

@@ -396,3 +396,43 @@ fn bad_snapshots_are_refused_with_a_reason() {
         _ => panic!("a missing directory restored"),
     }
 }
+
+/// A restored VM's RAM is the snapshot's file until touched: snapshotting
+/// it again, before the guest touched a page, must still save every page
+/// (read from the file it is mapped from), not only those in memory.
+#[test]
+fn a_restored_vm_snapshotted_again_keeps_the_pages_it_never_touched() {
+    require_kvm!();
+    use vm_memory::{Bytes, GuestAddress};
+    let (first, second) = (Dir::new("chain-1"), Dir::new("chain-2"));
+    let mib = 8;
+    let vm = start(&format!("dirty={mib}"), 1, Irqchip::User);
+    wait_progress(&vm, 0, 2);
+    let vm = cycle(vm, &first.0, Output::Null);
+    // Paused since the restore: no page of RAM has been faulted in.
+    let vm = cycle(vm, &second.0, Output::Null);
+    let sweeps = vm.progress(0);
+    assert!(
+        sweeps > 2,
+        "the restored guest is at sweep {sweeps}: its RAM was lost"
+    );
+    let base = brisk_guests::DIRTY_BASE;
+    let mut behind = false;
+    for page in 0..(mib << 20) / 4096 {
+        let v: u64 = vm
+            .guest_memory()
+            .read_obj(GuestAddress(base + page * 4096))
+            .unwrap();
+        assert!(
+            v == sweeps || v == sweeps + 1,
+            "page {page} holds sweep {v}, the guest is at {sweeps}"
+        );
+        // sweeps + 1 up to where the sweep is, sweeps after it.
+        if v == sweeps {
+            behind = true;
+        } else {
+            assert!(!behind, "page {page} is ahead of the sweep");
+        }
+    }
+    vm.shutdown().unwrap();
+}

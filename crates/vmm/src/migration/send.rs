@@ -309,11 +309,10 @@ impl Vm {
 
     /// The pages worth sending first: all that may hold data.
     fn initial_pages(&self) -> Vec<Vec<u64>> {
-        let anonymous = self.kvm.memory_is_anonymous();
-        memory::regions(self.kvm.memory())
+        memory::regions(&self.kvm)
             .iter()
             .map(|r| {
-                let touched = r.touched(anonymous);
+                let touched = r.touched();
                 let mut words = vec![0u64; touched.len().div_ceil(64)];
                 for (i, t) in touched.into_iter().enumerate() {
                     if t {

@@ -7,28 +7,36 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use brisk_kvm::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 pub(crate) const PAGE: usize = 4096;
 
 /// One region of guest RAM as host memory.
-pub(crate) struct HostRegion {
+pub(crate) struct HostRegion<'a> {
     pub(crate) ptr: *const u8,
     pub(crate) len: usize,
+    /// The file it is mapped from and the region's offset there.
+    file: Option<(&'a File, u64)>,
 }
 
-/// Every region of `ram`, in address order (the file's order).
-pub(crate) fn regions(ram: &GuestRam) -> Vec<HostRegion> {
-    ram.iter()
-        .map(|r| HostRegion {
-            ptr: r.as_ptr() as *const u8,
-            len: r.len() as usize,
+/// Every region of `kvm`'s RAM, in address order (the file's order).
+pub(crate) fn regions(kvm: &brisk_kvm::Vm) -> Vec<HostRegion<'_>> {
+    let mut offset = 0;
+    kvm.memory()
+        .iter()
+        .map(|r| {
+            let region = HostRegion {
+                ptr: r.as_ptr() as *const u8,
+                len: r.len() as usize,
+                file: kvm.memory_file().map(|f| (f, offset)),
+            };
+            offset += r.len();
+            region
         })
         .collect()
 }
 
-impl HostRegion {
+impl HostRegion<'_> {
     /// Page `i` of the region.
     ///
     /// # Safety
@@ -42,19 +50,24 @@ impl HostRegion {
         unsafe { std::slice::from_raw_parts(self.ptr.add(i * PAGE), PAGE) }
     }
 
-    /// Which pages may hold data. For anonymous memory, a page that is
-    /// neither present nor swapped was never touched and reads as zero
-    /// (`/proc/self/pagemap`); otherwise (or if pagemap cannot be read)
+    /// Which pages may hold data. A page neither present nor swapped in
+    /// this process (`/proc/self/pagemap`) reads from the file behind the
+    /// mapping, or as zero for anonymous memory: it can hold data only
+    /// where that file has some (SEEK_DATA). If either cannot be read,
     /// every page is a candidate.
-    pub(crate) fn touched(&self, anonymous: bool) -> Vec<bool> {
+    pub(crate) fn touched(&self) -> Vec<bool> {
         let pages = self.len / PAGE;
-        if !anonymous {
-            return vec![true; pages];
-        }
-        pagemap(self.ptr as usize, pages).unwrap_or_else(|e| {
+        let mut touched = pagemap(self.ptr as usize, pages).unwrap_or_else(|e| {
             log::debug!("reading /proc/self/pagemap: {e}; scanning every page");
             vec![true; pages]
-        })
+        });
+        if let Some((file, offset)) = self.file {
+            if let Err(e) = file_data(file, offset, &mut touched) {
+                log::debug!("SEEK_DATA on guest memory's file: {e}; scanning every page");
+                touched.fill(true);
+            }
+        }
+        touched
     }
 }
 
@@ -68,6 +81,42 @@ fn pagemap(addr: usize, pages: usize) -> std::io::Result<Vec<bool>> {
         .chunks_exact(8)
         .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (3 << 62) != 0)
         .collect())
+}
+
+/// Mark the pages of `touched` (a region at `offset` in `file`) that the
+/// file has data for (SEEK_DATA / SEEK_HOLE).
+fn file_data(file: &File, offset: u64, touched: &mut [bool]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let end = offset + (touched.len() * PAGE) as u64;
+    let seek = |at: u64, whence| {
+        // SAFETY: lseek on a descriptor we own; no memory is passed.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `at`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut at = offset;
+    while at < end {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        let first = ((data - offset) as usize) / PAGE;
+        let last = ((hole - offset) as usize).div_ceil(PAGE);
+        touched[first..last].fill(true);
+        at = hole;
+    }
+    Ok(())
 }
 
 pub(crate) fn is_zero(page: &[u8]) -> bool {
@@ -92,20 +141,16 @@ pub struct MemoryWritten {
 ///
 /// # Safety
 /// As [`HostRegion::page`]: every vCPU parked, no device writing RAM.
-pub(crate) unsafe fn write(
-    ram: &GuestRam,
-    anonymous: bool,
-    path: &Path,
-) -> std::io::Result<MemoryWritten> {
+pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<MemoryWritten> {
     let tmp = path.with_extension("tmp");
     let f = File::create(&tmp)?;
-    let regions = regions(ram);
+    let regions = regions(kvm);
     let total: u64 = regions.iter().map(|r| r.len as u64).sum();
     f.set_len(total)?;
     let mut written = 0u64;
     let mut offset = 0u64;
     for r in &regions {
-        let touched = r.touched(anonymous);
+        let touched = r.touched();
         let mut run: Option<usize> = None; // first page of a run of data
         for i in 0..=touched.len() {
             // SAFETY: the caller's guarantee; i < pages.

@@ -198,9 +198,8 @@ impl Vm {
         let mem = dir.join(MEMORY_FILE);
         // SAFETY: the VM is paused (every vCPU parked), and no device
         // writes guest RAM while it is (they write from vCPU threads).
-        let written =
-            unsafe { memory::write(self.kvm.memory(), self.kvm.memory_is_anonymous(), &mem) }
-                .map_err(io("cannot write guest memory to", &mem))?;
+        let written = unsafe { memory::write(&self.kvm, &mem) }
+            .map_err(io("cannot write guest memory to", &mem))?;
         let path = dir.join(STATE_FILE);
         file::write(&path, &state).map_err(io("cannot write the state file", &path))?;
         Ok(written)
