@@ -369,6 +369,7 @@ impl Api {
                     "memory_bytes": info.memory.ram,
                     "memory_written_bytes": info.memory.data,
                     "pause_ms": info.pause.as_secs_f64() * 1e3,
+                    "stopped_ms": info.stopped.as_secs_f64() * 1e3,
                     "total_ms": info.total.as_secs_f64() * 1e3,
                 }),
             ),

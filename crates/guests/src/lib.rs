@@ -202,6 +202,14 @@ pub const ALL: &[Builtin] = &[
         assemble: programs::dirty,
     },
     Builtin {
+        name: "fill",
+        about: "as dirty, but one sweep: each vCPU writes every page of its N MiB (default 16) once, then HLTs forever (a VM with its RAM touched, then idle; fill=N)",
+        ends: false,
+        user_irqchip: false,
+        param: Some(Param { what: "MiB each vCPU fills", default: DIRTY_MIB, max: 4096 }),
+        assemble: programs::fill,
+    },
+    Builtin {
         name: "debug-exit",
         about: "vCPU 0 prints a line and writes 0x21 to the debug-exit port (status 67)",
         ends: true,

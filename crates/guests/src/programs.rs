@@ -66,6 +66,16 @@ pub(crate) fn spin(_n: u64) -> Program {
 /// then count the sweep. At any moment the pages hold progress + 1 up to
 /// where the sweep is, progress after it: what a migration test checks.
 pub(crate) fn dirty(mib: u64) -> Program {
+    sweeps(mib, false)
+}
+
+/// As `dirty`, one sweep: then HLT (interrupts off) forever. A VM whose
+/// RAM is all touched and which then sits idle.
+pub(crate) fn fill(mib: u64) -> Program {
+    sweeps(mib, true)
+}
+
+fn sweeps(mib: u64, once: bool) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
     let bytes = mib << 20;
@@ -88,7 +98,12 @@ pub(crate) fn dirty(mib: u64) -> Program {
     a.cmp(rcx, r13)?;
     a.jb(page)?;
     a.mov(qword_ptr(rbx), rax)?;
-    a.jmp(sweep)?;
+    if once {
+        let mut idle = a.create_label();
+        halt_forever(&mut a, &mut idle)?;
+    } else {
+        a.jmp(sweep)?;
+    }
     asm::finish(a)
 }
 

@@ -149,12 +149,17 @@ pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<
     f.set_len(total)?;
     let mut written = 0u64;
     let mut offset = 0u64;
+    let (mut scan, mut io) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
     for r in &regions {
+        let t = std::time::Instant::now();
         let touched = r.touched();
+        scan += t.elapsed();
         let mut run: Option<usize> = None; // first page of a run of data
         for i in 0..=touched.len() {
+            let t = std::time::Instant::now();
             // SAFETY: the caller's guarantee; i < pages.
             let data = i < touched.len() && touched[i] && !is_zero(unsafe { r.page(i) });
+            scan += t.elapsed();
             match (data, run) {
                 (true, None) => run = Some(i),
                 (false, Some(start)) => {
@@ -163,7 +168,9 @@ pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<
                     let bytes = unsafe {
                         std::slice::from_raw_parts(r.ptr.add(start * PAGE), (i - start) * PAGE)
                     };
+                    let t = std::time::Instant::now();
                     f.write_all_at(bytes, offset + (start * PAGE) as u64)?;
+                    io += t.elapsed();
                     written += bytes.len() as u64;
                     run = None;
                 }
@@ -173,6 +180,7 @@ pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<
         offset += r.len as u64;
     }
     drop(f);
+    log::debug!("memory file: {written} bytes; finding data {scan:?}, writing {io:?}");
     std::fs::rename(&tmp, path)?;
     Ok(MemoryWritten {
         ram: total,

@@ -93,6 +93,9 @@ pub struct SnapshotInfo {
     pub memory: MemoryWritten,
     /// From the call to every vCPU parked.
     pub pause: Duration,
+    /// How long the guest was stopped (the whole save, for a VM that was
+    /// running; zero for one that was paused already).
+    pub stopped: Duration,
     /// From the call to both files in place.
     pub total: Duration,
 }
@@ -127,11 +130,19 @@ impl Vm {
         if !was_paused {
             self.resume_locked(&mut paused);
         }
-        let memory = result?;
+        let stopped = match was_paused {
+            true => Duration::ZERO,
+            false => start.elapsed(),
+        };
+        // The replaced memory file's pages are freed when its last
+        // descriptor closes: here, with the VM running again.
+        let (memory, replaced) = result?;
+        drop(replaced);
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             memory,
             pause,
+            stopped,
             total: start.elapsed(),
         })
     }
@@ -188,7 +199,11 @@ impl Vm {
         })
     }
 
-    fn save_paused(&self, dir: &Path) -> Result<MemoryWritten, SnapshotError> {
+    /// Write both files; also the earlier memory file it replaced, open.
+    fn save_paused(
+        &self,
+        dir: &Path,
+    ) -> Result<(MemoryWritten, Option<std::fs::File>), SnapshotError> {
         let io = |what, path: &Path| {
             let path = path.to_path_buf();
             move |source| SnapshotError::Io { what, path, source }
@@ -196,13 +211,14 @@ impl Vm {
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
         let state = self.save_state()?;
         let mem = dir.join(MEMORY_FILE);
+        let replaced = std::fs::File::open(&mem).ok();
         // SAFETY: the VM is paused (every vCPU parked), and no device
         // writes guest RAM while it is (they write from vCPU threads).
         let written = unsafe { memory::write(&self.kvm, &mem) }
             .map_err(io("cannot write guest memory to", &mem))?;
         let path = dir.join(STATE_FILE);
         file::write(&path, &state).map_err(io("cannot write the state file", &path))?;
-        Ok(written)
+        Ok((written, replaced))
     }
 
     /// Build a VM from the snapshot in `dir` and start it, paused or

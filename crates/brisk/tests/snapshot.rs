@@ -1,0 +1,215 @@
+//! Snapshots and migrations as a user drives them: `brisk ctl snapshot`,
+//! `brisk run --restore` in a new process, `brisk run
+//! --receive-migration` and `brisk ctl send-migration` between two
+//! processes, all with brisk's default seccomp filters on.
+
+mod common;
+
+use common::require_kvm;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+fn brisk(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("brisk runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("brisk-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Spawn `brisk -v run ARGS` and wait until its stderr says `ready`.
+fn spawn_until(args: &[&str], ready: &str) -> Child {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .arg("-v")
+        .arg("run")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains(ready) {
+        line.clear();
+        assert_ne!(
+            stderr.read_line(&mut line).unwrap(),
+            0,
+            "brisk ended before saying '{ready}'"
+        );
+    }
+    // Keep draining, so brisk never blocks on a full stderr pipe.
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    child
+}
+
+fn ctl(sock: &Path, args: &[&str]) -> Output {
+    let mut all = vec!["ctl", "--api-socket", sock.to_str().unwrap()];
+    all.extend_from_slice(args);
+    brisk(&all)
+}
+
+#[test]
+fn snapshot_then_restore_in_a_new_process_paused_or_running() {
+    require_kvm!();
+    let (dir, sock) = (scratch("snap"), scratch("snap.sock"));
+    let sock_s = sock.to_str().unwrap();
+    let dir_s = dir.to_str().unwrap();
+    let mut vm = spawn_until(
+        &[
+            "--guest",
+            "tick=3000",
+            "--api-socket",
+            sock_s,
+            "--timeout",
+            "120s",
+        ],
+        "running on",
+    );
+    let snap = ctl(&sock, &["snapshot", dir_s]);
+    assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
+    assert!(text(&snap.stdout).starts_with(&format!("snapshot in {dir_s}: 64 MiB of RAM")));
+    assert!(text(&ctl(&sock, &["info"]).stdout).contains("state:   running"));
+    ctl(&sock, &["shutdown"]);
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+
+    // Restored paused: it waits for the API's resume, then runs the rest
+    // of its ticks and powers off.
+    let mut restored = spawn_until(
+        &[
+            "--restore",
+            dir_s,
+            "--paused",
+            "--api-socket",
+            sock_s,
+            "--timeout",
+            "120s",
+        ],
+        "restored on",
+    );
+    assert!(text(&ctl(&sock, &["info"]).stdout).contains("state:   paused"));
+    assert_eq!(text(&ctl(&sock, &["resume"]).stdout).trim(), "resumed");
+    assert_eq!(restored.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists());
+
+    // And again, running at once, from the same files.
+    let again = brisk(&["run", "--restore", dir_s, "--timeout", "120s"]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn restore_refuses_what_it_cannot_use() {
+    require_kvm!();
+    let missing = brisk(&["run", "--restore", "/nonexistent/brisk-snapshot"]);
+    assert_eq!(missing.status.code(), Some(6));
+    assert!(text(&missing.stderr).contains("not a snapshot directory"));
+    let dir = scratch("empty-snap");
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = brisk(&["run", "--restore", dir.to_str().unwrap()]);
+    assert_eq!(empty.status.code(), Some(6));
+    assert_eq!(
+        text(&empty.stderr).lines().count(),
+        1,
+        "{}",
+        text(&empty.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The snapshot says what the VM is: options that choose it conflict.
+    let both = brisk(&["run", "--restore", "/tmp", "--guest", "spin"]);
+    assert_eq!(both.status.code(), Some(2));
+    let paused = brisk(&["run", "--paused"]);
+    assert_eq!(paused.status.code(), Some(2));
+    let url = brisk(&["run", "--receive-migration", "file:///tmp/x"]);
+    assert_eq!(url.status.code(), Some(2));
+    assert!(text(&url.stderr).contains("unix:PATH or tcp:HOST:PORT"));
+}
+
+/// A live migration between two brisk processes: progress on the
+/// controller's stderr, the source exits 0 once the VM moved, the
+/// destination runs the guest to its end and exits with its status.
+fn migrate_between_processes(name: &str, source_args: &[&str], ctl_args: &[&str]) {
+    let (sock, mig) = (
+        scratch(&format!("{name}.sock")),
+        scratch(&format!("{name}.mig")),
+    );
+    let url = format!("unix:{}", mig.display());
+    let mut dst = spawn_until(
+        &["--receive-migration", &url, "--timeout", "120s"],
+        "waiting for a migration",
+    );
+    let mut args = vec!["--api-socket", sock.to_str().unwrap(), "--timeout", "120s"];
+    args.extend_from_slice(source_args);
+    let mut src = spawn_until(&args, "running on");
+    let mut send = vec!["send-migration", url.as_str()];
+    send.extend_from_slice(ctl_args);
+    let out = ctl(&sock, &send);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with(&format!("migrated to {url}: downtime")),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(src.wait().unwrap().code(), Some(0), "the source exits 0");
+    assert_eq!(
+        dst.wait().unwrap().code(),
+        Some(0),
+        "the guest powered off there"
+    );
+    assert!(!sock.exists() && !mig.exists(), "both sockets removed");
+}
+
+#[test]
+fn live_migration_between_two_processes() {
+    require_kvm!();
+    migrate_between_processes("copy", &["--guest", "tick=3000"], &[]);
+}
+
+#[test]
+fn local_upgrade_between_two_processes_hands_over_memory() {
+    require_kvm!();
+    migrate_between_processes(
+        "local",
+        &["--guest", "tick=3000", "--shared-memory"],
+        &["--local"],
+    );
+    // Without --shared-memory there is no memfd to hand over.
+    let sock = scratch("nolocal.sock");
+    let mut src = spawn_until(
+        &[
+            "--guest",
+            "spin",
+            "--api-socket",
+            sock.to_str().unwrap(),
+            "--timeout",
+            "60s",
+        ],
+        "running on",
+    );
+    let out = ctl(
+        &sock,
+        &["send-migration", "unix:/tmp/nowhere.sock", "--local"],
+    );
+    assert_eq!(out.status.code(), Some(16));
+    assert!(
+        text(&out.stderr).contains("--shared-memory"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(text(&ctl(&sock, &["info"]).stdout).contains("state:   running"));
+    ctl(&sock, &["shutdown"]);
+    assert_eq!(src.wait().unwrap().code(), Some(0));
+}
