@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of brisk's parsers of hostile input with AFL++
 # (cargo-afl, stable toolchain): the multiboot/ELF loader, the Linux loader
-# (bzImage/vmlinux through linux-loader) and the API's
-# request parsing and routing. Each target starts from its corpus in
+# (bzImage/vmlinux through linux-loader), the API's
+# request parsing and routing, and the snapshot state file reader. Each
+# target starts from its corpus in
 # fuzz/corpus/ and runs SECONDS (default 10); any crash or hang fails.
 #
 #   scripts/fuzz.sh            # every target, 10 s each (what test.sh runs)
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(multiboot linux api)
+[ ${#targets[@]} -gt 0 ] || targets=(multiboot linux api snapshot)
 
 if ! cargo afl --version >/dev/null 2>&1; then
     echo "== installing cargo-afl (builds AFL++ from crates.io with the machine's C compiler)"

@@ -255,17 +255,26 @@ fn human(op: &Op, v: &Value) -> String {
                 .map_or("-".to_string(), |d| format!("{d:.1} ms"))
         ),
         Op::Snapshot(_) => format!(
-            "snapshot in {}: {} MiB of RAM ({:.1} MiB written), paused in {:.1} ms, guest stopped {:.1} ms, {:.1} ms in all",
+            "snapshot in {}: {} MiB of RAM ({} written), paused in {:.1} ms, guest stopped {:.1} ms, {:.1} ms in all",
             v["destination_url"]
                 .as_str()
                 .unwrap_or("?")
                 .trim_start_matches("file://"),
             v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-            v["memory_written_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+            bytes(v["memory_written_bytes"].as_u64().unwrap_or(0)),
             v["pause_ms"].as_f64().unwrap_or(0.0),
             v["stopped_ms"].as_f64().unwrap_or(0.0),
             v["total_ms"].as_f64().unwrap_or(0.0)
         ),
         _ => v.to_string(),
+    }
+}
+
+/// Bytes for a person: KiB under a MiB, else MiB.
+fn bytes(n: u64) -> String {
+    if n < 1 << 20 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
     }
 }

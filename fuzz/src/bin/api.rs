@@ -2,11 +2,12 @@
 //! connection served with brisk's own HTTP/1 settings (`brisk_api::http1`:
 //! head and header limits, timeouts) and each request goes through the
 //! same routing and body parsing as brisk's (`routes::route`,
-//! `routes::kick_target`, the 64 KiB body limit). No panic, no hang.
+//! `routes::kick_target`, `snapshot_target`, `migration_target`, the 64
+//! KiB body limit). No panic, no hang.
 
 use std::time::Duration;
 
-use brisk_api::routes::{kick_target, route};
+use brisk_api::routes::{kick_target, migration_target, route, snapshot_target};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Request, Response};
@@ -21,6 +22,14 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byt
         (Ok(_), Err(_)) => 413,
         (Ok("/api/v1/vcpu.kick"), Ok(b)) => match kick_target(&b.to_bytes()) {
             Ok(_) => 204,
+            Err(reply) => reply.status,
+        },
+        (Ok("/api/v1/vm.snapshot"), Ok(b)) => match snapshot_target(&b.to_bytes()) {
+            Ok(_) => 200,
+            Err(reply) => reply.status,
+        },
+        (Ok("/api/v1/vm.send-migration"), Ok(b)) => match migration_target(&b.to_bytes()) {
+            Ok(_) => 200,
             Err(reply) => reply.status,
         },
         (Ok(_), Ok(_)) => 200,

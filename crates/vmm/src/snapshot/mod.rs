@@ -319,8 +319,9 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
     Ok((state, mem))
 }
 
-/// What must hold before a VM is built from `state`.
-pub(crate) fn check_state(state: &VmState) -> Result<(), StartError> {
+/// What must hold before a VM is built from `state` (pure: no KVM, no
+/// files; the fuzz target drives it).
+pub fn check_state(state: &VmState) -> Result<(), StartError> {
     let c = &state.config;
     c.validate()
         .map_err(|e| StartError::Snapshot(format!("the saved configuration is not valid: {e}")))?;
