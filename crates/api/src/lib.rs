@@ -14,10 +14,12 @@ mod deadline_io;
 mod prometheus;
 pub mod routes;
 mod server;
+pub mod slot;
 mod socket;
 
 pub use routes::{Api, Reply};
 pub use server::{http1, ApiServer, IO_BOUND, MAX_CONNECTIONS, MAX_HEAD, MAX_HEADERS};
+pub use slot::{Bring, BringRequest, VmSlot};
 pub use socket::SocketError;
 
 /// Largest request body accepted; larger ones get 413.

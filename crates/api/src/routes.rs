@@ -8,12 +8,13 @@ use brisk_vmm::{Irqchip, Mwait, PauseError, Vm};
 use serde_json::{json, Value};
 
 use crate::prometheus;
+use crate::slot::{Bring, VmSlot};
 
 /// How long pause and resume may take before the API reports failure.
 const DEADLINE: Duration = Duration::from_secs(2);
 
 /// The paths and the methods each accepts.
-pub const PATHS: [(&str, &str); 11] = [
+pub const PATHS: [(&str, &str); 13] = [
     ("/api/v1/vmm.ping", "GET"),
     ("/api/v1/vm.info", "GET"),
     ("/api/v1/vm.counters", "GET"),
@@ -25,12 +26,19 @@ pub const PATHS: [(&str, &str); 11] = [
     ("/api/v1/vm.send-migration", "PUT"),
     ("/api/v1/vm.migration", "GET"),
     ("/api/v1/vm.cancel-migration", "PUT"),
+    ("/api/v1/vm.restore", "PUT"),
+    ("/api/v1/vm.receive-migration", "PUT"),
 ];
 
 /// Paths whose handler blocks for long (it writes or sends guest RAM):
 /// the server runs them off its event loop, so other requests (a cancel)
 /// are still answered meanwhile.
-pub const SLOW_PATHS: [&str; 2] = ["/api/v1/vm.snapshot", "/api/v1/vm.send-migration"];
+pub const SLOW_PATHS: [&str; 4] = [
+    "/api/v1/vm.snapshot",
+    "/api/v1/vm.send-migration",
+    "/api/v1/vm.restore",
+    "/api/v1/vm.receive-migration",
+];
 
 /// An HTTP reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +128,49 @@ pub fn migration_target(b: &[u8]) -> Result<brisk_vmm::MigrationOptions, Reply> 
         }
     };
     Ok(o)
+}
+
+/// The body of `vm.restore` (cloud-hypervisor's `source_url`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreBody {
+    source_url: String,
+    #[serde(default)]
+    paused: bool,
+}
+
+/// The body of `vm.receive-migration` (cloud-hypervisor's `receiver_url`).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveBody {
+    receiver_url: String,
+    #[serde(default)]
+    paused: bool,
+}
+
+/// What a `vm.restore` or `vm.receive-migration` body asks for, or the
+/// 400 reply. Pure.
+pub fn bring_target(path: &str, b: &[u8]) -> Result<Bring, Reply> {
+    if path == "/api/v1/vm.restore" {
+        let r: RestoreBody = body(b, "{\"source_url\": \"file:///DIR\", \"paused\": false}")?;
+        let dir = file_url(&r.source_url).map_err(|e| Reply::error(400, e))?;
+        return Ok(Bring::Restore {
+            dir,
+            paused: r.paused,
+        });
+    }
+    let r: ReceiveBody = body(
+        b,
+        "{\"receiver_url\": \"unix:PATH\" or \"tcp:HOST:PORT\", \"paused\": false}",
+    )?;
+    let url = r
+        .receiver_url
+        .parse()
+        .map_err(|e: String| Reply::error(400, e))?;
+    Ok(Bring::Receive {
+        url,
+        paused: r.paused,
+    })
 }
 
 /// The directory a `file://` URL names (`file:///abs/dir`); other
@@ -234,15 +285,26 @@ pub fn kick_target(body: &[u8]) -> Result<u64, Reply> {
     }
 }
 
-/// The API's view of one running VM: it only translates HTTP to the VM's
-/// operations ([`Vm::pause`], [`Vm::resume`], ...).
+/// The API: it only translates HTTP to the VM's operations
+/// ([`Vm::pause`], [`Vm::resume`], ...) on the VM in its [`VmSlot`].
 pub struct Api {
-    vm: Arc<Vm>,
+    slot: Arc<VmSlot>,
 }
 
+/// The operations on a VM that is there.
+struct OnVm<'a>(&'a Arc<Vm>);
+
 impl Api {
+    /// The API of `vm`.
     pub fn new(vm: Arc<Vm>) -> Api {
-        Api { vm }
+        Api {
+            slot: VmSlot::with(vm),
+        }
+    }
+
+    /// The API of whatever VM `slot` holds (or will).
+    pub fn with_slot(slot: Arc<VmSlot>) -> Api {
+        Api { slot }
     }
 
     /// Answer one request. `accept` is the Accept header, if any.
@@ -252,46 +314,72 @@ impl Api {
             Err(reply) => return reply,
         };
         match path {
-            "/api/v1/vmm.ping" => Reply::json(
-                200,
-                json!({ "name": "brisk", "version": env!("CARGO_PKG_VERSION") }),
-            ),
-            "/api/v1/vm.info" => self.info(),
-            "/api/v1/vm.counters" => self.counters(accept),
-            "/api/v1/vm.pause" => self.pause(),
-            "/api/v1/vm.resume" => self.resume(),
+            "/api/v1/vmm.ping" => {
+                return Reply::json(
+                    200,
+                    json!({ "name": "brisk", "version": env!("CARGO_PKG_VERSION") }),
+                )
+            }
+            "/api/v1/vm.restore" | "/api/v1/vm.receive-migration" => {
+                return match bring_target(path, body) {
+                    Ok(what) => match self.slot.bring(what) {
+                        Ok(()) => Reply::no_content(),
+                        Err(e) if e.contains("already") || e.contains("takes no VM") => {
+                            Reply::error(409, e)
+                        }
+                        Err(e) => Reply::error(400, e),
+                    },
+                    Err(reply) => reply,
+                }
+            }
+            _ => {}
+        }
+        let Some(vm) = self.slot.get() else {
+            return Reply::error(
+                409,
+                "no VM yet: bring one with vm.restore or vm.receive-migration",
+            );
+        };
+        let on = OnVm(&vm);
+        match path {
+            "/api/v1/vm.info" => on.info(),
+            "/api/v1/vm.counters" => on.counters(accept),
+            "/api/v1/vm.pause" => on.pause(),
+            "/api/v1/vm.resume" => on.resume(),
             "/api/v1/vm.shutdown" => {
-                self.vm.request_shutdown();
+                vm.request_shutdown();
                 Reply::no_content()
             }
             "/api/v1/vcpu.kick" => match kick_target(body) {
-                Ok(id) => self.kick(id),
+                Ok(id) => on.kick(id),
                 Err(reply) => reply,
             },
             "/api/v1/vm.snapshot" => match snapshot_target(body) {
-                Ok(dir) => self.snapshot(&dir),
+                Ok(dir) => on.snapshot(&dir),
                 Err(reply) => reply,
             },
             "/api/v1/vm.send-migration" => match migration_target(body) {
-                Ok(opts) => self.send_migration(opts),
+                Ok(opts) => on.send_migration(opts),
                 Err(reply) => reply,
             },
-            "/api/v1/vm.migration" => match self.vm.migration_status() {
+            "/api/v1/vm.migration" => match vm.migration_status() {
                 Some(s) => Reply::json(200, json!(s)),
                 None => Reply::error(404, "no migration was started"),
             },
-            "/api/v1/vm.cancel-migration" => match self.vm.cancel_migration() {
+            "/api/v1/vm.cancel-migration" => match vm.cancel_migration() {
                 true => Reply::no_content(),
                 false => Reply::error(409, "no migration is in progress"),
             },
             _ => Reply::error(500, "route table and dispatch disagree"),
         }
     }
+}
 
+impl OnVm<'_> {
     fn state(&self) -> &'static str {
-        if self.vm.ended().is_some() {
+        if self.0.ended().is_some() {
             "shutdown"
-        } else if self.vm.is_paused() {
+        } else if self.0.is_paused() {
             "paused"
         } else {
             "running"
@@ -300,7 +388,7 @@ impl Api {
 
     fn info(&self) -> Reply {
         let vcpus: Vec<Value> = self
-            .vm
+            .0
             .vcpus()
             .iter()
             .map(|v| json!({ "id": v.id(), "mode": v.mode().name(), "state": v.state().name() }))
@@ -309,11 +397,11 @@ impl Api {
             200,
             json!({
                 "state": self.state(),
-                "guest": self.vm.guest(),
-                "memory_bytes": self.vm.memory_size(),
-                "irqchip": match self.vm.irqchip() { Irqchip::User => "user", Irqchip::Kernel => "kernel" },
-                "mwait": match self.vm.mwait() { Mwait::Hide => "hide", Mwait::Exit => "exit", Mwait::Passthrough => "passthrough" },
-                "uptime_ms": self.vm.uptime().as_millis() as u64,
+                "guest": self.0.guest(),
+                "memory_bytes": self.0.memory_size(),
+                "irqchip": match self.0.irqchip() { Irqchip::User => "user", Irqchip::Kernel => "kernel" },
+                "mwait": match self.0.mwait() { Mwait::Hide => "hide", Mwait::Exit => "exit", Mwait::Passthrough => "passthrough" },
+                "uptime_ms": self.0.uptime().as_millis() as u64,
                 "vcpus": vcpus,
             }),
         )
@@ -321,34 +409,34 @@ impl Api {
 
     fn counters(&self, accept: Option<&str>) -> Reply {
         let snapshots: Vec<_> = self
-            .vm
+            .0
             .vcpus()
             .iter()
             .map(|v| {
                 let id = v.id();
-                (id, v.counters().snapshot(), self.vm.interrupt_stats(id))
+                (id, v.counters().snapshot(), self.0.interrupt_stats(id))
             })
             .collect();
         if accept.is_some_and(|a| a.contains("text/plain")) {
             return Reply {
                 status: 200,
                 content_type: "text/plain; version=0.0.4",
-                body: prometheus::render(&snapshots, self.vm.unclaimed_accesses()),
+                body: prometheus::render(&snapshots, self.0.unclaimed_accesses()),
                 close: false,
             };
         }
         Reply::json(
             200,
-            prometheus::json(&snapshots, self.vm.unclaimed_accesses()),
+            prometheus::json(&snapshots, self.0.unclaimed_accesses()),
         )
     }
 
     fn pause(&self) -> Reply {
-        Self::outcome(self.vm.pause(Deadline::after(DEADLINE)))
+        Self::outcome(self.0.pause(Deadline::after(DEADLINE)))
     }
 
     fn resume(&self) -> Reply {
-        Self::outcome(self.vm.resume())
+        Self::outcome(self.0.resume())
     }
 
     fn outcome(r: Result<(), PauseError>) -> Reply {
@@ -361,7 +449,7 @@ impl Api {
 
     fn snapshot(&self, dir: &std::path::Path) -> Reply {
         use brisk_vmm::SnapshotError;
-        match self.vm.snapshot(dir) {
+        match self.0.snapshot(dir) {
             Ok(info) => Reply::json(
                 200,
                 json!({
@@ -383,8 +471,8 @@ impl Api {
         use brisk_vmm::MigrationError as E;
         // As cloud-hypervisor's: the reply comes when the migration has
         // ended (GET vm.migration follows it meanwhile).
-        match self.vm.send_migration(opts) {
-            Ok(()) => match self.vm.wait_migration() {
+        match self.0.send_migration(opts) {
+            Ok(()) => match self.0.wait_migration() {
                 Some(s) if s.phase == brisk_vmm::migration::Phase::Completed => {
                     Reply::json(200, json!(s))
                 }
@@ -410,13 +498,97 @@ impl Api {
     }
 
     fn kick(&self, id: u64) -> Reply {
-        let n = self.vm.vcpus().len();
+        let n = self.0.vcpus().len();
         match usize::try_from(id) {
             Ok(i) if i < n => {
-                self.vm.vcpu(i).kick(Request::Kick);
+                self.0.vcpu(i).kick(Request::Kick);
                 Reply::no_content()
             }
             _ => Reply::error(400, format!("no vCPU {id}: this VM has {n}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(r: Result<impl Sized, Reply>) -> String {
+        match r {
+            Err(reply) => {
+                assert_eq!(reply.status, 400);
+                reply.body
+            }
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn snapshot_and_migration_bodies_are_checked_field_by_field() {
+        let dir = snapshot_target(br#"{"destination_url": "file:///var/snap"}"#).unwrap();
+        assert_eq!(dir, std::path::PathBuf::from("/var/snap"));
+        assert!(
+            refused(snapshot_target(br#"{"destination_url": "file://rel/dir"}"#))
+                .contains("absolute")
+        );
+        assert!(
+            refused(snapshot_target(br#"{"destination_url": "http://x/"}"#)).contains("file://")
+        );
+        assert!(refused(snapshot_target(br#"{"destination_url": 7}"#)).contains("destination_url"));
+        assert!(refused(snapshot_target(
+            br#"{"destination_url": "file:///a", "x": 1}"#
+        ))
+        .contains("unknown field"));
+        assert!(refused(snapshot_target(b"[]")).contains("object"));
+        assert!(refused(snapshot_target(b"{")).contains("not JSON"));
+
+        let o = migration_target(br#"{"destination_url": "tcp:127.0.0.1:9", "downtime_ms": 50, "timeout_strategy": "ignore"}"#).unwrap();
+        assert_eq!(o.downtime, Duration::from_millis(50));
+        assert!(o.force_on_timeout && !o.local);
+        assert!(
+            refused(migration_target(br#"{"destination_url": "ftp:x"}"#))
+                .contains("unix:PATH or tcp:HOST:PORT")
+        );
+        assert!(refused(migration_target(
+            br#"{"destination_url": "unix:/s", "downtime_ms": 0}"#
+        ))
+        .contains("downtime_ms"));
+        assert!(refused(migration_target(
+            br#"{"destination_url": "unix:/s", "timeout_s": 100000}"#
+        ))
+        .contains("timeout_s"));
+        assert!(refused(migration_target(
+            br#"{"destination_url": "unix:/s", "timeout_strategy": "maybe"}"#
+        ))
+        .contains("neither"));
+        assert!(refused(migration_target(
+            br#"{"destination_url": "unix:/s", "downtime_ms": -1}"#
+        ))
+        .contains("downtime_ms"));
+
+        assert!(matches!(
+            bring_target(
+                "/api/v1/vm.restore",
+                br#"{"source_url": "file:///s", "paused": true}"#
+            ),
+            Ok(Bring::Restore { paused: true, .. })
+        ));
+        assert!(matches!(
+            bring_target(
+                "/api/v1/vm.receive-migration",
+                br#"{"receiver_url": "unix:/m.sock"}"#
+            ),
+            Ok(Bring::Receive { paused: false, .. })
+        ));
+        assert!(refused(bring_target(
+            "/api/v1/vm.restore",
+            br#"{"receiver_url": "unix:/m"}"#
+        ))
+        .contains("unknown field"));
+        assert!(refused(bring_target(
+            "/api/v1/vm.receive-migration",
+            br#"{"receiver_url": "file:///x"}"#
+        ))
+        .contains("unix:PATH"));
     }
 }

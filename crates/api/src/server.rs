@@ -71,6 +71,17 @@ impl ApiServer {
     /// a brisk that is gone is replaced; a live one, or anything that is not
     /// a socket, is refused.
     pub fn start(path: &Path, vm: Arc<Vm>) -> Result<ApiServer, SocketError> {
+        let policy = vm.seccomp();
+        Self::start_with(path, crate::VmSlot::with(vm), policy)
+    }
+
+    /// Serve whatever VM `slot` holds (none yet: `--wait-for-vm`), the
+    /// API thread filtered by `policy`.
+    pub fn start_with(
+        path: &Path,
+        slot: Arc<crate::VmSlot>,
+        policy: brisk_vmm::seccomp::Seccomp,
+    ) -> Result<ApiServer, SocketError> {
         let io = |err| SocketError::Io {
             path: path.to_path_buf(),
             err,
@@ -83,8 +94,7 @@ impl ApiServer {
             .build()
             .map_err(io)?;
         let (shutdown, stop) = watch::channel(false);
-        let policy = vm.seccomp();
-        let api = Arc::new(Api::new(vm));
+        let api = Arc::new(Api::with_slot(slot));
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {

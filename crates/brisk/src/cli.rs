@@ -111,6 +111,23 @@ enum CtlOp {
     },
     /// Cancel a migration in progress: the VM keeps running here.
     CancelMigration,
+    /// Bring a VM into a brisk started with --wait-for-vm from a snapshot
+    /// directory (vm.restore).
+    Restore {
+        dir: std::path::PathBuf,
+        /// Leave it paused (`brisk ctl resume` starts it).
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Make a brisk started with --wait-for-vm wait on URL (`unix:PATH`
+    /// or `tcp:HOST:PORT`) for a migration (vm.receive-migration);
+    /// returns once the VM runs there.
+    ReceiveMigration {
+        url: String,
+        /// Leave it paused once received.
+        #[arg(long)]
+        paused: bool,
+    },
     /// The outgoing migration's progress.
     Migration,
 }
@@ -274,6 +291,12 @@ struct RunArgs {
     /// (resume it through the API: `brisk ctl resume`).
     #[arg(long)]
     paused: bool,
+    /// Start with no VM, serving only the API (--api-socket): `brisk ctl
+    /// restore DIR` (vm.restore) or `brisk ctl receive-migration URL`
+    /// (vm.receive-migration) brings one, which then runs as with
+    /// --restore or --receive-migration.
+    #[arg(long, requires = "api_socket", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait", "restore", "receive_migration", "paused"])]
+    wait_for_vm: bool,
     /// Per-thread seccomp filters (docs/seccomp.md): `on` (a forbidden
     /// system call is named on stderr and ends brisk, status 12), `log`
     /// (allowed, logged by the kernel) or `off`.
@@ -354,6 +377,8 @@ impl From<CtlOp> for crate::ctl::Op {
                 local,
             },
             CtlOp::CancelMigration => Op::CancelMigration,
+            CtlOp::Restore { dir, paused } => Op::Restore(dir, paused),
+            CtlOp::ReceiveMigration { url, paused } => Op::ReceiveMigration(url, paused),
             CtlOp::Migration => Op::Migration,
         }
     }
@@ -558,38 +583,49 @@ fn run(args: RunArgs) -> i32 {
         eprintln!("brisk: --paused goes with --restore or --receive-migration");
         return status::USAGE;
     }
-    let started = match (&args.restore, &args.receive_migration) {
-        (Some(dir), _) => Vm::restore(dir, Output::Stdout, opts),
-        (None, Some(url)) => match url.parse::<brisk_vmm::MigrationUrl>() {
-            Ok(url) => {
-                eprintln!("brisk: waiting for a migration on {url}");
-                Vm::receive_migration(&url, Output::Stdout, opts, &abort)
-            }
-            Err(e) => {
-                eprintln!("brisk: --receive-migration: {e}");
-                return status::USAGE;
-            }
-        },
-        (None, None) => Vm::start_with_abort(&config, Output::Stdout, &abort),
-    };
-    let vm = match started {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("brisk: {e}");
-            return status::for_start_error(&e, signals::last());
+    let (vm, api) = if args.wait_for_vm {
+        let path = args
+            .api_socket
+            .as_deref()
+            .expect("clap: --wait-for-vm requires --api-socket");
+        match wait_for_vm(path, opts, &abort) {
+            Ok(both) => both,
+            Err(code) => return code,
         }
-    };
-    let vm = std::sync::Arc::new(vm);
-    let api = match &args.api_socket {
-        None => None,
-        Some(path) => match brisk_api::ApiServer::start(path, vm.clone()) {
-            Ok(server) => Some(server),
+    } else {
+        let started = match (&args.restore, &args.receive_migration) {
+            (Some(dir), _) => Vm::restore(dir, Output::Stdout, opts),
+            (None, Some(url)) => match url.parse::<brisk_vmm::MigrationUrl>() {
+                Ok(url) => {
+                    eprintln!("brisk: waiting for a migration on {url}");
+                    Vm::receive_migration(&url, Output::Stdout, opts, &abort)
+                }
+                Err(e) => {
+                    eprintln!("brisk: --receive-migration: {e}");
+                    return status::USAGE;
+                }
+            },
+            (None, None) => Vm::start_with_abort(&config, Output::Stdout, &abort),
+        };
+        let vm = match started {
+            Ok(vm) => std::sync::Arc::new(vm),
             Err(e) => {
                 eprintln!("brisk: {e}");
-                vm.request_shutdown();
-                return finish(vm, None, status::CONFIG);
+                return status::for_start_error(&e, signals::last());
             }
-        },
+        };
+        let api = match &args.api_socket {
+            None => None,
+            Some(path) => match brisk_api::ApiServer::start(path, vm.clone()) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    eprintln!("brisk: {e}");
+                    vm.request_shutdown();
+                    return finish(vm, None, status::CONFIG);
+                }
+            },
+        };
+        (vm, api)
     };
     let console = match crate::console::Console::start(vm.clone(), config.seccomp) {
         Ok(c) => c,
@@ -611,8 +647,10 @@ fn run(args: RunArgs) -> i32 {
     log::info!(
         "guest '{}' {} on {} vCPUs ({:?} irqchip)",
         vm.guest(),
-        if args.restore.is_some() {
+        if args.restore.is_some() || args.wait_for_vm {
             "restored"
+        } else if args.receive_migration.is_some() {
+            "migrated here"
         } else {
             "running"
         },
@@ -630,6 +668,71 @@ fn run(args: RunArgs) -> i32 {
         _ => eprintln!("brisk: {end}"),
     }
     finish(vm, api, code)
+}
+
+/// `--wait-for-vm`: serve the API with no VM until `vm.restore` or
+/// `vm.receive-migration` brings one, built here on the main thread (the
+/// API thread's filter forbids it). A failed attempt is answered and the
+/// wait goes on; a signal or --timeout ends it.
+fn wait_for_vm(
+    path: &std::path::Path,
+    opts: brisk_vmm::RestoreOptions,
+    abort: &dyn Fn() -> bool,
+) -> Result<(std::sync::Arc<Vm>, Option<brisk_api::ApiServer>), i32> {
+    use brisk_api::Bring;
+    let (slot, requests) = brisk_api::VmSlot::empty();
+    let server =
+        brisk_api::ApiServer::start_with(path, slot.clone(), opts.seccomp).map_err(|e| {
+            eprintln!("brisk: {e}");
+            status::CONFIG
+        })?;
+    eprintln!(
+        "brisk: no VM yet; waiting for vm.restore or vm.receive-migration on {}",
+        path.display()
+    );
+    loop {
+        if abort() {
+            let signal = signals::last();
+            if signal != 0 {
+                eprintln!("brisk: stopped by signal {signal} with no VM");
+                return Err(128 + signal);
+            }
+            eprintln!("brisk: --timeout passed with no VM");
+            return Err(status::TIMEOUT);
+        }
+        let (what, reply) = match requests.recv_timeout(Duration::from_millis(100)) {
+            Ok(r) => r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                eprintln!("brisk: the API stopped with no VM");
+                return Err(status::INTERNAL);
+            }
+        };
+        let built = match what {
+            Bring::Restore { dir, paused } => Vm::restore(
+                &dir,
+                Output::Stdout,
+                brisk_vmm::RestoreOptions { paused, ..opts },
+            ),
+            Bring::Receive { url, paused } => {
+                eprintln!("brisk: waiting for a migration on {url}");
+                let o = brisk_vmm::RestoreOptions { paused, ..opts };
+                Vm::receive_migration(&url, Output::Stdout, o, abort)
+            }
+        };
+        match built {
+            Ok(vm) => {
+                let vm = std::sync::Arc::new(vm);
+                slot.set(vm.clone());
+                let _ = reply.send(Ok(()));
+                return Ok((vm, Some(server)));
+            }
+            Err(e) => {
+                eprintln!("brisk: {e}");
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
+    }
 }
 
 /// Stop the API (removing its socket), then the vCPUs; `code` unless that

@@ -25,10 +25,12 @@ pub enum Op {
     },
     CancelMigration,
     Migration,
+    Restore(std::path::PathBuf, bool),
+    ReceiveMigration(String, bool),
 }
 
 pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
-    let (kick_body, snapshot_body, migration_body);
+    let (kick_body, snapshot_body, migration_body, bring_body);
     let (method, path, body, done) = match &op {
         Op::Info => ("GET", "/api/v1/vm.info", None, ""),
         Op::Pause => ("PUT", "/api/v1/vm.pause", None, "paused"),
@@ -46,19 +48,11 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         }
         Op::Ping => ("GET", "/api/v1/vmm.ping", None, ""),
         Op::Snapshot(dir) => {
-            let dir = match std::path::absolute(dir) {
-                Ok(d) => d,
-                Err(e) => {
-                    eprintln!("brisk: {}: {e}", dir.display());
-                    return status::CONFIG;
-                }
+            let url = match file_url(dir) {
+                Ok(u) => u,
+                Err(code) => return code,
             };
-            let Some(dir) = dir.to_str() else {
-                eprintln!("brisk: {}: the API takes UTF-8 paths only", dir.display());
-                return status::CONFIG;
-            };
-            snapshot_body =
-                serde_json::json!({ "destination_url": format!("file://{dir}") }).to_string();
+            snapshot_body = serde_json::json!({ "destination_url": url }).to_string();
             (
                 "PUT",
                 "/api/v1/vm.snapshot",
@@ -89,6 +83,28 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
             )
         }
         Op::CancelMigration => ("PUT", "/api/v1/vm.cancel-migration", None, "cancelling"),
+        Op::Restore(dir, paused) => {
+            let url = match file_url(dir) {
+                Ok(u) => u,
+                Err(code) => return code,
+            };
+            bring_body = serde_json::json!({ "source_url": url, "paused": paused }).to_string();
+            (
+                "PUT",
+                "/api/v1/vm.restore",
+                Some(bring_body.as_str()),
+                "restored",
+            )
+        }
+        Op::ReceiveMigration(url, paused) => {
+            bring_body = serde_json::json!({ "receiver_url": url, "paused": paused }).to_string();
+            (
+                "PUT",
+                "/api/v1/vm.receive-migration",
+                Some(bring_body.as_str()),
+                "received: the VM runs here",
+            )
+        }
         Op::Migration => ("GET", "/api/v1/vm.migration", None, ""),
     };
     // A migration's reply comes when it has ended; meanwhile a second
@@ -102,7 +118,9 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         Op::SendMigration { timeout_s, .. } => {
             std::time::Duration::from_secs(timeout_s.saturating_add(120))
         }
-        Op::Snapshot(_) => std::time::Duration::from_secs(600),
+        Op::Snapshot(_) | Op::Restore(..) => std::time::Duration::from_secs(600),
+        // It waits for the source, however long that takes.
+        Op::ReceiveMigration(..) => std::time::Duration::from_secs(7 * 24 * 3600),
         _ => brisk_api::client::REPLY_BOUND,
     };
     let reply = request_within(socket, method, path, body, None, bound);
@@ -267,6 +285,21 @@ fn human(op: &Op, v: &Value) -> String {
             v["total_ms"].as_f64().unwrap_or(0.0)
         ),
         _ => v.to_string(),
+    }
+}
+
+/// `file://` and the absolute path of `dir`, or the exit status.
+fn file_url(dir: &Path) -> Result<String, i32> {
+    let abs = std::path::absolute(dir).map_err(|e| {
+        eprintln!("brisk: {}: {e}", dir.display());
+        status::CONFIG
+    })?;
+    match abs.to_str() {
+        Some(s) => Ok(format!("file://{s}")),
+        None => {
+            eprintln!("brisk: {}: the API takes UTF-8 paths only", abs.display());
+            Err(status::CONFIG)
+        }
     }
 }
 

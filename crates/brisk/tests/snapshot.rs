@@ -213,3 +213,108 @@ fn local_upgrade_between_two_processes_hands_over_memory() {
     ctl(&sock, &["shutdown"]);
     assert_eq!(src.wait().unwrap().code(), Some(0));
 }
+
+/// A brisk started with only its API (--wait-for-vm) takes a VM from
+/// `ctl restore`, or from a migration it was told to wait for with `ctl
+/// receive-migration`, and runs it to its end.
+#[test]
+fn an_empty_brisk_takes_a_vm_from_restore_or_receive_migration() {
+    require_kvm!();
+    let (dir, sock, src_sock, mig) = (
+        scratch("empty-snap"),
+        scratch("empty.sock"),
+        scratch("empty-src.sock"),
+        scratch("empty.mig"),
+    );
+    // A snapshot to restore from.
+    let mut vm = spawn_until(
+        &[
+            "--guest",
+            "tick=2000",
+            "--api-socket",
+            src_sock.to_str().unwrap(),
+            "--timeout",
+            "120s",
+        ],
+        "running on",
+    );
+    assert_eq!(
+        ctl(&src_sock, &["snapshot", dir.to_str().unwrap()])
+            .status
+            .code(),
+        Some(0)
+    );
+    ctl(&src_sock, &["shutdown"]);
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+
+    let sock_s = sock.to_str().unwrap();
+    let mut empty = spawn_until(
+        &["--api-socket", sock_s, "--wait-for-vm", "--timeout", "120s"],
+        "no VM yet",
+    );
+    let info = ctl(&sock, &["info"]);
+    assert_eq!(info.status.code(), Some(16));
+    assert!(
+        text(&info.stderr).contains("no VM yet"),
+        "{}",
+        text(&info.stderr)
+    );
+    // A failed restore is answered, and the brisk waits on.
+    let bad = ctl(&sock, &["restore", "/nonexistent/brisk-snapshot"]);
+    assert_eq!(bad.status.code(), Some(16));
+    assert!(text(&bad.stderr).contains("not a snapshot directory"));
+    let ok = ctl(&sock, &["restore", dir.to_str().unwrap(), "--paused"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+    assert!(text(&ctl(&sock, &["info"]).stdout).contains("state:   paused"));
+    let twice = ctl(&sock, &["restore", dir.to_str().unwrap()]);
+    assert!(text(&twice.stderr).contains("already running"));
+    ctl(&sock, &["resume"]);
+    assert_eq!(
+        empty.wait().unwrap().code(),
+        Some(0),
+        "the restored guest powered off"
+    );
+
+    // Now an empty brisk told to wait for a migration.
+    let mut empty = spawn_until(
+        &["--api-socket", sock_s, "--wait-for-vm", "--timeout", "120s"],
+        "no VM yet",
+    );
+    let url = format!("unix:{}", mig.display());
+    let receiver = {
+        let (sock, url) = (sock.clone(), url.clone());
+        std::thread::spawn(move || ctl(&sock, &["receive-migration", &url]))
+    };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !mig.exists() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the receiver never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let mut src = spawn_until(
+        &[
+            "--guest",
+            "tick=2000",
+            "--api-socket",
+            src_sock.to_str().unwrap(),
+            "--timeout",
+            "120s",
+        ],
+        "running on",
+    );
+    let sent = ctl(&src_sock, &["send-migration", &url]);
+    assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
+    let received = receiver.join().unwrap();
+    assert_eq!(
+        received.status.code(),
+        Some(0),
+        "{}",
+        text(&received.stderr)
+    );
+    assert_eq!(src.wait().unwrap().code(), Some(0));
+    assert_eq!(empty.wait().unwrap().code(), Some(0));
+    assert!(!sock.exists() && !mig.exists() && !src_sock.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,5 +1,6 @@
 //! Linux (scripts/guest-kernel.sh: Debian's linux-source-6.1) booted to
-//! its init: a bzImage from a virtio-blk root, a vmlinux on 2 vCPUs, and
+//! its init: a bzImage from a virtio-blk root, a vmlinux on 2 vCPUs
+//! snapshotted and restored twice mid-boot, and
 //! refusals of kernels that are not bootable. An initramfs boot under a pause/resume storm
 //! through the API is in crates/api/tests/linux.rs.
 //!
@@ -81,22 +82,59 @@ fn a_bzimage_boots_to_sbin_init_on_a_virtio_blk_root() {
 /// then stops at its first `vmcall` KVM_HC_SEND_IPI, which PVM never
 /// completes, with the BSP spinning on a lock behind it: docs/linux.md.)
 #[test]
-fn two_vcpus_boot_linux_to_init() {
+fn two_vcpus_boot_linux_to_init_across_snapshots() {
     require_kvm!();
     let linux = guest_linux().expect("scripts/guest-kernel.sh builds the guest kernel");
     let mut c = config(&linux.vmlinux, 2);
     if let brisk_vmm::Payload::Kernel(k) = &mut c.payload {
         k.initrd = Some(linux.initramfs.clone());
     }
-    let capture = Capture::default();
-    let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
+    let dir = std::env::temp_dir().join(format!("brisk-linux-snap-{}", std::process::id()));
+    let mut capture = Capture::default();
+    let mut vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
+    let mut out = String::new();
+    // Snapshot and restore the booting kernel twice, mid-boot: once the
+    // AP is up (SMP state in both LAPICs, kvmclock on both vCPUs), once
+    // the block layer is up (the initramfs unpacked). Each restored VM
+    // runs the rest of the boot; the outputs, one after another, must
+    // read as one boot.
+    for line in [
+        "smpboot: Total of 2 processors activated",
+        "io scheduler mq-deadline registered",
+    ] {
+        let until = std::time::Instant::now() + BOOT_BOUND;
+        while !capture.text().contains(line) {
+            assert!(
+                vm.ended().is_none(),
+                "{:?} before '{line}':\n{out}{}",
+                vm.ended(),
+                capture.text()
+            );
+            assert!(std::time::Instant::now() < until, "no '{line}'");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        vm.pause(brisk_vmm::control::Deadline::after(Duration::from_secs(10)))
+            .unwrap();
+        vm.snapshot(&dir).unwrap();
+        vm.shutdown().unwrap();
+        out.push_str(&capture.text());
+        capture = Capture::default();
+        vm = Vm::restore(
+            &dir,
+            Output::Capture(capture.clone()),
+            brisk_vmm::RestoreOptions::default(),
+        )
+        .expect("the snapshot restores");
+    }
     let end = vm.wait(Some(BOOT_BOUND), None);
     vm.shutdown().unwrap();
-    let out = capture.text();
+    out.push_str(&capture.text());
+    std::fs::remove_dir_all(&dir).unwrap();
     assert!(
         out.contains("smpboot: Total of 2 processors activated"),
         "{out}"
     );
+    assert!(!out.contains("watchdog: BUG: soft lockup"), "{out}");
     assert_reached_init(&end, &out, "/init");
 }
 

@@ -1,0 +1,92 @@
+//! The VM behind the API: there from the start (`brisk run`), or brought
+//! by `vm.restore` or `vm.receive-migration` to a brisk started with no VM
+//! (`brisk run --api-socket PATH --wait-for-vm`, as cloud-hypervisor
+//! started with only its API socket).
+//!
+//! The API thread does not build the VM itself: its seccomp filter does
+//! not allow opening `/dev/kvm` or creating threads for vCPUs. It hands
+//! the request to the thread that waits for a VM (brisk's main thread,
+//! not yet filtered), which builds it and answers.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use brisk_vmm::{MigrationUrl, Vm};
+
+/// How a VM is to be brought.
+#[derive(Clone, Debug)]
+pub enum Bring {
+    /// `vm.restore`: from a snapshot directory.
+    Restore { dir: PathBuf, paused: bool },
+    /// `vm.receive-migration`: wait on the URL for a migration.
+    Receive { url: MigrationUrl, paused: bool },
+}
+
+/// A request to bring a VM, and where its builder answers.
+pub type BringRequest = (Bring, Sender<Result<(), String>>);
+
+/// The API's VM, once there is one.
+pub struct VmSlot {
+    vm: Mutex<Option<Arc<Vm>>>,
+    /// Where requests to bring a VM go, while none is there.
+    builder: Mutex<Option<Sender<BringRequest>>>,
+}
+
+impl VmSlot {
+    /// A slot holding `vm`.
+    pub fn with(vm: Arc<Vm>) -> Arc<VmSlot> {
+        Arc::new(VmSlot {
+            vm: Mutex::new(Some(vm)),
+            builder: Mutex::new(None),
+        })
+    }
+
+    /// An empty slot, and the requests to fill it (for the thread that
+    /// builds the VM and then [`VmSlot::set`]s it).
+    pub fn empty() -> (Arc<VmSlot>, Receiver<BringRequest>) {
+        let (tx, rx) = mpsc::channel();
+        let slot = VmSlot {
+            vm: Mutex::new(None),
+            builder: Mutex::new(Some(tx)),
+        };
+        (Arc::new(slot), rx)
+    }
+
+    /// The VM, if there is one.
+    pub fn get(&self) -> Option<Arc<Vm>> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Put the VM in (the builder, once it runs); no more requests.
+    pub fn set(&self, vm: Arc<Vm>) {
+        *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);
+        *self.builder.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Let go of the VM (shutting down: its owner takes it back).
+    pub fn take(&self) -> Option<Arc<Vm>> {
+        self.vm.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Ask the builder for a VM and wait for its answer.
+    pub(crate) fn bring(&self, what: Bring) -> Result<(), String> {
+        if self.get().is_some() {
+            return Err("a VM is already running in this brisk".into());
+        }
+        let builder = self
+            .builder
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(builder) = builder else {
+            return Err("this brisk takes no VM from the API (start it with --wait-for-vm)".into());
+        };
+        let (tx, rx) = mpsc::channel();
+        builder
+            .send((what, tx))
+            .map_err(|_| "this brisk is shutting down".to_string())?;
+        rx.recv()
+            .unwrap_or_else(|_| Err("this brisk is shutting down".into()))
+    }
+}
