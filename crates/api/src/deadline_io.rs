@@ -2,11 +2,16 @@
 //! than a bound: a client that stalls mid-request or never reads its reply
 //! loses its connection instead of holding a task (and a connection slot)
 //! for ever. An idle keep-alive connection is a read that waits, so it is
-//! closed after the same bound.
+//! closed after the same bound. While the connection's request is being
+//! handled (a snapshot, a migration: minutes), the read that hyper keeps
+//! pending to notice a client going away does not time out: the client
+//! is waiting for its reply, not stalling.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,15 +25,19 @@ pub(crate) struct DeadlineIo<S> {
     /// it makes progress.
     read_timer: Option<Pin<Box<Sleep>>>,
     write_timer: Option<Pin<Box<Sleep>>>,
+    /// Requests of this connection being handled now.
+    busy: Arc<AtomicUsize>,
 }
 
 impl<S> DeadlineIo<S> {
-    pub(crate) fn new(inner: S, bound: Duration) -> Self {
+    /// `busy` counts the connection's requests in their handlers.
+    pub(crate) fn new(inner: S, bound: Duration, busy: Arc<AtomicUsize>) -> Self {
         DeadlineIo {
             inner,
             bound,
             read_timer: None,
             write_timer: None,
+            busy,
         }
     }
 }
@@ -70,6 +79,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for DeadlineIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if r.is_pending() && this.busy.load(Ordering::SeqCst) > 0 {
+            // Waiting for our own reply, not for the client: no deadline
+            // (the handler wakes the connection when it answers).
+            this.read_timer = None;
+            return Poll::Pending;
+        }
         timed(r, &mut this.read_timer, this.bound, cx, "read")
     }
 }

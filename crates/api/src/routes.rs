@@ -432,11 +432,11 @@ impl OnVm<'_> {
     }
 
     fn pause(&self) -> Reply {
-        Self::outcome(self.0.pause(Deadline::after(DEADLINE)))
+        Self::outcome(self.0.try_pause(Deadline::after(DEADLINE)))
     }
 
     fn resume(&self) -> Reply {
-        Self::outcome(self.0.resume())
+        Self::outcome(self.0.try_resume())
     }
 
     fn outcome(r: Result<(), PauseError>) -> Reply {

@@ -177,10 +177,11 @@ async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watc
 
 /// One connection, until the client closes, a limit ends it, or shutdown.
 async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver<bool>) {
-    let io = TokioIo::new(DeadlineIo::new(stream, IO_BOUND));
+    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let io = TokioIo::new(DeadlineIo::new(stream, IO_BOUND, busy.clone()));
     let service = hyper::service::service_fn(move |req| {
-        let api = api.clone();
-        async move { Ok::<_, Infallible>(respond(api, req).await) }
+        let (api, busy) = (api.clone(), busy.clone());
+        async move { Ok::<_, Infallible>(respond(api, req, &busy).await) }
     });
     let conn = http1().serve_connection(io, service);
     tokio::pin!(conn);
@@ -238,7 +239,11 @@ async fn drain(body: &mut Incoming, limit: usize) -> bool {
     true
 }
 
-async fn respond(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(
+    api: Arc<Api>,
+    req: Request<Incoming>,
+    busy: &std::sync::atomic::AtomicUsize,
+) -> Response<Full<Bytes>> {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let accept = req
@@ -275,10 +280,15 @@ async fn respond(api: Arc<Api>, req: Request<Incoming>) -> Response<Full<Bytes>>
                 if crate::routes::SLOW_PATHS.contains(&path.as_str()) {
                     // On tokio's blocking pool (threads the API thread
                     // spawns, under its seccomp filter): the event loop
-                    // keeps answering meanwhile.
-                    tokio::task::spawn_blocking(handle)
+                    // keeps answering meanwhile, and the connection's read
+                    // deadline waits for the answer.
+                    use std::sync::atomic::Ordering::SeqCst;
+                    busy.fetch_add(1, SeqCst);
+                    let reply = tokio::task::spawn_blocking(handle)
                         .await
-                        .unwrap_or_else(|_| Reply::error(500, "the request's worker failed"))
+                        .unwrap_or_else(|_| Reply::error(500, "the request's worker failed"));
+                    busy.fetch_sub(1, SeqCst);
+                    reply
                 } else {
                     handle()
                 }

@@ -123,7 +123,12 @@ fn snapshot_shape(dir: &Path, cpus: usize, memory: u64, samples: usize) -> (Vec<
         made.push(ns(info.total));
         // Untimed: flush it, so the next writes (ours or the floor's) do
         // not wait for this one's writeback.
-        let mem = std::fs::File::open(snap.join(brisk_vmm::snapshot::MEMORY_FILE));
+        let name = brisk_vmm::snapshot::file::read::<brisk_vmm::snapshot::VmState>(
+            &snap.join(brisk_vmm::snapshot::STATE_FILE),
+        )
+        .expect("the state just written")
+        .memory_file;
+        let mem = std::fs::File::open(snap.join(name));
         mem.and_then(|f| f.sync_all())
             .expect("flushing the memory file");
         floor.push(pwrite_floor(dir, written));

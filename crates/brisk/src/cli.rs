@@ -692,6 +692,13 @@ fn wait_for_vm(
     );
     loop {
         if abort() {
+            // Answer what is queued, and close the queue, before the API
+            // stops: its handlers wait for these answers.
+            for (_, reply) in requests.try_iter() {
+                let _ = reply.send(Err("this brisk is shutting down".into()));
+            }
+            drop(requests);
+            drop(server);
             let signal = signals::last();
             if signal != 0 {
                 eprintln!("brisk: stopped by signal {signal} with no VM");
@@ -740,10 +747,12 @@ fn wait_for_vm(
 /// writing to a full stdout pipe, say) is reported and left to the
 /// process's exit: brisk never waits for it without bound.
 fn finish(vm: std::sync::Arc<Vm>, api: Option<brisk_api::ApiServer>, code: i32) -> i32 {
-    drop(api);
-    // An outgoing migration's thread holds the VM: cancel it (if still
-    // going) and wait for it, bounded by its stream's I/O timeout.
+    // First an outgoing migration: cancel it if still going (Ctrl-C,
+    // --timeout) and wait for its thread, bounded by its stream's I/O
+    // timeout; a finished one's API request then gets its answer before
+    // the API stops.
     vm.stop_migration();
+    drop(api);
     let vm = match std::sync::Arc::try_unwrap(vm) {
         Ok(vm) => vm,
         Err(_) => {

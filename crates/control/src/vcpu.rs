@@ -156,7 +156,9 @@ impl<G> VcpuCtl<G> {
     /// parked, `None` otherwise. Part of a vCPU's saved state.
     pub fn halted_while_parked(&self) -> Option<bool> {
         let slow = self.lock();
-        slow.parked.then_some(slow.guest_halted)
+        // A kick posted while parked ends the halt at the resume.
+        let kicked = self.requests.load(SeqCst) & Request::Kick.bit() != 0;
+        slow.parked.then_some(slow.guest_halted && !kicked)
     }
 
     /// Make the vCPU park before its first entry (a VM restored paused):

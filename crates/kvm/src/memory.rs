@@ -113,7 +113,12 @@ pub(crate) fn map(regions: &[(u64, u64)], backing: MemoryBacking) -> Result<Ram>
 fn memfd(len: u64) -> Result<File> {
     use std::os::fd::FromRawFd;
     // SAFETY: a NUL-terminated name; memfd_create returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"brisk-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"brisk-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(Error::Sys {
             what: "memfd_create",
@@ -124,6 +129,27 @@ fn memfd(len: u64) -> Result<File> {
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(len)
         .map_err(|e| Error::MemoryMap(Box::new(e)))?;
-    debug_assert!(file.as_raw_fd() >= 0);
+    // Its size is fixed: a process it is handed to may rely on that (a
+    // shrunk memfd would turn guest-RAM accesses into SIGBUS).
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl on a descriptor we own, with an integer argument.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(Error::Sys {
+            what: "sealing the guest-RAM memfd",
+            err: vmm_sys_util::errno::Error::last(),
+        });
+    }
     Ok(file)
+}
+
+/// Whether `f` is a memfd whose size cannot change (sealed against
+/// shrinking and growing), as guest RAM handed over must be.
+pub fn check_memfd_sealed(f: &File) -> std::result::Result<(), String> {
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
+    let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+    if seals < 0 || seals & need != need {
+        return Err("the guest memory handed over is not a memfd sealed against resizing".into());
+    }
+    Ok(())
 }

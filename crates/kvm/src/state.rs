@@ -207,8 +207,10 @@ impl KvmVcpu {
                 .get_msrs(&mut msrs)
                 .map_err(Error::sys("KVM_GET_MSRS"))?;
             out.extend_from_slice(&msrs.as_slice()[..read]);
-            // Entry `read` failed (if any): skip it.
-            rest = &rest[(read + 1).min(rest.len())..];
+            // All read: on to the next chunk; else entry `read` failed:
+            // skip it.
+            let skip = if read == chunk.len() { read } else { read + 1 };
+            rest = &rest[skip..];
         }
         Ok(out)
     }

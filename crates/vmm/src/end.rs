@@ -66,15 +66,17 @@ impl EndLatch {
         })
     }
 
-    /// Record `end` unless an earlier end is recorded.
-    pub(crate) fn end(&self, end: VmEnd) {
+    /// Record `end` unless an earlier end is recorded; whether it was.
+    pub(crate) fn end(&self, end: VmEnd) -> bool {
         let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            log::debug!("VM end: {end}");
-            *slot = Some(end);
-            // Cannot fail short of a counter overflow; the slot is set anyway.
-            let _ = self.fd.write(1);
+        if slot.is_some() {
+            return false;
         }
+        log::debug!("VM end: {end}");
+        *slot = Some(end);
+        // Cannot fail short of a counter overflow; the slot is set anyway.
+        let _ = self.fd.write(1);
+        true
     }
 
     pub(crate) fn get(&self) -> Option<VmEnd> {

@@ -230,6 +230,9 @@ pub enum PauseError {
     AlreadyPaused,
     #[error("the VM is not paused")]
     NotPaused,
+    /// A snapshot or migration holds the VM; try again after it.
+    #[error("a snapshot or migration is in progress")]
+    Busy,
     /// Some vCPU did not park in time; every vCPU was resumed again.
     #[error("{0}")]
     Control(#[source] brisk_control::Error),
@@ -296,6 +299,8 @@ pub struct Vm {
     /// Paused as a whole ([`Vm::pause`]); the lock also serialises pause
     /// and resume (and snapshots and migrations, which pause).
     pub(crate) paused: Mutex<bool>,
+    /// The same, readable without the lock.
+    paused_now: std::sync::atomic::AtomicBool,
     /// What it was built from.
     pub(crate) config: VmConfig,
     pub(crate) end: Arc<EndLatch>,
@@ -349,6 +354,7 @@ impl Vm {
             memory_size: config.memory,
             seccomp: config.seccomp,
             paused: Mutex::new(false),
+            paused_now: std::sync::atomic::AtomicBool::new(false),
             config: m.config,
             migration: Mutex::new(None),
             irq: m.irq,
@@ -375,7 +381,9 @@ impl Vm {
                     return;
                 }
                 let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let fatal = |e| end.end(e);
+                    let fatal = |e| {
+                        end.end(e);
+                    };
                     let bus = devices.bus();
                     thread_ctl.run(v, |v, exit| {
                         Ok(exits::handle(v, exit, bus, Some(&mem), &fatal))
@@ -511,6 +519,8 @@ impl Vm {
         match brisk_control::pause_all(vcpus(), deadline) {
             Ok(()) => {
                 *paused = true;
+                self.paused_now
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 Ok(())
             }
             Err(e) => {
@@ -523,6 +533,10 @@ impl Vm {
     /// Resume a VM paused with [`Vm::pause`].
     pub fn resume(&self) -> Result<(), PauseError> {
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        // An ended VM stays where it is: a migrated one runs elsewhere now.
+        if self.ended().is_some() {
+            return Err(PauseError::Ended);
+        }
         if !*paused {
             return Err(PauseError::NotPaused);
         }
@@ -530,20 +544,60 @@ impl Vm {
         Ok(())
     }
 
-    /// Resume, holding the `paused` lock (paused).
+    /// Resume, holding the `paused` lock (paused); not an ended VM.
     pub(crate) fn resume_locked(&self, paused: &mut bool) {
+        if self.ended().is_some() {
+            return;
+        }
         brisk_control::resume_all(self.vcpus.iter().map(|v| &**v));
         *paused = false;
+        self.paused_now
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Record that every vCPU was started paused (a restore).
     pub(crate) fn mark_paused(&self) {
         *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.paused_now
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// As [`Vm::pause`], but refused at once ([`PauseError::Busy`]) while
+    /// a snapshot or migration holds the VM (for the API's event loop,
+    /// which must not wait for one).
+    pub fn try_pause(&self, deadline: brisk_control::Deadline) -> Result<(), PauseError> {
+        let Ok(mut paused) = self.paused.try_lock() else {
+            return Err(PauseError::Busy);
+        };
+        if self.ended().is_some() {
+            return Err(PauseError::Ended);
+        }
+        if *paused {
+            return Err(PauseError::AlreadyPaused);
+        }
+        self.pause_locked(&mut paused, deadline)
+    }
+
+    /// As [`Vm::resume`], refused at once while a snapshot or migration
+    /// holds the VM.
+    pub fn try_resume(&self) -> Result<(), PauseError> {
+        let Ok(mut paused) = self.paused.try_lock() else {
+            return Err(PauseError::Busy);
+        };
+        if self.ended().is_some() {
+            return Err(PauseError::Ended);
+        }
+        if !*paused {
+            return Err(PauseError::NotPaused);
+        }
+        self.resume_locked(&mut paused);
+        Ok(())
     }
 
     /// Whether the VM is paused as a whole.
     pub fn is_paused(&self) -> bool {
-        *self.paused.lock().unwrap_or_else(|p| p.into_inner())
+        // Not the lock: a snapshot or migration may hold it for long.
+        self.paused_now.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The seccomp policy its threads follow.

@@ -114,6 +114,9 @@ fn tick_guest_migrates_over_unix_and_loses_no_tick() {
     let src = source("tick=1500", 2, 64 << 20, false);
     wait_progress(&src, 0, 200);
     let vm = migrate(&src, MigrationOptions::new(url("tick")));
+    // It runs there now: here it can be neither resumed nor paused.
+    assert_eq!(src.resume(), Err(brisk_vmm::PauseError::Ended));
+    assert_eq!(src.pause(soon()), Err(brisk_vmm::PauseError::Ended));
     let before: Vec<u64> = (0..2)
         .map(|id| src.interrupt_stats(id).unwrap().injected)
         .collect();

@@ -249,8 +249,16 @@ fn restore_paused_waits_for_resume_and_snapshot_keeps_a_vm_running() {
     let dir = Dir::new("paused");
     let vm = start("spin", 1, Irqchip::User);
     wait_progress(&vm, 0, 1000);
+    vm.snapshot(&dir.0).unwrap();
     let info = vm.snapshot(&dir.0).unwrap();
     assert!(!vm.is_paused());
+    // The second replaced the first: one state, its own memory file.
+    let mut names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [state(&dir.0).memory_file, "state".to_string()]);
     assert_eq!(info.memory.ram, 64 << 20);
     assert!(
         info.memory.data < info.memory.ram / 4,
@@ -353,7 +361,7 @@ fn bad_snapshots_are_refused_with_a_reason() {
     vm.snapshot(&dir.0).unwrap();
     vm.shutdown().unwrap();
     let state_path = dir.0.join(snapshot::STATE_FILE);
-    let mem_path = dir.0.join(snapshot::MEMORY_FILE);
+    let mem_path = dir.0.join(state(&dir.0).memory_file);
     let good = std::fs::read(&state_path).unwrap();
     let refused = |why: &str| match Vm::restore(&dir.0, Output::Null, paused()) {
         Err(StartError::Snapshot(msg)) => {
@@ -363,6 +371,11 @@ fn bad_snapshots_are_refused_with_a_reason() {
         Err(e) => panic!("refused as something else: {e}"),
         Ok(_) => panic!("restored a snapshot that should be refused ({why})"),
     };
+    // A state file (checksum and all) naming a memory file not brisk's.
+    let mut hostile = state(&dir.0);
+    hostile.memory_file = "../../etc/passwd".into();
+    snapshot::file::write(&state_path, &hostile).unwrap();
+    refused("not one of brisk's");
     let mut newer = good.clone();
     newer[8..12].copy_from_slice(&2u32.to_le_bytes());
     std::fs::write(&state_path, &newer).unwrap();
@@ -388,7 +401,7 @@ fn bad_snapshots_are_refused_with_a_reason() {
     mem.set_len(32 << 20).unwrap();
     refused("RAM");
     std::fs::remove_file(&mem_path).unwrap();
-    refused("memory");
+    refused("memory-");
     std::fs::remove_file(&state_path).unwrap();
     refused("state");
     match Vm::restore(&dir.0.join("nowhere"), Output::Null, paused()) {

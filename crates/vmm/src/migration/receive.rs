@@ -106,9 +106,10 @@ impl Vm {
         abort: &dyn Fn() -> bool,
     ) -> Result<Vm, StartError> {
         let listener = Listener::bind(url)?;
+        log::info!("listening for a migration on {url}");
         let mut s = listener.accept(abort)?;
         drop(listener);
-        let r = receive(&mut s, output, opts);
+        let r = receive(&mut s, output, opts, abort);
         if let Err(e) = &r {
             let _ = s.send(Kind::Abort, &[e.to_string().as_bytes()]);
         }
@@ -116,7 +117,12 @@ impl Vm {
     }
 }
 
-fn receive(s: &mut Stream, output: Output, opts: RestoreOptions) -> Result<Vm, StartError> {
+fn receive(
+    s: &mut Stream,
+    output: Output,
+    opts: RestoreOptions,
+    abort: &dyn Fn() -> bool,
+) -> Result<Vm, StartError> {
     let (kind, body, fd) = s.recv().map_err(refused)?;
     if kind != Kind::Hello {
         return Err(refused(format!("the source sent {kind:?} before Hello")));
@@ -134,6 +140,9 @@ fn receive(s: &mut Stream, output: Output, opts: RestoreOptions) -> Result<Vm, S
             "a local upgrade must come with the guest's memory fd (and only then)",
         ));
     }
+    if let Some(f) = &fd {
+        brisk_kvm::check_memfd_sealed(f).map_err(refused)?;
+    }
     let mut config = hello.config;
     config.seccomp = opts.seccomp;
     config
@@ -147,6 +156,11 @@ fn receive(s: &mut Stream, output: Output, opts: RestoreOptions) -> Result<Vm, S
     let zeros = vec![0u8; 1 << 20];
     let (mut pages, mut zeroed) = (0u64, 0u64);
     loop {
+        if abort() {
+            return Err(StartError::Interrupted(
+                "stopped while receiving the migration".into(),
+            ));
+        }
         let (kind, body, _) = s.recv().map_err(refused)?;
         match kind {
             Kind::Pages => {

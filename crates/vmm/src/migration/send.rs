@@ -20,6 +20,10 @@ pub(crate) struct Outgoing {
     status: Mutex<MigrationStatus>,
     cancel: AtomicBool,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Set once the thread has been joined; waiters other than the
+    /// joiner wait on `joined_cv`.
+    joined: Mutex<bool>,
+    joined_cv: std::sync::Condvar,
 }
 
 impl Outgoing {
@@ -39,11 +43,21 @@ impl Outgoing {
     }
 
     /// Wait for the worker thread to be done (it is bounded by the
-    /// stream's I/O timeout once cancelled).
+    /// stream's I/O timeout once cancelled), from any number of threads.
     pub(crate) fn join(&self) {
-        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = handle {
             let _ = t.join();
+            *self.joined.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            self.joined_cv.notify_all();
+            return;
         }
+        // Someone else joins it (or has): wait for them.
+        let joined = self.joined.lock().unwrap_or_else(|p| p.into_inner());
+        let _done = self
+            .joined_cv
+            .wait_while(joined, |j| !*j)
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -70,6 +84,8 @@ impl Vm {
             status: Mutex::new(MigrationStatus::new(&opts)),
             cancel: AtomicBool::new(false),
             thread: Mutex::new(None),
+            joined: Mutex::new(false),
+            joined_cv: std::sync::Condvar::new(),
         });
         let (vm, job) = (self.clone(), out.clone());
         let thread = std::thread::Builder::new()
@@ -259,21 +275,48 @@ impl Vm {
                 .map_err(|e| format!("cannot pause the VM: {e}"))?;
         }
         job.update(|st| st.phase = Phase::Stopped);
-        let r = self.final_copy(opts, job, s, was_paused, downtime);
-        if r.is_err() && !was_paused && self.ended().is_none() {
-            self.resume_locked(&mut paused);
+        let r = self.final_copy(opts, job, s);
+        let r = r.and_then(|()| match job.cancel.load(SeqCst) {
+            true => Err("cancelled".to_string()),
+            false => Ok(()),
+        });
+        if let Err(e) = r {
+            if !was_paused {
+                self.resume_locked(&mut paused);
+            }
+            return Err(e);
         }
-        r
+        // Commit: this side ends first, so the guest never runs twice. If
+        // something else ended it meanwhile (a shutdown asked for, a
+        // crash), the destination must not run it either.
+        let url = opts.url.to_string();
+        if !self.end.end(VmEnd::Migrated { to: url.clone() }) {
+            return Err(format!(
+                "the VM ended here during the switch ({}); not committed",
+                self.ended().map_or_else(String::new, |e| e.to_string())
+            ));
+        }
+        // Ended: nothing left for the lock to guard, and the API may read
+        // the state meanwhile.
+        drop(paused);
+        s.send(Kind::Commit, &[&[was_paused as u8]]).map_err(|e| {
+            format!("the Commit could not be sent to {url} ({e}): the VM has ended here and runs nowhere")
+        })?;
+        match s.recv() {
+            Ok((Kind::Running, _, _)) => {}
+            other => log::warn!("migration to {url}: no Running after Commit ({other:?})"),
+        }
+        Ok(downtime.elapsed())
     }
 
+    /// Paused: the last dirty pages and the state, until the destination
+    /// has restored it (Ready).
     fn final_copy(
         &self,
         opts: &MigrationOptions,
         job: &Outgoing,
         s: &mut Stream,
-        was_paused: bool,
-        downtime: Instant,
-    ) -> Result<Duration, String> {
+    ) -> Result<(), String> {
         let url = opts.url.to_string();
         let io = |e: std::io::Error| format!("sending to {url}: {e}");
         if !opts.local {
@@ -281,30 +324,12 @@ impl Vm {
             let bytes = self.send_pages(s, &dirty, true, &|| Ok(()))?;
             job.update(|st| st.bytes_sent += bytes);
         }
-        log::debug!("migration: final pages sent at +{:?}", downtime.elapsed());
         let state = self
             .save_state()
             .map_err(|e| format!("saving the VM's state: {e}"))?;
         let bytes = file::encode(&state).map_err(|e| e.to_string())?;
         s.send(Kind::State, &[&bytes]).map_err(io)?;
-        log::debug!(
-            "migration: state ({} bytes) sent at +{:?}",
-            bytes.len(),
-            downtime.elapsed()
-        );
-        expect_ready(s, "the VM's state")?;
-        if job.cancel.load(SeqCst) {
-            return Err("cancelled".into());
-        }
-        log::debug!("migration: destination ready at +{:?}", downtime.elapsed());
-        // Commit: this side ends first, so the guest never runs twice.
-        self.end.end(VmEnd::Migrated { to: url.clone() });
-        s.send(Kind::Commit, &[&[was_paused as u8]]).map_err(io)?;
-        match s.recv() {
-            Ok((Kind::Running, _, _)) => {}
-            other => log::warn!("migration to {url}: no Running after Commit ({other:?})"),
-        }
-        Ok(downtime.elapsed())
+        expect_ready(s, "the VM's state")
     }
 
     /// The pages worth sending first: all that may hold data.

@@ -18,6 +18,9 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Pages per PAGES message (1 MiB).
 pub(crate) const MAX_RUN_PAGES: usize = 256;
 
+/// How long a source retries a destination that is not listening yet.
+pub(crate) const CONNECT_RETRY: Duration = Duration::from_secs(3);
+
 /// How long one read or write of the stream may block.
 pub(crate) const IO_BOUND: Duration = Duration::from_secs(30);
 
@@ -58,7 +61,9 @@ impl Kind {
             Kind::Hello => 1 << 20,
             Kind::Pages => 8 + (MAX_RUN_PAGES * 4096) as u64,
             Kind::Zero => 16,
-            Kind::State => (64 << 20) + 32,
+            // A state is ~20 KiB a vCPU: 8 MiB is far above any real one
+            // and bounds what parsing it may allocate.
+            Kind::State => (8 << 20) + 32,
             Kind::Abort => 4096,
             Kind::Commit => 1,
             Kind::Ready | Kind::Running => 0,
@@ -114,18 +119,35 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
-    /// Connect to a listening destination.
+    /// Connect to a listening destination. A destination being started
+    /// (its socket not there yet, or bound and not yet listening) is
+    /// retried for up to CONNECT_RETRY.
     pub(crate) fn connect(url: &MigrationUrl) -> std::io::Result<Stream> {
-        let s = match url {
-            MigrationUrl::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
-            MigrationUrl::Tcp(a) => {
-                let t = TcpStream::connect(a)?;
-                t.set_nodelay(true)?;
-                Stream::Tcp(t)
+        let until = std::time::Instant::now() + CONNECT_RETRY;
+        loop {
+            let r = match url {
+                MigrationUrl::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
+                MigrationUrl::Tcp(a) => TcpStream::connect(a).and_then(|t| {
+                    t.set_nodelay(true)?;
+                    Ok(Stream::Tcp(t))
+                }),
+            };
+            match r {
+                Ok(s) => {
+                    s.set_timeouts()?;
+                    return Ok(s);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) && std::time::Instant::now() < until =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
             }
-        };
-        s.set_timeouts()?;
-        Ok(s)
+        }
     }
 
     pub(crate) fn set_timeouts(&self) -> std::io::Result<()> {

@@ -27,19 +27,16 @@ pub const MAGIC: &[u8; 8] = b"BRISKSNP";
 /// the body's meaning changes; older and newer files are refused.
 pub const FORMAT_VERSION: u32 = 1;
 const HEADER: usize = 32;
-/// A state file is a few hundred KiB at most (8 vCPUs); refuse to read a
-/// file claiming more than this.
-const MAX_BODY: u64 = 64 << 20;
+/// A state file is ~20 KiB a vCPU; refuse to read a file claiming more
+/// than this (it bounds what parsing may allocate).
+const MAX_BODY: u64 = 8 << 20;
 
-/// Write `state` to `path` (through a temporary file renamed into place,
-/// so a reader sees the old file or the new one, never half of one).
+/// Write `state` to `path` (through a new temporary file renamed into
+/// place, so a reader sees the old file or the new one, never half of one;
+/// the temporary file is removed if anything fails).
 pub fn write<T: Serialize>(path: &Path, state: &T) -> std::io::Result<()> {
     let out = encode(state)?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&out)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    super::memory::replace(path, |f| f.write_all(&out))
 }
 
 /// The bytes of a state file holding `state` (also a migration's STATE).

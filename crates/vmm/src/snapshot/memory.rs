@@ -142,8 +142,35 @@ pub struct MemoryWritten {
 /// # Safety
 /// As [`HostRegion::page`]: every vCPU parked, no device writing RAM.
 pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<MemoryWritten> {
-    let tmp = path.with_extension("tmp");
-    let f = File::create(&tmp)?;
+    let mut done = MemoryWritten::default();
+    // SAFETY: the caller's guarantee, passed on.
+    replace(path, |f| unsafe { write_ram(kvm, f) }.map(|w| done = w))?;
+    Ok(done)
+}
+
+/// Create `path` through a new hidden temporary file beside it (never an
+/// existing file, nor through a symlink someone put there), filled by
+/// `fill` and renamed into place; removed if anything fails.
+pub(crate) fn replace(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    let r = fill(&mut f).and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+/// # Safety
+/// As [`write`].
+unsafe fn write_ram(kvm: &brisk_kvm::Vm, f: &mut File) -> std::io::Result<MemoryWritten> {
     let regions = regions(kvm);
     let total: u64 = regions.iter().map(|r| r.len as u64).sum();
     f.set_len(total)?;
@@ -179,9 +206,7 @@ pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<
         }
         offset += r.len as u64;
     }
-    drop(f);
     log::debug!("memory file: {written} bytes; finding data {scan:?}, writing {io:?}");
-    std::fs::rename(&tmp, path)?;
     Ok(MemoryWritten {
         ram: total,
         data: written,

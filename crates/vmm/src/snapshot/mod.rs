@@ -32,8 +32,11 @@ pub use memory::MemoryWritten;
 use crate::vm::{setup, Boot, Machine};
 use crate::{Output, PauseError, StartError, Vm, VmConfig};
 
-/// The memory file's name in a snapshot directory.
-pub const MEMORY_FILE: &str = "memory";
+/// The memory files' names in a snapshot directory: `memory-` and 16 hex
+/// digits, unique to each snapshot and named in its state file, so a
+/// state file always goes with its own memory (a snapshot that fails
+/// half-way leaves the previous pair intact).
+pub const MEMORY_FILE_PREFIX: &str = "memory-";
 /// The state file's name in a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// How long a snapshot waits for the vCPUs to park, and for each vCPU's
@@ -43,6 +46,8 @@ const PAUSE_BOUND: Duration = Duration::from_secs(5);
 /// Everything but RAM: the state file's body.
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
+    /// The memory file beside it (`memory-` and 16 hex digits).
+    pub memory_file: String,
     /// What the VM was built from (the restore builds the same).
     pub config: VmConfig,
     /// The RAM regions (guest address, bytes), in the memory file's order.
@@ -134,10 +139,12 @@ impl Vm {
             true => Duration::ZERO,
             false => start.elapsed(),
         };
-        // The replaced memory file's pages are freed when its last
-        // descriptor closes: here, with the VM running again.
+        // The replaced memory file goes (its pages freed) with the VM
+        // running again; a restored VM mapping it keeps its inode.
         let (memory, replaced) = result?;
-        drop(replaced);
+        if let Some(old) = replaced {
+            let _ = std::fs::remove_file(old);
+        }
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             memory,
@@ -165,6 +172,12 @@ impl Vm {
     fn collect_state(&self) -> Result<VmState, SnapshotError> {
         self.kvm.check_xsave_fits()?;
         let msrs = self.kvm.msr_index_list()?;
+        // Devices and the VM's irqchip/PIT first, then the vCPUs: an
+        // interrupt raised in between (console input, the in-kernel PIT)
+        // is then in both (a spurious one after the restore) rather than
+        // in the device's state only (a lost one).
+        let devices = self.devices.save();
+        let vm = self.kvm.save_state()?;
         let mut vcpus = Vec::new();
         for ctl in &self.vcpus {
             let id = ctl.id();
@@ -174,7 +187,20 @@ impl Vm {
             };
             let index = msrs.clone();
             let kvm = ctl
-                .run_on(move |v| v.save_state(&index), Deadline::after(PAUSE_BOUND))
+                .run_on(
+                    move |v| {
+                        // Parking settles an exited PIO/MMIO access, but a
+                        // string I/O can outlast its bound: its completion
+                        // lives in KVM only, so it cannot be saved.
+                        if v.io_pending() {
+                            return Err(brisk_kvm::Error::State(
+                                "it is in the middle of an I/O instruction; try again".into(),
+                            ));
+                        }
+                        v.save_state(&index)
+                    },
+                    Deadline::after(PAUSE_BOUND),
+                )
                 .map_err(|e| fail(Box::new(e)))?
                 .map_err(|e| fail(Box::new(e)))?;
             let halted = ctl
@@ -191,33 +217,42 @@ impl Vm {
             });
         }
         Ok(VmState {
+            memory_file: new_memory_file_name(),
             config: self.config.clone(),
             regions: brisk_boot::layout::ram_regions(self.config.memory),
             vcpus,
-            vm: self.kvm.save_state()?,
-            devices: self.devices.save(),
+            vm,
+            devices,
         })
     }
 
-    /// Write both files; also the earlier memory file it replaced, open.
-    fn save_paused(
-        &self,
-        dir: &Path,
-    ) -> Result<(MemoryWritten, Option<std::fs::File>), SnapshotError> {
+    /// Write both files: a new memory file, then the state naming it.
+    /// Returns the earlier memory file this snapshot replaces, if brisk's,
+    /// for the caller to remove once the VM runs again.
+    fn save_paused(&self, dir: &Path) -> Result<(MemoryWritten, Option<PathBuf>), SnapshotError> {
         let io = |what, path: &Path| {
             let path = path.to_path_buf();
             move |source| SnapshotError::Io { what, path, source }
         };
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
+        let state_path = dir.join(STATE_FILE);
+        let earlier = file::read::<VmState>(&state_path)
+            .ok()
+            .map(|s| s.memory_file)
+            .filter(|n| is_memory_file_name(n));
         let state = self.save_state()?;
-        let mem = dir.join(MEMORY_FILE);
-        let replaced = std::fs::File::open(&mem).ok();
+        let mem = dir.join(&state.memory_file);
         // SAFETY: the VM is paused (every vCPU parked), and no device
         // writes guest RAM while it is (they write from vCPU threads).
         let written = unsafe { memory::write(&self.kvm, &mem) }
             .map_err(io("cannot write guest memory to", &mem))?;
-        let path = dir.join(STATE_FILE);
-        file::write(&path, &state).map_err(io("cannot write the state file", &path))?;
+        if let Err(e) = file::write(&state_path, &state) {
+            let _ = std::fs::remove_file(&mem);
+            return Err(io("cannot write the state file", &state_path)(e));
+        }
+        let replaced = earlier
+            .filter(|n| *n != state.memory_file)
+            .map(|n| dir.join(n));
         Ok((written, replaced))
     }
 
@@ -285,6 +320,13 @@ impl Vm {
             Ok(())
         })?;
         if opts.paused {
+            // Return once every vCPU has parked, so what follows (a
+            // snapshot, say) finds a paused VM, not one still on its way.
+            brisk_control::pause_all(
+                vm.vcpus().iter().map(|v| &**v),
+                Deadline::after(PAUSE_BOUND),
+            )
+            .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
             vm.mark_paused();
         }
         log::debug!("restore: vCPUs and devices in {:?}", t.elapsed());
@@ -302,7 +344,13 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
         )));
     }
     let state: VmState = file::read(&dir.join(STATE_FILE)).map_err(StartError::Snapshot)?;
-    let path = dir.join(MEMORY_FILE);
+    if !is_memory_file_name(&state.memory_file) {
+        return Err(StartError::Snapshot(format!(
+            "the state file names memory file '{}', not one of brisk's (memory-HEX)",
+            state.memory_file.chars().take(64).collect::<String>()
+        )));
+    }
+    let path = dir.join(&state.memory_file);
     let mem = std::fs::File::open(&path)
         .map_err(|e| StartError::Snapshot(format!("cannot open {}: {e}", path.display())))?;
     let len = mem
@@ -317,6 +365,26 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
         )));
     }
     Ok((state, mem))
+}
+
+/// `memory-` and 16 hex digits: a name brisk made (and may remove).
+pub fn is_memory_file_name(n: &str) -> bool {
+    n.strip_prefix(MEMORY_FILE_PREFIX)
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// A new memory file name, unique for the directory (random: std's
+/// hasher keys come from the OS's random source, plus the time).
+fn new_memory_file_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("{MEMORY_FILE_PREFIX}{:016x}", h.finish())
 }
 
 /// What must hold before a VM is built from `state` (pure: no KVM, no
