@@ -397,7 +397,9 @@ fn every_path_in_openapi_yaml_answers() {
             assert_eq!(s.call("PUT", "vm.resume", None).status, 204);
         }
     }
-    assert!(snap.join("state").exists() && snap.join("memory").exists());
+    let saved: brisk_vmm::snapshot::VmState =
+        brisk_vmm::snapshot::file::read(&snap.join("state")).unwrap();
+    assert!(snap.join(&saved.memory_file).exists());
     std::fs::remove_dir_all(&snap).unwrap();
     for (path, method) in brisk_api::routes::PATHS {
         let p = path.trim_start_matches("/api/v1/");

@@ -2,22 +2,10 @@
 
 mod common;
 
-use common::require_kvm;
+use common::{brisk, require_kvm, text};
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
-
-fn brisk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_brisk"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("brisk runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// One line on stderr, starting with "brisk:" or clap's "error:", no backtrace.
 fn assert_one_sentence(out: &Output) {

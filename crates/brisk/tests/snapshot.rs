@@ -5,23 +5,11 @@
 
 mod common;
 
-use common::require_kvm;
+use common::{brisk, require_kvm, text};
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-
-fn brisk(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_brisk"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("brisk runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("brisk-cli-{name}-{}", std::process::id()));
@@ -226,18 +214,21 @@ fn an_empty_brisk_takes_a_vm_from_restore_or_receive_migration() {
         scratch("empty-src.sock"),
         scratch("empty.mig"),
     );
+    let tick = || {
+        spawn_until(
+            &[
+                "--guest",
+                "tick=2000",
+                "--api-socket",
+                src_sock.to_str().unwrap(),
+                "--timeout",
+                "120s",
+            ],
+            "running on",
+        )
+    };
     // A snapshot to restore from.
-    let mut vm = spawn_until(
-        &[
-            "--guest",
-            "tick=2000",
-            "--api-socket",
-            src_sock.to_str().unwrap(),
-            "--timeout",
-            "120s",
-        ],
-        "running on",
-    );
+    let mut vm = tick();
     assert_eq!(
         ctl(&src_sock, &["snapshot", dir.to_str().unwrap()])
             .status
@@ -293,17 +284,7 @@ fn an_empty_brisk_takes_a_vm_from_restore_or_receive_migration() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    let mut src = spawn_until(
-        &[
-            "--guest",
-            "tick=2000",
-            "--api-socket",
-            src_sock.to_str().unwrap(),
-            "--timeout",
-            "120s",
-        ],
-        "running on",
-    );
+    let mut src = tick();
     let sent = ctl(&src_sock, &["send-migration", &url]);
     assert_eq!(sent.status.code(), Some(0), "{}", text(&sent.stderr));
     let received = receiver.join().unwrap();

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use brisk_guests::{DIRTY_BASE, PINGPONG_ROUNDS};
+use brisk_guests::PINGPONG_ROUNDS;
 use brisk_vmm::migration::Phase;
 use brisk_vmm::{
     Irqchip, MigrationOptions, MigrationUrl, Output, Payload, RestoreOptions, StartError, Vm,
     VmConfig, VmEnd,
 };
-use common::{soon, wait_progress};
-use vm_memory::{Bytes, GuestAddress};
+use common::{check_dirty_pages, soon, wait_progress};
 
 fn url(name: &str) -> MigrationUrl {
     let p = std::env::temp_dir().join(format!("brisk-mig-{name}-{}.sock", std::process::id()));
@@ -155,31 +154,6 @@ fn pingpong_migrates_over_tcp() {
         assert_eq!(vm.progress(id), PINGPONG_ROUNDS);
     }
     vm.shutdown().unwrap();
-}
-
-/// What the dirty guest's pages say: each vCPU's area holds sweep s + 1
-/// up to where it is and s after, s being its sweep count; any page
-/// the migration missed holds an older sweep.
-fn check_dirty_pages(vm: &Vm, cpus: usize, mib: u64, at_least: u64) {
-    let mem = vm.guest_memory();
-    for id in 0..cpus {
-        let s = vm.progress(id);
-        assert!(s >= at_least, "vCPU {id} is at sweep {s}: RAM was lost");
-        let base = DIRTY_BASE + id as u64 * (mib << 20);
-        let mut seen_old = false;
-        for page in 0..(mib << 20) / 4096 {
-            let v: u64 = mem.read_obj(GuestAddress(base + page * 4096)).unwrap();
-            assert!(
-                v == s || v == s + 1,
-                "vCPU {id}: page {page} holds sweep {v}, the guest is at {s}"
-            );
-            if v == s {
-                seen_old = true;
-            } else {
-                assert!(!seen_old, "vCPU {id}: page {page} is ahead of the sweep");
-            }
-        }
-    }
 }
 
 /// A guest writing every page of 2 x 24 MiB as fast as it can: pre-copy

@@ -54,3 +54,30 @@ pub fn wait_mode(vm: &Vm, id: usize, mode: brisk_vmm::control::Mode) {
         std::thread::yield_now();
     }
 }
+
+/// What the dirty guest's pages say: each vCPU's area holds sweep s + 1
+/// up to where it is and s after, s being its sweep count; any page
+/// the migration missed holds an older sweep.
+pub fn check_dirty_pages(vm: &Vm, cpus: usize, mib: u64, at_least: u64) {
+    let mem = vm.guest_memory();
+    for id in 0..cpus {
+        let s = vm.progress(id);
+        assert!(s >= at_least, "vCPU {id} is at sweep {s}: RAM was lost");
+        let base = brisk_guests::DIRTY_BASE + id as u64 * (mib << 20);
+        let mut seen_old = false;
+        for page in 0..(mib << 20) / 4096 {
+            let v: u64 =
+                vm_memory::Bytes::read_obj(mem, vm_memory::GuestAddress(base + page * 4096))
+                    .unwrap();
+            assert!(
+                v == s || v == s + 1,
+                "vCPU {id}: page {page} holds sweep {v}, the guest is at {s}"
+            );
+            if v == s {
+                seen_old = true;
+            } else {
+                assert!(!seen_old, "vCPU {id}: page {page} is ahead of the sweep");
+            }
+        }
+    }
+}
