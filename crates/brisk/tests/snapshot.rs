@@ -67,6 +67,17 @@ fn snapshot_then_restore_in_a_new_process_paused_or_running() {
         ],
         "running on",
     );
+    // Twice into the same directory: the second replaces the first (and
+    // removes its memory file) under the API thread's seccomp filter.
+    for _ in 0..2 {
+        let snap = ctl(&sock, &["snapshot", dir_s]);
+        assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        2,
+        "state and one memory file"
+    );
     let snap = ctl(&sock, &["snapshot", dir_s]);
     assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
     assert!(text(&snap.stdout).starts_with(&format!("snapshot in {dir_s}: 64 MiB of RAM")));

@@ -134,6 +134,8 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_rename,
             libc::SYS_renameat,
             libc::SYS_renameat2,
+            libc::SYS_unlink,
+            libc::SYS_unlinkat,
             // Migrations (on a thread the API thread spawns): connect to
             // the destination, set the stream's timeouts.
             libc::SYS_socket,
