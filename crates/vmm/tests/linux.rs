@@ -39,7 +39,10 @@ fn config(kernel: &std::path::Path, cpus: usize) -> VmConfig {
 /// The kernel ran `init` and the VM ended as this host allows.
 pub fn assert_reached_init(end: &VmEnd, out: &str, init: &str) {
     let marker = format!("Run {init} as init process");
-    assert!(out.contains(&marker), "no '{marker}' in:\n{out}");
+    assert!(
+        out.contains(&marker),
+        "the VM ended ({end:?}) with no '{marker}' in:\n{out}"
+    );
     if host_is_pvm() {
         let faulted = *end == VmEnd::Panicked && out.contains("Attempted to kill init");
         let ran = *end == VmEnd::PowerOff && out.contains(LINUX_USERSPACE_MARKER);
