@@ -45,23 +45,17 @@ pub(crate) struct Ram {
     /// The file behind RAM (any backing but Anonymous): where pages not
     /// (yet) in this process's memory read from.
     pub(crate) file: Option<File>,
-    /// Anonymous: pages never touched are not resident (mincore says so),
-    /// and a snapshot may skip them.
-    pub(crate) anonymous: bool,
 }
 
 /// Map `regions` ((start, length) pairs) from `backing`.
 pub(crate) fn map(regions: &[(u64, u64)], backing: MemoryBacking) -> Result<Ram> {
     let total: u64 = regions.iter().map(|r| r.1).sum();
     let map_err = |e: vm_memory::mmap::MmapRegionError| Error::MemoryMap(Box::new(e));
-    let (file, flags, anonymous) = match backing {
-        MemoryBacking::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, true),
-        MemoryBacking::SnapshotFile(f) => (Some(f), libc::MAP_PRIVATE, false),
-        MemoryBacking::NewMemfd => {
-            let f = memfd(total)?;
-            (Some(f), libc::MAP_SHARED, false)
-        }
-        MemoryBacking::Shared(f) => (Some(f), libc::MAP_SHARED, false),
+    let (file, flags) = match backing {
+        MemoryBacking::Anonymous => (None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS),
+        MemoryBacking::SnapshotFile(f) => (Some(f), libc::MAP_PRIVATE),
+        MemoryBacking::NewMemfd => (Some(memfd(total)?), libc::MAP_SHARED),
+        MemoryBacking::Shared(f) => (Some(f), libc::MAP_SHARED),
     };
     if let Some(f) = &file {
         let len = f
@@ -105,7 +99,6 @@ pub(crate) fn map(regions: &[(u64, u64)], backing: MemoryBacking) -> Result<Ram>
         memory,
         shared,
         file,
-        anonymous,
     })
 }
 

@@ -52,8 +52,6 @@ pub struct Vm {
     shared_memory: Option<std::fs::File>,
     /// The file behind RAM, whatever the backing but anonymous.
     memory_file: Option<std::fs::File>,
-    /// RAM is anonymous (untouched pages are not resident).
-    anonymous: bool,
     /// KVM logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES).
     dirty_log: std::sync::atomic::AtomicBool,
     irqchip: Irqchip,
@@ -119,7 +117,6 @@ impl Vm {
             memory: ram.memory,
             shared_memory: ram.shared,
             memory_file: ram.file,
-            anonymous: ram.anonymous,
             dirty_log: std::sync::atomic::AtomicBool::new(false),
             irqchip,
             mwait: Mwait::default(),
@@ -183,12 +180,6 @@ impl Vm {
     /// memfd), its regions one after another; `None` for anonymous RAM.
     pub fn memory_file(&self) -> Option<&std::fs::File> {
         self.memory_file.as_ref()
-    }
-
-    /// Whether guest RAM is anonymous memory: a page no one touched is not
-    /// resident, and reads as zero.
-    pub fn memory_is_anonymous(&self) -> bool {
-        self.anonymous
     }
 
     /// The `/dev/kvm` handle, for system ioctls this crate does not wrap.

@@ -176,17 +176,13 @@ unsafe fn write_ram(kvm: &brisk_kvm::Vm, f: &mut File) -> std::io::Result<Memory
     f.set_len(total)?;
     let mut written = 0u64;
     let mut offset = 0u64;
-    let (mut scan, mut io) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+    let started = std::time::Instant::now();
     for r in &regions {
-        let t = std::time::Instant::now();
         let touched = r.touched();
-        scan += t.elapsed();
         let mut run: Option<usize> = None; // first page of a run of data
         for i in 0..=touched.len() {
-            let t = std::time::Instant::now();
             // SAFETY: the caller's guarantee; i < pages.
             let data = i < touched.len() && touched[i] && !is_zero(unsafe { r.page(i) });
-            scan += t.elapsed();
             match (data, run) {
                 (true, None) => run = Some(i),
                 (false, Some(start)) => {
@@ -195,9 +191,7 @@ unsafe fn write_ram(kvm: &brisk_kvm::Vm, f: &mut File) -> std::io::Result<Memory
                     let bytes = unsafe {
                         std::slice::from_raw_parts(r.ptr.add(start * PAGE), (i - start) * PAGE)
                     };
-                    let t = std::time::Instant::now();
                     f.write_all_at(bytes, offset + (start * PAGE) as u64)?;
-                    io += t.elapsed();
                     written += bytes.len() as u64;
                     run = None;
                 }
@@ -206,7 +200,7 @@ unsafe fn write_ram(kvm: &brisk_kvm::Vm, f: &mut File) -> std::io::Result<Memory
         }
         offset += r.len as u64;
     }
-    log::debug!("memory file: {written} bytes; finding data {scan:?}, writing {io:?}");
+    log::debug!("memory file: {written} bytes in {:?}", started.elapsed());
     Ok(MemoryWritten {
         ram: total,
         data: written,
