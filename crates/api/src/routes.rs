@@ -335,6 +335,12 @@ impl Api {
             _ => {}
         }
         let Some(vm) = self.slot.get() else {
+            if path == "/api/v1/vm.shutdown" {
+                // No VM yet: end the wait for one (and a migration it
+                // waits on); brisk exits 0.
+                self.slot.request_shutdown();
+                return Reply::no_content();
+            }
             return Reply::error(
                 409,
                 "no VM yet: bring one with vm.restore or vm.receive-migration",

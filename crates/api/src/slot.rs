@@ -9,6 +9,7 @@
 //! not yet filtered), which builds it and answers.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -31,6 +32,9 @@ pub struct VmSlot {
     vm: Mutex<Option<Arc<Vm>>>,
     /// Where requests to bring a VM go, while none is there.
     builder: Mutex<Option<Sender<BringRequest>>>,
+    /// `vm.shutdown` came while there was no VM: whoever waits for one
+    /// (and any migration it waits on) gives up.
+    shutdown: AtomicBool,
 }
 
 impl VmSlot {
@@ -39,6 +43,7 @@ impl VmSlot {
         Arc::new(VmSlot {
             vm: Mutex::new(Some(vm)),
             builder: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
         })
     }
 
@@ -49,6 +54,7 @@ impl VmSlot {
         let slot = VmSlot {
             vm: Mutex::new(None),
             builder: Mutex::new(Some(tx)),
+            shutdown: AtomicBool::new(false),
         };
         (Arc::new(slot), rx)
     }
@@ -67,6 +73,17 @@ impl VmSlot {
     /// Let go of the VM (shutting down: its owner takes it back).
     pub fn take(&self) -> Option<Arc<Vm>> {
         self.vm.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// `vm.shutdown` with no VM: the wait for one ends (a pending
+    /// `vm.receive-migration` included).
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, SeqCst);
+    }
+
+    /// Whether `vm.shutdown` came while there was no VM.
+    pub fn shutdown_requested(&self) -> bool {
+        self.shutdown.load(SeqCst)
     }
 
     /// Ask the builder for a VM and wait for its answer.

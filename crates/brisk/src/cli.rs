@@ -291,6 +291,17 @@ struct RunArgs {
     /// (resume it through the API: `brisk ctl resume`).
     #[arg(long)]
     paused: bool,
+    /// With --restore, --receive-migration or --wait-for-vm: the most
+    /// guest RAM a snapshot or a migration's source may make this brisk
+    /// map (K, M or G suffix). Default: the host's RAM.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// With --restore, --receive-migration or --wait-for-vm: open the
+    /// disk images the snapshot or the source names (read-write unless
+    /// saved read-only). Without it such a VM is refused: a snapshot
+    /// directory or a migration peer is not trusted to choose host files.
+    #[arg(long)]
+    trust_disk_paths: bool,
     /// Start with no VM, serving only the API (--api-socket): `brisk ctl
     /// restore DIR` (vm.restore) or `brisk ctl receive-migration URL`
     /// (vm.receive-migration) brings one, which then runs as with
@@ -440,7 +451,7 @@ impl Cli {
         match self.command {
             Command::Guests => {
                 for g in brisk_guests::ALL {
-                    println!("{:<11} {}", g.name, g.about);
+                    out!("{:<11} {}", g.name, g.about);
                 }
                 status::OK
             }
@@ -454,14 +465,14 @@ impl Cli {
 
 #[cfg(not(feature = "bench"))]
 fn bench(_args: BenchArgs) -> i32 {
-    eprintln!("brisk: this brisk was built without its benchmarks; build them with `cargo build --release --features bench`");
+    say!("brisk: this brisk was built without its benchmarks; build them with `cargo build --release --features bench`");
     status::USAGE
 }
 
 #[cfg(feature = "bench")]
 fn bench(args: BenchArgs) -> i32 {
     if let Err(e) = brisk_vmm::kvm_available() {
-        eprintln!("brisk: {e}");
+        say!("brisk: {e}");
         return status::NO_KVM;
     }
     let which = match args.which {
@@ -476,19 +487,19 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::All => brisk_bench::Which::All,
     };
     let opts = brisk_bench::Opts { quick: args.quick };
-    let report = brisk_bench::run(which, &opts, |t| println!("{t}\n"));
+    let report = brisk_bench::run(which, &opts, |t| out!("{t}\n"));
     if let Some(path) = &args.json {
         let json = serde_json::to_string_pretty(&report).expect("report serialises");
         if let Err(e) = std::fs::write(path, json) {
-            eprintln!("brisk: cannot write {}: {e}", path.display());
+            say!("brisk: cannot write {}: {e}", path.display());
             return status::CONFIG;
         }
     }
     if let Some(dir) = &args.plot {
         match brisk_bench::plot::write(dir, &report.tables) {
-            Ok(files) => println!("plots: {}", files.join(", ")),
+            Ok(files) => out!("plots: {}", files.join(", ")),
             Err(e) => {
-                eprintln!("brisk: cannot write plots: {e}");
+                say!("brisk: cannot write plots: {e}");
                 return status::CONFIG;
             }
         }
@@ -521,20 +532,20 @@ fn stress(args: StressArgs) -> i32 {
     })
     .validate()
     {
-        eprintln!("brisk: {e}");
+        say!("brisk: {e}");
         return status::CONFIG;
     }
     if let Err(e) = brisk_vmm::kvm_available() {
-        eprintln!("brisk: {e}");
+        say!("brisk: {e}");
         return status::NO_KVM;
     }
     match brisk_stress::run(&config) {
         Ok(report) => {
-            println!("{report}");
+            out!("{report}");
             status::OK
         }
         Err(e) => {
-            eprintln!("brisk: stress failed (seed {}): {e}", args.seed);
+            say!("brisk: stress failed (seed {}): {e}", args.seed);
             status::STRESS_FAILED
         }
     }
@@ -566,7 +577,7 @@ fn run(args: RunArgs) -> i32 {
     let interrupt = match signals::install() {
         Ok(fd) => fd,
         Err(e) => {
-            eprintln!("brisk: cannot install signal handlers: {e}");
+            say!("brisk: cannot install signal handlers: {e}");
             return status::INTERNAL;
         }
     };
@@ -578,9 +589,16 @@ fn run(args: RunArgs) -> i32 {
     let opts = brisk_vmm::RestoreOptions {
         paused: args.paused,
         seccomp: config.seccomp,
+        max_memory: args.max_memory,
+        trust_disk_paths: args.trust_disk_paths,
     };
     if args.paused && args.restore.is_none() && args.receive_migration.is_none() {
-        eprintln!("brisk: --paused goes with --restore or --receive-migration");
+        say!("brisk: --paused goes with --restore or --receive-migration");
+        return status::USAGE;
+    }
+    let brought = args.restore.is_some() || args.receive_migration.is_some() || args.wait_for_vm;
+    if (args.max_memory.is_some() || args.trust_disk_paths) && !brought {
+        say!("brisk: --max-memory and --trust-disk-paths go with --restore, --receive-migration or --wait-for-vm");
         return status::USAGE;
     }
     let (vm, api) = if args.wait_for_vm {
@@ -597,11 +615,11 @@ fn run(args: RunArgs) -> i32 {
             (Some(dir), _) => Vm::restore(dir, Output::Stdout, opts),
             (None, Some(url)) => match url.parse::<brisk_vmm::MigrationUrl>() {
                 Ok(url) => {
-                    eprintln!("brisk: waiting for a migration on {url}");
+                    say!("brisk: waiting for a migration on {url}");
                     Vm::receive_migration(&url, Output::Stdout, opts, &abort)
                 }
                 Err(e) => {
-                    eprintln!("brisk: --receive-migration: {e}");
+                    say!("brisk: --receive-migration: {e}");
                     return status::USAGE;
                 }
             },
@@ -610,7 +628,7 @@ fn run(args: RunArgs) -> i32 {
         let vm = match started {
             Ok(vm) => std::sync::Arc::new(vm),
             Err(e) => {
-                eprintln!("brisk: {e}");
+                say!("brisk: {e}");
                 return status::for_start_error(&e, signals::last());
             }
         };
@@ -619,7 +637,7 @@ fn run(args: RunArgs) -> i32 {
             Some(path) => match brisk_api::ApiServer::start(path, vm.clone()) {
                 Ok(server) => Some(server),
                 Err(e) => {
-                    eprintln!("brisk: {e}");
+                    say!("brisk: {e}");
                     vm.request_shutdown();
                     return finish(vm, None, status::CONFIG);
                 }
@@ -630,7 +648,7 @@ fn run(args: RunArgs) -> i32 {
     let console = match crate::console::Console::start(vm.clone(), config.seccomp) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("brisk: cannot start the console thread: {e}");
+            say!("brisk: cannot start the console thread: {e}");
             vm.request_shutdown();
             return finish(vm, api, status::INTERNAL);
         }
@@ -638,7 +656,7 @@ fn run(args: RunArgs) -> i32 {
     // Everything is set up: from here on the main thread only waits and
     // tears down.
     if let Err(e) = brisk_vmm::seccomp::install(ThreadKind::Main, config.seccomp) {
-        eprintln!("brisk: cannot install the main thread's seccomp filter: {e}");
+        say!("brisk: cannot install the main thread's seccomp filter: {e}");
         vm.request_shutdown();
         drop(console);
         return finish(vm, api, status::INTERNAL);
@@ -663,9 +681,9 @@ fn run(args: RunArgs) -> i32 {
     let code = status::for_end(&end, signals::last());
     match &end {
         VmEnd::PowerOff | VmEnd::DebugExit(_) | VmEnd::ShutdownRequested => log::info!("{end}"),
-        VmEnd::Migrated { .. } => eprintln!("brisk: the VM {end}"),
-        VmEnd::Interrupted => eprintln!("brisk: stopped by signal {}", signals::last()),
-        _ => eprintln!("brisk: {end}"),
+        VmEnd::Migrated { .. } => say!("brisk: the VM {end}"),
+        VmEnd::Interrupted => say!("brisk: stopped by signal {}", signals::last()),
+        _ => say!("brisk: {end}"),
     }
     finish(vm, api, code)
 }
@@ -683,35 +701,39 @@ fn wait_for_vm(
     let (slot, requests) = brisk_api::VmSlot::empty();
     let server =
         brisk_api::ApiServer::start_with(path, slot.clone(), opts.seccomp).map_err(|e| {
-            eprintln!("brisk: {e}");
+            say!("brisk: {e}");
             status::CONFIG
         })?;
-    eprintln!(
+    // Declared after the server, so dropped before it on every path: the
+    // API's handlers wait for these answers, and the server's drop waits
+    // for its handlers.
+    let requests = Pending(requests);
+    say!(
         "brisk: no VM yet; waiting for vm.restore or vm.receive-migration on {}",
         path.display()
     );
+    let abort = || abort() || slot.shutdown_requested();
     loop {
         if abort() {
-            // Answer what is queued, and close the queue, before the API
-            // stops: its handlers wait for these answers.
-            for (_, reply) in requests.try_iter() {
-                let _ = reply.send(Err("this brisk is shutting down".into()));
-            }
             drop(requests);
             drop(server);
+            if slot.shutdown_requested() {
+                say!("brisk: shut down through the API with no VM");
+                return Err(status::OK);
+            }
             let signal = signals::last();
             if signal != 0 {
-                eprintln!("brisk: stopped by signal {signal} with no VM");
+                say!("brisk: stopped by signal {signal} with no VM");
                 return Err(128 + signal);
             }
-            eprintln!("brisk: --timeout passed with no VM");
+            say!("brisk: --timeout passed with no VM");
             return Err(status::TIMEOUT);
         }
-        let (what, reply) = match requests.recv_timeout(Duration::from_millis(100)) {
+        let (what, reply) = match requests.0.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => r,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                eprintln!("brisk: the API stopped with no VM");
+                say!("brisk: the API stopped with no VM");
                 return Err(status::INTERNAL);
             }
         };
@@ -722,9 +744,9 @@ fn wait_for_vm(
                 brisk_vmm::RestoreOptions { paused, ..opts },
             ),
             Bring::Receive { url, paused } => {
-                eprintln!("brisk: waiting for a migration on {url}");
+                say!("brisk: waiting for a migration on {url}");
                 let o = brisk_vmm::RestoreOptions { paused, ..opts };
-                Vm::receive_migration(&url, Output::Stdout, o, abort)
+                Vm::receive_migration(&url, Output::Stdout, o, &abort)
             }
         };
         match built {
@@ -735,9 +757,22 @@ fn wait_for_vm(
                 return Ok((vm, Some(server)));
             }
             Err(e) => {
-                eprintln!("brisk: {e}");
+                say!("brisk: {e}");
                 let _ = reply.send(Err(e.to_string()));
             }
+        }
+    }
+}
+
+/// The queue of requests to bring a VM. Dropped, it answers whatever is
+/// still queued and closes, so no API handler waits for an answer that
+/// will not come (whatever path leaves `wait_for_vm`).
+struct Pending(std::sync::mpsc::Receiver<brisk_api::BringRequest>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        for (_, reply) in self.0.try_iter() {
+            let _ = reply.send(Err("this brisk is shutting down".into()));
         }
     }
 }
@@ -756,18 +791,18 @@ fn finish(vm: std::sync::Arc<Vm>, api: Option<brisk_api::ApiServer>, code: i32) 
     let vm = match std::sync::Arc::try_unwrap(vm) {
         Ok(vm) => vm,
         Err(_) => {
-            eprintln!("brisk: the VM is still referenced after the API stopped");
+            say!("brisk: the VM is still referenced after the API stopped");
             return status::INTERNAL;
         }
     };
     match vm.shutdown() {
         Ok(()) => code,
         Err(e @ brisk_vmm::ShutdownError::Stuck { .. }) => {
-            eprintln!("brisk: {e}; exiting anyway");
+            say!("brisk: {e}; exiting anyway");
             code
         }
         Err(e) => {
-            eprintln!("brisk: {e}");
+            say!("brisk: {e}");
             status::INTERNAL
         }
     }

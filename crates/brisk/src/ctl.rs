@@ -131,7 +131,7 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
     let reply = match reply {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("brisk: cannot reach the API at {}: {e}", socket.display());
+            say!("brisk: cannot reach the API at {}: {e}", socket.display());
             return status::API_UNREACHABLE;
         }
     };
@@ -140,11 +140,11 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
             .ok()
             .and_then(|v| v["error"].as_str().map(String::from))
             .unwrap_or(reply.body.clone());
-        eprintln!("brisk: API error {}: {msg}", reply.status);
+        say!("brisk: API error {}: {msg}", reply.status);
         return status::API_ERROR;
     }
     if json || reply.body.is_empty() {
-        println!(
+        out!(
             "{}",
             if reply.body.is_empty() {
                 done
@@ -155,8 +155,8 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         return status::OK;
     }
     match serde_json::from_str::<Value>(&reply.body) {
-        Ok(v) => println!("{}", human(&op, &v)),
-        Err(_) => println!("{}", reply.body),
+        Ok(v) => out!("{}", human(&op, &v)),
+        Err(_) => out!("{}", reply.body),
     }
     status::OK
 }
@@ -187,7 +187,7 @@ fn follow_migration(socket: &Path, done: &std::sync::atomic::AtomicBool) {
             v["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
         );
         if line != last {
-            eprintln!("{line}");
+            say!("{line}");
             last = line;
         }
     }
@@ -291,13 +291,13 @@ fn human(op: &Op, v: &Value) -> String {
 /// `file://` and the absolute path of `dir`, or the exit status.
 fn file_url(dir: &Path) -> Result<String, i32> {
     let abs = std::path::absolute(dir).map_err(|e| {
-        eprintln!("brisk: {}: {e}", dir.display());
+        say!("brisk: {}: {e}", dir.display());
         status::CONFIG
     })?;
     match abs.to_str() {
         Some(s) => Ok(format!("file://{s}")),
         None => {
-            eprintln!("brisk: {}: the API takes UTF-8 paths only", abs.display());
+            say!("brisk: {}: the API takes UTF-8 paths only", abs.display());
             Err(status::CONFIG)
         }
     }

@@ -1,5 +1,23 @@
 //! The `brisk` command: a thin layer over `brisk-vmm`.
 
+/// `eprintln!` that never panics: a closed stderr (a log pipe whose
+/// reader died, `brisk ... 2>&1 | head`) must not turn a message into a
+/// panic, a wrong exit status, or a half-done shutdown.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// `println!` that never panics on a closed stdout (`brisk guests | head -1`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
 mod cli;
 mod console;
 mod ctl;

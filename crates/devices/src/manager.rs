@@ -115,6 +115,15 @@ impl DeviceManager {
     /// missing from it, or a state that does not fit, is an error; the
     /// caller discards the VM then (never a half-restored one).
     pub fn restore(&self, saved: &BTreeMap<String, DeviceState>) -> Result<(), StateError> {
+        // A state for a device that is not here is a state of another
+        // machine (or an altered one): refused, not ignored.
+        if let Some(name) = saved
+            .keys()
+            .find(|n| !self.devices.iter().any(|e| &e.name == *n))
+        {
+            let shown: String = name.chars().take(64).flat_map(char::escape_debug).collect();
+            return Err(StateError::Unknown(shown));
+        }
         for e in &self.devices {
             let s = saved
                 .get(&e.name)

@@ -34,6 +34,8 @@ pub enum StateError {
     Invalid { device: String, why: String },
     #[error("the snapshot has no state for device {0}")]
     Missing(String),
+    #[error("the snapshot has state for a device this VM does not have: {0}")]
+    Unknown(String),
 }
 
 /// A device whose state can be saved and restored.

@@ -182,6 +182,50 @@ impl Vm {
         self.memory_file.as_ref()
     }
 
+    /// Make guest RAM in `[gpa, gpa + len)` read as zero again and give
+    /// its pages back to the host (page-aligned, within one region): a
+    /// migration receiver's Zero message, which must never fault in the
+    /// range it names. Anonymous RAM drops the pages (`MADV_DONTNEED`);
+    /// shared memfd RAM punches a hole in the file (`MADV_REMOVE`). RAM
+    /// mapped copy-on-write from a snapshot file would read the file's
+    /// bytes back, so it is refused.
+    pub fn discard(&self, gpa: u64, len: u64) -> Result<()> {
+        use vm_memory::GuestAddress;
+        let page = memory::PAGE_SIZE as u64;
+        let bad = |why: &str| Error::State(format!("discarding {len:#x} bytes at {gpa:#x}: {why}"));
+        if gpa % page != 0 || len % page != 0 || len == 0 {
+            return Err(bad("not whole pages"));
+        }
+        let advice = match (&self.shared_memory, &self.memory_file) {
+            (Some(_), _) => libc::MADV_REMOVE,
+            (None, None) => libc::MADV_DONTNEED,
+            (None, Some(_)) => return Err(bad("RAM is mapped from a snapshot file")),
+        };
+        let inside = self.memory.iter().any(|r| {
+            gpa >= r.start_addr().raw_value()
+                && gpa
+                    .checked_add(len)
+                    .is_some_and(|end| end <= r.start_addr().raw_value() + r.len())
+        });
+        if !inside {
+            return Err(bad("outside guest RAM"));
+        }
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(gpa))
+            .map_err(|e| bad(&e.to_string()))?;
+        // SAFETY: the range lies inside one mapping of guest RAM that this
+        // VM owns (checked above); dropping its pages only makes the guest
+        // (or brisk) read zeros there next, which is what was asked.
+        if unsafe { libc::madvise(host.cast(), len as usize, advice) } != 0 {
+            return Err(Error::Sys {
+                what: "madvise (discarding guest RAM)",
+                err: vmm_sys_util::errno::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
     /// The `/dev/kvm` handle, for system ioctls this crate does not wrap.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm

@@ -55,8 +55,8 @@ fn destination(url: &MigrationUrl, paused: bool) -> JoinHandle<Result<Vm, StartE
 
 /// Whether something listens on `addr`'s port (from /proc/net/tcp, so
 /// the probe is not taken for the source).
-fn tcp_listening(addr: &str) -> bool {
-    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+fn tcp_listening(addr: &std::net::SocketAddr) -> bool {
+    let port = addr.port();
     let want = format!(":{port:04X}");
     std::fs::read_to_string("/proc/net/tcp")
         .unwrap()
@@ -144,7 +144,7 @@ fn pingpong_migrates_over_tcp() {
     };
     let vm = migrate(
         &src,
-        MigrationOptions::new(MigrationUrl::Tcp(format!("127.0.0.1:{port}"))),
+        MigrationOptions::new(MigrationUrl::Tcp(([127, 0, 0, 1], port).into())),
     );
     assert_eq!(
         vm.wait(Some(Duration::from_secs(60)), None),

@@ -13,8 +13,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use receive::{Intake, IntakeError, Step};
 pub(crate) use send::Outgoing;
-pub use wire::{MigrationUrl, PROTOCOL_VERSION};
+pub use send::SWITCH_GRACE;
+pub use wire::{MigrationUrl, WireError, CONNECT_BOUND, MESSAGE_BOUND, PROTOCOL_VERSION};
 
 use crate::VmConfig;
 

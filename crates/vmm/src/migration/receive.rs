@@ -1,5 +1,12 @@
 //! The destination side: wait for a source, fill RAM from its pages, and
 //! start the VM from its state once it commits.
+//!
+//! Nothing the source sends is trusted for where it comes from: every
+//! message passes [`Intake`]'s checks before it touches RAM, a Zero never
+//! faults a page in (fresh RAM is zero already; a page written before is
+//! given back to the host), the RAM a source may make this process commit
+//! is bounded ([`RestoreOptions::max_memory`]), and disk paths it names
+//! are opened only with [`RestoreOptions::trust_disk_paths`].
 
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -8,14 +15,17 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::wire::{Kind, MigrationUrl, Stream, PROTOCOL_VERSION};
+use super::wire::{printable, Bound, Kind, MigrationUrl, Stream, WireError, PROTOCOL_VERSION};
 use super::Hello;
-use crate::snapshot::{check_state, file, VmState};
+use crate::snapshot::{check_state, check_trusted, file, VmState};
 use crate::vm::{Boot, Machine};
-use crate::{Output, RestoreOptions, StartError, Vm};
+use crate::{Output, RestoreOptions, StartError, Vm, VmConfig};
 
 /// How often a wait for the source asks the caller's abort.
 const POLL: Duration = Duration::from_millis(100);
+
+/// How long a parting Abort may take.
+const ABORT_BOUND: Duration = Duration::from_secs(1);
 
 /// A listening socket; a Unix one is removed when dropped.
 enum Listener {
@@ -69,21 +79,14 @@ impl Listener {
                 ));
             }
             let got = match self {
-                Listener::Unix(l, _) => l.accept().map(|(s, _)| {
-                    let _ = s.set_nonblocking(false);
-                    Stream::Unix(s)
-                }),
-                Listener::Tcp(l) => l.accept().map(|(s, _)| {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_nodelay(true);
-                    Stream::Tcp(s)
-                }),
+                Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
             };
             match got {
                 Ok(s) => {
-                    s.set_timeouts()
-                        .map_err(|e| refused(format!("migration stream: {e}")))?;
-                    return Ok(s);
+                    return s
+                        .prepare()
+                        .map_err(|e| refused(format!("migration stream: {e}")))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -93,12 +96,147 @@ impl Listener {
     }
 }
 
+/// Why the receiver refused what the source sent.
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("the source sent {0:?} before Hello")]
+    NoHello(Kind),
+    #[error("the source's Hello does not parse: {0}")]
+    Hello(#[source] serde_json::Error),
+    #[error(
+        "the source speaks migration protocol version {0}; this brisk speaks {PROTOCOL_VERSION}"
+    )]
+    Version(u32),
+    #[error("a local upgrade must come with the guest's memory fd (and only then)")]
+    LocalFd,
+    #[error("the source's configuration is not valid: {0}")]
+    Config(#[source] crate::ConfigError),
+    #[error("{0}")]
+    Untrusted(#[source] Box<StartError>),
+    #[error("a local upgrade hands guest memory over: the source may not write pages into it")]
+    PagesIntoLocal,
+    #[error("a {0:?} message too short for its guest address")]
+    Short(Kind),
+    #[error(
+        "a {kind:?} message for {len:#x} bytes at {at:#x}: not whole pages inside one RAM region"
+    )]
+    Range { kind: Kind, at: u64, len: u64 },
+    #[error("the source's state: {0}")]
+    State(String),
+    #[error("the state's configuration differs from the Hello's")]
+    StateConfig,
+    #[error("the source gave up: {0}")]
+    GaveUp(String),
+    #[error("unexpected {0:?} from the source")]
+    Unexpected(Kind),
+}
+
+/// What to do with one message after Hello.
+pub enum Step<'a> {
+    /// Copy these bytes into RAM at this guest address.
+    Write { at: u64, data: &'a [u8] },
+    /// These pages are zero: give them back (never write zeros).
+    Discard { at: u64, len: u64 },
+    /// The VM's state: restore it.
+    State(Box<VmState>),
+}
+
+/// The checks a source's messages pass before they touch anything
+/// (pure: no KVM, no files; the `migration` fuzz target drives it).
+pub struct Intake {
+    config: VmConfig,
+    regions: Vec<(u64, u64)>,
+    local: bool,
+}
+
+impl Intake {
+    /// Check the Hello (`with_fd`: a descriptor came with it) against
+    /// what this receiver accepts.
+    pub fn hello(body: &[u8], with_fd: bool, opts: &RestoreOptions) -> Result<Intake, IntakeError> {
+        let hello: Hello = serde_json::from_slice(body).map_err(IntakeError::Hello)?;
+        if hello.version != PROTOCOL_VERSION {
+            return Err(IntakeError::Version(hello.version));
+        }
+        if hello.local != with_fd {
+            return Err(IntakeError::LocalFd);
+        }
+        let mut config = hello.config;
+        config.seccomp = opts.seccomp;
+        config.validate().map_err(IntakeError::Config)?;
+        check_trusted(&config, opts).map_err(|e| IntakeError::Untrusted(Box::new(e)))?;
+        Ok(Intake {
+            regions: brisk_boot::layout::ram_regions(config.memory),
+            config,
+            local: hello.local,
+        })
+    }
+
+    /// The configuration the Hello brought.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Check one message after Hello.
+    pub fn step<'a>(&self, kind: Kind, body: &'a [u8]) -> Result<Step<'a>, IntakeError> {
+        match kind {
+            Kind::Pages | Kind::Zero if self.local => Err(IntakeError::PagesIntoLocal),
+            Kind::Pages => {
+                let (at, data) = split_addr(kind, body)?;
+                self.check_range(kind, at, data.len() as u64)?;
+                Ok(Step::Write { at, data })
+            }
+            Kind::Zero => {
+                let (at, rest) = split_addr(kind, body)?;
+                let len = rest
+                    .try_into()
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| IntakeError::Short(kind))?;
+                self.check_range(kind, at, len)?;
+                Ok(Step::Discard { at, len })
+            }
+            Kind::State => {
+                let mut state: VmState = file::parse(body).map_err(IntakeError::State)?;
+                state.config.seccomp = self.config.seccomp;
+                if serde_json::to_value(&state.config).ok()
+                    != serde_json::to_value(&self.config).ok()
+                {
+                    return Err(IntakeError::StateConfig);
+                }
+                check_state(&state).map_err(|e| IntakeError::State(e.to_string()))?;
+                Ok(Step::State(Box::new(state)))
+            }
+            Kind::Abort => Err(IntakeError::GaveUp(printable(body))),
+            other => Err(IntakeError::Unexpected(other)),
+        }
+    }
+
+    /// Whole pages, non-empty, inside one RAM region.
+    fn check_range(&self, kind: Kind, at: u64, len: u64) -> Result<(), IntakeError> {
+        let page = brisk_kvm::PAGE_SIZE as u64;
+        let inside = self.regions.iter().any(|&(start, size)| {
+            at >= start && at.checked_add(len).is_some_and(|end| end <= start + size)
+        });
+        if len == 0 || at % page != 0 || len % page != 0 || !inside {
+            return Err(IntakeError::Range { kind, at, len });
+        }
+        Ok(())
+    }
+}
+
+fn split_addr(kind: Kind, body: &[u8]) -> Result<(u64, &[u8]), IntakeError> {
+    let (a, rest) = body
+        .split_first_chunk::<8>()
+        .ok_or(IntakeError::Short(kind))?;
+    Ok((u64::from_le_bytes(*a), rest))
+}
+
 impl Vm {
     /// Listen on `url`, take one migration, and return the VM running
     /// here (`brisk run --receive-migration`). Anything wrong with the
     /// stream (another protocol version, a bad page, a state KVM refuses,
-    /// the source giving up or going away) is refused in one sentence and
-    /// leaves nothing behind: no VM, no socket.
+    /// the source giving up, going away or stalling past a message's
+    /// bound) is refused in one sentence and leaves nothing behind: no
+    /// VM, no socket. `abort` (a signal, --timeout) ends any wait at once.
     pub fn receive_migration(
         url: &MigrationUrl,
         output: Output,
@@ -111,9 +249,22 @@ impl Vm {
         drop(listener);
         let r = receive(&mut s, output, opts, abort);
         if let Err(e) = &r {
-            let _ = s.send(Kind::Abort, &[e.to_string().as_bytes()]);
+            let never = || false;
+            let bound = Bound::within(ABORT_BOUND, &never);
+            let _ = s.send(Kind::Abort, &[e.to_string().as_bytes()], &bound);
         }
         r
+    }
+}
+
+/// A stream failure as the receiver reports it: a cancel is the caller's
+/// abort (its signal or timeout), anything else a refusal.
+fn stream_err(e: WireError) -> StartError {
+    match e {
+        WireError::Cancelled => {
+            StartError::Interrupted("stopped while receiving the migration".into())
+        }
+        e => refused(format!("the migration stream: {e}")),
     }
 }
 
@@ -123,131 +274,89 @@ fn receive(
     opts: RestoreOptions,
     abort: &dyn Fn() -> bool,
 ) -> Result<Vm, StartError> {
-    let (kind, body, fd) = s.recv().map_err(refused)?;
-    if kind != Kind::Hello {
-        return Err(refused(format!("the source sent {kind:?} before Hello")));
+    let intake_err = |e: IntakeError| match e {
+        IntakeError::Untrusted(e) => *e,
+        e => refused(e.to_string()),
+    };
+    let hello = s.recv(&Bound::message(abort, None)).map_err(stream_err)?;
+    if hello.kind != Kind::Hello {
+        return Err(intake_err(IntakeError::NoHello(hello.kind)));
     }
-    let hello: Hello = serde_json::from_slice(&body)
-        .map_err(|e| refused(format!("the source's Hello does not parse: {e}")))?;
-    if hello.version != PROTOCOL_VERSION {
-        return Err(refused(format!(
-            "the source speaks migration protocol version {}; this brisk speaks {PROTOCOL_VERSION}",
-            hello.version
-        )));
-    }
-    if hello.local != fd.is_some() {
-        return Err(refused(
-            "a local upgrade must come with the guest's memory fd (and only then)",
-        ));
-    }
-    if let Some(f) = &fd {
+    let intake = Intake::hello(&hello.body, hello.fd.is_some(), &opts).map_err(intake_err)?;
+    if let Some(f) = &hello.fd {
         brisk_kvm::check_memfd_sealed(f).map_err(refused)?;
     }
-    let mut config = hello.config;
-    config.seccomp = opts.seccomp;
-    config
-        .validate()
-        .map_err(|e| refused(format!("the source's configuration is not valid: {e}")))?;
-    let m = Machine::assemble(&config, output, Boot::Receive(fd.as_ref()))?;
+    // The source describes the VM: a failure to build it here (a mapping
+    // a memory limit refuses, a bad memfd) is its refusal, not ours.
+    let m = Machine::assemble(intake.config(), output, Boot::Receive(hello.fd.as_ref())).map_err(
+        |e| match e {
+            StartError::Setup { .. }
+            | StartError::Kvm(
+                brisk_kvm::Error::MemoryMap(_)
+                | brisk_kvm::Error::MemorySize(_)
+                | brisk_kvm::Error::State(_),
+            ) => refused(format!("cannot build the source's VM here: {e}")),
+            e => e,
+        },
+    )?;
     // Built (KVM's VM, vCPUs, devices): the source may start, and its
     // downtime does not pay for this.
-    s.send(Kind::Ready, &[])
-        .map_err(|e| refused(format!("migration stream: {e}")))?;
-    let zeros = vec![0u8; 1 << 20];
+    s.send(Kind::Ready, &[], &Bound::message(abort, None))
+        .map_err(stream_err)?;
     let (mut pages, mut zeroed) = (0u64, 0u64);
     loop {
-        if abort() {
-            return Err(StartError::Interrupted(
-                "stopped while receiving the migration".into(),
-            ));
-        }
-        let (kind, body, _) = s.recv().map_err(refused)?;
-        match kind {
-            Kind::Pages => {
-                let (at, data) = split_addr(&body)?;
-                if data.is_empty() || data.len() % 4096 != 0 {
-                    return Err(refused("a Pages message that is not whole pages"));
-                }
-                write(&m, at, data)?;
+        let msg = s.recv(&Bound::message(abort, None)).map_err(stream_err)?;
+        match intake.step(msg.kind, &msg.body).map_err(intake_err)? {
+            Step::Write { at, data } => {
+                m.kvm
+                    .memory()
+                    .write_slice(data, GuestAddress(at))
+                    .map_err(|e| refused(format!("writing the source's pages at {at:#x}: {e}")))?;
                 pages += data.len() as u64 / 4096;
             }
-            Kind::Zero => {
-                let (at, len) = split_addr(&body)?;
-                let len =
-                    u64::from_le_bytes(len.try_into().map_err(|_| refused("a bad Zero message"))?);
-                let mut done = 0u64;
+            Step::Discard { at, len } => {
+                m.kvm
+                    .discard(at, len)
+                    .map_err(|e| refused(format!("the source's Zero: {e}")))?;
                 zeroed += len / 4096;
-                while done < len {
-                    let n = (len - done).min(zeros.len() as u64) as usize;
-                    write(&m, at.saturating_add(done), &zeros[..n])?;
-                    done += n as u64;
-                }
             }
-            Kind::State => {
+            Step::State(state) => {
                 log::debug!("migration: {pages} pages received, {zeroed} zeroed; the state came");
-                let mut state: VmState =
-                    file::parse(&body).map_err(|e| refused(format!("the source's state: {e}")))?;
-                state.config.seccomp = opts.seccomp;
-                if serde_json::to_value(&state.config).ok() != serde_json::to_value(&config).ok() {
-                    return Err(refused(
-                        "the state's configuration differs from the Hello's",
-                    ));
-                }
-                check_state(&state)?;
                 let paused = RestoreOptions {
                     paused: true,
                     ..opts
                 };
-                let vm = Vm::restore_into(m, state, paused)?;
-                return commit(s, vm, opts.paused);
+                let vm = Vm::restore_into(m, *state, paused)?;
+                return commit(s, vm, opts.paused, abort);
             }
-            Kind::Abort => {
-                return Err(refused(format!(
-                    "the source gave up: {}",
-                    String::from_utf8_lossy(&body)
-                )))
-            }
-            other => return Err(refused(format!("unexpected {other:?} from the source"))),
         }
     }
 }
 
 /// Restored and paused: say Ready, run once the source commits.
-fn commit(s: &mut Stream, vm: Vm, paused: bool) -> Result<Vm, StartError> {
-    let io = |e: std::io::Error| refused(format!("migration stream: {e}"));
-    s.send(Kind::Ready, &[]).map_err(io)?;
-    match s.recv().map_err(refused)? {
-        (Kind::Commit, body, _) => {
-            let source_paused = body.first().is_some_and(|&b| b != 0);
+fn commit(
+    s: &mut Stream,
+    vm: Vm,
+    paused: bool,
+    abort: &dyn Fn() -> bool,
+) -> Result<Vm, StartError> {
+    s.send(Kind::Ready, &[], &Bound::message(abort, None))
+        .map_err(stream_err)?;
+    let m = s.recv(&Bound::message(abort, None)).map_err(stream_err)?;
+    match m.kind {
+        Kind::Commit => {
+            let source_paused = m.body.first().is_some_and(|&b| b != 0);
             if !(paused || source_paused) {
                 vm.resume().map_err(|e| refused(format!("resuming: {e}")))?;
             }
-            let _ = s.send(Kind::Running, &[]);
+            let never = || false;
+            let _ = s.send(Kind::Running, &[], &Bound::within(ABORT_BOUND, &never));
             Ok(vm)
         }
-        (Kind::Abort, why, _) => Err(refused(format!(
+        Kind::Abort => Err(refused(format!(
             "the source gave up: {}",
-            String::from_utf8_lossy(&why)
+            printable(&m.body)
         ))),
-        (k, _, _) => Err(refused(format!("the source sent {k:?} instead of Commit"))),
+        k => Err(refused(format!("the source sent {k:?} instead of Commit"))),
     }
-}
-
-fn split_addr(body: &[u8]) -> Result<(u64, &[u8]), StartError> {
-    if body.len() < 8 {
-        return Err(refused("a message too short for its guest address"));
-    }
-    let (a, rest) = body.split_at(8);
-    Ok((u64::from_le_bytes(a.try_into().expect("8 bytes")), rest))
-}
-
-fn write(m: &Machine, at: u64, data: &[u8]) -> Result<(), StartError> {
-    m.kvm
-        .memory()
-        .write_slice(data, GuestAddress(at))
-        .map_err(|e| {
-            refused(format!(
-                "the source sent pages outside guest RAM ({at:#x}): {e}"
-            ))
-        })
 }

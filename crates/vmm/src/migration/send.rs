@@ -8,12 +8,28 @@ use std::time::{Duration, Instant};
 use brisk_control::Deadline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use super::wire::{Kind, MigrationUrl, Stream, MAX_RUN_PAGES, PROTOCOL_VERSION};
+use super::wire::{
+    printable, Bound, Kind, Message, MigrationUrl, Stream, WireError, MAX_RUN_PAGES,
+    PROTOCOL_VERSION,
+};
 use super::{Hello, MigrationError, MigrationOptions, MigrationStatus, Phase};
 use crate::snapshot::{file, memory};
 use crate::{Vm, VmEnd};
 
 const PAGE: usize = memory::PAGE;
+
+/// How much longer than its downtime budget (or, forced, than the
+/// estimated copy) the guest may stay stopped waiting for the destination:
+/// then the source resumes it and reports, whatever the destination does.
+pub const SWITCH_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a parting Abort may take: a destination that no longer reads
+/// must not hold the source.
+const ABORT_BOUND: Duration = Duration::from_secs(1);
+
+fn never() -> bool {
+    false
+}
 
 /// A migration in progress (or finished) on the source.
 pub(crate) struct Outgoing {
@@ -42,8 +58,10 @@ impl Outgoing {
         self.cancel.store(true, SeqCst);
     }
 
-    /// Wait for the worker thread to be done (it is bounded by the
-    /// stream's I/O timeout once cancelled), from any number of threads.
+    /// Wait for the worker thread to be done, from any number of threads.
+    /// Bounded: once cancelled, the thread's every wait (connect, each
+    /// message) gives up within a slice of the stream (100 ms), and its
+    /// other steps (pause, state) have deadlines of their own.
     pub(crate) fn join(&self) {
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(t) = handle {
@@ -161,31 +179,49 @@ impl Vm {
         }
     }
 
+    /// Whether the migration should stop: cancelled (the API, a signal's
+    /// shutdown) or the VM ended here.
+    fn stopping(&self, job: &Outgoing) -> bool {
+        job.cancel.load(SeqCst) || self.ended().is_some()
+    }
+
     /// The whole migration; Ok(downtime).
     fn migrate(&self, opts: &MigrationOptions, job: &Outgoing) -> Result<Duration, String> {
         let url = opts.url.to_string();
-        let mut s =
-            Stream::connect(&opts.url).map_err(|e| format!("cannot connect to {url}: {e}"))?;
+        let stopping = || self.stopping(job);
+        let mut s = Stream::connect(&opts.url, &stopping).map_err(|e| match e {
+            WireError::Cancelled => "cancelled".to_string(),
+            e => format!("cannot connect to {url}: {e}"),
+        })?;
         let hello = serde_json::to_vec(&Hello {
             version: PROTOCOL_VERSION,
             config: self.config.clone(),
             local: opts.local,
         })
         .map_err(|e| e.to_string())?;
+        let bound = Bound::message(&stopping, None);
         let sent = match (opts.local, self.kvm.shared_memory()) {
             (true, Some(mem)) => {
                 use std::os::fd::AsRawFd;
-                s.send_with_fd(Kind::Hello, &hello, mem.as_raw_fd())
+                s.send_with_fd(Kind::Hello, &hello, mem.as_raw_fd(), &bound)
             }
-            _ => s.send(Kind::Hello, &[&hello]),
+            _ => s.send(Kind::Hello, &[&hello], &bound),
         };
-        sent.map_err(|e| format!("sending to {url}: {e}"))?;
-        let r = expect_ready(&mut s, "the VM's configuration")
-            .and_then(|()| self.copy_and_switch(opts, job, &mut s));
+        sent.map_err(wire_err(&url))?;
+        let r = expect_ready(
+            &mut s,
+            "the VM's configuration",
+            &Bound::message(&stopping, None),
+        )
+        .and_then(|()| self.copy_and_switch(opts, job, &mut s));
         if let Err(why) = &r {
-            // Best effort: the destination exits either way once the
-            // stream closes.
-            let _ = s.send(Kind::Abort, &[why.as_bytes()]);
+            // Best effort, briefly: the destination exits either way once
+            // the stream closes.
+            let _ = s.send(
+                Kind::Abort,
+                &[why.as_bytes()],
+                &Bound::within(ABORT_BOUND, &never),
+            );
         }
         let _ = self.kvm.set_dirty_log(false);
         r
@@ -215,6 +251,8 @@ impl Vm {
         };
         let forced = || opts.force_on_timeout && started.elapsed() > opts.timeout;
         let kvm_err = |e: brisk_kvm::Error| e.to_string();
+        // The last dirty set's estimated copy time: the stop may take it.
+        let mut last_estimate = Duration::ZERO;
         if !opts.local {
             self.kvm.set_dirty_log(true).map_err(kvm_err)?;
             job.update(|st| st.phase = Phase::Copying);
@@ -222,7 +260,7 @@ impl Vm {
             // destination's RAM starts as zeros).
             let t = Instant::now();
             let first = self.initial_pages();
-            let bytes = self.send_pages(s, &first, false, &check)?;
+            let bytes = self.send_pages(s, &first, false, &check, None, job)?;
             let mut rate = rate(bytes, t.elapsed());
             job.update(|st| {
                 st.bytes_sent += bytes;
@@ -242,6 +280,7 @@ impl Vm {
                     st.dirty_pages = pages;
                     st.estimated_downtime_ms = ms(estimate);
                 });
+                last_estimate = estimate;
                 if estimate <= opts.downtime || forced() {
                     if estimate > opts.downtime {
                         log::warn!(
@@ -255,7 +294,7 @@ impl Vm {
                     break;
                 }
                 let t = Instant::now();
-                let bytes = self.send_pages(s, &dirty, true, &check)?;
+                let bytes = self.send_pages(s, &dirty, true, &check, None, job)?;
                 rate = rate_blend(rate, super::send::rate(bytes, t.elapsed()));
                 job.update(|st| {
                     st.iteration += 1;
@@ -275,7 +314,18 @@ impl Vm {
                 .map_err(|e| format!("cannot pause the VM: {e}"))?;
         }
         job.update(|st| st.phase = Phase::Stopped);
-        let r = self.final_copy(opts, job, s);
+        // However the destination behaves, the guest is stopped here for
+        // at most this long before it resumes here.
+        let allowed = opts.downtime.max(last_estimate) + SWITCH_GRACE;
+        let r = self.final_copy(opts, job, s, downtime + allowed);
+        let r = r.map_err(|e| match e {
+            Stop::Late => format!(
+                "the destination did not take the VM within {} ms of the pause (the downtime budget, or the estimated copy, plus {} s); the VM resumed here",
+                allowed.as_millis(),
+                SWITCH_GRACE.as_secs()
+            ),
+            Stop::Failed(e) => e,
+        });
         let r = r.and_then(|()| match job.cancel.load(SeqCst) {
             true => Err("cancelled".to_string()),
             false => Ok(()),
@@ -299,37 +349,62 @@ impl Vm {
         // Ended: nothing left for the lock to guard, and the API may read
         // the state meanwhile.
         drop(paused);
-        s.send(Kind::Commit, &[&[was_paused as u8]]).map_err(|e| {
+        // Ended here: neither a cancel nor the shutdown that follows may
+        // stop the Commit now; only its bound does.
+        let bound = Bound::within(SWITCH_GRACE, &never);
+        s.send(Kind::Commit, &[&[was_paused as u8]], &bound).map_err(|e| {
             format!("the Commit could not be sent to {url} ({e}): the VM has ended here and runs nowhere")
         })?;
-        match s.recv() {
-            Ok((Kind::Running, _, _)) => {}
-            other => log::warn!("migration to {url}: no Running after Commit ({other:?})"),
+        match s.recv(&bound) {
+            Ok(Message {
+                kind: Kind::Running,
+                ..
+            }) => {}
+            Ok(m) => log::warn!(
+                "migration to {url}: {:?} instead of Running after Commit",
+                m.kind
+            ),
+            Err(e) => log::warn!("migration to {url}: no Running after Commit ({e})"),
         }
         Ok(downtime.elapsed())
     }
 
     /// Paused: the last dirty pages and the state, until the destination
-    /// has restored it (Ready).
+    /// has restored it (Ready), all by `until`.
     fn final_copy(
         &self,
         opts: &MigrationOptions,
         job: &Outgoing,
         s: &mut Stream,
-    ) -> Result<(), String> {
+        until: Instant,
+    ) -> Result<(), Stop> {
         let url = opts.url.to_string();
-        let io = |e: std::io::Error| format!("sending to {url}: {e}");
+        let stopping = || self.stopping(job);
+        let late = |e: String| match Instant::now() >= until {
+            true => Stop::Late,
+            false => Stop::Failed(e),
+        };
         if !opts.local {
-            let dirty = self.kvm.take_dirty_pages().map_err(|e| e.to_string())?;
-            let bytes = self.send_pages(s, &dirty, true, &|| Ok(()))?;
+            let dirty = self
+                .kvm
+                .take_dirty_pages()
+                .map_err(|e| Stop::Failed(e.to_string()))?;
+            let bytes = self
+                .send_pages(s, &dirty, true, &|| Ok(()), Some(until), job)
+                .map_err(late)?;
             job.update(|st| st.bytes_sent += bytes);
         }
         let state = self
             .save_state()
-            .map_err(|e| format!("saving the VM's state: {e}"))?;
-        let bytes = file::encode(&state).map_err(|e| e.to_string())?;
-        s.send(Kind::State, &[&bytes]).map_err(io)?;
-        expect_ready(s, "the VM's state")
+            .map_err(|e| Stop::Failed(format!("saving the VM's state: {e}")))?;
+        let bytes = file::encode(&state).map_err(|e| Stop::Failed(e.to_string()))?;
+        s.send(
+            Kind::State,
+            &[&bytes],
+            &Bound::message(&stopping, Some(until)),
+        )
+        .map_err(|e| late(wire_err(&url)(e)))?;
+        expect_ready(s, "the VM's state", &Bound::message(&stopping, Some(until))).map_err(late)
     }
 
     /// The pages worth sending first: all that may hold data.
@@ -372,7 +447,10 @@ impl Vm {
         bitmaps: &[Vec<u64>],
         zeros: bool,
         check: &dyn Fn() -> Result<(), String>,
+        until: Option<Instant>,
+        job: &Outgoing,
     ) -> Result<u64, String> {
+        let stopping = || self.stopping(job);
         let mem = self.kvm.memory();
         let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE];
         let mut sent = 0u64;
@@ -395,29 +473,57 @@ impl Vm {
                 let run = &mut buf[..(i - start) * PAGE];
                 mem.read_slice(run, GuestAddress(gpa))
                     .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))?;
-                sent += send_run(s, gpa, run, zeros)?;
+                sent += send_run(s, gpa, run, zeros, &stopping, until)?;
             }
         }
         Ok(sent)
     }
 }
 
+/// How the stopped phase failed: too late (the guest resumes here, and
+/// the note says why), or otherwise.
+enum Stop {
+    Late,
+    Failed(String),
+}
+
+fn wire_err(url: &str) -> impl Fn(WireError) -> String + '_ {
+    move |e| match e {
+        WireError::Cancelled => "cancelled".into(),
+        e => format!("{url}: {e}"),
+    }
+}
+
 /// Wait for the destination's Ready (it took `what`).
-fn expect_ready(s: &mut Stream, what: &str) -> Result<(), String> {
-    match s.recv()? {
-        (Kind::Ready, _, _) => Ok(()),
-        (Kind::Abort, why, _) => Err(format!(
+fn expect_ready(s: &mut Stream, what: &str, bound: &Bound) -> Result<(), String> {
+    let m = s.recv(bound).map_err(|e| match e {
+        WireError::Cancelled => "cancelled".to_string(),
+        e => format!("waiting for the destination to take {what}: {e}"),
+    })?;
+    match m.kind {
+        Kind::Ready => Ok(()),
+        Kind::Abort => Err(format!(
             "the destination refused {what}: {}",
-            String::from_utf8_lossy(&why)
+            printable(&m.body)
         )),
-        (k, _, _) => Err(format!("the destination sent {k:?} instead of Ready")),
+        k => Err(format!("the destination sent {k:?} instead of Ready")),
     }
 }
 
 /// One run of pages: the non-zero stretches as Pages, zero ones as Zero
-/// (or nothing). Returns bytes sent.
-fn send_run(s: &mut Stream, gpa: u64, run: &[u8], zeros: bool) -> Result<u64, String> {
-    let io = |e: std::io::Error| format!("sending pages: {e}");
+/// (or nothing), each message within its bound. Returns bytes sent.
+fn send_run(
+    s: &mut Stream,
+    gpa: u64,
+    run: &[u8],
+    zeros: bool,
+    stopping: &dyn Fn() -> bool,
+    until: Option<Instant>,
+) -> Result<u64, String> {
+    let io = |e: WireError| match e {
+        WireError::Cancelled => "cancelled".to_string(),
+        e => format!("sending pages: {e}"),
+    };
     let mut sent = 0;
     let pages: Vec<&[u8]> = run.chunks(PAGE).collect();
     let mut i = 0;
@@ -431,13 +537,16 @@ fn send_run(s: &mut Stream, gpa: u64, run: &[u8], zeros: bool) -> Result<u64, St
         let len = (i - start) * PAGE;
         if !zero {
             let data = &run[start * PAGE..i * PAGE];
-            s.send(Kind::Pages, &[&at.to_le_bytes(), data])
+            let bound = Bound::message(stopping, until);
+            s.send(Kind::Pages, &[&at.to_le_bytes(), data], &bound)
                 .map_err(io)?;
             sent += len as u64;
         } else if zeros {
+            let bound = Bound::message(stopping, until);
             s.send(
                 Kind::Zero,
                 &[&at.to_le_bytes(), &(len as u64).to_le_bytes()],
+                &bound,
             )
             .map_err(io)?;
             sent += 16;

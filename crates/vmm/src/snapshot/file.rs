@@ -15,7 +15,7 @@
 //! another format version, cut short or altered is refused with the one
 //! sentence that says which, before anything is built.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -56,18 +56,64 @@ pub fn encode<T: Serialize>(state: &T) -> std::io::Result<Vec<u8>> {
 /// Read a state file, or the one sentence saying why it cannot be used.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
     let shown = path.display();
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if !meta.is_file() {
-        return Err(format!("{shown} is not a regular file"));
-    }
-    if meta.len() > HEADER as u64 + MAX_BODY {
+    let f = open_regular(path)?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot read {shown}: {e}"))?
+        .len();
+    if len > HEADER as u64 + MAX_BODY {
         return Err(format!(
-            "{shown} is {} bytes, too big to be a brisk state file",
-            meta.len()
+            "{shown} is {len} bytes, too big to be a brisk state file"
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    let mut bytes = Vec::new();
+    f.take(HEADER as u64 + MAX_BODY)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {shown}: {e}"))?;
     parse(&bytes).map_err(|why| format!("{shown}: {why}"))
+}
+
+/// Whether the file at `path` begins as a brisk state file does (of any
+/// format version): brisk's to replace.
+pub(crate) fn has_magic(path: &Path) -> bool {
+    let mut head = [0u8; 8];
+    open_regular(path).is_ok_and(|mut f| f.read_exact(&mut head).is_ok() && &head == MAGIC)
+}
+
+/// Open a file a snapshot is made of, for reading: only a regular file,
+/// never through a symlink (a state names files inside its directory),
+/// and never waiting in `open` (a FIFO put there is refused, not waited
+/// on: `O_NONBLOCK`, then the type checked on the open file).
+pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = path.display();
+    let not_regular = |m: &std::fs::Metadata| {
+        let t = m.file_type();
+        let kind = if t.is_symlink() {
+            "a symbolic link"
+        } else if t.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        format!("{shown} is {kind}; a snapshot is made of regular files")
+    };
+    let m = std::fs::symlink_metadata(path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+    if !m.is_file() {
+        return Err(not_regular(&m));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let m = f
+        .metadata()
+        .map_err(|e| format!("cannot open {shown}: {e}"))?;
+    if !m.is_file() {
+        return Err(not_regular(&m));
+    }
+    Ok(f)
 }
 
 /// Check and decode a state file's bytes (pure: the fuzz target's entry).
@@ -87,6 +133,9 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         return Err(format!(
             "snapshot format version {version}; this brisk reads version {FORMAT_VERSION} only"
         ));
+    }
+    if word(12) != 0 || word(28) != 0 {
+        return Err("corrupt: the header's reserved fields are not zero".into());
     }
     let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let have = (bytes.len() - HEADER) as u64;

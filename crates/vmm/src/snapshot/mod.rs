@@ -82,6 +82,9 @@ pub enum SnapshotError {
     },
     #[error(transparent)]
     Kvm(#[from] brisk_kvm::Error),
+    /// The destination is not one brisk writes a snapshot into.
+    #[error("{}: {why}", path.display())]
+    Destination { path: PathBuf, why: &'static str },
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -113,6 +116,59 @@ pub struct RestoreOptions {
     /// The seccomp policy of the new process's threads (not the saved one:
     /// it belongs to whoever restores).
     pub seccomp: crate::seccomp::Seccomp,
+    /// The most guest RAM a snapshot or a migration's source may make
+    /// this process map (`--max-memory`; `None`: the host's RAM).
+    pub max_memory: Option<u64>,
+    /// Open the disk images a snapshot or a source names (read-write
+    /// unless saved read-only): only when whoever restores trusts where
+    /// the state came from (`--trust-disk-paths`).
+    pub trust_disk_paths: bool,
+}
+
+/// What a restore or a migration's destination accepts from a state it
+/// did not make: RAM within [`RestoreOptions::max_memory`] (or the
+/// host's RAM), and disk paths only when trusted, and never relative (they
+/// would be resolved against wherever brisk happens to run).
+pub fn check_trusted(config: &VmConfig, opts: &RestoreOptions) -> Result<(), StartError> {
+    let max = opts.max_memory.unwrap_or_else(host_memory);
+    if config.memory > max {
+        return Err(StartError::Snapshot(format!(
+            "the saved VM has {} MiB of RAM, more than this brisk takes ({} MiB: --max-memory, by default the host's RAM)",
+            config.memory >> 20,
+            max >> 20
+        )));
+    }
+    for d in &config.disks {
+        let shown = d.path.display().to_string();
+        let shown = shown.escape_debug();
+        if d.path.is_relative() {
+            return Err(StartError::Snapshot(format!(
+                "the saved VM's disk path '{shown}' is relative; brisk takes only absolute disk paths from a snapshot or a migration"
+            )));
+        }
+        if !opts.trust_disk_paths {
+            return Err(StartError::Snapshot(format!(
+                "the saved VM opens disk {shown}{}; brisk opens disk paths from a snapshot or a migration only with --trust-disk-paths",
+                if d.readonly { " read-only" } else { " read-write" }
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The host's physical RAM in bytes (u64::MAX if it cannot be told).
+fn host_memory() -> u64 {
+    // SAFETY: sysconf takes a constant and touches no memory of ours.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    if pages <= 0 || size <= 0 {
+        return u64::MAX;
+    }
+    (pages as u64).saturating_mul(size as u64)
 }
 
 impl Vm {
@@ -235,11 +291,13 @@ impl Vm {
             move |source| SnapshotError::Io { what, path, source }
         };
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
+        check_destination(dir)?;
         let state_path = dir.join(STATE_FILE);
         let earlier = file::read::<VmState>(&state_path)
             .ok()
             .map(|s| s.memory_file)
             .filter(|n| is_memory_file_name(n));
+        remove_stale_temp_files(dir);
         let state = self.save_state()?;
         let mem = dir.join(&state.memory_file);
         // SAFETY: the VM is paused (every vCPU parked), and no device
@@ -263,6 +321,7 @@ impl Vm {
     /// state KVM refuses ends the new VM (never a half-restored one runs).
     pub fn restore(dir: &Path, output: Output, opts: RestoreOptions) -> Result<Vm, StartError> {
         let (state, mem) = read_snapshot(dir)?;
+        check_trusted(&state.config, &opts)?;
         Self::from_state(state, output, opts, Boot::Restore(&mem))
     }
 
@@ -351,8 +410,9 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
         )));
     }
     let path = dir.join(&state.memory_file);
-    let mem = std::fs::File::open(&path)
-        .map_err(|e| StartError::Snapshot(format!("cannot open {}: {e}", path.display())))?;
+    // Never a blocking open (a FIFO there would hang the restore), never
+    // through a symlink out of the directory.
+    let mem = file::open_regular(&path).map_err(StartError::Snapshot)?;
     let len = mem
         .metadata()
         .map_err(setup("reading the memory file's size"))?
@@ -365,6 +425,67 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
         )));
     }
     Ok((state, mem))
+}
+
+/// Refuse a snapshot destination that is not brisk's to write: the root
+/// directory or a kernel file system (`/dev`, `/proc`, `/sys`), or a
+/// directory whose `state` is not a brisk state file (it would be
+/// replaced).
+fn check_destination(dir: &Path) -> Result<(), SnapshotError> {
+    let real = dir.canonicalize().map_err(|source| SnapshotError::Io {
+        what: "cannot resolve the snapshot directory",
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let system = ["/dev", "/proc", "/sys"]
+        .iter()
+        .any(|top| real.starts_with(top));
+    if real == Path::new("/") || system {
+        return Err(SnapshotError::Destination {
+            path: real,
+            why: "brisk writes no snapshot into the root directory or a kernel file system (/dev, /proc, /sys)",
+        });
+    }
+    let state = dir.join(STATE_FILE);
+    match std::fs::symlink_metadata(&state) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(m) if m.is_file() && file::has_magic(&state) => Ok(()),
+        _ => Err(SnapshotError::Destination {
+            path: state,
+            why: "exists and is not a brisk state file; brisk replaces only its own snapshots",
+        }),
+    }
+}
+
+/// Remove the temporary files (`.memory-HEX.PID.tmp`, `.state.PID.tmp`)
+/// a brisk that was killed mid-snapshot left in `dir`: only names brisk
+/// makes, and only of processes that are gone.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((file, pid)) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(|n| n.rsplit_once('.'))
+        else {
+            continue;
+        };
+        let ours = file == STATE_FILE || is_memory_file_name(file);
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        let gone = !Path::new("/proc").join(pid.to_string()).exists();
+        if ours && gone && e.file_type().is_ok_and(|t| t.is_file()) {
+            log::info!(
+                "removing {name}, left by a brisk (pid {pid}) that did not finish its snapshot"
+            );
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// `memory-` and 16 hex digits: a name brisk made (and may remove).
