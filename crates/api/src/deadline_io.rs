@@ -10,13 +10,15 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{sleep, Sleep};
+
+use crate::evict::{Connections, Tracked};
 
 pub(crate) struct DeadlineIo<S> {
     inner: S,
@@ -25,19 +27,27 @@ pub(crate) struct DeadlineIo<S> {
     /// it makes progress.
     read_timer: Option<Pin<Box<Sleep>>>,
     write_timer: Option<Pin<Box<Sleep>>>,
-    /// Requests of this connection being handled now.
-    busy: Arc<AtomicUsize>,
+    /// The connection as the accept loop tracks it: its requests being
+    /// handled now, and when it last read.
+    tracked: Arc<Tracked>,
+    connections: Arc<Connections>,
 }
 
 impl<S> DeadlineIo<S> {
-    /// `busy` counts the connection's requests in their handlers.
-    pub(crate) fn new(inner: S, bound: Duration, busy: Arc<AtomicUsize>) -> Self {
+    /// `tracked.busy` counts the connection's requests in their handlers.
+    pub(crate) fn new(
+        inner: S,
+        bound: Duration,
+        tracked: Arc<Tracked>,
+        connections: Arc<Connections>,
+    ) -> Self {
         DeadlineIo {
             inner,
             bound,
             read_timer: None,
             write_timer: None,
-            busy,
+            tracked,
+            connections,
         }
     }
 }
@@ -78,8 +88,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for DeadlineIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if r.is_pending() && this.busy.load(Ordering::SeqCst) > 0 {
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let now = this.connections.tick();
+            this.tracked.last_read.store(now, Ordering::SeqCst);
+        }
+        if r.is_pending() && this.tracked.busy.load(Ordering::SeqCst) > 0 {
             // Waiting for our own reply, not for the client: no deadline
             // (the handler wakes the connection when it answers).
             this.read_timer = None;

@@ -11,6 +11,7 @@
 
 pub mod client;
 mod deadline_io;
+mod evict;
 mod prometheus;
 pub mod routes;
 mod server;

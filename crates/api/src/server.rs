@@ -14,7 +14,9 @@
 //! a byte is read; a smaller too-large body is read and dropped, so the
 //! client gets its 413); every read and write of a connection fails after
 //! waiting 10 s (a stalled or idle client is disconnected); at most 128
-//! connections at once (more are answered 503 and closed); accept errors
+//! connections at once (when all are taken, the one idle longest is
+//! closed to make room: `evict.rs`; only if every one is handling a
+//! request is the newcomer answered 503 and closed); accept errors
 //! (EMFILE...) back off and retry, never end the accept loop. Shutdown
 //! stops accepting, lets requests in flight finish and reply (bounded),
 //! then closes what is left.
@@ -37,6 +39,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::deadline_io::DeadlineIo;
+use crate::evict::Connections;
 use crate::socket::{SocketError, SocketFile};
 use crate::{Api, Reply, MAX_BODY};
 
@@ -55,6 +58,9 @@ const GRACE: Duration = Duration::from_millis(500);
 /// (so the client reads its answer, not a reset); a larger claim is
 /// refused unread and the connection closed.
 const DRAIN_LIMIT: usize = 1 << 20;
+/// How long a newcomer waits for the slot of the idle connection it had
+/// closed.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
 /// After an accept error (EMFILE: out of fds), wait before the next try.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -137,6 +143,7 @@ impl Drop for ApiServer {
 
 async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = Arc::new(Connections::default());
     let mut tasks = JoinSet::new();
     let mut logged_accept_error = false;
     loop {
@@ -144,18 +151,31 @@ async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watc
             _ = stop.changed() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        let (api, stop) = (api.clone(), stop.clone());
-                        tasks.spawn(async move {
-                            connection(stream, api, stop).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => {
-                        tasks.spawn(busy(stream));
-                    }
-                },
+                Ok((stream, _)) => {
+                    let slot = slots.clone().try_acquire_owned().ok();
+                    // All taken: close the connection idle longest, and
+                    // take its slot once it has gone.
+                    let evicted = slot.is_none() && connections.evict_idlest();
+                    let (api, stop, slots, conns) =
+                        (api.clone(), stop.clone(), slots.clone(), connections.clone());
+                    tasks.spawn(async move {
+                        let slot = match (slot, evicted) {
+                            (Some(s), _) => Some(s),
+                            (None, true) => tokio::time::timeout(EVICT_WAIT, slots.acquire_owned())
+                                .await
+                                .ok()
+                                .and_then(Result::ok),
+                            (None, false) => None,
+                        };
+                        match slot {
+                            Some(slot) => {
+                                connection(stream, api, stop, conns).await;
+                                drop(slot);
+                            }
+                            None => busy(stream).await,
+                        }
+                    });
+                }
                 Err(e) => {
                     // Out of fds (EMFILE/ENFILE) or a connection reset
                     // before we took it: back off, keep accepting.
@@ -176,9 +196,20 @@ async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watc
 }
 
 /// One connection, until the client closes, a limit ends it, or shutdown.
-async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver<bool>) {
-    let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let io = TokioIo::new(DeadlineIo::new(stream, IO_BOUND, busy.clone()));
+async fn connection(
+    stream: UnixStream,
+    api: Arc<Api>,
+    mut stop: watch::Receiver<bool>,
+    connections: Arc<Connections>,
+) {
+    let (id, tracked) = connections.add();
+    let busy = tracked.busy.clone();
+    let io = TokioIo::new(DeadlineIo::new(
+        stream,
+        IO_BOUND,
+        tracked.clone(),
+        connections.clone(),
+    ));
     let service = hyper::service::service_fn(move |req| {
         let (api, busy) = (api.clone(), busy.clone());
         async move { Ok::<_, Infallible>(respond(api, req, &busy).await) }
@@ -195,7 +226,10 @@ async fn connection(stream: UnixStream, api: Arc<Api>, mut stop: watch::Receiver
             conn.as_mut().graceful_shutdown();
             let _ = conn.await;
         }
+        // Closed to make room for a new client (it was idle longest).
+        _ = tracked.evict.notified() => {}
     }
+    connections.remove(id);
 }
 
 /// The HTTP/1 settings every connection is served with: the head limits
@@ -204,6 +238,9 @@ pub fn http1() -> hyper::server::conn::http1::Builder {
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(IO_BOUND)
+        // A client that shuts down its writing side after the request
+        // (`nc -N`, SHUT_WR) still gets its reply.
+        .half_close(true)
         .max_buf_size(MAX_HEAD)
         .max_headers(MAX_HEADERS);
     b

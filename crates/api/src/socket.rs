@@ -6,9 +6,13 @@
 //! it. Whoever holds it owns `PATH`: a second brisk on the same path finds
 //! the lock taken and refuses, so two instances can never remove each
 //! other's socket; a socket left by a brisk that died (lock free, nothing
-//! listening) is replaced, and so is the lock file it left.
+//! listening) is replaced, and so is the lock file it left. A lock file is
+//! brisk's only if brisk created it (exclusively) or it is a regular file
+//! holding exactly brisk's mark: anything else at `PATH.lock` is refused
+//! and left alone, never opened for writing, never removed.
 
 use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;
@@ -23,6 +27,9 @@ pub enum SocketError {
     /// Something that is not a socket is at the path: never removed.
     #[error("{} exists and is not a socket (it is {kind}); brisk will not replace it: choose another --api-socket", .path.display())]
     NotASocket { path: PathBuf, kind: &'static str },
+    /// Something that is not brisk's lock file is at `PATH.lock`.
+    #[error("{} exists and is not a brisk lock file ({why}); brisk will not use or remove it: choose another --api-socket", .path.display())]
+    NotOurLock { path: PathBuf, why: &'static str },
     #[error("API socket {}: {err}", .path.display())]
     Io {
         path: PathBuf,
@@ -53,6 +60,51 @@ fn kind(t: std::fs::FileType) -> &'static str {
         "a block device"
     } else {
         "a regular file"
+    }
+}
+
+/// What a lock file of brisk's holds.
+const LOCK_MARK: &[u8] = b"brisk API socket lock\n";
+
+/// Open `lock_path`: created exclusively (then `true`), or an existing
+/// regular file (never through a symlink, never blocking), whose mark is
+/// checked once its lock is held.
+fn open_lock(lock_path: &Path) -> std::io::Result<(File, bool)> {
+    let created = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(lock_path);
+    match created {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let f = OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
+                )
+                .open(lock_path)?;
+            Ok((f, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Why the file at `lock_path` (held open as `f`) is not brisk's lock.
+fn not_our_lock(f: &File) -> Option<&'static str> {
+    match f.metadata() {
+        Ok(m) if !m.is_file() => return Some("it is not a regular file"),
+        Ok(m) if m.len() != LOCK_MARK.len() as u64 => return Some("its contents are not brisk's"),
+        Ok(_) => {}
+        Err(_) => return Some("it cannot be read"),
+    }
+    let mut got = Vec::new();
+    match (&*f).take(LOCK_MARK.len() as u64 + 1).read_to_end(&mut got) {
+        Ok(_) if got == LOCK_MARK => None,
+        Ok(_) => Some("its contents are not brisk's"),
+        Err(_) => Some("it cannot be read"),
     }
 }
 
@@ -107,17 +159,23 @@ impl SocketFile {
         };
         let mut lock_path = path.as_os_str().to_owned();
         lock_path.push(".lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&lock_path)
-            .map_err(io)?;
+        let lock_path = PathBuf::from(lock_path);
+        let not_ours = |why| SocketError::NotOurLock {
+            path: lock_path.clone(),
+            why,
+        };
+        let (mut lock, created) = open_lock(&lock_path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => not_ours("it is a symbolic link"),
+            _ => io(e),
+        })?;
         // SAFETY: flock on a file we own; LOCK_NB never blocks.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(SocketError::InUse(path.to_path_buf()));
+        }
+        if created {
+            lock.write_all(LOCK_MARK).map_err(io)?;
+        } else if let Some(why) = not_our_lock(&lock) {
+            return Err(not_ours(why));
         }
         // The owner removes the lock file (under the lock) as it exits: a
         // lock won on a file that is no longer at the path is worthless.
@@ -164,7 +222,7 @@ impl SocketFile {
                 path: path.to_path_buf(),
                 ino: (m.dev(), m.ino()),
                 lock,
-                lock_path: lock_path.into(),
+                lock_path,
             },
             listener,
         ))

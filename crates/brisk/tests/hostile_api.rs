@@ -5,152 +5,13 @@
 
 mod common;
 
+use common::harness::{parse, request, tempdir, until, Brisk, BOUND};
 use common::require_kvm;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-/// A generous bound for things that must happen: only a hang exceeds it.
-const BOUND: Duration = Duration::from_secs(60);
-
-struct Brisk {
-    child: Child,
-    sock: PathBuf,
-    dir: PathBuf,
-}
-
-fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("brisk-hostile-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-impl Brisk {
-    /// `brisk run --guest spin --api-socket DIR/s EXTRA...`, once it answers.
-    fn start(tag: &str, extra: &[&str]) -> Brisk {
-        Self::start_with(tag, extra, |_| {})
-    }
-
-    fn start_with(tag: &str, extra: &[&str], setup: impl FnOnce(&mut Command)) -> Brisk {
-        let dir = tempdir(tag);
-        let sock = dir.join("s");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_brisk"));
-        cmd.args([
-            "-v",
-            "run",
-            "--guest",
-            "spin",
-            "--cpus",
-            "1",
-            "--api-socket",
-        ])
-        .arg(&sock)
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        setup(&mut cmd);
-        let mut child = cmd.spawn().unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("running on") {
-            line.clear();
-            assert_ne!(err.read_line(&mut line).unwrap(), 0, "brisk ended early");
-        }
-        // Keep draining stderr so brisk never blocks on it.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut err, &mut std::io::sink());
-        });
-        Brisk { child, sock, dir }
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        request(
-            &self.sock,
-            &format!("GET /api/v1/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        )
-    }
-
-    fn alive(&self) {
-        let (status, body) = self.get("vm.info");
-        assert_eq!(status, 200, "{body}");
-        assert!(body.contains("\"running\""), "{body}");
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-    }
-
-    /// Wait (bounded) for the exit status.
-    fn wait(&mut self) -> Option<i32> {
-        let until = Instant::now() + BOUND;
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!("brisk did not exit within {BOUND:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-
-    fn threads(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
-            .map(|d| d.count())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Brisk {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Send `raw`, read the reply until the server closes; (status, body).
-fn request(sock: &Path, raw: &str) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(BOUND)).unwrap();
-    s.write_all(raw.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    parse(&out)
-}
-
-fn parse(out: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(out);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
-}
-
-/// Wait (bounded) until `cond`.
-fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + BOUND;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// D1, D2: a huge claimed Content-Length is refused without being
 /// allocated or read; brisk and its guest live on.
@@ -295,22 +156,58 @@ fn d7_fd_exhaustion_and_the_connection_cap_are_survived() {
     });
 }
 
+/// M6 (round 3): clients that connect and sit idle, more than the cap,
+/// never lock a user out: the connection idle longest is closed to let a
+/// new one in, so `vm.info` and `vm.shutdown` are answered.
 #[test]
-fn d7_beyond_the_connection_cap_clients_get_503() {
+fn m6_idle_clients_beyond_the_cap_never_lock_the_api() {
     require_kvm!();
-    let b = Brisk::start("d7cap", &[]);
+    let mut b = Brisk::start("m6cap", &[]);
     let mut held: Vec<UnixStream> = (0..brisk_api::MAX_CONNECTIONS + 20)
         .map(|_| UnixStream::connect(&b.sock).unwrap())
         .collect();
-    // Connections are served in accept order: the last ones are over the
-    // cap while all the others are held open.
-    let last = held.last_mut().unwrap();
-    last.set_read_timeout(Some(BOUND)).unwrap();
-    let mut out = Vec::new();
-    let _ = last.read_to_end(&mut out);
-    let (status, body) = parse(&out);
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("\"error\""));
+    let (status, body) = b.get("vm.info");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = request(
+        &b.sock,
+        "PUT /api/v1/vm.shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 204, "{body}");
+    assert_eq!(b.wait(), Some(0));
+    // The idle ones were closed (to make room, or at exit), none told 503.
+    for s in &mut held {
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    }
+}
+
+/// L3 (round 3): a client that shuts down its writing side right after
+/// its request (`nc -N`) still gets every reply.
+#[test]
+fn l3_half_closed_clients_get_their_replies() {
+    require_kvm!();
+    let b = Brisk::start("l3half", &[]);
+    for i in 0..100 {
+        let mut s = UnixStream::connect(&b.sock).unwrap();
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        let req = match i % 2 {
+            0 => "GET /api/v1/vm.info HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            _ => "PUT /api/v1/vcpu.kick HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{x}"
+                .to_string(),
+        };
+        s.write_all(req.as_bytes()).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let (status, body) = parse(&out);
+        assert_eq!(
+            status,
+            if i % 2 == 0 { 200 } else { 400 },
+            "round {i}: {body}"
+        );
+    }
 }
 
 /// D8: --api-socket never deletes or replaces what is not a stale socket.

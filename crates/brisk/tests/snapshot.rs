@@ -5,50 +5,8 @@
 
 mod common;
 
+use common::harness::{ctl, scratch, spawn_until};
 use common::{brisk, require_kvm, text};
-
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-
-fn scratch(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("brisk-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    let _ = std::fs::remove_file(&p);
-    p
-}
-
-/// Spawn `brisk -v run ARGS` and wait until its stderr says `ready`.
-fn spawn_until(args: &[&str], ready: &str) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
-        .arg("-v")
-        .arg("run")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while !line.contains(ready) {
-        line.clear();
-        assert_ne!(
-            stderr.read_line(&mut line).unwrap(),
-            0,
-            "brisk ended before saying '{ready}'"
-        );
-    }
-    // Keep draining, so brisk never blocks on a full stderr pipe.
-    std::thread::spawn(move || for _ in stderr.lines() {});
-    child
-}
-
-fn ctl(sock: &Path, args: &[&str]) -> Output {
-    let mut all = vec!["ctl", "--api-socket", sock.to_str().unwrap()];
-    all.extend_from_slice(args);
-    brisk(&all)
-}
 
 #[test]
 fn snapshot_then_restore_in_a_new_process_paused_or_running() {

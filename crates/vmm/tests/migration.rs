@@ -132,7 +132,8 @@ fn tick_guest_migrates_over_unix_and_loses_no_tick() {
     Arc::try_unwrap(src).ok().unwrap().shutdown().unwrap();
 }
 
-/// Pingpong moves over TCP on loopback and finishes its rounds there.
+/// Pingpong moves over TCP on loopback (paused) and finishes its rounds
+/// there.
 #[test]
 fn pingpong_migrates_over_tcp() {
     require_kvm!();
@@ -142,10 +143,16 @@ fn pingpong_migrates_over_tcp() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let vm = migrate(
+    // Paused first: its 1000 rounds take ~0.1 s, and a guest that ends
+    // before the switch would make the test race the machine's load. It
+    // arrives paused (as it left) and finishes its rounds there.
+    src.pause(soon()).unwrap();
+    let vm = migrate_to(
         &src,
         MigrationOptions::new(MigrationUrl::Tcp(([127, 0, 0, 1], port).into())),
+        true,
     );
+    vm.resume().unwrap();
     assert_eq!(
         vm.wait(Some(Duration::from_secs(60)), None),
         VmEnd::PowerOff

@@ -1,6 +1,8 @@
 //! Shared by the CLI's test binaries.
 #![allow(dead_code)]
 
+pub mod harness;
+
 use std::process::{Command, Output, Stdio};
 
 pub use brisk_vmm::require_kvm;

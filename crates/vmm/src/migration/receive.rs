@@ -162,8 +162,10 @@ impl Intake {
         }
         let mut config = hello.config;
         config.seccomp = opts.seccomp;
-        config.validate().map_err(IntakeError::Config)?;
+        // What the source may not ask of this host comes first: it says
+        // more than whether the configuration would make sense.
         check_trusted(&config, opts).map_err(|e| IntakeError::Untrusted(Box::new(e)))?;
+        config.validate().map_err(IntakeError::Config)?;
         Ok(Intake {
             regions: brisk_boot::layout::ram_regions(config.memory),
             config,
