@@ -92,18 +92,25 @@ fn restore_refuses_what_it_cannot_use() {
     assert_eq!(paused.status.code(), Some(2));
     let url = brisk(&["run", "--receive-migration", "file:///tmp/x"]);
     assert_eq!(url.status.code(), Some(2));
-    assert!(text(&url.stderr).contains("unix:PATH or tcp:HOST:PORT"));
+    assert!(text(&url.stderr).contains("unix:PATH or tcp:IP:PORT"));
 }
 
 /// A live migration between two brisk processes: progress on the
 /// controller's stderr, the source exits 0 once the VM moved, the
 /// destination runs the guest to its end and exits with its status.
-fn migrate_between_processes(name: &str, source_args: &[&str], ctl_args: &[&str]) {
+/// Over `tcp:` (loopback) or, by default, `unix:`.
+fn migrate_between_processes(name: &str, source_args: &[&str], ctl_args: &[&str], tcp: bool) {
     let (sock, mig) = (
         scratch(&format!("{name}.sock")),
         scratch(&format!("{name}.mig")),
     );
-    let url = format!("unix:{}", mig.display());
+    let url = match tcp {
+        true => {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("tcp:{}", l.local_addr().unwrap())
+        }
+        false => format!("unix:{}", mig.display()),
+    };
     let mut dst = spawn_until(
         &["--receive-migration", &url, "--timeout", "120s"],
         "waiting for a migration",
@@ -132,7 +139,15 @@ fn migrate_between_processes(name: &str, source_args: &[&str], ctl_args: &[&str]
 #[test]
 fn live_migration_between_two_processes() {
     require_kvm!();
-    migrate_between_processes("copy", &["--guest", "tick=3000"], &[]);
+    migrate_between_processes("copy", &["--guest", "tick=3000"], &[], false);
+}
+
+/// Over TCP, under the default seccomp filters (the non-blocking connect
+/// polls).
+#[test]
+fn live_migration_over_tcp_between_two_processes() {
+    require_kvm!();
+    migrate_between_processes("tcp", &["--guest", "tick=3000"], &[], true);
 }
 
 #[test]
@@ -142,6 +157,7 @@ fn local_upgrade_between_two_processes_hands_over_memory() {
         "local",
         &["--guest", "tick=3000", "--shared-memory"],
         &["--local"],
+        false,
     );
     // Without --shared-memory there is no memfd to hand over.
     let sock = scratch("nolocal.sock");

@@ -136,11 +136,16 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_renameat2,
             libc::SYS_unlink,
             libc::SYS_unlinkat,
+            // ... and list the directory for temporary files a killed
+            // brisk left there.
+            libc::SYS_getdents64,
             // Migrations (on a thread the API thread spawns): connect to
-            // the destination, set the stream's timeouts.
+            // the destination (non-blocking, waited for with poll), set
+            // the stream's options.
             libc::SYS_socket,
             libc::SYS_connect,
             libc::SYS_setsockopt,
+            libc::SYS_poll,
         ],
         ThreadKind::Main => &[
             libc::SYS_poll,

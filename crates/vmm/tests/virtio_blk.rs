@@ -123,3 +123,45 @@ fn disks_are_for_kernels_only() {
         .unwrap_err()
         .contains("readonly"));
 }
+
+/// L4 (round 3): disk images are locked as QEMU locks them: one writer
+/// and no readers beside it, or any number of read-only users. The same
+/// image twice read-write, in one VM or in two, is refused in one
+/// sentence; read-only beside read-only is fine.
+#[test]
+fn a_disk_image_has_one_writer() {
+    require_kvm!();
+    let disk = image("locked", 4096);
+    let twice = |a: bool, b: bool| VmConfig {
+        disks: vec![
+            DiskConfig {
+                path: disk.clone(),
+                readonly: a,
+            },
+            DiskConfig {
+                path: disk.clone(),
+                readonly: b,
+            },
+        ],
+        ..config(&disk, false)
+    };
+    for (a, b) in [(false, false), (false, true), (true, false)] {
+        let err = Vm::start(&twice(a, b), Output::Null)
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(text.contains("is in use"), "{a} {b}: {text}");
+        assert!(!text.contains('\n'), "{text}");
+    }
+    // A second VM while the first holds it read-write.
+    let first = Vm::start(&config(&disk, false), Output::Null).expect("starts");
+    let err = Vm::start(&config(&disk, false), Output::Null)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("is in use"), "{err}");
+    first.shutdown().unwrap();
+    // Readers share.
+    let readers = Vm::start(&twice(true, true), Output::Null).expect("two readers");
+    readers.shutdown().unwrap();
+    std::fs::remove_file(disk).unwrap();
+}

@@ -432,17 +432,23 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
 /// directory whose `state` is not a brisk state file (it would be
 /// replaced).
 fn check_destination(dir: &Path) -> Result<(), SnapshotError> {
-    let real = dir.canonicalize().map_err(|source| SnapshotError::Io {
-        what: "cannot resolve the snapshot directory",
+    use std::os::unix::fs::MetadataExt;
+    // By identity, not by name (no path resolution: the API thread's
+    // filter allows no readlink): the root itself, or any directory on
+    // the file system of /dev, /proc or /sys.
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let here = id(dir).map_err(|source| SnapshotError::Io {
+        what: "cannot read the snapshot directory",
         path: dir.to_path_buf(),
         source,
     })?;
+    let root = id(Path::new("/")).is_ok_and(|r| r == here);
     let system = ["/dev", "/proc", "/sys"]
         .iter()
-        .any(|top| real.starts_with(top));
-    if real == Path::new("/") || system {
+        .any(|top| id(Path::new(top)).is_ok_and(|(dev, _)| dev == here.0));
+    if root || system {
         return Err(SnapshotError::Destination {
-            path: real,
+            path: dir.to_path_buf(),
             why: "brisk writes no snapshot into the root directory or a kernel file system (/dev, /proc, /sys)",
         });
     }
