@@ -2,7 +2,8 @@
 # Coverage-guided fuzzing of brisk's parsers of hostile input with AFL++
 # (cargo-afl, stable toolchain): the multiboot/ELF loader, the Linux loader
 # (bzImage/vmlinux through linux-loader), the API's
-# request parsing and routing, and the snapshot state file reader. Each
+# request parsing and routing, the snapshot state file reader (framed, and
+# its JSON body alone), and the migration stream receiver. Each
 # target starts from its corpus in
 # fuzz/corpus/ and runs SECONDS (default 10); any crash or hang fails.
 #
@@ -13,7 +14,7 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(multiboot linux api snapshot)
+[ ${#targets[@]} -gt 0 ] || targets=(multiboot linux api snapshot state migration)
 
 if ! cargo afl --version >/dev/null 2>&1; then
     echo "== installing cargo-afl (builds AFL++ from crates.io with the machine's C compiler)"

@@ -94,7 +94,7 @@ struct SendMigrationBody {
 pub fn migration_target(b: &[u8]) -> Result<brisk_vmm::MigrationOptions, Reply> {
     let m: SendMigrationBody = body(
         b,
-        "{\"destination_url\": \"unix:PATH\" or \"tcp:HOST:PORT\", \"downtime_ms\": 300, \"timeout_s\": 60, \"timeout_strategy\": \"cancel\", \"local\": false}",
+        "{\"destination_url\": \"unix:PATH\" or \"tcp:IP:PORT\", \"downtime_ms\": 300, \"timeout_s\": 60, \"timeout_strategy\": \"cancel\", \"local\": false}",
     )?;
     let url = m
         .destination_url
@@ -161,7 +161,7 @@ pub fn bring_target(path: &str, b: &[u8]) -> Result<Bring, Reply> {
     }
     let r: ReceiveBody = body(
         b,
-        "{\"receiver_url\": \"unix:PATH\" or \"tcp:HOST:PORT\", \"paused\": false}",
+        "{\"receiver_url\": \"unix:PATH\" or \"tcp:IP:PORT\", \"paused\": false}",
     )?;
     let url = r
         .receiver_url
@@ -553,7 +553,7 @@ mod tests {
         assert!(o.force_on_timeout && !o.local);
         assert!(
             refused(migration_target(br#"{"destination_url": "ftp:x"}"#))
-                .contains("unix:PATH or tcp:HOST:PORT")
+                .contains("unix:PATH or tcp:IP:PORT")
         );
         assert!(refused(migration_target(
             br#"{"destination_url": "unix:/s", "downtime_ms": 0}"#

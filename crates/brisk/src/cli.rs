@@ -90,7 +90,7 @@ enum CtlOp {
     /// left, estimated downtime) goes to stderr; exits 0 once the VM runs
     /// at the destination (the source brisk then exits 0 too).
     SendMigration {
-        /// `unix:PATH` or `tcp:HOST:PORT`.
+        /// `unix:PATH` or `tcp:IP:PORT`.
         url: String,
         /// The longest the guest may be stopped, in milliseconds.
         #[arg(long, default_value_t = 300)]
@@ -120,7 +120,7 @@ enum CtlOp {
         paused: bool,
     },
     /// Make a brisk started with --wait-for-vm wait on URL (`unix:PATH`
-    /// or `tcp:HOST:PORT`) for a migration (vm.receive-migration);
+    /// or `tcp:IP:PORT`) for a migration (vm.receive-migration);
     /// returns once the VM runs there.
     ReceiveMigration {
         url: String,
@@ -281,7 +281,7 @@ struct RunArgs {
     #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait"])]
     restore: Option<std::path::PathBuf>,
     /// Wait on URL (`unix:PATH`, created 0600 and removed after, or
-    /// `tcp:HOST:PORT`) for one live migration (`brisk ctl
+    /// `tcp:IP:PORT`) for one live migration (`brisk ctl
     /// send-migration URL` on the source), then run the VM as if it had
     /// booted here, exiting with the guest's status. The configuration
     /// comes from the source.
