@@ -71,6 +71,11 @@ impl Connections {
         }
     }
 
+    /// Whether some connection's request is being handled.
+    pub(crate) fn any_busy(&self) -> bool {
+        self.lock().values().any(|t| t.busy.load(SeqCst) > 0)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
         self.all.lock().unwrap_or_else(|p| p.into_inner())
     }

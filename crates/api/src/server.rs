@@ -133,8 +133,9 @@ impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
         if let Some(t) = self.thread.take() {
-            // Bounded: the loop ends GRACE after the signal (plus at most
-            // one handler, itself bounded by its pause deadline).
+            // Bounded: the loop ends GRACE after the signal, or once the
+            // requests still being handled (a snapshot's write; a
+            // migration is cancelled before the API stops) are answered.
             let _ = t.join();
         }
         // `socket` (a field) then removes the file, if it is still ours.
@@ -190,8 +191,17 @@ async fn serve(listener: tokio::net::UnixListener, api: Arc<Api>, mut stop: watc
     }
     drop(listener);
     // Connections saw `stop` too: they finish the request in flight, reply
-    // with `Connection: close`, and end. What is left after GRACE is closed.
-    let _ = tokio::time::timeout(GRACE, async { while tasks.join_next().await.is_some() {} }).await;
+    // with `Connection: close`, and end. One whose request is still being
+    // handled (a snapshot being written, its client waiting for the 200)
+    // is waited for: the thread's runtime would wait for that work anyway
+    // (tokio's blocking pool), and now its client gets the reply. What is
+    // left idle after GRACE is closed.
+    loop {
+        let all = tokio::time::timeout(GRACE, async { while tasks.join_next().await.is_some() {} });
+        if all.await.is_ok() || !connections.any_busy() {
+            break;
+        }
+    }
     tasks.abort_all();
 }
 

@@ -194,3 +194,45 @@ fn m2_a_closed_stderr_changes_no_exit_status() {
         assert_eq!(status.code(), Some(want), "{args:?}");
     }
 }
+
+/// L2: the temporary files a brisk killed mid-snapshot left are removed by
+/// the next snapshot into the directory, once their process is gone; a
+/// live process's, or a name brisk does not make, are left alone.
+#[test]
+fn l2_temp_files_of_a_killed_snapshot_are_cleaned_up() {
+    require_kvm!();
+    let (dir, sock) = (scratch("l2"), scratch("l2.sock"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gone = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let live = std::process::id();
+    let stale = dir.join(format!(".memory-0123456789abcdef.{gone}.tmp"));
+    let stale_state = dir.join(format!(".state.{gone}.tmp"));
+    let busy = dir.join(format!(".memory-0123456789abcdef.{live}.tmp"));
+    let other = dir.join(format!(".notes.{gone}.tmp"));
+    for f in [&stale, &stale_state, &busy, &other] {
+        std::fs::write(f, "x").unwrap();
+    }
+    let mut vm = spawn_until(
+        &[
+            "--guest",
+            "spin",
+            "--cpus",
+            "1",
+            "--api-socket",
+            sock.to_str().unwrap(),
+        ],
+        "running on",
+    );
+    let snap = ctl(&sock, &["snapshot", dir.to_str().unwrap()]);
+    assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
+    assert!(!stale.exists() && !stale_state.exists());
+    assert!(busy.exists() && other.exists());
+    ctl(&sock, &["shutdown"]);
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::wire::{printable, Bound, Kind, MigrationUrl, Stream, WireError, PROTOCOL_VERSION};
 use super::Hello;
-use crate::snapshot::{check_state, check_trusted, file, VmState};
+use crate::snapshot::{cannot_build_here, check_state, check_trusted, file, VmState};
 use crate::vm::{Boot, Machine};
 use crate::{Output, RestoreOptions, StartError, Vm, VmConfig};
 
@@ -288,19 +288,8 @@ fn receive(
     if let Some(f) = &hello.fd {
         brisk_kvm::check_memfd_sealed(f).map_err(refused)?;
     }
-    // The source describes the VM: a failure to build it here (a mapping
-    // a memory limit refuses, a bad memfd) is its refusal, not ours.
-    let m = Machine::assemble(intake.config(), output, Boot::Receive(hello.fd.as_ref())).map_err(
-        |e| match e {
-            StartError::Setup { .. }
-            | StartError::Kvm(
-                brisk_kvm::Error::MemoryMap(_)
-                | brisk_kvm::Error::MemorySize(_)
-                | brisk_kvm::Error::State(_),
-            ) => refused(format!("cannot build the source's VM here: {e}")),
-            e => e,
-        },
-    )?;
+    let m = Machine::assemble(intake.config(), output, Boot::Receive(hello.fd.as_ref()))
+        .map_err(|e| cannot_build_here(e, "the source's VM"))?;
     // Built (KVM's VM, vCPUs, devices): the source may start, and its
     // downtime does not pay for this.
     s.send(Kind::Ready, &[], &Bound::message(abort, None))

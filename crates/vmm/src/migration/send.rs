@@ -189,10 +189,8 @@ impl Vm {
     fn migrate(&self, opts: &MigrationOptions, job: &Outgoing) -> Result<Duration, String> {
         let url = opts.url.to_string();
         let stopping = || self.stopping(job);
-        let mut s = Stream::connect(&opts.url, &stopping).map_err(|e| match e {
-            WireError::Cancelled => "cancelled".to_string(),
-            e => format!("cannot connect to {url}: {e}"),
-        })?;
+        let mut s = Stream::connect(&opts.url, &stopping)
+            .map_err(wire_err(&format!("cannot connect to {url}")))?;
         let hello = serde_json::to_vec(&Hello {
             version: PROTOCOL_VERSION,
             config: self.config.clone(),
@@ -487,19 +485,20 @@ enum Stop {
     Failed(String),
 }
 
-fn wire_err(url: &str) -> impl Fn(WireError) -> String + '_ {
+/// A stream failure as the migration's status says it: a cancel as
+/// such, anything else after `context`.
+fn wire_err(context: &str) -> impl Fn(WireError) -> String + '_ {
     move |e| match e {
         WireError::Cancelled => "cancelled".into(),
-        e => format!("{url}: {e}"),
+        e => format!("{context}: {e}"),
     }
 }
 
 /// Wait for the destination's Ready (it took `what`).
 fn expect_ready(s: &mut Stream, what: &str, bound: &Bound) -> Result<(), String> {
-    let m = s.recv(bound).map_err(|e| match e {
-        WireError::Cancelled => "cancelled".to_string(),
-        e => format!("waiting for the destination to take {what}: {e}"),
-    })?;
+    let m = s.recv(bound).map_err(wire_err(&format!(
+        "waiting for the destination to take {what}"
+    )))?;
     match m.kind {
         Kind::Ready => Ok(()),
         Kind::Abort => Err(format!(
@@ -520,10 +519,7 @@ fn send_run(
     stopping: &dyn Fn() -> bool,
     until: Option<Instant>,
 ) -> Result<u64, String> {
-    let io = |e: WireError| match e {
-        WireError::Cancelled => "cancelled".to_string(),
-        e => format!("sending pages: {e}"),
-    };
+    let io = wire_err("sending pages");
     let mut sent = 0;
     let pages: Vec<&[u8]> = run.chunks(PAGE).collect();
     let mut i = 0;
@@ -539,7 +535,7 @@ fn send_run(
             let data = &run[start * PAGE..i * PAGE];
             let bound = Bound::message(stopping, until);
             s.send(Kind::Pages, &[&at.to_le_bytes(), data], &bound)
-                .map_err(io)?;
+                .map_err(&io)?;
             sent += len as u64;
         } else if zeros {
             let bound = Bound::message(stopping, until);
@@ -548,7 +544,7 @@ fn send_run(
                 &[&at.to_le_bytes(), &(len as u64).to_le_bytes()],
                 &bound,
             )
-            .map_err(io)?;
+            .map_err(&io)?;
             sent += 16;
         }
     }

@@ -156,6 +156,19 @@ pub fn check_trusted(config: &VmConfig, opts: &RestoreOptions) -> Result<(), Sta
     Ok(())
 }
 
+/// A VM described by a snapshot or a source that cannot be built here (a
+/// mapping a memory limit refuses, a memory file or memfd of the wrong
+/// size) is that description's refusal (exit 6), not brisk's failure.
+pub(crate) fn cannot_build_here(e: StartError, what: &str) -> StartError {
+    use brisk_kvm::Error::{MemoryMap, MemorySize, State};
+    match e {
+        StartError::Setup { .. } | StartError::Kvm(MemoryMap(_) | MemorySize(_) | State(_)) => {
+            StartError::Snapshot(format!("cannot build {what} here: {e}"))
+        }
+        e => e,
+    }
+}
+
 /// The host's physical RAM in bytes (u64::MAX if it cannot be told).
 fn host_memory() -> u64 {
     // SAFETY: sysconf takes a constant and touches no memory of ours.
@@ -334,7 +347,8 @@ impl Vm {
     ) -> Result<Vm, StartError> {
         state.config.seccomp = opts.seccomp;
         check_state(&state)?;
-        let m = Machine::assemble(&state.config, output, boot)?;
+        let m = Machine::assemble(&state.config, output, boot)
+            .map_err(|e| cannot_build_here(e, "the saved VM"))?;
         Self::restore_into(m, state, opts)
     }
 
