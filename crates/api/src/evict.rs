@@ -56,12 +56,14 @@ impl Connections {
     /// Tell the connection idle the longest to close; whether there was
     /// one (every connection may be handling a request).
     pub(crate) fn evict_idlest(&self) -> bool {
-        let all = self.lock();
+        let mut all = self.lock();
         let idlest = all
             .iter()
             .filter(|(_, t)| t.busy.load(SeqCst) == 0)
-            .min_by_key(|(_, t)| t.last_read.load(SeqCst));
-        match idlest {
+            .min_by_key(|(_, t)| t.last_read.load(SeqCst))
+            .map(|(id, _)| *id);
+        // Out of the map as it is told: two newcomers never pick the same.
+        match idlest.and_then(|id| all.remove(&id).map(|t| (id, t))) {
             Some((id, t)) => {
                 log::debug!("API: every connection slot taken; closing idle connection {id}");
                 t.evict.notify_one();
@@ -94,13 +96,14 @@ mod tests {
         oldest_busy.busy.store(1, SeqCst);
         newer.last_read.store(c.tick(), SeqCst);
         assert!(c.evict_idlest());
-        // `older` was told (its permit is stored); the others were not.
+        // `older` was told (its permit is stored) and is gone from the
+        // map; the others were not told.
         let told = |t: &Tracked| ready_at_once(t.evict.notified());
         assert!(told(&older));
         assert!(!told(&newer) && !told(&oldest_busy));
-        c.remove(0);
-        c.remove(1);
-        c.remove(2);
+        // Next: `newer`, never `older` twice, never the busy one.
+        assert!(c.evict_idlest());
+        assert!(told(&newer) && !told(&older));
         assert!(!c.evict_idlest());
     }
 

@@ -226,18 +226,28 @@ async fn connection(
     });
     let conn = http1().serve_connection(io, service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                log::debug!("API connection: {e}");
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    log::debug!("API connection: {e}");
+                }
+                break;
+            }
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+                break;
+            }
+            // Closed to make room for a new client (it was idle longest),
+            // unless a request came meanwhile: its client waits for the
+            // reply.
+            _ = tracked.evict.notified() => {
+                if tracked.busy.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                    break;
+                }
             }
         }
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
-        // Closed to make room for a new client (it was idle longest).
-        _ = tracked.evict.notified() => {}
     }
     connections.remove(id);
 }

@@ -35,6 +35,10 @@ pub struct VmSlot {
     /// `vm.shutdown` came while there was no VM: whoever waits for one
     /// (and any migration it waits on) gives up.
     shutdown: AtomicBool,
+    /// A request to bring a VM is being served: one at a time, so such
+    /// requests (each holding a connection until answered, a receive for
+    /// as long as no source comes) can never fill the API's slots.
+    bringing: AtomicBool,
 }
 
 impl VmSlot {
@@ -44,6 +48,7 @@ impl VmSlot {
             vm: Mutex::new(Some(vm)),
             builder: Mutex::new(None),
             shutdown: AtomicBool::new(false),
+            bringing: AtomicBool::new(false),
         })
     }
 
@@ -55,6 +60,7 @@ impl VmSlot {
             vm: Mutex::new(None),
             builder: Mutex::new(Some(tx)),
             shutdown: AtomicBool::new(false),
+            bringing: AtomicBool::new(false),
         };
         (Arc::new(slot), rx)
     }
@@ -99,11 +105,17 @@ impl VmSlot {
         let Some(builder) = builder else {
             return Err("this brisk takes no VM from the API (start it with --wait-for-vm)".into());
         };
+        if self.bringing.swap(true, SeqCst) {
+            return Err("a vm.restore or vm.receive-migration is already in progress".into());
+        }
         let (tx, rx) = mpsc::channel();
-        builder
-            .send((what, tx))
-            .map_err(|_| "this brisk is shutting down".to_string())?;
-        rx.recv()
-            .unwrap_or_else(|_| Err("this brisk is shutting down".into()))
+        let answer = match builder.send((what, tx)) {
+            Ok(()) => rx
+                .recv()
+                .unwrap_or_else(|_| Err("this brisk is shutting down".into())),
+            Err(_) => Err("this brisk is shutting down".to_string()),
+        };
+        self.bringing.store(false, SeqCst);
+        answer
     }
 }

@@ -28,7 +28,7 @@ pub enum SocketError {
     #[error("{} exists and is not a socket (it is {kind}); brisk will not replace it: choose another --api-socket", .path.display())]
     NotASocket { path: PathBuf, kind: &'static str },
     /// Something that is not brisk's lock file is at `PATH.lock`.
-    #[error("{} exists and is not a brisk lock file ({why}); brisk will not use or remove it: choose another --api-socket", .path.display())]
+    #[error("{} exists and is not a brisk lock file ({why}); brisk will not use or remove it: remove it yourself if it is stale, or choose another --api-socket", .path.display())]
     NotOurLock { path: PathBuf, why: &'static str },
     #[error("API socket {}: {err}", .path.display())]
     Io {
@@ -66,20 +66,37 @@ fn kind(t: std::fs::FileType) -> &'static str {
 /// What a lock file of brisk's holds.
 const LOCK_MARK: &[u8] = b"brisk API socket lock\n";
 
-/// Open `lock_path`: created exclusively (then `true`), or an existing
-/// regular file (never through a symlink, never blocking), whose mark is
-/// checked once its lock is held.
+/// Open `lock_path`: created (then `true`) whole, mark and all, by
+/// linking a marked temporary file into place (so no brisk ever finds one
+/// of brisk's lock files empty, and an existing file is never replaced);
+/// or the existing one, only if it is a regular file (never through a
+/// symlink, never blocking, never for writing), whose mark is checked once
+/// its lock is held.
 fn open_lock(lock_path: &Path) -> std::io::Result<(File, bool)> {
-    let created = OpenOptions::new()
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut tmp = lock_path.as_os_str().to_owned();
+    tmp.push(format!(".{}.{nanos}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(lock_path);
-    match created {
-        Ok(f) => Ok((f, true)),
+        .open(&tmp)?;
+    let linked = f
+        .write_all(LOCK_MARK)
+        .and_then(|()| std::fs::hard_link(&tmp, lock_path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok((f, true)),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let m = std::fs::symlink_metadata(lock_path)?;
+            if !m.is_file() {
+                return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+            }
             let f = OpenOptions::new()
                 .read(true)
                 .custom_flags(
@@ -101,7 +118,7 @@ fn not_our_lock(f: &File) -> Option<&'static str> {
         Err(_) => return Some("it cannot be read"),
     }
     let mut got = Vec::new();
-    match (&*f).take(LOCK_MARK.len() as u64 + 1).read_to_end(&mut got) {
+    match f.take(LOCK_MARK.len() as u64 + 1).read_to_end(&mut got) {
         Ok(_) if got == LOCK_MARK => None,
         Ok(_) => Some("its contents are not brisk's"),
         Err(_) => Some("it cannot be read"),
@@ -164,18 +181,18 @@ impl SocketFile {
             path: lock_path.clone(),
             why,
         };
-        let (mut lock, created) = open_lock(&lock_path).map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => not_ours("it is a symbolic link"),
+        let (lock, created) = open_lock(&lock_path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => not_ours("it is not a regular file"),
             _ => io(e),
         })?;
         // SAFETY: flock on a file we own; LOCK_NB never blocks.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(SocketError::InUse(path.to_path_buf()));
         }
-        if created {
-            lock.write_all(LOCK_MARK).map_err(io)?;
-        } else if let Some(why) = not_our_lock(&lock) {
-            return Err(not_ours(why));
+        if !created {
+            if let Some(why) = not_our_lock(&lock) {
+                return Err(not_ours(why));
+            }
         }
         // The owner removes the lock file (under the lock) as it exits: a
         // lock won on a file that is no longer at the path is worthless.
@@ -243,8 +260,14 @@ impl Drop for SocketFile {
         }
         // Still holding the lock: a brisk that opened the lock file before
         // this unlink finds, after its flock, that it is no longer at the
-        // path, and refuses. Then the lock goes with the file.
-        let _ = std::fs::remove_file(&self.lock_path);
-        let _ = &self.lock;
+        // path, and refuses. Then the lock goes with the file; only ours
+        // (someone may have replaced it meanwhile).
+        let ours = self.lock.metadata().is_ok_and(|held| {
+            std::fs::symlink_metadata(&self.lock_path)
+                .is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino()))
+        });
+        if ours {
+            let _ = std::fs::remove_file(&self.lock_path);
+        }
     }
 }

@@ -754,6 +754,11 @@ fn wait_for_vm(
                 let vm = std::sync::Arc::new(vm);
                 slot.set(vm.clone());
                 let _ = reply.send(Ok(()));
+                // A vm.shutdown that came while it was being built
+                // (answered 204) still ends it.
+                if slot.shutdown_requested() {
+                    vm.request_shutdown();
+                }
                 return Ok((vm, Some(server)));
             }
             Err(e) => {

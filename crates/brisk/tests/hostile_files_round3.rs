@@ -121,7 +121,16 @@ fn m4_a_snapshot_never_replaces_a_foreign_state() {
         ],
         "running on",
     );
-    for target in [dir.to_str().unwrap(), "/", "/dev/brisk-m4"] {
+    // Kernel file systems, and what is mounted under them: nothing is
+    // created there (a directory in cgroupfs would be a new cgroup).
+    let targets = [
+        dir.to_str().unwrap(),
+        "/",
+        "/dev/brisk-m4",
+        "/proc/brisk-m4",
+        "/sys/fs/cgroup/brisk-m4/snap",
+    ];
+    for target in targets {
         let snap = ctl(&sock, &["snapshot", target]);
         assert_eq!(snap.status.code(), Some(16), "{target}");
         let err = text(&snap.stderr);
@@ -133,6 +142,8 @@ fn m4_a_snapshot_never_replaces_a_foreign_state() {
     );
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "nothing added");
     assert!(!Path::new("/state").exists());
+    assert!(!Path::new("/dev/brisk-m4").exists());
+    assert!(!Path::new("/sys/fs/cgroup/brisk-m4").exists());
     ctl(&sock, &["shutdown"]);
     assert_eq!(vm.wait().unwrap().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();

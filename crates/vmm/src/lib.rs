@@ -14,6 +14,7 @@
 //! ```
 
 mod config;
+mod disk_lock;
 mod end;
 pub mod exits;
 mod interrupts;

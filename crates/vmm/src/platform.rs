@@ -137,43 +137,7 @@ fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartError> {
             meta.len()
         );
     }
-    lock_disk(&file, d)?;
     DiskImage::new(file, d.readonly, &format!("brisk-disk{i}")).map_err(cannot)
-}
-
-/// Lock a disk image as QEMU does, with an open-file-description lock on
-/// the whole file (held while the file is open, by this open only): a
-/// writer takes it exclusive, `,readonly` shared. So a second writer, or
-/// a writer beside readers, is refused, in this VM (the same image given
-/// twice) or another brisk.
-fn lock_disk(file: &std::fs::File, d: &DiskConfig) -> Result<(), StartError> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a zeroed flock is valid; the fields that matter are set.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = if d.readonly {
-        libc::F_RDLCK
-    } else {
-        libc::F_WRLCK
-    } as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: fcntl on a descriptor we own, with a valid flock to read.
-    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    let shown = d.path.display();
-    Err(StartError::Kernel(match e.raw_os_error() {
-        Some(libc::EAGAIN | libc::EACCES) => format!(
-            "disk {shown} is in use ({}): another VM, or this one, has it open{}",
-            if d.readonly {
-                "locked for writing"
-            } else {
-                "locked"
-            },
-            if d.readonly { " read-write" } else { "" }
-        ),
-        _ => format!("cannot lock disk {shown}: {e}"),
-    }))
 }
 
 /// The devices the platform's vCPUs see, and the handles the VM keeps.

@@ -137,8 +137,9 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_unlink,
             libc::SYS_unlinkat,
             // ... and list the directory for temporary files a killed
-            // brisk left there.
+            // brisk left there; tell a kernel file system from a real one.
             libc::SYS_getdents64,
+            libc::SYS_statfs,
             // Migrations (on a thread the API thread spawns): connect to
             // the destination (non-blocking, waited for with poll), set
             // the stream's options.

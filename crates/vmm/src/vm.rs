@@ -13,6 +13,7 @@ use brisk_devices::{CounterDevice, DeviceManager, Doorbell, PeriodicTimers, Uart
 use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, MemoryBacking, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::disk_lock::DiskLocks;
 use crate::end::EndLatch;
 use crate::platform::{self, Lines, Wiring};
 use crate::seccomp::{self, Seccomp, ThreadKind};
@@ -72,6 +73,9 @@ pub struct Machine {
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
     irq: Option<IrqSources>,
+    /// Its disk images' locks (a migration's destination takes them on
+    /// Commit).
+    disk_locks: DiskLocks,
 }
 
 /// User irqchip mode: the pending sets and the devices that raise into them.
@@ -170,6 +174,11 @@ impl Machine {
             guest_memory: kvm.memory(),
         };
         let d = platform::devices(wiring, output)?;
+        let disk_locks = match boot {
+            // The source holds them until it commits.
+            Boot::Receive(_) => DiskLocks::default(),
+            Boot::Load(_) | Boot::Restore(_) => DiskLocks::take(&config.disks)?,
+        };
         let irq = sink.map(|sink| IrqSources {
             sink,
             timers: d.timers,
@@ -186,6 +195,7 @@ impl Machine {
             counters: d.counters,
             end,
             irq,
+            disk_locks,
         })
     }
 }
@@ -308,6 +318,8 @@ pub struct Vm {
     pub(crate) migration: Mutex<Option<Arc<crate::migration::Outgoing>>>,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
     pub(crate) irq: Option<IrqSources>,
+    /// The disk images' locks (let go by a migrated source).
+    pub(crate) disk_locks: DiskLocks,
 }
 
 impl Vm {
@@ -358,6 +370,7 @@ impl Vm {
             config: m.config,
             migration: Mutex::new(None),
             irq: m.irq,
+            disk_locks: m.disk_locks,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
             vm.spawn(v, ctl).map_err(setup("starting a vCPU thread"))?;

@@ -27,12 +27,20 @@ fn url(name: &str) -> MigrationUrl {
 
 /// A destination waiting on `url`, on a thread.
 fn destination(url: &MigrationUrl, paused: bool) -> JoinHandle<Result<Vm, StartError>> {
-    let url = url.clone();
-    let listening = url.clone();
     let opts = RestoreOptions {
         paused,
         ..RestoreOptions::default()
     };
+    destination_with(url, opts)
+}
+
+/// A destination waiting on `url` with `opts`, on a thread.
+fn destination_with(
+    url: &MigrationUrl,
+    opts: RestoreOptions,
+) -> JoinHandle<Result<Vm, StartError>> {
+    let url = url.clone();
+    let listening = url.clone();
     let t = std::thread::spawn(move || Vm::receive_migration(&url, Output::Null, opts, &|| false));
     // Bounded wait for the socket (TCP: for the port) to be there.
     let until = std::time::Instant::now() + Duration::from_secs(10);
@@ -296,4 +304,46 @@ fn destination_refuses_hostile_streams() {
         }
         assert!(!path.exists(), "{name}: the socket was left behind");
     }
+}
+
+/// A VM with a disk moves on one host (the same image): the source lets
+/// its disk lock go as its VM ends, the destination, told to trust the
+/// source's disk paths, takes it on Commit and holds it after.
+#[test]
+fn a_vm_with_a_disk_migrates_on_one_host() {
+    require_kvm!();
+    let disk = std::env::temp_dir().join(format!("brisk-mig-disk-{}", std::process::id()));
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let config = VmConfig {
+        cpus: 1,
+        irqchip: Irqchip::Kernel,
+        // Waits for console input for ever: it is still there to move.
+        payload: Payload::Kernel(brisk_vmm::KernelConfig {
+            path: brisk_test_kernels::UARTIRQ.into(),
+            ..Default::default()
+        }),
+        disks: vec![brisk_vmm::DiskConfig {
+            path: disk.clone(),
+            readonly: false,
+        }],
+        ..VmConfig::default()
+    };
+    let src = Arc::new(Vm::start(&config, Output::Null).unwrap());
+    let url = url("disk");
+    let dst = destination_with(
+        &url,
+        RestoreOptions {
+            trust_disk_paths: true,
+            ..RestoreOptions::default()
+        },
+    );
+    src.send_migration(MigrationOptions::new(url)).unwrap();
+    let status = src.wait_migration().unwrap();
+    assert_eq!(status.phase, Phase::Completed, "{status:?}");
+    let vm = dst.join().unwrap().unwrap();
+    let third = Vm::start(&config, Output::Null).err().expect("refused");
+    assert!(third.to_string().contains("is in use"), "{third}");
+    vm.shutdown().unwrap();
+    Arc::try_unwrap(src).ok().unwrap().shutdown().unwrap();
+    std::fs::remove_file(&disk).unwrap();
 }

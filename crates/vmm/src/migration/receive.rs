@@ -298,6 +298,14 @@ fn receive(
     loop {
         let msg = s.recv(&Bound::message(abort, None)).map_err(stream_err)?;
         match intake.step(msg.kind, &msg.body).map_err(intake_err)? {
+            // Zeros are never written: a source sending pages of zeros
+            // (rather than Zero) must not make this process commit RAM.
+            Step::Write { at, data } if data.iter().all(|&b| b == 0) => {
+                m.kvm
+                    .discard(at, data.len() as u64)
+                    .map_err(|e| refused(format!("the source's pages: {e}")))?;
+                zeroed += data.len() as u64 / 4096;
+            }
             Step::Write { at, data } => {
                 m.kvm
                     .memory()
@@ -336,6 +344,12 @@ fn commit(
     let m = s.recv(&Bound::message(abort, None)).map_err(stream_err)?;
     match m.kind {
         Kind::Commit => {
+            // The source has let its disk locks go: take them. Another
+            // process that took one in between is reported; the guest,
+            // ended at the source, still runs here rather than nowhere.
+            if let Err(e) = vm.disk_locks.acquire(&vm.config.disks) {
+                log::error!("the migrated VM runs without its disk locks: {e}");
+            }
             let source_paused = m.body.first().is_some_and(|&b| b != 0);
             if !(paused || source_paused) {
                 vm.resume().map_err(|e| refused(format!("resuming: {e}")))?;

@@ -314,7 +314,10 @@ impl Vm {
         job.update(|st| st.phase = Phase::Stopped);
         // However the destination behaves, the guest is stopped here for
         // at most this long before it resumes here.
-        let allowed = opts.downtime.max(last_estimate) + SWITCH_GRACE;
+        // The estimate comes from the rate the destination chose to read
+        // at: capped by the migration's own timeout, so a slow reader
+        // cannot buy itself minutes of a stopped guest.
+        let allowed = opts.downtime.max(last_estimate.min(opts.timeout)) + SWITCH_GRACE;
         let r = self.final_copy(opts, job, s, downtime + allowed);
         let r = r.map_err(|e| match e {
             Stop::Late => format!(
@@ -345,8 +348,10 @@ impl Vm {
             ));
         }
         // Ended: nothing left for the lock to guard, and the API may read
-        // the state meanwhile.
+        // the state meanwhile. Its disks are the destination's to lock now
+        // (on one host, the same images).
         drop(paused);
+        self.disk_locks.release();
         // Ended here: neither a cancel nor the shutdown that follows may
         // stop the Commit now; only its bound does.
         let bound = Bound::within(SWITCH_GRACE, &never);

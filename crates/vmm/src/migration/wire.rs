@@ -202,9 +202,13 @@ impl Header {
     }
 }
 
+/// One message framed in a byte slice: its kind, its body, and the bytes
+/// after it.
+pub type Frame<'a> = (Kind, &'a [u8], &'a [u8]);
+
 /// The first message framed in `bytes` and what follows it, `None` when
 /// `bytes` ends before a whole one (pure: the fuzz target's framing).
-pub fn next_frame(bytes: &[u8]) -> Result<Option<(Kind, &[u8], &[u8])>, WireError> {
+pub fn next_frame(bytes: &[u8]) -> Result<Option<Frame<'_>>, WireError> {
     let Some(head) = bytes.first_chunk::<HEADER_LEN>() else {
         return Ok(None);
     };
@@ -340,6 +344,11 @@ impl Stream {
                     return Err(WireError::NotListening {
                         url: url.to_string(),
                         source,
+                    })
+                }
+                Err(ConnectFailure::Wire(WireError::TimedOut { .. })) => {
+                    return Err(WireError::ConnectTimedOut {
+                        url: url.to_string(),
                     })
                 }
                 Err(ConnectFailure::Wire(e)) => return Err(e),

@@ -303,8 +303,8 @@ impl Vm {
             let path = path.to_path_buf();
             move |source| SnapshotError::Io { what, path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
         check_destination(dir)?;
+        std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
         let state_path = dir.join(STATE_FILE);
         let earlier = file::read::<VmState>(&state_path)
             .ok()
@@ -441,30 +441,65 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
     Ok((state, mem))
 }
 
-/// Refuse a snapshot destination that is not brisk's to write: the root
-/// directory or a kernel file system (`/dev`, `/proc`, `/sys`), or a
+/// Kernel file systems a snapshot never goes into (statfs's `f_type`):
+/// writing there is a side effect on the host (a cgroup made, a tracing
+/// knob turned), never a snapshot. devtmpfs reads as tmpfs, so /dev is
+/// told by its device instead.
+const KERNEL_FILE_SYSTEMS: [i64; 13] = [
+    0x9fa0,      // proc
+    0x6265_6572, // sysfs
+    0x0027_e0eb, // cgroup
+    0x6367_7270, // cgroup2
+    0x6462_6720, // debugfs
+    0x7472_6163, // tracefs
+    0x1cd1,      // devpts
+    0x1980_0202, // mqueue
+    0x7363_6673, // securityfs
+    0xcafe_4a11, // bpf
+    0x6165_676c, // pstore
+    0xde5e_81e4, // efivarfs
+    0x6265_6570, // configfs
+];
+
+/// Refuse a snapshot destination that is not brisk's to write, before
+/// anything is created there: the root directory, a kernel file system
+/// (`/dev`, `/proc`, `/sys` and what is mounted under them), or a
 /// directory whose `state` is not a brisk state file (it would be
 /// replaced).
 fn check_destination(dir: &Path) -> Result<(), SnapshotError> {
     use std::os::unix::fs::MetadataExt;
-    // By identity, not by name (no path resolution: the API thread's
-    // filter allows no readlink): the root itself, or any directory on
-    // the file system of /dev, /proc or /sys.
-    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
-    let here = id(dir).map_err(|source| SnapshotError::Io {
-        what: "cannot read the snapshot directory",
+    let refused = |why| SnapshotError::Destination {
         path: dir.to_path_buf(),
+        why,
+    };
+    // The nearest part of the path that exists: what a mkdir would write
+    // into.
+    let mut existing = dir;
+    while std::fs::symlink_metadata(existing).is_err() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => break,
+        }
+    }
+    // By identity, not by name (no path resolution: the API thread's
+    // filter allows no readlink).
+    let id = |p: &Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino()));
+    let here = id(existing).map_err(|source| SnapshotError::Io {
+        what: "cannot read the snapshot directory",
+        path: existing.to_path_buf(),
         source,
     })?;
-    let root = id(Path::new("/")).is_ok_and(|r| r == here);
-    let system = ["/dev", "/proc", "/sys"]
+    if existing == dir && id(Path::new("/")).is_ok_and(|r| r == here) {
+        return Err(refused("brisk writes no snapshot into the root directory"));
+    }
+    let on_dev = id(Path::new("/dev")).is_ok_and(|(dev, _)| dev == here.0);
+    let under = ["/dev", "/proc", "/sys"]
         .iter()
-        .any(|top| id(Path::new(top)).is_ok_and(|(dev, _)| dev == here.0));
-    if root || system {
-        return Err(SnapshotError::Destination {
-            path: dir.to_path_buf(),
-            why: "brisk writes no snapshot into the root directory or a kernel file system (/dev, /proc, /sys)",
-        });
+        .any(|top| dir.starts_with(top));
+    if under || on_dev || file_system(existing).is_some_and(|t| KERNEL_FILE_SYSTEMS.contains(&t)) {
+        return Err(refused(
+            "brisk writes no snapshot into a kernel file system (/dev, /proc, /sys, cgroups, ...)",
+        ));
     }
     let state = dir.join(STATE_FILE);
     match std::fs::symlink_metadata(&state) {
@@ -475,6 +510,19 @@ fn check_destination(dir: &Path) -> Result<(), SnapshotError> {
             why: "exists and is not a brisk state file; brisk replaces only its own snapshots",
         }),
     }
+}
+
+/// The type of the file system `p` is on (statfs's `f_type`).
+fn file_system(p: &Path) -> Option<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a zeroed statfs is valid to be filled in.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a valid out-pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_type as i64)
 }
 
 /// Remove the temporary files (`.memory-HEX.PID.tmp`, `.state.PID.tmp`)

@@ -1,0 +1,80 @@
+//! The locks on a VM's disk images, as QEMU locks them: an open-file-
+//! description lock on the whole file, exclusive for a writer, shared for
+//! `,readonly`. So a second writer, or a writer beside readers, is refused,
+//! in the same VM (the image given twice) or another brisk.
+//!
+//! They are held on descriptors of their own, apart from the images'
+//! files, so a live migration on one host can hand them over: the source
+//! lets go once its VM has ended (before Commit), and the destination,
+//! which opened the images without locking, takes them on Commit.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+
+use crate::{DiskConfig, StartError};
+
+/// The locks a VM holds (none for a destination not yet committed).
+#[derive(Default)]
+pub(crate) struct DiskLocks(Mutex<Vec<File>>);
+
+impl DiskLocks {
+    /// Lock every disk of `disks`, or say which is in use.
+    pub(crate) fn take(disks: &[DiskConfig]) -> Result<DiskLocks, StartError> {
+        let locks = DiskLocks::default();
+        locks.acquire(disks)?;
+        Ok(locks)
+    }
+
+    /// Lock every disk of `disks` (those held before are let go first).
+    pub(crate) fn acquire(&self, disks: &[DiskConfig]) -> Result<(), StartError> {
+        let mut held = Vec::new();
+        for d in disks {
+            held.push(lock(d)?);
+        }
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        Ok(())
+    }
+
+    /// Let every lock go (a migrated VM's source).
+    pub(crate) fn release(&self) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+/// A new descriptor of `d`'s image, locked.
+fn lock(d: &DiskConfig) -> Result<File, StartError> {
+    let shown = d.path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!d.readonly)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&d.path)
+        .map_err(|e| StartError::Kernel(format!("cannot lock disk {shown}: {e}")))?;
+    // SAFETY: a zeroed flock is valid; the fields that matter are set.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = if d.readonly {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    } as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on a descriptor we own, with a valid flock to read.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &l) } == 0 {
+        return Ok(file);
+    }
+    let e = std::io::Error::last_os_error();
+    Err(StartError::Kernel(match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => format!(
+            "disk {shown} is in use ({}): another VM, or this one, has it open{}",
+            if d.readonly {
+                "locked for writing"
+            } else {
+                "locked"
+            },
+            if d.readonly { " read-write" } else { "" }
+        ),
+        _ => format!("cannot lock disk {shown}: {e}"),
+    }))
+}
