@@ -189,6 +189,7 @@ fn h2_a_destination_stalling_after_state_cannot_hold_the_guest() {
         text(&sent.stderr)
     );
     assert!(took < SWITCH_GRACE + SLACK, "took {took:?}");
+    eprintln!("h2: the source gave up on the stalled switch and resumed after {took:?}");
     src.running();
     fake.join().unwrap();
     src.shut_down();
@@ -229,6 +230,7 @@ fn h3_a_destination_that_never_accepts_is_given_up_on() {
         text(&sent.stderr)
     );
     assert!(started.elapsed() < CONNECT_BOUND + SLACK);
+    eprintln!("h3: full backlog given up on after {:?}", started.elapsed());
     src.running();
 
     // Cancelled while connecting.
@@ -492,6 +494,10 @@ fn h5_a_source_cannot_make_the_receiver_commit_ram() {
     assert_eq!(got.first().map(|g| g.0), Some(READY));
     let (status, peak_kib) = reap_with_peak_rss(&r);
     assert_eq!(status, 6, "refused at the page outside RAM");
+    eprintln!(
+        "h5: peak RSS {} MiB after a Zero over 2 GiB",
+        peak_kib >> 10
+    );
     assert!(
         peak_kib < 512 << 10,
         "the receiver's RSS peaked at {} MiB for a Zero over 2 GiB",

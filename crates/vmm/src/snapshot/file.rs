@@ -206,6 +206,11 @@ mod tests {
         let mut longer = good.clone();
         longer.push(b' ');
         assert!(refuse(&longer).contains("junk"));
+        for reserved in [12, 28] {
+            let mut r = good.clone();
+            r[reserved] = 1;
+            assert!(refuse(&r).contains("reserved"), "{reserved}");
+        }
         // A body that checks out but is not the state.
         let body = b"[1,2]";
         let mut other = good[..32].to_vec();
