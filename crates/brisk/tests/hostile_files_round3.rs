@@ -6,11 +6,11 @@
 
 mod common;
 
-use common::harness::{ctl, scratch, spawn_until, BOUND};
+use common::harness::{ctl, scratch, spawn_brisk, spin_with_api, BOUND};
 use common::{brisk, require_kvm, text};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 use brisk_vmm::snapshot::{file, VmState, STATE_FILE};
@@ -19,17 +19,7 @@ use brisk_vmm::snapshot::{file, VmState, STATE_FILE};
 /// brisk is shut down.
 fn snapshot(name: &str) -> PathBuf {
     let (dir, sock) = (scratch(name), scratch(&format!("{name}.sock")));
-    let mut vm = spawn_until(
-        &[
-            "--guest",
-            "spin",
-            "--cpus",
-            "1",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-        "running on",
-    );
+    let mut vm = spin_with_api(&sock);
     let snap = ctl(&sock, &["snapshot", dir.to_str().unwrap()]);
     assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
     ctl(&sock, &["shutdown"]);
@@ -110,17 +100,7 @@ fn m4_a_snapshot_never_replaces_a_foreign_state() {
     let (dir, sock) = (scratch("m4"), scratch("m4.sock"));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("state"), "precious").unwrap();
-    let mut vm = spawn_until(
-        &[
-            "--guest",
-            "spin",
-            "--cpus",
-            "1",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-        "running on",
-    );
+    let mut vm = spin_with_api(&sock);
     // Kernel file systems, and what is mounted under them: nothing is
     // created there (a directory in cgroupfs would be a new cgroup).
     let targets = [
@@ -157,29 +137,25 @@ fn m3_a_foreign_lock_file_is_left_alone() {
     let sock = scratch("m3.sock");
     let lock = PathBuf::from(format!("{}.lock", sock.display()));
     std::fs::write(&lock, "precious").unwrap();
-    let out = brisk(&[
-        "run",
-        "--guest",
-        "spin",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--timeout",
-        "1s",
-    ]);
+    let sock_s = sock.to_str().unwrap();
+    let run = || {
+        brisk(&[
+            "run",
+            "--guest",
+            "spin",
+            "--api-socket",
+            sock_s,
+            "--timeout",
+            "1s",
+        ])
+    };
+    let out = run();
     assert_eq!(out.status.code(), Some(6), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("not a brisk lock file"));
     assert_eq!(std::fs::read_to_string(&lock).unwrap(), "precious");
     std::fs::remove_file(&lock).unwrap();
     // Its own lock file it makes, and removes.
-    let out = brisk(&[
-        "run",
-        "--guest",
-        "spin",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "--timeout",
-        "1s",
-    ]);
+    let out = run();
     assert_eq!(out.status.code(), Some(10), "{}", text(&out.stderr));
     assert!(!lock.exists() && !sock.exists());
 }
@@ -193,13 +169,7 @@ fn m2_a_closed_stderr_changes_no_exit_status() {
         (&["run", "--guest", "spin", "--timeout", "1s"][..], 10),
         (&["run", "--guest", "nope"][..], 6),
     ] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_brisk(args);
         drop(child.stderr.take());
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(want), "{args:?}");
@@ -228,17 +198,7 @@ fn l2_temp_files_of_a_killed_snapshot_are_cleaned_up() {
     for f in [&stale, &stale_state, &busy, &other] {
         std::fs::write(f, "x").unwrap();
     }
-    let mut vm = spawn_until(
-        &[
-            "--guest",
-            "spin",
-            "--cpus",
-            "1",
-            "--api-socket",
-            sock.to_str().unwrap(),
-        ],
-        "running on",
-    );
+    let mut vm = spin_with_api(&sock);
     let snap = ctl(&sock, &["snapshot", dir.to_str().unwrap()]);
     assert_eq!(snap.status.code(), Some(0), "{}", text(&snap.stderr));
     assert!(!stale.exists() && !stale_state.exists());

@@ -8,13 +8,13 @@
 
 mod common;
 
-use common::harness::{ctl, scratch, spawn_until};
+use common::harness::{ctl, scratch, spawn_brisk, spawn_until, spin_with_api};
 use common::{require_kvm, text};
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -62,19 +62,7 @@ struct Source {
 impl Source {
     fn start(name: &str) -> Source {
         let sock = scratch(&format!("{name}.sock"));
-        let child = spawn_until(
-            &[
-                "--guest",
-                "spin",
-                "--cpus",
-                "1",
-                "--api-socket",
-                sock.to_str().unwrap(),
-                "--timeout",
-                "300s",
-            ],
-            "running on",
-        );
+        let child = spin_with_api(&sock);
         Source { child, sock }
     }
 
@@ -356,15 +344,8 @@ fn h1_a_host_name_is_refused_and_the_guest_lives() {
 /// socket is there.
 fn receiver(name: &str, extra: &[&str]) -> (Child, PathBuf) {
     let m = scratch(&format!("{name}-m.sock"));
-    let child = Command::new(env!("CARGO_BIN_EXE_brisk"))
-        .args(["run", "--receive-migration"])
-        .arg(format!("unix:{}", m.display()))
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let url = format!("unix:{}", m.display());
+    let child = spawn_brisk(&[&["run", "--receive-migration", &url][..], extra].concat());
     let until = Instant::now() + SLACK;
     while !m.exists() {
         assert!(Instant::now() < until, "the receiver never listened");

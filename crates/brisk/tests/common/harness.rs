@@ -155,17 +155,29 @@ pub fn scratch(name: &str) -> PathBuf {
     p
 }
 
-/// Spawn `brisk -v run ARGS` and wait until its stderr says `ready`.
-pub fn spawn_until(args: &[&str], ready: &str) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
-        .arg("-v")
-        .arg("run")
+/// Spawn `brisk ARGS`, stdin and stdout null, stderr a pipe (its reader
+/// is the caller's).
+pub fn spawn_brisk<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_brisk"))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// The spin guest on one vCPU serving its API on `sock`, once it runs (a
+/// 300 s --timeout, so a failed test leaves no brisk behind for long).
+pub fn spin_with_api(sock: &Path) -> Child {
+    let sock = sock.to_str().unwrap();
+    let args = ["--guest", "spin", "--cpus", "1", "--api-socket", sock];
+    spawn_until(&[&args[..], &["--timeout", "300s"]].concat(), "running on")
+}
+
+/// Spawn `brisk -v run ARGS` and wait until its stderr says `ready`.
+pub fn spawn_until(args: &[&str], ready: &str) -> Child {
+    let mut child = spawn_brisk(&[&["-v", "run"][..], args].concat());
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains(ready) {
