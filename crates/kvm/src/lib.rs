@@ -5,6 +5,7 @@
 //! run loop drives it without knowing it is KVM.
 
 mod error;
+mod exact;
 mod interrupts;
 mod kick;
 mod memory;

@@ -3,13 +3,14 @@
 //!
 //! The structures are KVM's own (`kvm-bindings`, serialised as their bytes
 //! through its `serde` feature), so a field KVM adds is carried without a
-//! change here. The order of the ioctls is KVM's, not ours to choose: see
+//! change here; each is read back only at exactly its size (`exact.rs`). The order of the ioctls is KVM's, not ours to choose: see
 //! the comments on [`KvmVcpu::save_state`] and [`KvmVcpu::restore_state`].
 
 use kvm_bindings::*;
 use kvm_ioctls::Cap;
 use serde::{Deserialize, Serialize};
 
+use crate::exact;
 use crate::{Error, Irqchip, KvmVcpu, Result, Vm};
 
 /// The most MSRs one vCPU's state may carry (KVM's index list is ~100).
@@ -20,17 +21,27 @@ const MAX_MSRS: usize = 1024;
 #[derive(Serialize, Deserialize)]
 pub struct VcpuSnapshot {
     /// The CPUID the guest saw (restored as it was, not recomputed).
+    #[serde(with = "exact::many")]
     pub cpuid: Vec<kvm_cpuid_entry2>,
+    #[serde(with = "exact::one")]
     pub mp_state: kvm_mp_state,
+    #[serde(with = "exact::one")]
     pub regs: kvm_regs,
+    #[serde(with = "exact::one")]
     pub sregs: kvm_sregs,
+    #[serde(with = "exact::one")]
     pub xsave: kvm_xsave,
+    #[serde(with = "exact::one")]
     pub xcrs: kvm_xcrs,
+    #[serde(with = "exact::one")]
     pub debugregs: kvm_debugregs,
     /// With the in-kernel irqchip only.
+    #[serde(with = "exact::maybe")]
     pub lapic: Option<kvm_lapic_state>,
     /// Every MSR of KVM's index list this vCPU could read.
+    #[serde(with = "exact::many")]
     pub msrs: Vec<kvm_msr_entry>,
+    #[serde(with = "exact::one")]
     pub events: kvm_vcpu_events,
     /// The guest TSC frequency, where KVM reports it.
     pub tsc_khz: Option<u32>,
@@ -41,8 +52,11 @@ pub struct VcpuSnapshot {
 #[derive(Serialize, Deserialize)]
 pub struct VmSnapshot {
     /// PIC master, PIC slave, IOAPIC (kernel irqchip only).
+    #[serde(with = "exact::many")]
     pub irqchips: Vec<kvm_irqchip>,
+    #[serde(with = "exact::maybe")]
     pub pit: Option<kvm_pit_state2>,
+    #[serde(with = "exact::one")]
     pub clock: kvm_clock_data,
 }
 
@@ -292,5 +306,58 @@ impl KvmVcpu {
         // has not exited yet: seed it from the restored RFLAGS.IF.
         self.seed_if_flag(s.regs.rflags & (1 << 9) != 0);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved() -> serde_json::Value {
+        let v = VcpuSnapshot {
+            cpuid: vec![kvm_cpuid_entry2::default(); 2],
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs {
+                rip: 0x1234,
+                ..Default::default()
+            },
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic: Some(kvm_lapic_state::default()),
+            msrs: vec![kvm_msr_entry::default()],
+            events: kvm_vcpu_events::default(),
+            tsc_khz: None,
+        };
+        serde_json::to_value(&v).unwrap()
+    }
+
+    #[test]
+    fn kvm_structures_load_only_at_their_exact_size() {
+        let good = saved();
+        let back: VcpuSnapshot = serde_json::from_value(good.clone()).unwrap();
+        assert_eq!(back.regs.rip, 0x1234);
+        let shorten = |v: &mut serde_json::Value| {
+            v.as_array_mut().unwrap().pop();
+        };
+        let lengthen = |v: &mut serde_json::Value| {
+            v.as_array_mut().unwrap().push(0.into());
+        };
+        for (field, change) in [
+            ("regs", &shorten as &dyn Fn(&mut serde_json::Value)),
+            ("xsave", &lengthen),
+            ("lapic", &shorten),
+        ] {
+            let mut bad = good.clone();
+            change(&mut bad[field]);
+            let e = serde_json::from_value::<VcpuSnapshot>(bad)
+                .err()
+                .expect(field);
+            assert!(e.to_string().contains("this host's has"), "{field}: {e}");
+        }
+        let mut bad = good.clone();
+        shorten(&mut bad["cpuid"][1]);
+        assert!(serde_json::from_value::<VcpuSnapshot>(bad).is_err());
     }
 }
