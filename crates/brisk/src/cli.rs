@@ -256,7 +256,9 @@ struct RunArgs {
     initrd: Option<std::path::PathBuf>,
     /// A raw disk image served as virtio-blk over virtio-mmio
     /// (`/dev/vda`, then `/dev/vdb`, ...): `FILE` (read-write) or
-    /// `FILE,readonly`. Repeat for more disks (at most 8).
+    /// `FILE,readonly`; write a comma in FILE twice (`a,,b.img`). Repeat
+    /// for more disks (at most 8). Images are locked as QEMU locks them:
+    /// one writer, or any number of read-only users.
     #[arg(long, value_name = "FILE[,readonly]", requires = "kernel")]
     disk: Vec<brisk_vmm::DiskConfig>,
     /// KVM's PV send-IPI hypercall in CPUID: `on` (KVM's default) or

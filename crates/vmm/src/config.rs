@@ -43,17 +43,35 @@ pub struct DiskConfig {
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// `FILE` or `FILE,readonly` (also `,ro`).
+    /// `FILE` or `FILE,readonly` (also `,ro`); a comma in the file's name
+    /// is written twice, as QEMU's options have it (`a,,b.img`).
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, readonly) = match s.rsplit_once(',') {
+        // The options start at the first comma that is not doubled.
+        let mut split = None;
+        let b = s.as_bytes();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b',' {
+                if b.get(i + 1) == Some(&b',') {
+                    i += 2;
+                    continue;
+                }
+                split = Some(i);
+                break;
+            }
+            i += 1;
+        }
+        let (path, readonly) = match split.map(|at| (&s[..at], &s[at + 1..])) {
             Some((p, "readonly" | "ro")) => (p, true),
-            Some((_, opt)) if !opt.contains('/') => {
+            Some((_, opt)) => {
                 return Err(format!(
-                    "unknown disk option '{opt}' (the only one is 'readonly')"
+                    "unknown disk option '{}' (the only one is 'readonly'; write a comma in a file name twice)",
+                    opt.escape_debug()
                 ))
             }
-            _ => (s, false),
+            None => (s, false),
         };
+        let path = path.replace(",,", ",");
         if path.is_empty() {
             return Err("a disk needs a file name".into());
         }

@@ -122,6 +122,18 @@ fn disks_are_for_kernels_only() {
         .parse::<DiskConfig>()
         .unwrap_err()
         .contains("readonly"));
+    // A comma in a file name is written twice (as QEMU's options).
+    assert_eq!(
+        "a,,b.img,readonly".parse::<DiskConfig>().unwrap(),
+        DiskConfig {
+            path: "a,b.img".into(),
+            readonly: true
+        }
+    );
+    assert_eq!(
+        "/x,,y/a,,b.img".parse::<DiskConfig>().unwrap().path,
+        std::path::PathBuf::from("/x,y/a,b.img")
+    );
 }
 
 /// L4 (round 3): disk images are locked as QEMU locks them: one writer

@@ -107,6 +107,8 @@ pub enum WireError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the other side passed more file descriptors than the one a local upgrade hands over")]
+    Descriptors,
     #[error("unknown message kind {0}")]
     UnknownKind(u32),
     #[error("a {kind:?} message whose header's reserved field is {reserved:#x}, not 0")]
@@ -479,6 +481,9 @@ impl Stream {
                         break n;
                     }
                     Err(e) if matches!(e.errno(), libc::EAGAIN | libc::EINTR) => {}
+                    // Control data cut short: more descriptors than the
+                    // one a local upgrade hands over.
+                    Err(e) if e.errno() == libc::ENOBUFS => return Err(WireError::Descriptors),
                     Err(e) => {
                         let e = std::io::Error::from_raw_os_error(e.errno());
                         return Err(io("reading the migration stream")(e));
@@ -667,6 +672,20 @@ mod tests {
         let cancelled = || c.load(std::sync::atomic::Ordering::SeqCst);
         let b = Bound::within(MESSAGE_BOUND, &cancelled);
         assert!(matches!(r.recv(&b), Err(WireError::Cancelled)));
+    }
+
+    #[test]
+    fn more_descriptors_than_one_are_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut r = Stream::Unix(b).prepare().unwrap();
+        // Three: the control buffer for one is padded to fit two.
+        let f: Vec<_> = (0..3).map(|_| std::fs::File::open("/").unwrap()).collect();
+        let fds: Vec<_> = f.iter().map(|f| f.as_raw_fd()).collect();
+        let head = Header::encode(Kind::Hello, 0);
+        a.send_with_fds(&[&head[..]], &fds).unwrap();
+        let b = Bound::within(MESSAGE_BOUND, &never);
+        let got = r.recv(&b);
+        assert!(matches!(got, Err(WireError::Descriptors)), "{got:?}");
     }
 
     #[test]
