@@ -222,10 +222,19 @@ pub struct VirtioMmioState {
     pub used_ring: u64,
     pub next_avail: u16,
     pub next_used: u16,
+    /// The selector registers: a driver may be between writing one and
+    /// reading what it selects when the VM is saved (version 2).
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub config_generation: u32,
 }
 
 impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
-    const VERSION: u32 = 1;
+    /// 2: the selector registers are saved (version 1 dropped them, so a
+    /// driver saved between DeviceFeaturesSel=1 and its read lost
+    /// VERSION_1 and failed the device).
+    const VERSION: u32 = 2;
     type State = VirtioMmioState;
 
     fn save(&self) -> VirtioMmioState {
@@ -241,6 +250,10 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
             used_ring: t.queue.used_ring(),
             next_avail: t.queue.next_avail(),
             next_used: t.queue.next_used(),
+            device_features_sel: t.device_features_sel,
+            driver_features_sel: t.driver_features_sel,
+            queue_sel: t.queue_sel,
+            config_generation: t.config_generation,
         }
     }
 
@@ -249,6 +262,14 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
         t.reset();
         let q = &mut t.queue;
         q.set_size(s.queue_size);
+        // virtio-queue keeps its old size on an invalid one, and says so
+        // only in a log line.
+        if q.size() != s.queue_size {
+            return Err(format!(
+                "the saved queue size {} is not a power of two up to {QUEUE_MAX}",
+                s.queue_size
+            ));
+        }
         let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
         let (l, h) = split(s.desc_table);
         q.set_desc_table_address(l, h);
@@ -266,6 +287,73 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
         t.status = s.status;
         t.driver_features = s.driver_features;
         t.interrupt_status = s.interrupt_status;
+        t.device_features_sel = s.device_features_sel;
+        t.driver_features_sel = s.driver_features_sel;
+        t.queue_sel = s.queue_sel;
+        t.config_generation = s.config_generation;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Stateful;
+    use vm_memory::GuestAddress;
+
+    struct Nothing;
+    impl VirtioDevice for Nothing {
+        fn device_type(&self) -> u32 {
+            2
+        }
+        fn features(&self) -> u64 {
+            0
+        }
+        fn read_config(&self, _: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn process(&mut self, _: &mut Queue, _: &GuestMemoryMmap<AtomicBitmap>) -> usize {
+            0
+        }
+    }
+
+    struct NoIrq;
+    impl IrqLine for NoIrq {
+        fn trigger(&self) {}
+    }
+
+    fn device() -> VirtioMmio<Nothing> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        VirtioMmio::new(Nothing, mem, Arc::new(NoIrq))
+    }
+
+    fn read(d: &VirtioMmio<Nothing>, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.mmio_read(MmioAddress(0), offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(d: &VirtioMmio<Nothing>, offset: u64, v: u32) {
+        d.mmio_write(MmioAddress(0), offset, &v.to_le_bytes());
+    }
+
+    /// A driver saved between DeviceFeaturesSel=1 and its read of
+    /// DeviceFeatures reads the high word (VERSION_1) after the restore.
+    #[test]
+    fn the_selectors_survive_a_snapshot() {
+        let d = device();
+        write(&d, 0x70, ACKNOWLEDGE | DRIVER);
+        write(&d, 0x14, 1);
+        write(&d, 0x24, 1);
+        let saved = d.save();
+        let fresh = device();
+        fresh.restore(saved.clone()).unwrap();
+        assert_eq!(read(&fresh, 0x10), (F_VERSION_1 >> 32) as u32);
+        assert_eq!(fresh.save(), saved);
+        let bad = VirtioMmioState {
+            queue_size: 100,
+            ..saved
+        };
+        assert!(fresh.restore(bad).unwrap_err().contains("queue size 100"));
     }
 }
