@@ -67,14 +67,32 @@ const CHIPS: [u32; 3] = [
     KVM_IRQCHIP_IOAPIC,
 ];
 
+/// The MTRRs, which KVM_GET_MSR_INDEX_LIST leaves out (QEMU saves them by
+/// name): the default type, the fixed ranges, and KVM's 8 variable-range
+/// pairs. One a vCPU cannot read is skipped like any other.
+const MTRR_MSRS: [u32; 28] = [
+    0x2ff, // IA32_MTRR_DEF_TYPE
+    0x250, 0x258, 0x259, // fixed: 64K, 16K x 2
+    0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, // fixed: 4K x 8
+    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // variable base/mask
+    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f,
+];
+
 impl Vm {
-    /// The MSRs KVM can save for a vCPU (KVM_GET_MSR_INDEX_LIST).
+    /// The MSRs to save for a vCPU: KVM's list (KVM_GET_MSR_INDEX_LIST)
+    /// and the MTRRs it leaves out.
     pub fn msr_index_list(&self) -> Result<Vec<u32>> {
         let list = self
             .kvm()
             .get_msr_index_list()
             .map_err(Error::sys("KVM_GET_MSR_INDEX_LIST"))?;
-        Ok(list.as_slice().to_vec())
+        let mut all = list.as_slice().to_vec();
+        for m in MTRR_MSRS {
+            if !all.contains(&m) {
+                all.push(m);
+            }
+        }
+        Ok(all)
     }
 
     /// Refuse what a 4 KiB `kvm_xsave` cannot hold (AMX tile state).
