@@ -365,3 +365,90 @@ fn commit(
         k => Err(refused(format!("the source sent {k:?} instead of Commit"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(local: bool, memory: u64) -> Vec<u8> {
+        let config = VmConfig {
+            payload: crate::Payload::builtin("spin"),
+            cpus: 1,
+            memory,
+            ..VmConfig::default()
+        };
+        serde_json::to_vec(&Hello {
+            version: PROTOCOL_VERSION,
+            config,
+            local,
+        })
+        .unwrap()
+    }
+
+    fn at(addr: u64, rest: &[u8]) -> Vec<u8> {
+        let mut b = addr.to_le_bytes().to_vec();
+        b.extend_from_slice(rest);
+        b
+    }
+
+    #[test]
+    fn every_message_is_checked_before_it_touches_ram() {
+        let opts = RestoreOptions::default();
+        let intake = Intake::hello(&hello(false, 64 << 20), false, &opts).unwrap();
+        let page = [7u8; 4096];
+        assert!(matches!(
+            intake.step(Kind::Pages, &at(0x1000, &page)),
+            Ok(Step::Write { at: 0x1000, .. })
+        ));
+        for (kind, body) in [
+            (Kind::Pages, at(64 << 20, &page)),
+            (Kind::Pages, at((64 << 20) - 4096, &[page, page].concat())),
+            (Kind::Pages, at(0x1001, &page)),
+            (Kind::Pages, at(0, &page[..100])),
+            (Kind::Zero, at(u64::MAX - 4095, &4096u64.to_le_bytes())),
+            (Kind::Zero, at(0, &0u64.to_le_bytes())),
+            (Kind::Zero, at(0, &100u64.to_le_bytes())),
+        ] {
+            assert!(
+                matches!(intake.step(kind, &body), Err(IntakeError::Range { .. })),
+                "{kind:?} at {:#x}",
+                u64::from_le_bytes(body[..8].try_into().unwrap())
+            );
+        }
+        assert!(matches!(
+            intake.step(Kind::Zero, &[0; 4]),
+            Err(IntakeError::Short(_))
+        ));
+        assert!(matches!(
+            intake.step(Kind::Commit, &[0]),
+            Err(IntakeError::Unexpected(_))
+        ));
+        let e = intake.step(Kind::Abort, b"\x1b[2Jno").err().unwrap();
+        assert!(!e.to_string().contains('\x1b'), "{e}");
+    }
+
+    #[test]
+    fn a_local_upgrade_takes_no_pages_and_claims_are_bounded() {
+        let opts = RestoreOptions::default();
+        let local = Intake::hello(&hello(true, 64 << 20), true, &opts).unwrap();
+        for kind in [Kind::Pages, Kind::Zero] {
+            let body = at(0, &[0; 4096]);
+            assert!(matches!(
+                local.step(kind, &body),
+                Err(IntakeError::PagesIntoLocal)
+            ));
+        }
+        assert!(matches!(
+            Intake::hello(&hello(true, 64 << 20), false, &opts),
+            Err(IntakeError::LocalFd)
+        ));
+        let small = RestoreOptions {
+            max_memory: Some(32 << 20),
+            ..opts
+        };
+        assert!(matches!(
+            Intake::hello(&hello(false, 64 << 20), false, &small),
+            Err(IntakeError::Untrusted(_))
+        ));
+    }
+}
