@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::harness::{ctl, scratch, spawn_brisk, spin_with_api, BOUND};
+use common::harness::{ctl, scratch, spawn_brisk, spawn_until, spin_with_api, BOUND};
 use common::{brisk, require_kvm, text};
 
 use std::path::{Path, PathBuf};
@@ -206,4 +206,29 @@ fn l2_temp_files_of_a_killed_snapshot_are_cleaned_up() {
     ctl(&sock, &["shutdown"]);
     assert_eq!(vm.wait().unwrap().code(), Some(0));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// L4: disk images are locked as QEMU locks them: the same image twice
+/// read-write in one VM, or in a second brisk while the first runs, is
+/// refused in one sentence (exit 6).
+#[test]
+fn l4_a_disk_image_has_one_writer() {
+    require_kvm!();
+    let img = scratch("l4.img");
+    std::fs::write(&img, vec![0u8; 64 << 10]).unwrap();
+    let (kernel, img_s) = (brisk_test_kernels::UARTIRQ, img.to_str().unwrap());
+    let base = ["run", "--kernel", kernel, "--cpus", "1", "--timeout", "60s"];
+    let twice = brisk(&[&base[..], &["--disk", img_s, "--disk", img_s]].concat());
+    assert_eq!(twice.status.code(), Some(6), "{}", text(&twice.stderr));
+    assert!(text(&twice.stderr).contains("is in use"));
+    // A first brisk holds it (its kernel waits for input for ever): once
+    // it runs, a second is refused, even read-only.
+    let mut first = spawn_until(&[&base[1..], &["--disk", img_s]].concat(), "running on");
+    let ro = format!("{img_s},readonly");
+    let second = brisk(&[&base[..], &["--disk", &ro]].concat());
+    assert_eq!(second.status.code(), Some(6), "{}", text(&second.stderr));
+    assert!(text(&second.stderr).contains("is in use"));
+    let _ = first.kill();
+    let _ = first.wait();
+    std::fs::remove_file(&img).unwrap();
 }

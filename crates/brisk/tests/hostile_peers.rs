@@ -396,6 +396,11 @@ fn m1_a_dripping_source_is_cut_off_and_sigterm_acts_at_once() {
 
 /// The Hello of a spin guest with `memory` bytes of RAM and `disks`.
 fn hello(memory: u64, disks: serde_json::Value) -> Vec<u8> {
+    hello_of(memory, disks, false)
+}
+
+/// The same, saying whether guest memory comes with it (a local upgrade).
+fn hello_of(memory: u64, disks: serde_json::Value, local: bool) -> Vec<u8> {
     let config = brisk_vmm::VmConfig {
         payload: brisk_vmm::Payload::builtin("spin"),
         cpus: 1,
@@ -404,7 +409,7 @@ fn hello(memory: u64, disks: serde_json::Value) -> Vec<u8> {
     };
     let mut config = serde_json::to_value(&config).unwrap();
     config["disks"] = disks;
-    let body = serde_json::json!({"version": 1, "config": config, "local": false});
+    let body = serde_json::json!({"version": 1, "config": config, "local": local});
     frame(HELLO, body.to_string().as_bytes())
 }
 
@@ -548,4 +553,42 @@ fn l5_shutdown_ends_a_pending_receive() {
     assert_eq!(answered.status.code(), Some(16));
     assert!(!mig.exists());
     assert_left_nothing(&sock);
+}
+
+/// L6: a local upgrade whose memfd (sealed, as required) is not the size
+/// its Hello claims is the source's fault: refused, exit 6 (it was 12).
+#[test]
+fn l6_a_memfd_of_the_wrong_size_is_refused() {
+    require_kvm!();
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (mut r, m) = receiver("l6-memfd", &[]);
+    // SAFETY: a NUL-terminated name; a new descriptor or -1.
+    let fd =
+        unsafe { libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is new and nothing else owns it.
+    let ram = unsafe { std::fs::File::from_raw_fd(fd) };
+    ram.set_len(1 << 20).unwrap();
+    // SAFETY: fcntl on our own descriptor with an integer argument.
+    let sealed = unsafe {
+        libc::fcntl(
+            fd,
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW,
+        )
+    };
+    assert_eq!(sealed, 0);
+    let mut s = UnixStream::connect(&m).unwrap();
+    s.set_read_timeout(Some(MESSAGE_BOUND + SLACK)).unwrap();
+    let msg = hello_of(64 << 20, serde_json::json!([]), true);
+    assert_eq!(
+        s.send_with_fd(&msg[..], ram.as_raw_fd()).unwrap(),
+        msg.len()
+    );
+    assert_eq!(read_msg(&mut s).unwrap().0, ABORT);
+    assert_eq!(exit_within(&mut r, SLACK), Some(6));
+    let err = stderr_of(&mut r);
+    assert!(err.contains("cannot build the source's VM here"), "{err}");
+    assert!(!m.exists());
 }
