@@ -5,8 +5,9 @@
 //!
 //! They are held on descriptors of their own, apart from the images'
 //! files, so a live migration on one host can hand them over: the source
-//! lets go once its VM has ended (before Commit), and the destination,
-//! which opened the images without locking, takes them on Commit.
+//! flushes the images while its guest is stopped and lets go once its VM
+//! has ended (before Commit), and the destination, which opened the
+//! images without locking, takes them on Commit.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -34,6 +35,17 @@ impl DiskLocks {
             held.push(lock(d)?);
         }
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        Ok(())
+    }
+
+    /// Flush the images' data to storage (fdatasync flushes the file,
+    /// whichever descriptor asks): a migration's source does this while
+    /// its guest is stopped, before the Commit, so a destination on shared
+    /// storage reads every write the guest made here.
+    pub(crate) fn sync(&self) -> std::io::Result<()> {
+        for f in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            f.sync_data()?;
+        }
         Ok(())
     }
 

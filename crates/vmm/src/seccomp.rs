@@ -136,6 +136,11 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_renameat2,
             libc::SYS_unlink,
             libc::SYS_unlinkat,
+            // ... durably: each file's data and the directory synced
+            // before the state names them (and a migration flushes the
+            // disk images before its Commit).
+            libc::SYS_fdatasync,
+            libc::SYS_fsync,
             // ... and list the directory for temporary files a killed
             // brisk left there; tell a kernel file system from a real one.
             libc::SYS_getdents64,

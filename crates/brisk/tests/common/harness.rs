@@ -158,8 +158,14 @@ pub fn scratch(name: &str) -> PathBuf {
 /// Spawn `brisk ARGS`, stdin and stdout null, stderr a pipe (its reader
 /// is the caller's).
 pub fn spawn_brisk<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Child {
+    spawn_brisk_env(args, &[])
+}
+
+/// As [`spawn_brisk`], with these variables added to its environment.
+pub fn spawn_brisk_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &Path)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_brisk"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -177,7 +183,12 @@ pub fn spin_with_api(sock: &Path) -> Child {
 
 /// Spawn `brisk -v run ARGS` and wait until its stderr says `ready`.
 pub fn spawn_until(args: &[&str], ready: &str) -> Child {
-    let mut child = spawn_brisk(&[&["-v", "run"][..], args].concat());
+    spawn_until_env(args, ready, &[])
+}
+
+/// As [`spawn_until`], with these variables added to its environment.
+pub fn spawn_until_env(args: &[&str], ready: &str, env: &[(&str, &Path)]) -> Child {
+    let mut child = spawn_brisk_env(&[&["-v", "run"][..], args].concat(), env);
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains(ready) {

@@ -397,6 +397,11 @@ impl Vm {
                 .map_err(late)?;
             job.update(|st| st.bytes_sent += bytes);
         }
+        // Stopped, no request in flight: every write the guest made to its
+        // disks goes to storage before the destination may run it.
+        self.disk_locks
+            .sync()
+            .map_err(|e| Stop::Failed(format!("flushing the disk images: {e}")))?;
         let state = self
             .save_state()
             .map_err(|e| Stop::Failed(format!("saving the VM's state: {e}")))?;

@@ -148,9 +148,14 @@ pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<
     Ok(done)
 }
 
-/// Create `path` through a new hidden temporary file beside it (never an
-/// existing file, nor through a symlink someone put there), filled by
-/// `fill` and renamed into place; removed if anything fails.
+/// Create `path` durably through a new hidden temporary file beside it
+/// (never an existing file, nor through a symlink someone put there):
+/// filled by `fill`, its data synced, renamed into place, and the
+/// directory synced, so once this returns a host crash loses neither the
+/// bytes nor the name; the temporary file is removed if anything fails.
+/// A state is written only after its memory file is in place this way,
+/// and the snapshot it replaces is removed only after both: whatever the
+/// crash, one whole snapshot remains.
 pub(crate) fn replace(
     path: &Path,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
@@ -161,11 +166,23 @@ pub(crate) fn replace(
         .write(true)
         .create_new(true)
         .open(&tmp)?;
-    let r = fill(&mut f).and_then(|()| std::fs::rename(&tmp, path));
+    let r = fill(&mut f)
+        .and_then(|()| f.sync_data())
+        .and_then(|()| std::fs::rename(&tmp, path));
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    r
+    r?;
+    sync_dir(path)
+}
+
+/// Sync the directory holding `path` (its entries: a new name, a rename).
+pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 /// # Safety
