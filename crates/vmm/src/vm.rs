@@ -575,13 +575,22 @@ impl Vm {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// The `paused` lock if it is free. One poisoned by a panic while it
+    /// was held (a snapshot's or a migration's) is free too: its flag
+    /// still says what the vCPUs are, so the VM stays resumable.
+    fn try_hold(&self) -> Result<std::sync::MutexGuard<'_, bool>, PauseError> {
+        match self.paused.try_lock() {
+            Ok(held) => Ok(held),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(PauseError::Busy),
+        }
+    }
+
     /// As [`Vm::pause`], but refused at once ([`PauseError::Busy`]) while
     /// a snapshot or migration holds the VM (for the API's event loop,
     /// which must not wait for one).
     pub fn try_pause(&self, deadline: brisk_control::Deadline) -> Result<(), PauseError> {
-        let Ok(mut paused) = self.paused.try_lock() else {
-            return Err(PauseError::Busy);
-        };
+        let mut paused = self.try_hold()?;
         if self.ended().is_some() {
             return Err(PauseError::Ended);
         }
@@ -594,9 +603,7 @@ impl Vm {
     /// As [`Vm::resume`], refused at once while a snapshot or migration
     /// holds the VM.
     pub fn try_resume(&self) -> Result<(), PauseError> {
-        let Ok(mut paused) = self.paused.try_lock() else {
-            return Err(PauseError::Busy);
-        };
+        let mut paused = self.try_hold()?;
         if self.ended().is_some() {
             return Err(PauseError::Ended);
         }

@@ -110,7 +110,12 @@ impl Vm {
             .name("migration".into())
             .spawn(move || {
                 let start = Instant::now();
-                let r = vm.migrate(&opts, &job);
+                // A panic (a brisk bug) fails the migration rather than
+                // leave it "in progress" for good.
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    vm.migrate(&opts, &job)
+                }))
+                .unwrap_or_else(|_| Err("the migration thread panicked (a brisk bug)".into()));
                 job.update(|s| {
                     s.total_ms = ms(start.elapsed());
                     match r {
@@ -318,7 +323,18 @@ impl Vm {
         // at: capped by the migration's own timeout, so a slow reader
         // cannot buy itself minutes of a stopped guest.
         let allowed = opts.downtime.max(last_estimate.min(opts.timeout)) + SWITCH_GRACE;
-        let r = self.final_copy(opts, job, s, downtime + allowed);
+        // A panic while the guest is stopped (a brisk bug) resumes it here
+        // like any other failure.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            #[cfg(test)]
+            tests::failpoint();
+            self.final_copy(opts, job, s, downtime + allowed)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Stop::Failed(
+                "the migration thread panicked (a brisk bug)".into(),
+            ))
+        });
         let r = r.map_err(|e| match e {
             Stop::Late => format!(
                 "the destination did not take the VM within {} ms of the pause (the downtime budget, or the estimated copy, plus {} s); the VM resumed here",
@@ -573,4 +589,66 @@ fn rate_blend(old: u64, new: u64) -> u64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    use super::*;
+    use crate::{Output, VmConfig};
+
+    static PANIC_WHILE_STOPPED: AtomicBool = AtomicBool::new(false);
+
+    /// A panic injected into the next stopped phase (tests only).
+    pub(super) fn failpoint() {
+        if PANIC_WHILE_STOPPED.swap(false, SeqCst) {
+            panic!("injected into a migration's stopped phase");
+        }
+    }
+
+    /// A panic while the migration holds the guest stopped fails the
+    /// migration and resumes the guest here (wave2 review #7: it stayed
+    /// paused, and the migration "in progress", for good).
+    #[test]
+    fn a_panicking_migration_resumes_the_guest() {
+        crate::require_kvm!();
+        let config = VmConfig {
+            payload: crate::Payload::builtin("spin"),
+            cpus: 1,
+            ..VmConfig::default()
+        };
+        let vm = Arc::new(Vm::start(&config, Output::Null).unwrap());
+        let sock = std::env::temp_dir().join(format!("brisk-panic-mig-{}", std::process::id()));
+        let _ = std::fs::remove_file(&sock);
+        let url = MigrationUrl::Unix(sock.clone());
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let destination = std::thread::spawn(move || {
+            // Takes the Hello and answers Ready; then only reads.
+            let (mut c, _) = listener.accept().unwrap();
+            use std::io::{Read, Write};
+            let mut head = [0u8; 16];
+            c.read_exact(&mut head).unwrap();
+            let len = u64::from_le_bytes(head[8..16].try_into().unwrap());
+            let mut body = vec![0u8; len as usize];
+            c.read_exact(&mut body).unwrap();
+            let mut ready = [0u8; 16];
+            ready[0] = Kind::Ready as u8;
+            c.write_all(&ready).unwrap();
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest);
+        });
+        PANIC_WHILE_STOPPED.store(true, SeqCst);
+        vm.send_migration(MigrationOptions::new(url)).unwrap();
+        let status = vm.wait_migration().unwrap();
+        assert_eq!(status.phase, Phase::Failed, "{status:?}");
+        assert!(status.error.unwrap().contains("panicked"));
+        assert!(!vm.is_paused() && vm.ended().is_none());
+        destination.join().unwrap();
+        let _ = std::fs::remove_file(&sock);
+        let soon = || Deadline::after(Duration::from_secs(5));
+        vm.try_pause(soon()).unwrap();
+        vm.try_resume().unwrap();
+        Arc::try_unwrap(vm).ok().unwrap().shutdown().unwrap();
+    }
 }
