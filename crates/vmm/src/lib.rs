@@ -17,6 +17,8 @@ mod config;
 mod disk_lock;
 mod end;
 pub mod exits;
+#[cfg(test)]
+mod failpoint;
 mod interrupts;
 mod kernel;
 pub mod migration;

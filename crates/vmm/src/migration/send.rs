@@ -327,7 +327,7 @@ impl Vm {
         // like any other failure.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             #[cfg(test)]
-            tests::failpoint();
+            tests::WHILE_STOPPED.hit();
             self.final_copy(opts, job, s, downtime + allowed)
         }))
         .unwrap_or_else(|_| {
@@ -593,19 +593,10 @@ fn ms(d: Duration) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-
     use super::*;
-    use crate::{Output, VmConfig};
+    use crate::failpoint::{spin_vm, Failpoint};
 
-    static PANIC_WHILE_STOPPED: AtomicBool = AtomicBool::new(false);
-
-    /// A panic injected into the next stopped phase (tests only).
-    pub(super) fn failpoint() {
-        if PANIC_WHILE_STOPPED.swap(false, SeqCst) {
-            panic!("injected into a migration's stopped phase");
-        }
-    }
+    pub(super) static WHILE_STOPPED: Failpoint = Failpoint::new("a migration's stopped phase");
 
     /// A panic while the migration holds the guest stopped fails the
     /// migration and resumes the guest here (wave2 review #7: it stayed
@@ -613,12 +604,7 @@ mod tests {
     #[test]
     fn a_panicking_migration_resumes_the_guest() {
         crate::require_kvm!();
-        let config = VmConfig {
-            payload: crate::Payload::builtin("spin"),
-            cpus: 1,
-            ..VmConfig::default()
-        };
-        let vm = Arc::new(Vm::start(&config, Output::Null).unwrap());
+        let vm = Arc::new(spin_vm());
         let sock = std::env::temp_dir().join(format!("brisk-panic-mig-{}", std::process::id()));
         let _ = std::fs::remove_file(&sock);
         let url = MigrationUrl::Unix(sock.clone());
@@ -638,7 +624,7 @@ mod tests {
             let mut rest = Vec::new();
             let _ = c.read_to_end(&mut rest);
         });
-        PANIC_WHILE_STOPPED.store(true, SeqCst);
+        WHILE_STOPPED.arm();
         vm.send_migration(MigrationOptions::new(url)).unwrap();
         let status = vm.wait_migration().unwrap();
         assert_eq!(status.phase, Phase::Failed, "{status:?}");

@@ -206,7 +206,7 @@ impl Vm {
         // stopped for good: caught, the VM goes on as it was.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             #[cfg(test)]
-            tests::failpoint();
+            tests::IN_SAVE.hit();
             self.save_paused(dir)
         }))
         .unwrap_or(Err(SnapshotError::Panicked));
@@ -618,18 +618,10 @@ pub fn check_state(state: &VmState) -> Result<(), StartError> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-
     use super::*;
+    use crate::failpoint::{spin_vm, Failpoint};
 
-    static PANIC_IN_SAVE: AtomicBool = AtomicBool::new(false);
-
-    /// A panic injected into the next save (tests only).
-    pub(super) fn failpoint() {
-        if PANIC_IN_SAVE.swap(false, SeqCst) {
-            panic!("injected into a snapshot's save");
-        }
-    }
+    pub(super) static IN_SAVE: Failpoint = Failpoint::new("a snapshot's save");
 
     /// A panic while a snapshot holds the VM paused leaves it running as
     /// it was (wave2 review #7: it stayed paused, and the API answered
@@ -637,14 +629,9 @@ mod tests {
     #[test]
     fn a_panicking_save_leaves_the_vm_as_it_was() {
         crate::require_kvm!();
-        let config = VmConfig {
-            payload: crate::Payload::builtin("spin"),
-            cpus: 1,
-            ..VmConfig::default()
-        };
-        let vm = Vm::start(&config, Output::Null).unwrap();
+        let vm = spin_vm();
         let dir = std::env::temp_dir().join(format!("brisk-panic-snap-{}", std::process::id()));
-        PANIC_IN_SAVE.store(true, SeqCst);
+        IN_SAVE.arm();
         assert!(matches!(vm.snapshot(&dir), Err(SnapshotError::Panicked)));
         assert!(!vm.is_paused());
         let soon = || Deadline::after(Duration::from_secs(5));
