@@ -114,6 +114,14 @@ impl DeviceManager {
     /// Restore every device from `saved` (before the VM runs). A device
     /// missing from it, or a state that does not fit, is an error; the
     /// caller discards the VM then (never a half-restored one).
+    /// Pull again every interrupt line whose device has one pending
+    /// (after a restore, once every LAPIC is back).
+    pub fn reassert_interrupts(&self) {
+        for e in &self.devices {
+            e.state.reassert();
+        }
+    }
+
     pub fn restore(&self, saved: &BTreeMap<String, DeviceState>) -> Result<(), StateError> {
         // A state for a device that is not here is a state of another
         // machine (or an altered one): refused, not ignored.

@@ -160,6 +160,15 @@ impl Stateful for Uart {
         *self.lock() = serial;
         Ok(())
     }
+
+    /// An interrupt identified in IIR (bit 0 clear: one is pending):
+    /// pull the line again.
+    fn reassert(&self) {
+        const IIR_NONE: u8 = 1;
+        if self.lock().state().interrupt_identification & IIR_NONE == 0 {
+            self.line.0.trigger();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -210,5 +219,25 @@ mod tests {
         let mut c = [0u8];
         b.pio_read(PioAddress(0), 0, &mut c);
         assert_eq!(c[0], b'a', "restored FIFO");
+    }
+
+    /// A restored UART with an interrupt identified pulls its line again
+    /// when asked (after every LAPIC is back: KVM_SET_LAPIC may have wiped
+    /// the one its restore pulled); one with none pending does not.
+    #[test]
+    fn a_pending_interrupt_is_pulled_again_after_a_restore() {
+        let (a, _) = uart();
+        a.pio_write(PioAddress(0), 1, &[0b01]); // IER: received data
+        a.input(b"x");
+        let (b, line) = uart();
+        b.restore(a.save()).unwrap();
+        let before = line.0.load(SeqCst);
+        b.reassert();
+        assert_eq!(line.0.load(SeqCst), before + 1);
+        let mut c = [0u8];
+        b.pio_read(PioAddress(0), 0, &mut c); // read: nothing pending now
+        let before = line.0.load(SeqCst);
+        b.reassert();
+        assert_eq!(line.0.load(SeqCst), before);
     }
 }

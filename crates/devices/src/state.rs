@@ -46,15 +46,23 @@ pub trait Stateful {
     fn save(&self) -> Self::State;
     /// Put the device back in `state` (before the VM runs again).
     fn restore(&self, state: Self::State) -> Result<(), String>;
+    /// Pull the interrupt line again if the device's state has an
+    /// interrupt pending (after a restore, once every LAPIC is back).
+    fn reassert(&self) {}
 }
 
 /// [`Stateful`] with the types erased, for the device manager.
 pub trait SaveRestore: Send + Sync {
     fn save_state(&self) -> DeviceState;
     fn restore_state(&self, name: &str, state: &DeviceState) -> Result<(), StateError>;
+    fn reassert(&self);
 }
 
 impl<T: Stateful + Send + Sync> SaveRestore for T {
+    fn reassert(&self) {
+        Stateful::reassert(self)
+    }
+
     fn save_state(&self) -> DeviceState {
         DeviceState {
             version: T::VERSION,

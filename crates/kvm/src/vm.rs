@@ -62,6 +62,9 @@ pub struct Vm {
     run_size: usize,
     /// KVM_CAP_KVMCLOCK_CTRL: parked vCPUs tell kvmclock guests.
     kvmclock_ctrl: bool,
+    /// The irqfds registered (a copy of each eventfd, and its GSI), so a
+    /// save can flush the injections they have in flight.
+    irqfds: std::sync::Mutex<Vec<(vmm_sys_util::eventfd::EventFd, u32)>>,
 }
 
 impl Vm {
@@ -123,7 +126,44 @@ impl Vm {
             pv_ipi: true,
             run_size,
             kvmclock_ctrl,
+            irqfds: std::sync::Mutex::new(Vec::new()),
         })
+    }
+
+    /// Route writes of `evt` to GSI `gsi` of the in-kernel irqchip
+    /// (KVM_IRQFD).
+    pub fn register_irqfd(&self, evt: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()> {
+        let kept = evt.try_clone().map_err(|e| Error::Sys {
+            what: "duplicating an irqfd",
+            err: vmm_sys_util::errno::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(Error::sys("KVM_IRQFD"))?;
+        self.irqfds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((kept, gsi));
+        Ok(())
+    }
+
+    /// Deliver every interrupt an irqfd has in flight. A write to an
+    /// irqfd routed to the IOAPIC or PIC is injected later, by a kernel
+    /// worker: one pulled just before a pause could land after the
+    /// irqchip was read, in neither the saved device nor the saved
+    /// irqchip. Deassigning an irqfd waits for that work; assigning it
+    /// again delivers anything written meanwhile (KVM checks the
+    /// eventfd as it assigns).
+    pub fn flush_irqfds(&self) -> Result<()> {
+        for (evt, gsi) in self.irqfds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            self.fd
+                .unregister_irqfd(evt, *gsi)
+                .map_err(Error::sys("KVM_IRQFD (deassign)"))?;
+            self.fd
+                .register_irqfd(evt, *gsi)
+                .map_err(Error::sys("KVM_IRQFD"))?;
+        }
+        Ok(())
     }
 
     /// Offer KVM_FEATURE_PV_SEND_IPI to the guest (the default) or hide

@@ -63,9 +63,7 @@ impl Lines<'_> {
         Ok(match self {
             Lines::Kernel(vm) => {
                 let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(setup("an irqfd"))?;
-                vm.fd()
-                    .register_irqfd(&evt, irq)
-                    .map_err(setup("registering an irqfd"))?;
+                vm.register_irqfd(&evt, irq)?;
                 Arc::new(IrqfdLine(evt))
             }
             Lines::User(sink) => Arc::new(UserLine {

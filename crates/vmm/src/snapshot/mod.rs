@@ -254,6 +254,9 @@ impl Vm {
         // interrupt raised in between (console input, the in-kernel PIT)
         // is then in both (a spurious one after the restore) rather than
         // in the device's state only (a lost one).
+        // Interrupts the devices pulled through irqfds before the pause
+        // are delivered first, so the irqchip read below holds them.
+        self.kvm.flush_irqfds()?;
         let devices = self.devices.save();
         let vm = self.kvm.save_state()?;
         let mut vcpus = Vec::new();
@@ -401,6 +404,12 @@ impl Vm {
             }
             Ok(())
         })?;
+        // Every LAPIC is restored now: a line a device pulled while the VM
+        // was put back (the UART's restore does) may have been overwritten
+        // by KVM_SET_LAPIC. The devices' own state says what is pending:
+        // pull those lines again (a spurious interrupt is harmless, a lost
+        // one hangs a driver).
+        vm.devices.reassert_interrupts();
         if opts.paused {
             // Return once every vCPU has parked, so what follows (a
             // snapshot, say) finds a paused VM, not one still on its way.
