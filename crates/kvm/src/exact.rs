@@ -22,7 +22,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Exact<T> {
         let size = std::mem::size_of::<T>();
         if bytes.len() != size {
             return Err(D::Error::custom(format!(
-                "a saved KVM structure of {} bytes where this host's has {size}",
+                "a saved KVM structure of {} bytes where this brisk's has {size}",
                 bytes.len()
             )));
         }

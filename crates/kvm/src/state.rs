@@ -372,7 +372,7 @@ mod tests {
             let e = serde_json::from_value::<VcpuSnapshot>(bad)
                 .err()
                 .expect(field);
-            assert!(e.to_string().contains("this host's has"), "{field}: {e}");
+            assert!(e.to_string().contains("this brisk's has"), "{field}: {e}");
         }
         let mut bad = good.clone();
         shorten(&mut bad["cpuid"][1]);

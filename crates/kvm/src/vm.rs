@@ -147,21 +147,26 @@ impl Vm {
         Ok(())
     }
 
-    /// Deliver every interrupt an irqfd has in flight. A write to an
-    /// irqfd routed to the IOAPIC or PIC is injected later, by a kernel
-    /// worker: one pulled just before a pause could land after the
-    /// irqchip was read, in neither the saved device nor the saved
-    /// irqchip. Deassigning an irqfd waits for that work; assigning it
-    /// again delivers anything written meanwhile (KVM checks the
-    /// eventfd as it assigns).
+    /// Deliver the interrupts irqfds have in flight. A write to an irqfd
+    /// routed to the IOAPIC or PIC is injected later, by a kernel worker:
+    /// one pulled just before a pause could land after the irqchip was
+    /// read, in neither the saved device nor the saved irqchip.
+    /// Deassigning an irqfd waits for that work. Assigning it again
+    /// schedules anything written meanwhile (KVM checks the eventfd as it
+    /// assigns), which may still land after the read: the devices' own
+    /// state, pulled again after a restore, covers that.
     pub fn flush_irqfds(&self) -> Result<()> {
         for (evt, gsi) in self.irqfds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             self.fd
                 .unregister_irqfd(evt, *gsi)
                 .map_err(Error::sys("KVM_IRQFD (deassign)"))?;
-            self.fd
-                .register_irqfd(evt, *gsi)
-                .map_err(Error::sys("KVM_IRQFD"))?;
+            // Assigned again, or the line is gone: try twice, then say so
+            // loudly (the device can no longer interrupt).
+            let again = self.fd.register_irqfd(evt, *gsi);
+            if let Err(e) = again.or_else(|_| self.fd.register_irqfd(evt, *gsi)) {
+                log::error!("GSI {gsi}: its irqfd could not be assigned again ({e}); the device on it can no longer interrupt");
+                return Err(Error::sys("KVM_IRQFD")(e));
+            }
         }
         Ok(())
     }

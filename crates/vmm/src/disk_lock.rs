@@ -38,21 +38,27 @@ impl DiskLocks {
         Ok(())
     }
 
-    /// Flush the images' data to storage (fdatasync flushes the file,
-    /// whichever descriptor asks): a migration's source does this while
-    /// its guest is stopped, before the Commit, so a destination on shared
-    /// storage reads every write the guest made here.
-    pub(crate) fn sync(&self) -> std::io::Result<()> {
-        for f in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            f.sync_data()?;
-        }
-        Ok(())
-    }
-
     /// Let every lock go (a migrated VM's source).
     pub(crate) fn release(&self) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
+}
+
+/// Flush the writable images of `disks` to storage (fdatasync, which
+/// flushes the file whichever descriptor asks; each opened anew, so a VM
+/// running without its locks is flushed too): a migration's source does
+/// this before it stops the guest and again while it is stopped, before
+/// the Commit, so a destination on shared storage reads every write the
+/// guest made here.
+pub(crate) fn flush(disks: &[DiskConfig]) -> std::io::Result<()> {
+    for d in disks.iter().filter(|d| !d.readonly) {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(&d.path)?
+            .sync_data()?;
+    }
+    Ok(())
 }
 
 /// A new descriptor of `d`'s image, locked.

@@ -216,7 +216,14 @@ impl Vm {
             "the VM's configuration",
             &Bound::message(&stopping, None),
         )
-        .and_then(|()| self.copy_and_switch(opts, job, &mut s));
+        .and_then(|()| {
+            // A panic (a brisk bug) still gets the cleanup below: the
+            // Abort, and the dirty log turned off.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.copy_and_switch(opts, job, &mut s)
+            }))
+            .unwrap_or_else(|_| Err("the migration thread panicked (a brisk bug)".into()))
+        });
         if let Err(why) = &r {
             // Best effort, briefly: the destination exits either way once
             // the stream closes.
@@ -307,6 +314,9 @@ impl Vm {
             }
         }
         check()?;
+        // The bulk of the disks' write-back, while the guest still runs.
+        crate::disk_lock::flush(&self.config.disks)
+            .map_err(|e| format!("flushing the disk images: {e}"))?;
         // Stop and copy: from here the guest runs nowhere until the
         // destination runs it (or this side resumes it after a failure).
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
@@ -414,10 +424,13 @@ impl Vm {
             job.update(|st| st.bytes_sent += bytes);
         }
         // Stopped, no request in flight: every write the guest made to its
-        // disks goes to storage before the destination may run it.
-        self.disk_locks
-            .sync()
+        // disks goes to storage before the destination may run it (little
+        // is left: they were flushed once before the stop).
+        crate::disk_lock::flush(&self.config.disks)
             .map_err(|e| Stop::Failed(format!("flushing the disk images: {e}")))?;
+        if Instant::now() >= until {
+            return Err(Stop::Late);
+        }
         let state = self
             .save_state()
             .map_err(|e| Stop::Failed(format!("saving the VM's state: {e}")))?;

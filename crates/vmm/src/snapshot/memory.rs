@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -137,52 +137,95 @@ pub struct MemoryWritten {
     pub data: u64,
 }
 
-/// Write guest RAM to `path` (a temporary file, renamed into place).
+/// Write guest RAM into a new temporary file beside `path`, for the
+/// caller to install (synced and renamed) once the VM runs again: the
+/// guest is stopped for the writing, not for the disk's write-back.
 ///
 /// # Safety
 /// As [`HostRegion::page`]: every vCPU parked, no device writing RAM.
-pub(crate) unsafe fn write(kvm: &brisk_kvm::Vm, path: &Path) -> std::io::Result<MemoryWritten> {
-    let mut done = MemoryWritten::default();
+pub(crate) unsafe fn write(
+    kvm: &brisk_kvm::Vm,
+    path: &Path,
+) -> std::io::Result<(TempFile, MemoryWritten)> {
+    let mut t = TempFile::create(path)?;
     // SAFETY: the caller's guarantee, passed on.
-    replace(path, |f| unsafe { write_ram(kvm, f) }.map(|w| done = w))?;
-    Ok(done)
+    let written = unsafe { write_ram(kvm, t.file()) }?;
+    Ok((t, written))
 }
 
-/// Create `path` durably through a new hidden temporary file beside it
-/// (never an existing file, nor through a symlink someone put there):
-/// filled by `fill`, its data synced, renamed into place, and the
-/// directory synced, so once this returns a host crash loses neither the
-/// bytes nor the name; the temporary file is removed if anything fails.
-/// A state is written only after its memory file is in place this way,
-/// and the snapshot it replaces is removed only after both: whatever the
-/// crash, one whole snapshot remains.
+/// A file being written under a hidden temporary name beside its final
+/// one (created exclusively: never an existing file, nor through a
+/// symlink someone put there). Removed when dropped unless installed, so
+/// a failure, or a panic, leaves nothing behind.
+pub(crate) struct TempFile {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    installed: bool,
+}
+
+impl TempFile {
+    pub(crate) fn create(path: &Path) -> std::io::Result<TempFile> {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        Ok(TempFile {
+            file,
+            tmp,
+            path: path.to_path_buf(),
+            installed: false,
+        })
+    }
+
+    pub(crate) fn file(&mut self) -> &mut File {
+        &mut self.file
+    }
+
+    /// Sync its data, then rename it into place: the name never points at
+    /// bytes a host crash could lose. (Sync the directory after, for the
+    /// name itself: [`sync_dir`].)
+    pub(crate) fn install(mut self) -> std::io::Result<()> {
+        self.file.sync_data()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.installed = true;
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.installed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Create `path` through a [`TempFile`] filled by `fill`, synced and
+/// renamed into place.
 pub(crate) fn replace(
     path: &Path,
     fill: impl FnOnce(&mut File) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)?;
-    let r = fill(&mut f)
-        .and_then(|()| f.sync_data())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if r.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    r?;
-    sync_dir(path)
+    let mut t = TempFile::create(path)?;
+    fill(t.file())?;
+    t.install()
 }
 
 /// Sync the directory holding `path` (its entries: a new name, a rename).
+/// A file system that cannot sync a directory (EINVAL) has nothing more
+/// to make durable there.
 pub(crate) fn sync_dir(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    File::open(dir)?.sync_all()
+    match File::open(dir)?.sync_all() {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        r => r,
+    }
 }
 
 /// # Safety

@@ -204,7 +204,7 @@ impl Vm {
         let pause = start.elapsed();
         // A panic while saving (a brisk bug) must not leave the guest
         // stopped for good: caught, the VM goes on as it was.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let staged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             #[cfg(test)]
             tests::IN_SAVE.hit();
             self.save_paused(dir)
@@ -217,9 +217,11 @@ impl Vm {
             true => Duration::ZERO,
             false => start.elapsed(),
         };
-        // The replaced memory file goes (its pages freed) with the VM
-        // running again; a restored VM mapping it keeps its inode.
-        let (memory, replaced) = result?;
+        // With the guest running again (the lock still held, so no other
+        // snapshot interleaves): the files synced and put in place. Then
+        // the replaced memory file goes (its pages freed); a restored VM
+        // mapping it keeps its inode.
+        let (memory, replaced) = install(dir, staged?)?;
         if let Some(old) = replaced {
             let _ = std::fs::remove_file(old);
         }
@@ -236,15 +238,21 @@ impl Vm {
     /// are frozen meanwhile, so the ticks they counted and the interrupts
     /// pending agree.
     pub(crate) fn save_state(&self) -> Result<VmState, SnapshotError> {
+        /// Thaws the timers however the reading ends (a panic included).
+        struct Frozen<'a>(Option<&'a brisk_devices::PeriodicTimers>);
+        impl Drop for Frozen<'_> {
+            fn drop(&mut self) {
+                if let Some(t) = self.0 {
+                    t.thaw();
+                }
+            }
+        }
         let timers = self.irq.as_ref().and_then(|i| i.timers.as_ref());
         if let Some(t) = timers {
             t.freeze();
         }
-        let state = self.collect_state();
-        if let Some(t) = timers {
-            t.thaw();
-        }
-        state
+        let _thaw = Frozen(timers);
+        self.collect_state()
     }
 
     fn collect_state(&self) -> Result<VmState, SnapshotError> {
@@ -307,18 +315,13 @@ impl Vm {
         })
     }
 
-    /// Write both files: a new memory file, then the state naming it.
-    /// Returns the earlier memory file this snapshot replaces, if brisk's,
-    /// for the caller to remove once the VM runs again.
-    fn save_paused(&self, dir: &Path) -> Result<(MemoryWritten, Option<PathBuf>), SnapshotError> {
-        let io = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| SnapshotError::Io { what, path, source }
-        };
+    /// What must be done while the guest is stopped: read the state and
+    /// write guest RAM into a temporary file ([`install`] does the rest).
+    fn save_paused(&self, dir: &Path) -> Result<Staged, SnapshotError> {
         check_destination(dir)?;
+        let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
-        let state_path = dir.join(STATE_FILE);
-        let earlier = file::read::<VmState>(&state_path)
+        let earlier = file::read::<VmState>(&dir.join(STATE_FILE))
             .ok()
             .map(|s| s.memory_file)
             .filter(|n| is_memory_file_name(n));
@@ -327,16 +330,15 @@ impl Vm {
         let mem = dir.join(&state.memory_file);
         // SAFETY: the VM is paused (every vCPU parked), and no device
         // writes guest RAM while it is (they write from vCPU threads).
-        let written = unsafe { memory::write(&self.kvm, &mem) }
+        let (memory, written) = unsafe { memory::write(&self.kvm, &mem) }
             .map_err(io("cannot write guest memory to", &mem))?;
-        if let Err(e) = file::write(&state_path, &state) {
-            let _ = std::fs::remove_file(&mem);
-            return Err(io("cannot write the state file", &state_path)(e));
-        }
-        let replaced = earlier
-            .filter(|n| *n != state.memory_file)
-            .map(|n| dir.join(n));
-        Ok((written, replaced))
+        Ok(Staged {
+            state,
+            memory,
+            written,
+            earlier,
+            created,
+        })
     }
 
     /// Build a VM from the snapshot in `dir` and start it, paused or
@@ -478,6 +480,67 @@ const KERNEL_FILE_SYSTEMS: [i64; 13] = [
     0xde5e_81e4, // efivarfs
     0x6265_6570, // configfs
 ];
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError {
+    let path = path.to_path_buf();
+    move |source| SnapshotError::Io { what, path, source }
+}
+
+/// A snapshot written while the guest was stopped, not yet in place.
+struct Staged {
+    state: VmState,
+    /// Guest RAM, in a temporary file beside its final name.
+    memory: memory::TempFile,
+    written: MemoryWritten,
+    /// The memory file of the snapshot this one replaces, if brisk's.
+    earlier: Option<String>,
+    /// The directory was made for it (its own name must be synced too).
+    created: bool,
+}
+
+/// Put a staged snapshot in place durably: the memory file synced and
+/// renamed, the directory synced, then the state naming it the same way.
+/// A host crash at any point leaves one whole snapshot: the state names
+/// only a memory file already on disk, and the replaced memory file
+/// (returned, for the caller to remove) goes only after both.
+fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Option<PathBuf>), SnapshotError> {
+    let Staged {
+        state,
+        memory,
+        written,
+        earlier,
+        created,
+    } = staged;
+    if created {
+        memory::sync_dir(dir).map_err(io("cannot sync the directory holding", dir))?;
+    }
+    let mem = dir.join(&state.memory_file);
+    let state_path = dir.join(STATE_FILE);
+    let unwind = |e: SnapshotError| {
+        let _ = std::fs::remove_file(&mem);
+        e
+    };
+    memory
+        .install()
+        .map_err(io("cannot write guest memory to", &mem))?;
+    memory::sync_dir(&mem)
+        .map_err(io("cannot sync the snapshot directory", dir))
+        .map_err(unwind)?;
+    file::write(&state_path, &state)
+        .map_err(io("cannot write the state file", &state_path))
+        .map_err(unwind)?;
+    // The state is in place and names the new memory file: from here
+    // nothing is removed. A failed sync is reported, and the earlier
+    // memory file is kept.
+    memory::sync_dir(&state_path).map_err(io(
+        "the snapshot is in place, but this directory could not be synced",
+        dir,
+    ))?;
+    let replaced = earlier
+        .filter(|n| *n != state.memory_file)
+        .map(|n| dir.join(n));
+    Ok((written, replaced))
+}
 
 /// Refuse a snapshot destination that is not brisk's to write, before
 /// anything is created there: the root directory, a kernel file system
