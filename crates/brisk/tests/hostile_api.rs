@@ -111,8 +111,13 @@ fn d6_unsupported_protocols_leak_nothing() {
         );
     }
     until("fds to return", || b.fds() <= fds);
-    // (The console thread may end meanwhile: stdin is /dev/null.)
-    assert!(b.threads() <= threads, "a thread per connection");
+    // (The console thread may end meanwhile: stdin is /dev/null; KVM's
+    // own task, started at the first KVM_RUN, is not counted: a CI run
+    // on a loaded machine counted it once.) A thread kept per connection
+    // never returns.
+    until("threads to return (a thread per connection?)", || {
+        b.threads() <= threads
+    });
     b.alive();
 }
 
