@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::wire::{printable, Bound, Kind, MigrationUrl, Stream, WireError, PROTOCOL_VERSION};
+use super::wire::{
+    never, printable, Bound, Kind, MigrationUrl, Stream, WireError, PARTING_BOUND, PROTOCOL_VERSION,
+};
 use super::Hello;
 use crate::snapshot::{cannot_build_here, check_state, check_trusted, file, VmState};
 use crate::vm::{Boot, Machine};
@@ -23,9 +25,6 @@ use crate::{Output, RestoreOptions, StartError, Vm, VmConfig};
 
 /// How often a wait for the source asks the caller's abort.
 const POLL: Duration = Duration::from_millis(100);
-
-/// How long a parting Abort may take.
-const ABORT_BOUND: Duration = Duration::from_secs(1);
 
 /// A listening socket; a Unix one is removed when dropped.
 enum Listener {
@@ -251,8 +250,7 @@ impl Vm {
         drop(listener);
         let r = receive(&mut s, output, opts, abort);
         if let Err(e) = &r {
-            let never = || false;
-            let bound = Bound::within(ABORT_BOUND, &never);
+            let bound = Bound::within(PARTING_BOUND, &never);
             let _ = s.send(Kind::Abort, &[e.to_string().as_bytes()], &bound);
         }
         r
@@ -354,8 +352,7 @@ fn commit(
             if !(paused || source_paused) {
                 vm.resume().map_err(|e| refused(format!("resuming: {e}")))?;
             }
-            let never = || false;
-            let _ = s.send(Kind::Running, &[], &Bound::within(ABORT_BOUND, &never));
+            let _ = s.send(Kind::Running, &[], &Bound::within(PARTING_BOUND, &never));
             Ok(vm)
         }
         Kind::Abort => Err(refused(format!(

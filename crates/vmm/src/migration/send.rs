@@ -9,8 +9,8 @@ use brisk_control::Deadline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::wire::{
-    printable, Bound, Kind, Message, MigrationUrl, Stream, WireError, MAX_RUN_PAGES,
-    PROTOCOL_VERSION,
+    never, printable, Bound, Kind, Message, MigrationUrl, Stream, WireError, MAX_RUN_PAGES,
+    PARTING_BOUND, PROTOCOL_VERSION,
 };
 use super::{Hello, MigrationError, MigrationOptions, MigrationStatus, Phase};
 use crate::snapshot::{file, memory};
@@ -22,14 +22,6 @@ const PAGE: usize = memory::PAGE;
 /// estimated copy) the guest may stay stopped waiting for the destination:
 /// then the source resumes it and reports, whatever the destination does.
 pub const SWITCH_GRACE: Duration = Duration::from_secs(5);
-
-/// How long a parting Abort may take: a destination that no longer reads
-/// must not hold the source.
-const ABORT_BOUND: Duration = Duration::from_secs(1);
-
-fn never() -> bool {
-    false
-}
 
 /// A migration in progress (or finished) on the source.
 pub(crate) struct Outgoing {
@@ -230,7 +222,7 @@ impl Vm {
             let _ = s.send(
                 Kind::Abort,
                 &[why.as_bytes()],
-                &Bound::within(ABORT_BOUND, &never),
+                &Bound::within(PARTING_BOUND, &never),
             );
         }
         let _ = self.kvm.set_dirty_log(false);

@@ -42,6 +42,15 @@ pub const MESSAGE_BOUND: Duration = Duration::from_secs(30);
 /// asks its bound and its cancel again.
 const SLICE: Duration = Duration::from_millis(100);
 
+/// How long a parting message (an Abort, the Running after a Commit) may
+/// take: a peer that no longer reads must not hold the sender.
+pub(crate) const PARTING_BOUND: Duration = Duration::from_secs(1);
+
+/// A cancel that never comes: for the sends no cancel may stop.
+pub(crate) fn never() -> bool {
+    false
+}
+
 /// The header's size.
 pub const HEADER_LEN: usize = 16;
 
@@ -570,10 +579,6 @@ impl<T: Read + Write> ReadWrite for T {}
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn never() -> bool {
-        false
-    }
 
     #[test]
     fn urls_parse_or_say_why_not() {
