@@ -88,7 +88,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
     }
     vec![
         Table::new(
-            "snapshot: create (pause, write RAM + state, resume), RAM fully touched by the dirty guest",
+            "snapshot: create (pause, write RAM, resume, sync and rename RAM + state), RAM fully touched by the dirty guest",
             "baseline: pwrite of the same number of bytes to a file in the same directory (page cache); Firecracker reports 180 ms for a full snapshot of 2 vCPUs / 256 MiB",
             create,
         ),

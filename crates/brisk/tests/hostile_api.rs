@@ -121,9 +121,9 @@ fn d6_unsupported_protocols_leak_nothing() {
     b.alive();
 }
 
-/// D7: running out of fds does not kill the accept loop; with more
-/// connections than the cap, the extra ones get 503, and once the clients
-/// close the API answers again.
+/// D7: running out of fds does not kill the accept loop, and once the
+/// clients close the API answers again (beyond the connection cap the
+/// idlest connections are closed to make room: see M6 below).
 #[test]
 fn d7_fd_exhaustion_and_the_connection_cap_are_survived() {
     require_kvm!();
