@@ -298,7 +298,7 @@ fn receive(
         match intake.step(msg.kind, &msg.body).map_err(intake_err)? {
             // Zeros are never written: a source sending pages of zeros
             // (rather than Zero) must not make this process commit RAM.
-            Step::Write { at, data } if data.iter().all(|&b| b == 0) => {
+            Step::Write { at, data } if crate::snapshot::memory::is_zero(data) => {
                 m.kvm
                     .discard(at, data.len() as u64)
                     .map_err(|e| refused(format!("the source's pages: {e}")))?;

@@ -119,6 +119,7 @@ fn file_data(file: &File, offset: u64, touched: &mut [bool]) -> std::io::Result<
     Ok(())
 }
 
+/// Whether every byte of `page` (any length) is zero.
 pub(crate) fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to splits off any
