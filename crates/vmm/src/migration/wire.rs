@@ -392,12 +392,14 @@ impl Stream {
         }
     }
 
-    fn write_all(&mut self, mut buf: &[u8], bound: &Bound) -> Result<(), WireError> {
+    /// Write `buf` whole within `bound`; on an error `buf` is what was not
+    /// written.
+    fn write_rest(&mut self, buf: &mut &[u8], bound: &Bound) -> Result<(), WireError> {
         while !buf.is_empty() {
             bound.check(true)?;
             match self.io().write(buf) {
                 Ok(0) => return Err(WireError::Closed),
-                Ok(n) => buf = &buf[n..],
+                Ok(n) => *buf = &buf[n..],
                 Err(e) if waited(&e) => {}
                 Err(e)
                     if matches!(
@@ -438,11 +440,31 @@ impl Stream {
         bound: &Bound,
     ) -> Result<(), WireError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
-        self.write_all(&Header::encode(kind, len), bound)?;
-        for p in parts {
-            self.write_all(p, bound)?;
+        let head = Header::encode(kind, len);
+        let mut pieces: Vec<&[u8]> = std::iter::once(&head[..])
+            .chain(parts.iter().copied())
+            .collect();
+        let mut write = |pieces: &mut Vec<&[u8]>, bound: &Bound| {
+            pieces
+                .iter_mut()
+                .try_for_each(|p| self.write_rest(p, bound))
+        };
+        match write(&mut pieces, bound) {
+            // Cancelled part-way: finish the message, briefly and past the
+            // cancel, so the stream stays framed for the Abort that follows
+            // (a peer that does not read gets a cut one).
+            Err(WireError::Cancelled)
+                if pieces.iter().map(|p| p.len()).sum::<usize>() < head.len() + len =>
+            {
+                let _ = write(&mut pieces, &Bound::within(PARTING_BOUND, &never));
+                Err(WireError::Cancelled)
+            }
+            r => r,
         }
-        Ok(())
+    }
+
+    fn write_all(&mut self, mut buf: &[u8], bound: &Bound) -> Result<(), WireError> {
+        self.write_rest(&mut buf, bound)
     }
 
     /// Send one message with `fd` attached (SCM_RIGHTS; Unix only).
