@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build brisk's guest Linux from Debian's linux-source-6.1, and the images
 # the Linux tests boot: an uncompressed cpio initramfs and an ext4 root,
-# each holding the static marker /init of scripts/guest-kernel/init.c.
+# each holding the static marker /init of scripts/guest-kernel/init.c and
+# /idle (scripts/guest-kernel/idle.c: spins, so `rdinit=/idle` keeps a
+# guest up for a test that needs it running).
 #
 #   scripts/guest-kernel.sh [--pvm|--no-pvm] [--cache DIR]
 #
@@ -63,7 +65,7 @@ BUILD_STEPS=1
 key=$( {
     echo "steps=$BUILD_STEPS pvm=$pvm"
     dpkg-query -W -f='${Version}\n' linux-source-6.1 2>/dev/null || sha256sum "$source_tar"
-    cat "$dir/kernel.config" "$dir/init.c"
+    cat "$dir/kernel.config" "$dir/init.c" "$dir/idle.c"
     [ ${#patches[@]} -eq 0 ] || cat "${patches[@]}"
 } | sha256sum | cut -c1-16)
 out="$cache/guest-kernel/$key"
@@ -105,6 +107,8 @@ if [ ! -f "$out/done" ]; then
     # /init: static, freestanding, no libc.
     gcc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie -Os \
         -o "$out.tmp/init" "$dir/init.c"
+    gcc -static -nostdlib -ffreestanding -fno-stack-protector -fno-pie -no-pie -Os \
+        -o "$out.tmp/idle" "$dir/idle.c"
     # initramfs: uncompressed cpio (unpacking gzip under PVM's emulation
     # takes minutes), made by the kernel's own gen_init_cpio: no root
     # needed for the console node.
@@ -114,12 +118,14 @@ nod /dev/console 0600 0 0 c 5 1
 dir /proc 0755 0 0
 dir /sys 0755 0 0
 file /init $out.tmp/init 0755 0 0
+file /idle $out.tmp/idle 0755 0 0
 LIST
     "$work/usr/gen_init_cpio" "$out.tmp/initramfs.list" >"$out.tmp/initramfs.cpio"
     # rootfs: ext4 with /sbin/init; devtmpfs is mounted on /dev by the kernel.
     root="$out.tmp/rootfs.d"
     mkdir -p "$root/sbin" "$root/dev" "$root/proc" "$root/sys"
     cp "$out.tmp/init" "$root/sbin/init"
+    cp "$out.tmp/idle" "$root/idle"
     mke2fs -q -t ext4 -O ^has_journal -d "$root" -L brisk-root "$out.tmp/rootfs.ext4" 8M >&2
     rm -rf "$work" "$root"
     touch "$out.tmp/done"

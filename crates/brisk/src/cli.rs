@@ -261,6 +261,21 @@ struct RunArgs {
     /// one writer, or any number of read-only users.
     #[arg(long, value_name = "FILE[,readonly]", requires = "kernel")]
     disk: Vec<brisk_vmm::DiskConfig>,
+    /// A virtio-net NIC on an existing TAP interface (`eth0`, then
+    /// `eth1`, ...; make one with `ip tuntap add NAME mode tap`):
+    /// `tap=NAME` or `tap=NAME,mac=06:00:ac:10:00:02` (default MAC:
+    /// 06:62:72:6b:00:INDEX). Checksum and TSO offloads and mergeable
+    /// receive buffers are negotiated with the guest. Repeat for more
+    /// NICs (disks and NICs share 8 slots). Linux can set its address
+    /// from the command line: `ip=GUEST::GATEWAY:NETMASK::eth0:off`.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", requires = "kernel")]
+    net: Vec<brisk_vmm::NetConfig>,
+    /// Who serves the disks' requests: `engine` (brisk's I/O thread,
+    /// woken by an ioeventfd: the notifying vCPU goes straight back to
+    /// the guest) or `inline` (the notifying vCPU serves them before it
+    /// returns to the guest; the benchmarks' baseline).
+    #[arg(long, value_enum, default_value_t = DiskIo::Engine, requires = "kernel")]
+    disk_io: DiskIo,
     /// KVM's PV send-IPI hypercall in CPUID: `on` (KVM's default) or
     /// `off` (as QEMU's kvm-pv-ipi=off: the guest uses its LAPIC). On a
     /// PVM host a Linux AP hangs at its first PV IPI: use `off` there.
@@ -280,14 +295,14 @@ struct RunArgs {
     /// snapshot DIR`) and continue it where it was: its configuration
     /// (guest, vCPUs, memory, disks) comes from the snapshot, so the
     /// options that choose those are refused with it.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "mwait"])]
     restore: Option<std::path::PathBuf>,
     /// Wait on URL (`unix:PATH`, created 0600 and removed after, or
     /// `tcp:IP:PORT`) for one live migration (`brisk ctl
     /// send-migration URL` on the source), then run the VM as if it had
     /// booted here, exiting with the guest's status. The configuration
     /// comes from the source.
-    #[arg(long, value_name = "URL", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "mwait", "restore"])]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "mwait", "restore"])]
     receive_migration: Option<String>,
     /// With --restore or --receive-migration: start the VM paused
     /// (resume it through the API: `brisk ctl resume`).
@@ -315,6 +330,21 @@ struct RunArgs {
     /// (allowed, logged by the kernel) or `off`.
     #[arg(long, value_enum, default_value_t = SeccompArg::On)]
     seccomp: SeccompArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DiskIo {
+    Engine,
+    Inline,
+}
+
+impl From<DiskIo> for brisk_vmm::platform::Notify {
+    fn from(d: DiskIo) -> Self {
+        match d {
+            DiskIo::Engine => Self::Engine,
+            DiskIo::Inline => Self::Inline,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -573,6 +603,8 @@ fn run(args: RunArgs) -> i32 {
         mwait: args.mwait.into(),
         seccomp: args.seccomp.into(),
         disks: args.disk,
+        nets: args.net,
+        disk_io: args.disk_io.into(),
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
         shared_memory: args.shared_memory,
     };

@@ -71,7 +71,10 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
     match e {
         StartError::Interrupted(_) if signal != 0 => 128 + signal,
         StartError::Interrupted(_) => TIMEOUT,
-        StartError::Config(_) | StartError::Kernel(_) | StartError::Snapshot(_) => CONFIG,
+        StartError::Config(_)
+        | StartError::Kernel(_)
+        | StartError::Snapshot(_)
+        | StartError::Tap(_) => CONFIG,
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM
         }

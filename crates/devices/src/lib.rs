@@ -20,6 +20,22 @@
 //! assert_eq!(bus.unclaimed_accesses(), 1);
 //! ```
 
+/// Log a warning a guest can cause as often as it likes, without letting
+/// it flood the log: each call site logs its first 8 occurrences, then
+/// only the 16th, 32nd, 64th... with the count so far.
+#[macro_export]
+macro_rules! guest_warn {
+    ($($arg:tt)*) => {{
+        static SEEN: ::std::sync::atomic::AtomicU64 = ::std::sync::atomic::AtomicU64::new(0);
+        let n = SEEN.fetch_add(1, ::std::sync::atomic::Ordering::Relaxed) + 1;
+        if n <= 8 {
+            log::warn!($($arg)*);
+        } else if n.is_power_of_two() {
+            log::warn!("{} ({n} times so far; the rest not logged)", format_args!($($arg)*));
+        }
+    }};
+}
+
 mod bus;
 mod cmos;
 mod counter;
@@ -27,6 +43,7 @@ mod debug_exit;
 mod doorbell;
 mod fw_cfg;
 mod i8042;
+pub mod io_engine;
 mod irq;
 mod manager;
 mod pci_host;
@@ -45,6 +62,7 @@ pub use debug_exit::DebugExit;
 pub use doorbell::Doorbell;
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
 pub use i8042::{I8042, I8042_COMMAND_OFFSET};
+pub use io_engine::{Budget, IoEngine, IoEngineError, IoWork, NotParked};
 pub use irq::{InterruptSink, IrqLine};
 pub use manager::{DeviceManager, IoRange};
 pub use pci_host::PciHostBridge;

@@ -147,6 +147,22 @@ impl Vm {
         Ok(())
     }
 
+    /// Have KVM signal `evt` when the guest writes the 32-bit value
+    /// `value` to the MMIO address `addr` (KVM_IOEVENTFD with a data
+    /// match): the write completes inside KVM, without an exit to the
+    /// vCPU loop. A virtio QueueNotify is served this way, off the vCPU
+    /// thread.
+    pub fn register_ioeventfd(
+        &self,
+        evt: &vmm_sys_util::eventfd::EventFd,
+        addr: u64,
+        value: u32,
+    ) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(Error::sys("KVM_IOEVENTFD"))
+    }
+
     /// Deliver the interrupts irqfds have in flight. A write to an irqfd
     /// routed to the IOAPIC or PIC is injected later, by a kernel worker:
     /// one pulled just before a pause could land after the irqchip was

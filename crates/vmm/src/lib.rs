@@ -29,7 +29,7 @@ pub mod seccomp;
 pub mod snapshot;
 mod vm;
 
-pub use config::{ConfigError, DiskConfig, VmConfig};
+pub use config::{ConfigError, DiskConfig, NetConfig, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use migration::{MigrationError, MigrationOptions, MigrationStatus, MigrationUrl};

@@ -17,7 +17,10 @@ use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::vm::setup;
 use crate::{DiskConfig, Output, Platform, StartError, UserInterrupts, VmConfig};
 use brisk_boot::layout;
-use brisk_devices::virtio::{DiskImage, VirtioMmio, MMIO_SIZE};
+use brisk_devices::io_engine::{IoEngine, Source};
+use brisk_devices::virtio::mmio::VirtioDevice;
+pub use brisk_devices::virtio::Notify;
+use brisk_devices::virtio::{DiskImage, Mac, Net, Tap, VirtioMmio, MMIO_SIZE, QUEUE_NOTIFY};
 
 /// The PC's ISA IRQ of COM1.
 pub const UART_IRQ: u32 = 4;
@@ -76,9 +79,10 @@ impl Lines<'_> {
 }
 
 /// What a Linux kernel's command line needs to find the platform's
-/// devices that nothing else announces (the virtio-mmio devices).
+/// devices that nothing else announces (the virtio-mmio devices: the
+/// disks in the first slots, then the NICs).
 pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
-    (0..config.disks.len())
+    (0..config.disks.len() + config.nets.len())
         .map(|i| {
             format!(
                 "virtio_mmio.device={}@{:#x}:{}",
@@ -147,6 +151,8 @@ pub(crate) struct Devices {
     /// Test platform, user irqchip: the timer thread and the doorbell.
     pub(crate) timers: Option<PeriodicTimers>,
     pub(crate) doorbell: Option<Arc<Doorbell>>,
+    /// The thread serving the virtio queues (parked until the VM runs).
+    pub(crate) io: Option<IoEngine>,
 }
 
 /// What the device list needs from the VM being built.
@@ -159,13 +165,16 @@ pub(crate) struct Wiring<'a> {
     pub(crate) end: &'a Arc<EndLatch>,
     pub(crate) lines: Lines<'a>,
     pub(crate) disks: &'a [DiskConfig],
+    pub(crate) nets: &'a [crate::NetConfig],
+    pub(crate) disk_io: Notify,
+    pub(crate) kvm: &'a brisk_kvm::Vm,
     pub(crate) guest_memory: &'a vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
 }
 
 /// The rest of the PC a kernel probes: the keyboard controller (its reset
 /// line), the CMOS RTC, PCI configuration mechanism #1 with a host bridge,
-/// and pvpanic.
-fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
+/// pvpanic; and the virtio devices, with the I/O engine that serves them.
+fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>, StartError> {
     let place = || setup::<brisk_devices::BusError>("placing a device");
     let i8042 = Arc::new(I8042::new(w.end.clone()));
     m.add_pio("i8042", ports::I8042_DATA, 5, i8042)
@@ -191,19 +200,69 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<(), StartError> {
         Arc::new(PvPanic::new(w.end.clone())),
     )
     .map_err(place())?;
+    let mut sources = Vec::new();
     for (i, d) in w.disks.iter().enumerate() {
         let disk = open_disk(d, i)?;
-        let line = w.lines.isa(layout::VIRTIO_IRQS[i])?;
-        let dev = Arc::new(VirtioMmio::new(disk, w.guest_memory.clone(), line));
-        m.add_mmio(
+        virtio(
+            m,
+            w,
             &format!("virtio-blk{i}"),
-            layout::virtio_mmio(i),
-            MMIO_SIZE,
-            dev,
-        )
-        .map_err(place())?;
+            i,
+            disk,
+            w.disk_io,
+            &mut sources,
+        )?;
     }
-    Ok(())
+    for (j, n) in w.nets.iter().enumerate() {
+        let tap = Tap::open(&n.tap)?;
+        let nic = Net::new(tap, n.mac.unwrap_or(Mac::default_for(j)));
+        let slot = w.disks.len() + j;
+        virtio(
+            m,
+            w,
+            &format!("virtio-net{j}"),
+            slot,
+            nic,
+            Notify::Engine,
+            &mut sources,
+        )?;
+    }
+    if sources.is_empty() {
+        return Ok(None);
+    }
+    let seccomp = w.seccomp;
+    let init = move || {
+        if let Err(e) = seccomp::install(ThreadKind::Io, seccomp) {
+            log::error!("I/O thread: cannot install its seccomp filter: {e}");
+        }
+    };
+    let engine = IoEngine::start(sources, Box::new(init)).map_err(setup("the I/O engine"))?;
+    Ok(Some(engine))
+}
+
+/// Put `device` in virtio-mmio slot `slot`: on the bus, its interrupt
+/// line wired, its queue notifications (engine mode) turned into
+/// ioeventfds the engine waits on.
+fn virtio<D: VirtioDevice + 'static>(
+    m: &mut DeviceManager,
+    w: &Wiring<'_>,
+    name: &str,
+    slot: usize,
+    device: D,
+    notify: Notify,
+    sources: &mut Vec<Source>,
+) -> Result<(), StartError> {
+    let line = w.lines.isa(layout::VIRTIO_IRQS[slot])?;
+    let dev = VirtioMmio::new(device, w.guest_memory.clone(), line, notify)
+        .map_err(setup("a queue notifier"))?;
+    let dev = Arc::new(dev);
+    let base = layout::virtio_mmio(slot);
+    for (q, n) in dev.notifiers().iter().enumerate() {
+        w.kvm.register_ioeventfd(n, base + QUEUE_NOTIFY, q as u32)?;
+    }
+    sources.extend(dev.engine_sources());
+    m.add_mmio(name, base, MMIO_SIZE, dev)
+        .map_err(setup::<brisk_devices::BusError>("placing a device"))
 }
 
 /// Register `w.platform`'s devices.
@@ -240,9 +299,10 @@ pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartErr
         counters: Vec::new(),
         timers: None,
         doorbell: None,
+        io: None,
     };
     if w.platform == Platform::Pc {
-        pc_devices(&mut devices.manager, &w)?;
+        devices.io = pc_devices(&mut devices.manager, &w)?;
         return Ok(devices);
     }
     // The built-in guests' test devices.

@@ -47,6 +47,9 @@ pub enum ThreadKind {
     Main,
     /// `brisk run`'s console: reads stdin into the guest's UART.
     Console,
+    /// The I/O engine: waits on queue notifiers and TAPs, serves virtio
+    /// requests (disk images, TAP frames).
+    Io,
 }
 
 /// Every thread: memory, futexes, time, signals, leaving.
@@ -102,6 +105,15 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_fdatasync,
         ],
         ThreadKind::Timer => &[],
+        // epoll on the ioeventfds and TAPs; pread/pwrite/fdatasync on
+        // disk images; frames are read and written with read/write.
+        ThreadKind::Io => &[
+            libc::SYS_epoll_wait,
+            libc::SYS_epoll_pwait,
+            libc::SYS_pread64,
+            libc::SYS_pwrite64,
+            libc::SYS_fdatasync,
+        ],
         ThreadKind::Console => &[libc::SYS_poll, libc::SYS_ppoll],
         ThreadKind::Api => &[
             libc::SYS_epoll_wait,

@@ -18,6 +18,7 @@ use crate::end::EndLatch;
 use crate::platform::{self, Lines, Wiring};
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
+use brisk_devices::{IoEngine, NotParked};
 
 /// Why a VM could not start.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,9 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Kvm(#[from] brisk_kvm::Error),
+    /// A NIC's TAP device cannot be attached.
+    #[error(transparent)]
+    Tap(#[from] brisk_devices::virtio::TapError),
     /// The kernel (or initrd) file cannot be read or booted: one sentence
     /// naming the file.
     #[error("{0}")]
@@ -76,6 +80,8 @@ pub struct Machine {
     /// Its disk images' locks (a migration's destination takes them on
     /// Commit).
     disk_locks: DiskLocks,
+    /// The thread serving the virtio queues, parked until the VM runs.
+    io: Option<IoEngine>,
 }
 
 /// User irqchip mode: the pending sets and the devices that raise into them.
@@ -171,6 +177,9 @@ impl Machine {
             end: &end,
             lines,
             disks: &config.disks,
+            nets: &config.nets,
+            disk_io: config.disk_io,
+            kvm: &kvm,
             guest_memory: kvm.memory(),
         };
         let d = platform::devices(wiring, output)?;
@@ -196,6 +205,7 @@ impl Machine {
             end,
             irq,
             disk_locks,
+            io: d.io,
         })
     }
 }
@@ -246,6 +256,10 @@ pub enum PauseError {
     /// Some vCPU did not park in time; every vCPU was resumed again.
     #[error("{0}")]
     Control(#[source] brisk_control::Error),
+    /// The I/O engine did not finish its request in time; every vCPU was
+    /// resumed again.
+    #[error(transparent)]
+    Io(NotParked),
 }
 
 /// How long shutting a VM down waits for its vCPU threads. A thread still
@@ -320,6 +334,9 @@ pub struct Vm {
     pub(crate) irq: Option<IrqSources>,
     /// The disk images' locks (let go by a migrated source).
     pub(crate) disk_locks: DiskLocks,
+    /// The I/O engine, quiesced whenever the VM is paused (stopped before
+    /// guest memory goes).
+    io: Option<IoEngine>,
 }
 
 impl Vm {
@@ -371,9 +388,13 @@ impl Vm {
             migration: Mutex::new(None),
             irq: m.irq,
             disk_locks: m.disk_locks,
+            io: m.io,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
             vm.spawn(v, ctl).map_err(setup("starting a vCPU thread"))?;
+        }
+        if let Some(io) = &vm.io {
+            io.release();
         }
         Ok(vm)
     }
@@ -529,18 +550,20 @@ impl Vm {
         deadline: brisk_control::Deadline,
     ) -> Result<(), PauseError> {
         let vcpus = || self.vcpus.iter().map(|v| &**v);
-        match brisk_control::pause_all(vcpus(), deadline) {
-            Ok(()) => {
-                *paused = true;
-                self.paused_now
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-                Ok(())
-            }
-            Err(e) => {
-                brisk_control::resume_all(vcpus());
-                Err(PauseError::Control(e))
-            }
+        if let Err(e) = brisk_control::pause_all(vcpus(), deadline) {
+            brisk_control::resume_all(vcpus());
+            return Err(PauseError::Control(e));
         }
+        // Then the devices' queues: the request in progress finishes, no
+        // new one starts, so nothing is half done in what is saved.
+        if let Err(e) = self.quiesce_io(deadline) {
+            brisk_control::resume_all(vcpus());
+            return Err(PauseError::Io(e));
+        }
+        *paused = true;
+        self.paused_now
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// Resume a VM paused with [`Vm::pause`].
@@ -562,17 +585,39 @@ impl Vm {
         if self.ended().is_some() {
             return;
         }
+        if let Some(io) = &self.io {
+            io.release();
+        }
         brisk_control::resume_all(self.vcpus.iter().map(|v| &**v));
         *paused = false;
         self.paused_now
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Record that every vCPU was started paused (a restore).
-    pub(crate) fn mark_paused(&self) {
+    /// Park the I/O engine, waiting at most until `deadline`.
+    fn quiesce_io(&self, deadline: brisk_control::Deadline) -> Result<(), NotParked> {
+        match &self.io {
+            // A pause that took its whole deadline still lets the engine
+            // finish the call in progress.
+            Some(io) => io.quiesce(deadline.remaining().max(Duration::from_millis(100))),
+            None => Ok(()),
+        }
+    }
+
+    /// Calls the I/O engine has made to the devices (tests: the queues
+    /// are served off the vCPU threads).
+    pub fn io_serves(&self) -> Option<u64> {
+        self.io.as_ref().map(|io| io.serves())
+    }
+
+    /// Record that every vCPU was started paused (a restore); the I/O
+    /// engine parks too.
+    pub(crate) fn mark_paused(&self) -> Result<(), NotParked> {
+        self.quiesce_io(brisk_control::Deadline::after(Duration::from_secs(5)))?;
         *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
         self.paused_now
             .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 
     /// The `paused` lock if it is free. One poisoned by a panic while it
@@ -754,6 +799,8 @@ impl Drop for Vm {
         if let Err(e) = self.stop_threads(SHUTDOWN_BOUND) {
             log::warn!("{e}");
         }
+        // The I/O thread writes guest memory: stopped (bounded) first.
+        drop(self.io.take());
         if self.stuck {
             // A detached vCPU thread may still enter the guest or touch
             // its memory: leave the VM (fds and memory) to process exit.

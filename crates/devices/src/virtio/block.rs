@@ -1,8 +1,9 @@
 //! virtio-blk (virtio 1.2, section 5.2) backed by a raw image file:
 //! read, write, flush (fdatasync) and get-id, read-write or read-only.
-//! Requests are served inline on the vCPU thread that notified, a bounce
-//! buffer of [`BOUNCE`] bytes at a time between guest memory and the file
-//! (by offset, pread/pwrite). A request the guest gets wrong (a sector
+//! Requests are served by the VM's I/O engine (or inline on the vCPU
+//! thread that notified, the benchmarks' baseline), a bounce buffer of
+//! [`BOUNCE`] bytes at a time between guest memory and the file (by
+//! offset, pread/pwrite), at most a [`Budget`] of requests per call. A request the guest gets wrong (a sector
 //! past the end, a length that is not whole sectors, a write to a
 //! read-only disk, a chain too short) completes with VIRTIO_BLK_S_IOERR
 //! or UNSUPP; a chain whose buffers are outside guest memory is returned
@@ -21,6 +22,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
+
+use crate::io_engine::Budget;
 
 /// The dirty-bitmap slice of guest RAM: what the device writes is marked
 /// for a live migration.
@@ -176,23 +179,43 @@ impl VirtioDevice for DiskImage {
         }
     }
 
-    fn process(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap<AtomicBitmap>) -> usize {
-        let mut done = 0;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    fn process(
+        &mut self,
+        _index: usize,
+        queues: &mut [Queue],
+        mem: &GuestMemoryMmap<AtomicBitmap>,
+        budget: &mut Budget,
+    ) -> bool {
+        let queue = &mut queues[0];
+        // avail.idx is read once: what the guest adds meanwhile waits for
+        // the next call, however fast it adds.
+        let Some(pending) = super::pending(queue, mem) else {
+            return false;
+        };
+        for _ in 0..pending {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                crate::guest_warn!(
+                    "virtio-blk: the available ring is corrupt; the queue is no longer served"
+                );
+                return false;
+            };
             let head = chain.head_index();
             let len = match self.serve(chain, mem) {
                 Some(len) => len,
                 None => {
-                    log::warn!("virtio-blk: descriptor chain {head} is malformed or outside guest memory; returned unused");
+                    crate::guest_warn!("virtio-blk: descriptor chain {head} is malformed or outside guest memory; returned unused");
                     0
                 }
             };
+            budget.spend(u64::from(len));
             if queue.add_used(mem, head, len).is_err() {
-                log::warn!("virtio-blk: the used ring is outside guest memory");
+                crate::guest_warn!("virtio-blk: the used ring is outside guest memory");
+                return false;
+            }
+            if budget.spent() {
                 break;
             }
-            done += 1;
         }
-        done
+        super::pending(queue, mem).is_some_and(|n| n > 0)
     }
 }

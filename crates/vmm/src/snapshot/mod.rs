@@ -420,7 +420,8 @@ impl Vm {
                 Deadline::after(PAUSE_BOUND),
             )
             .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
-            vm.mark_paused();
+            vm.mark_paused()
+                .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
         }
         log::debug!("restore: vCPUs and devices in {:?}", t.elapsed());
         Ok(vm)
