@@ -9,6 +9,8 @@
 //! assert!(std::path::Path::new(brisk_test_kernels::HELLO).exists());
 //! ```
 
+pub mod host_net;
+
 /// Prints the multiboot magic, memory, command line and initrd; exits with
 /// the status given as `status=N` on its command line.
 pub const HELLO: &str = concat!(env!("OUT_DIR"), "/hello.elf");
@@ -29,6 +31,12 @@ pub const UARTIRQ: &str = concat!(env!("OUT_DIR"), "/uartirq.elf");
 /// first 64 sectors, flushes, reads it back; `bench=N` times N random and
 /// N sequential 4 KiB reads instead.
 pub const VIRTIOBLK: &str = concat!(env!("OUT_DIR"), "/virtioblk.elf");
+/// Drives the first virtio device as virtio-net (polled): `echo=N`,
+/// `burst=N` or `flood`, `offload` to accept the checksum/TSO offloads.
+pub const VIRTIONET: &str = concat!(env!("OUT_DIR"), "/virtionet.elf");
+/// The ethertype of the frames `VIRTIONET` sends (IEEE local
+/// experimental).
+pub const VIRTIONET_ETHERTYPE: u16 = 0x88b5;
 /// Sectors the `VIRTIOBLK` kernel writes its pattern to.
 pub const VIRTIOBLK_SECTORS: u64 = 64;
 

@@ -29,6 +29,7 @@ pub mod seccomp;
 pub mod snapshot;
 mod vm;
 
+pub use brisk_devices::virtio::Mac;
 pub use config::{ConfigError, DiskConfig, NetConfig, VmConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
