@@ -66,7 +66,11 @@ impl HostTap {
     pub fn create(tag: &str, cidr: Option<&str>) -> Result<HostTap, String> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        let tag: String = tag.chars().filter(char::is_ascii_alphanumeric).take(3).collect();
+        let tag: String = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(3)
+            .collect();
         let name = format!("bk{tag}{:05x}{n:x}", std::process::id() & 0xfffff);
         ip(&["tuntap", "add", &name, "mode", "tap"])?;
         let tap = HostTap { name };
@@ -179,7 +183,8 @@ impl PacketSocket {
                 revents: 0,
             };
             // SAFETY: one valid pollfd.
-            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            let r =
+                unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -222,4 +227,94 @@ pub fn frame(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<
     f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// Send an ICMP echo request to `addr` and wait at most `bound` for its
+/// reply (a raw ICMP socket: root). Returns whether it came.
+pub fn ping(addr: std::net::Ipv4Addr, seq: u16, bound: Duration) -> io::Result<bool> {
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let id = (std::process::id() as u16) ^ 0xb5;
+    let mut msg = vec![8u8, 0, 0, 0];
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(b"brisk ping payload 0123456789");
+    let sum = checksum(&msg);
+    msg[2..4].copy_from_slice(&sum.to_be_bytes());
+    // SAFETY: zeroed sockaddr_in is valid; the fields set below.
+    let mut to: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    to.sin_family = libc::AF_INET as u16;
+    to.sin_addr.s_addr = u32::from(addr).to_be();
+    // SAFETY: `msg` and `to` are valid for the lengths passed.
+    let n = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&to as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let deadline = Instant::now() + bound;
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if r == 0 {
+            return Ok(false);
+        }
+        if r < 0 {
+            continue; // EINTR
+        }
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 20 {
+            continue;
+        }
+        let n = n as usize;
+        let ihl = usize::from(buf[0] & 15) * 4;
+        let icmp = &buf[ihl.min(n)..n];
+        let from = std::net::Ipv4Addr::new(buf[12], buf[13], buf[14], buf[15]);
+        if icmp.len() >= 8
+            && icmp[0] == 0
+            && from == addr
+            && icmp[4..6] == id.to_be_bytes()
+            && icmp[6..8] == seq.to_be_bytes()
+        {
+            return Ok(true);
+        }
+    }
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(b: &[u8]) -> u16 {
+    let mut sum: u32 = b
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }

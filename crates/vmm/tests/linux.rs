@@ -141,6 +141,65 @@ fn two_vcpus_boot_linux_to_init_across_snapshots() {
     assert_reached_init(&end, &out, "/init");
 }
 
+/// Linux configures its virtio-net NIC from the command line and its
+/// kernel answers a ping from the host (guest user mode is only /idle,
+/// spinning); the VM saved and restored onto the same TAP answers again.
+#[test]
+fn linux_answers_ping_on_its_tap_before_and_after_a_restore() {
+    require_kvm!();
+    brisk_test_kernels::require_tap!();
+    use brisk_test_kernels::host_net::{ping, HostTap};
+    let linux = guest_linux().expect("scripts/guest-kernel.sh builds the guest kernel");
+    let tap = HostTap::create("lnx", Some("10.213.9.1/24")).unwrap();
+    let mut c = config(&linux.bzimage, 1);
+    if let brisk_vmm::Payload::Kernel(k) = &mut c.payload {
+        k.initrd = Some(linux.initramfs.clone());
+        k.cmdline = linux_cmdline("rdinit=/idle ip=10.213.9.2::10.213.9.1:255.255.255.0::eth0:off");
+    }
+    c.nets = vec![brisk_vmm::NetConfig {
+        tap: tap.name.clone(),
+        mac: None,
+    }];
+    let guest: std::net::Ipv4Addr = "10.213.9.2".parse().unwrap();
+    let capture = Capture::default();
+    let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
+    let until = std::time::Instant::now() + BOOT_BOUND;
+    while !capture.text().contains("Run /idle as init process") {
+        assert!(vm.ended().is_none(), "{:?}: {}", vm.ended(), capture.text());
+        assert!(
+            std::time::Instant::now() < until,
+            "no /idle: {}",
+            capture.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = capture.text();
+    assert!(out.contains("IP-Config: Complete"), "{out}");
+    assert!(
+        out.contains("hwaddr=06:62:72:6b:00:00"),
+        "brisk's default MAC: {out}"
+    );
+    // Waits are bounds only: each ends at the reply.
+    let answers = |what: &str| {
+        for seq in 0..3 {
+            let got = ping(guest, seq, Duration::from_secs(30)).unwrap();
+            assert!(got, "{what}: no reply to echo request {seq}");
+        }
+    };
+    answers("booted");
+    let dir = std::env::temp_dir().join(format!("brisk-linux-net-{}", std::process::id()));
+    vm.pause(brisk_vmm::control::Deadline::after(Duration::from_secs(10)))
+        .unwrap();
+    vm.snapshot(&dir).unwrap();
+    vm.shutdown().unwrap();
+    let vm = Vm::restore(&dir, Output::Null, brisk_vmm::RestoreOptions::default())
+        .expect("the snapshot restores onto the same TAP");
+    answers("restored");
+    assert_eq!(vm.ended(), None);
+    vm.shutdown().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn kernels_that_are_not_bootable_are_refused_in_one_sentence() {
     require_kvm!();

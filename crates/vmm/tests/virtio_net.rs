@@ -53,7 +53,11 @@ fn a_burst_from_the_guest_arrives_whole_and_in_order_on_the_tap() {
     let tap = HostTap::create("bur", None).unwrap();
     let sock = PacketSocket::bind(tap.ifindex()).unwrap();
     let capture = Capture::default();
-    let vm = Vm::start(&config(&tap.name, "burst=300"), Output::Capture(capture.clone())).unwrap();
+    let vm = Vm::start(
+        &config(&tap.name, "burst=300"),
+        Output::Capture(capture.clone()),
+    )
+    .unwrap();
     let (end, out) = finish(vm, &capture);
     assert_eq!(end, VmEnd::DebugExit(k::PASS as u32), "{out}");
     assert!(out.contains("mac 06:00:ac:10:00:02 link up"), "{out}");
@@ -69,7 +73,10 @@ fn a_burst_from_the_guest_arrives_whole_and_in_order_on_the_tap() {
         if u16::from_be_bytes([f[12], f[13]]) != k::VIRTIONET_ETHERTYPE {
             continue;
         }
-        assert_eq!(n, 60, "frame {seq}: the virtio-net header is not on the wire");
+        assert_eq!(
+            n, 60,
+            "frame {seq}: the virtio-net header is not on the wire"
+        );
         assert_eq!(&f[0..6], &[0xff; 6]);
         assert_eq!(&f[6..12], &GUEST_MAC, "the sender is the configured MAC");
         assert_eq!(u32::from_be_bytes(f[14..18].try_into().unwrap()), seq);
@@ -85,14 +92,23 @@ fn frames_from_the_host_reach_the_guest_and_come_back() {
     let tap = HostTap::create("ech", None).unwrap();
     let sock = PacketSocket::bind(tap.ifindex()).unwrap();
     let capture = Capture::default();
-    let vm = Vm::start(&config(&tap.name, "echo=20"), Output::Capture(capture.clone())).unwrap();
+    let vm = Vm::start(
+        &config(&tap.name, "echo=20"),
+        Output::Capture(capture.clone()),
+    )
+    .unwrap();
     // Sent as soon as the VM runs: the TAP holds them until the guest has
     // receive buffers.
     let sizes: Vec<usize> = (0..20).map(|i| 46 + i * 71).collect();
     for (i, &len) in sizes.iter().enumerate() {
         let payload: Vec<u8> = (0..len).map(|b| (b + i) as u8).collect();
-        sock.send(&frame(GUEST_MAC, HOST_MAC, k::VIRTIONET_ETHERTYPE, &payload))
-            .unwrap();
+        sock.send(&frame(
+            GUEST_MAC,
+            HOST_MAC,
+            k::VIRTIONET_ETHERTYPE,
+            &payload,
+        ))
+        .unwrap();
     }
     let mut buf = vec![0u8; 4096];
     let mut back = 0;
@@ -116,7 +132,10 @@ fn frames_from_the_host_reach_the_guest_and_come_back() {
     assert!(out.contains("echoed 20 frames"), "{out}");
     // The first frame came through the TAP's header untouched: no
     // offload, one buffer.
-    assert!(out.contains("first frame: hdr flags 0 gso 0 buffers 1"), "{out}");
+    assert!(
+        out.contains("first frame: hdr flags 0 gso 0 buffers 1"),
+        "{out}"
+    );
 }
 
 /// The offloads the driver accepts are set on the TAP: with GUEST_CSUM, a
@@ -131,7 +150,11 @@ fn the_checksum_offload_the_guest_accepts_is_set_on_the_tap() {
         tap.neighbour("10.213.7.2", "06:00:ac:10:00:02").unwrap();
         let cmdline = if offload { "offload echo=1" } else { "echo=1" };
         let capture = Capture::default();
-        let vm = Vm::start(&config(&tap.name, cmdline), Output::Capture(capture.clone())).unwrap();
+        let vm = Vm::start(
+            &config(&tap.name, cmdline),
+            Output::Capture(capture.clone()),
+        )
+        .unwrap();
         // The offloads are set when the driver sets DRIVER_OK: send once
         // the guest says it has.
         let ready = Deadline::after(BOUND);
@@ -152,7 +175,9 @@ fn the_checksum_offload_the_guest_accepts_is_set_on_the_tap() {
 #[test]
 fn a_missing_tap_is_one_sentence_naming_it() {
     require_kvm!();
-    let e = Vm::start(&config("bk-absent0", ""), Output::Null).err().unwrap();
+    let e = Vm::start(&config("bk-absent0", ""), Output::Null)
+        .err()
+        .unwrap();
     assert!(matches!(e, StartError::Tap(_)), "{e}");
     let text = e.to_string();
     assert!(text.contains("no network interface bk-absent0"), "{text}");
@@ -171,7 +196,11 @@ fn a_guest_flooding_its_queue_holds_no_vcpu() {
     let tap = HostTap::create("fld", None).unwrap();
     let sock = PacketSocket::bind(tap.ifindex()).unwrap();
     let capture = Capture::default();
-    let vm = Vm::start(&config(&tap.name, "flood"), Output::Capture(capture.clone())).unwrap();
+    let vm = Vm::start(
+        &config(&tap.name, "flood"),
+        Output::Capture(capture.clone()),
+    )
+    .unwrap();
     let mut buf = vec![0u8; 2048];
     let mut seen = 0;
     while seen < 50 {
@@ -196,7 +225,10 @@ fn a_guest_flooding_its_queue_holds_no_vcpu() {
         while vm.io_serves().unwrap() == served && !more.passed() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert!(vm.io_serves().unwrap() > served, "the engine serves the queue again");
+        assert!(
+            vm.io_serves().unwrap() > served,
+            "the engine serves the queue again"
+        );
     }
     assert_eq!(vm.ended(), None, "{}", capture.text());
     vm.shutdown().unwrap();
