@@ -162,35 +162,44 @@ pub fn run_blk(opts: &Opts) -> Vec<Table> {
         file.write_all_at(&chunk, at).expect("bench image");
     }
     let rounds = if opts.quick { 1 } else { 3 };
-    let (mut guest_rand, mut guest_seq, mut raw_rand, mut raw_seq) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw_rand, mut raw_seq) = (Vec::new(), Vec::new());
+    // [engine, inline]: random, sequential.
+    let mut guest: [(Vec<u64>, Vec<u64>); 2] = Default::default();
+    let modes = [
+        brisk_vmm::platform::Notify::Engine,
+        brisk_vmm::platform::Notify::Inline,
+    ];
     for _ in 0..rounds {
-        // The guest's reads, per request (ns).
-        let capture = brisk_vmm::Capture::default();
-        let config = brisk_vmm::VmConfig {
-            cpus: 1,
-            irqchip: brisk_vmm::Irqchip::Kernel,
-            payload: brisk_vmm::Payload::Kernel(brisk_vmm::KernelConfig {
-                path: k::VIRTIOBLK.into(),
-                cmdline: format!("bench={n}"),
-                initrd: None,
-            }),
-            disks: vec![brisk_vmm::DiskConfig {
-                path: image.clone(),
-                readonly: true,
-            }],
-            ..brisk_vmm::VmConfig::default()
-        };
-        let vm = brisk_vmm::Vm::start(&config, brisk_vmm::Output::Capture(capture.clone()))
-            .expect("virtioblk kernel");
-        vm.wait(Some(Duration::from_secs(600)), None);
-        let _ = vm.shutdown();
-        let out = capture.text();
-        if let (Some(r), Some(s)) = (guest_us(&out, "random"), guest_us(&out, "sequential")) {
-            guest_rand.push(r * 1000 / n);
-            guest_seq.push(s * 1000 / n);
-        } else {
-            eprintln!("bench blk: the virtioblk kernel printed no figures:\n{out}");
+        for (mode, (rand, seq)) in modes.iter().zip(guest.iter_mut()) {
+            // The guest's reads, per request (ns).
+            let capture = brisk_vmm::Capture::default();
+            let config = brisk_vmm::VmConfig {
+                cpus: 1,
+                irqchip: brisk_vmm::Irqchip::Kernel,
+                payload: brisk_vmm::Payload::Kernel(brisk_vmm::KernelConfig {
+                    path: k::VIRTIOBLK.into(),
+                    cmdline: format!("bench={n}"),
+                    initrd: None,
+                }),
+                disks: vec![brisk_vmm::DiskConfig {
+                    path: image.clone(),
+                    readonly: true,
+                }],
+                disk_io: *mode,
+                ..brisk_vmm::VmConfig::default()
+            };
+            let vm = brisk_vmm::Vm::start(&config, brisk_vmm::Output::Capture(capture.clone()))
+                .expect("virtioblk kernel");
+            vm.wait(Some(Duration::from_secs(600)), None);
+            let _ = vm.shutdown();
+            let out = capture.text();
+            if let (Some(r), Some(s)) = (guest_us(&out, "random"), guest_us(&out, "sequential"))
+            {
+                rand.push(r * 1000 / n);
+                seq.push(s * 1000 / n);
+            } else {
+                eprintln!("bench blk: the virtioblk kernel printed no figures:\n{out}");
+            }
         }
         // The same reads with pread here: the guest's LCG, the same span.
         let span = (size / 512 / 8) as u32;
@@ -222,15 +231,17 @@ pub fn run_blk(opts: &Opts) -> Vec<Table> {
         Row::new(name, v).with("MiB/s", t)
     };
     let note = format!(
-        "per 4 KiB read, median over {rounds} rounds of {n} reads; guest: the virtioblk test kernel (one request at a time, polling; served inline on the vCPU thread), timed with the PM timer; raw: pread on the same file (page cache) here"
+        "per 4 KiB read, median over {rounds} rounds of {n} reads; guest: the virtioblk test kernel (one request at a time, polling), timed with the PM timer, its requests served by the I/O engine (QueueNotify an ioeventfd, the I/O thread reads) or inline (the notifying vCPU reads before it re-enters); raw: pread on the same file (page cache) here"
     );
+    let [(engine_rand, engine_seq), (inline_rand, inline_seq)] = guest;
     vec![
         Table::new(
             "blk: 4 KiB random reads, virtio-blk vs pread",
             &note,
             vec![
                 row("raw pread", raw_rand),
-                row("virtio-blk (guest)", guest_rand),
+                row("virtio-blk, I/O engine", engine_rand),
+                row("virtio-blk, inline", inline_rand),
             ],
         ),
         Table::new(
@@ -238,7 +249,8 @@ pub fn run_blk(opts: &Opts) -> Vec<Table> {
             &note,
             vec![
                 row("raw pread", raw_seq),
-                row("virtio-blk (guest)", guest_seq),
+                row("virtio-blk, I/O engine", engine_seq),
+                row("virtio-blk, inline", inline_seq),
             ],
         ),
     ]

@@ -11,7 +11,10 @@
 //! - [`api`]: pause/resume through the API socket vs in-process.
 //! - [`irq`]: timer interrupt latency with and without idle-time tasks.
 //! - [`boot`]: spawn to marker and to exit for built-in, multiboot and
-//!   Linux guests; virtio-blk 4 KiB reads vs pread.
+//!   Linux guests; virtio-blk 4 KiB reads vs pread, served by the I/O
+//!   engine and inline.
+//! - [`net`]: virtio-net on a TAP vs a host thread on the TAP: frames/s
+//!   guest → host, round trips host → guest → host.
 //! - [`snapshot`]: snapshot create and restore vs writing the bytes and
 //!   starting a fresh VM; migration downtime and total time (idle,
 //!   dirtying, local fd hand-over) vs pausing in place.
@@ -21,6 +24,7 @@ pub mod boot;
 pub mod exit;
 pub mod irq;
 pub mod kick;
+pub mod net;
 pub mod pause;
 pub mod plot;
 mod rig;
@@ -41,6 +45,7 @@ pub enum Which {
     Irq,
     Boot,
     Blk,
+    Net,
     Snapshot,
     All,
 }
@@ -118,6 +123,9 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Blk | Which::All) {
         go(boot::run_blk);
+    }
+    if matches!(which, Which::Net | Which::All) {
+        go(net::run);
     }
     if matches!(which, Which::Snapshot | Which::All) {
         go(snapshot::run);

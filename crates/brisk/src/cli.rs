@@ -164,8 +164,13 @@ enum BenchWhich {
     /// Linux (vmlinux and bzImage; built by scripts/guest-kernel.sh).
     /// Minutes under PVM; not part of `all`.
     Boot,
-    /// virtio-blk 4 KiB random and sequential reads vs pread on the file.
+    /// virtio-blk 4 KiB random and sequential reads, served by the I/O
+    /// engine and inline on the vCPU, vs pread on the file.
     Blk,
+    /// virtio-net on a TAP: guest → host frames/s and host → guest → host
+    /// round trips (64 and 1514 bytes) vs a host thread on the TAP. Needs
+    /// root (it makes its TAPs).
+    Net,
     /// Snapshot create and restore-to-running (1 and 2 vCPUs, 256 MiB and
     /// 2 GiB; --quick: 256 MiB) vs pwrite of the bytes and a fresh VM
     /// start; live migration downtime and total (idle, dirtying, local fd
@@ -515,6 +520,7 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Irq => brisk_bench::Which::Irq,
         BenchWhich::Boot => brisk_bench::Which::Boot,
         BenchWhich::Blk => brisk_bench::Which::Blk,
+        BenchWhich::Net => brisk_bench::Which::Net,
         BenchWhich::Snapshot => brisk_bench::Which::Snapshot,
         BenchWhich::All => brisk_bench::Which::All,
     };

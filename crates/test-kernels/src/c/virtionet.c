@@ -8,8 +8,9 @@
  *            each back to its sender (the first one's virtio-net header
  *            is printed), then exit 0; other frames (the host's IPv6 or
  *            ARP chatter) are not counted or answered;
- *   burst=N  send N 60-byte frames (ethertype 0x88b5, a sequence number
- *            in the payload), wait until the device used them, exit 0;
+ *   burst=N  send N 60-byte frames (size=BYTES for 60 to 1514; ethertype
+ *            0x88b5, a sequence number in the payload, then byte i = i),
+ *            wait until the device used them, exit 0;
  *   flood    send without end, every other chain a bad one (its buffer
  *            outside guest memory): a hostile guest that never stops.
  * Frames sent go to the broadcast address from this NIC's MAC. */
@@ -164,18 +165,29 @@ int kmain(u32 magic, struct multiboot_info *mbi)
     putc('\n');
 
     u32 burst = arg(mbi, "burst", 0), echo = arg(mbi, "echo", 0), flood = arg(mbi, "flood", 0);
+    u32 size = arg(mbi, "size", 60);
+    if (size < 60 || size > 1514) {
+        puts("virtionet: size must be 60 to 1514\n");
+        return 2;
+    }
     if (burst || flood) {
-        for (u32 n = 0; flood || n < burst; n++) {
-            wait_tx_room();
-            u16 slot = txq.avail.idx % QSIZE;
+        /* Every slot's frame is written once (under PVM this kernel's
+         * stores are emulated, one by one): each send changes only the
+         * sequence number. */
+        for (u16 slot = 0; slot < QSIZE; slot++) {
             u8 *f = txbuf[slot];
             for (int i = 0; i < HDR; i++) f[i] = 0;
             for (int i = 0; i < 6; i++) { f[HDR + i] = 0xff; f[HDR + 6 + i] = mac[i]; }
             f[HDR + 12] = 0x88; f[HDR + 13] = 0xb5;
+            for (u32 i = 18; i < size; i++) f[HDR + i] = (u8)i;
+        }
+        for (u32 n = 0; flood || n < burst; n++) {
+            wait_tx_room();
+            u16 slot = txq.avail.idx % QSIZE;
+            u8 *f = txbuf[slot];
             f[HDR + 14] = n >> 24; f[HDR + 15] = n >> 16; f[HDR + 16] = n >> 8; f[HDR + 17] = n;
-            for (int i = 18; i < 60; i++) f[HDR + i] = (u8)i;
             /* The flood's odd chains point past the end of guest RAM. */
-            send(slot, HDR + 60, flood && (n & 1) ? 0xfff00000u : 0);
+            send(slot, HDR + size, flood && (n & 1) ? 0xfff00000u : 0);
         }
         for (u32 spin = 0; txq.used.idx != txq.avail.idx; spin++) {
             if (spin > 100000000u) {
@@ -218,24 +230,22 @@ int kmain(u32 magic, struct multiboot_info *mbi)
             putdec(len);
             putc('\n');
         }
-        {
-            wait_tx_room();
-            u16 slot = txq.avail.idx % QSIZE;
-            u8 *out = txbuf[slot];
-            for (int i = 0; i < HDR; i++) out[i] = 0;
-            for (u32 i = HDR; i < len; i++) out[i] = in[i];
-            for (int i = 0; i < 6; i++) { out[HDR + i] = in[HDR + 6 + i]; out[HDR + 6 + i] = mac[i]; }
-            send(slot, len, 0);
+        /* Sent back from the buffer it came in (no copy: under PVM this
+         * kernel's stores are emulated, one by one): a clean header, the
+         * sender's MAC as the destination. */
+        for (int i = 0; i < HDR; i++) in[i] = 0;
+        for (int i = 0; i < 6; i++) { in[HDR + i] = in[HDR + 6 + i]; in[HDR + 6 + i] = mac[i]; }
+        wait_tx_room();
+        send(txq.avail.idx % QSIZE, len, (u32)in);
+        for (u32 spin = 0; txq.used.idx != txq.avail.idx; spin++) {
+            if (spin > 100000000u) {
+                puts("virtionet: an echo was never used\n");
+                return 3;
+            }
+            pause();
         }
         post_rx(id);
         got++;
-    }
-    for (u32 spin = 0; txq.used.idx != txq.avail.idx; spin++) {
-        if (spin > 100000000u) {
-            puts("virtionet: an echo was never used\n");
-            return 3;
-        }
-        pause();
     }
     puts("virtionet: echoed ");
     putdec(echo);
