@@ -184,6 +184,7 @@ pub fn run_blk(opts: &Opts) -> Vec<Table> {
                 disks: vec![brisk_vmm::DiskConfig {
                     path: image.clone(),
                     readonly: true,
+                    ..Default::default()
                 }],
                 disk_io: *mode,
                 ..brisk_vmm::VmConfig::default()
@@ -193,8 +194,7 @@ pub fn run_blk(opts: &Opts) -> Vec<Table> {
             vm.wait(Some(Duration::from_secs(600)), None);
             let _ = vm.shutdown();
             let out = capture.text();
-            if let (Some(r), Some(s)) = (guest_us(&out, "random"), guest_us(&out, "sequential"))
-            {
+            if let (Some(r), Some(s)) = (guest_us(&out, "random"), guest_us(&out, "sequential")) {
                 rand.push(r * 1000 / n);
                 seq.push(s * 1000 / n);
             } else {

@@ -37,6 +37,7 @@ fn vm(tap: &str, cmdline: String) -> brisk_vmm::Vm {
         nets: vec![brisk_vmm::NetConfig {
             tap: tap.into(),
             mac: Some(brisk_vmm::Mac(GUEST_MAC)),
+            ..Default::default()
         }],
         ..brisk_vmm::VmConfig::default()
     };

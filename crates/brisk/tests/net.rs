@@ -12,17 +12,10 @@ use std::time::Duration;
 use brisk_test_kernels::host_net::{HostTap, PacketSocket};
 use brisk_test_kernels::{self as k, require_tap};
 use common::harness::{ctl, scratch, spawn_brisk, until};
+use common::require_kvm;
 
 /// Hang protection only.
 const BOUND: Duration = Duration::from_secs(120);
-
-fn require_kvm() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("\n*** SKIPPED: this test needs /dev/kvm ***\n");
-        return false;
-    }
-    true
-}
 
 /// Collect a child's stderr lines as they come.
 fn collect(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
@@ -39,9 +32,7 @@ fn collect(child: &mut std::process::Child) -> Arc<Mutex<Vec<String>>> {
 
 #[test]
 fn a_guest_flooding_bad_chains_floods_neither_the_log_nor_a_vcpu() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm!();
     require_tap!();
     let tap = HostTap::create("log", None).unwrap();
     let sock = PacketSocket::bind(tap.ifindex()).unwrap();
@@ -106,9 +97,7 @@ fn a_guest_flooding_bad_chains_floods_neither_the_log_nor_a_vcpu() {
 
 #[test]
 fn a_tap_that_is_missing_or_not_a_tap_is_one_sentence() {
-    if !require_kvm() {
-        return;
-    }
+    require_kvm!();
     for (tap, says) in [
         ("bk-absent1", "there is no network interface bk-absent1"),
         ("lo", "network interface lo is not a TAP device"),

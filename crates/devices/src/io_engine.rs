@@ -72,11 +72,21 @@ impl Budget {
     }
 }
 
+/// What a call to the work left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Nothing until the next event.
+    Done,
+    /// More now: call again soon, without a new event.
+    More,
+    /// Throttled by a rate limiter: call again after this long.
+    After(Duration),
+}
+
 /// Work the engine runs: a device's queues and backend.
 pub trait IoWork: Send + Sync {
-    /// Serve what source `token` signalled, within `budget`. Returns true
-    /// if work is left (the engine calls again soon, without a new event).
-    fn serve(&self, token: u32, budget: &mut Budget) -> bool;
+    /// Serve what source `token` signalled, within `budget`.
+    fn serve(&self, token: u32, budget: &mut Budget) -> Served;
 }
 
 /// How the engine watches a source's fd.
@@ -313,18 +323,34 @@ fn run(shared: &Shared, epoll: &Epoll, sources: &[Source]) {
     // Sources with work left, in the order they get their next turn.
     let mut again: Vec<usize> = Vec::new();
     let mut queued = vec![false; sources.len()];
+    // Throttled sources: when to call them again.
+    let mut timers: Vec<Option<Instant>> = vec![None; sources.len()];
     loop {
         match park(shared) {
             None => return,
             Some(true) => {
                 // Released: anything posted while parked, or restored from
                 // a snapshot, gets served now.
-                again = (0..sources.len()).collect();
-                queued.fill(true);
+                for i in 0..sources.len() {
+                    queue(i, &mut again, &mut queued);
+                }
             }
             Some(false) => {}
         }
-        let timeout = if again.is_empty() { -1 } else { 0 };
+        let now = Instant::now();
+        let timeout = if !again.is_empty() {
+            0
+        } else {
+            match timers.iter().flatten().min() {
+                // Rounded up: waking early would find the tokens short.
+                Some(t) => t
+                    .saturating_duration_since(now)
+                    .as_micros()
+                    .div_ceil(1000)
+                    .min(i32::MAX as u128) as i32,
+                None => -1,
+            }
+        };
         let n = match epoll.wait(timeout, &mut events) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -346,9 +372,13 @@ fn run(shared: &Shared, epoll: &Epoll, sources: &[Source]) {
             if s.trigger == Trigger::Counter {
                 drain(s.fd);
             }
-            if !queued[i] {
-                queued[i] = true;
-                again.push(i);
+            queue(i, &mut again, &mut queued);
+        }
+        let now = Instant::now();
+        for (i, timer) in timers.iter_mut().enumerate() {
+            if timer.is_some_and(|t| t <= now) {
+                *timer = None;
+                queue(i, &mut again, &mut queued);
             }
         }
         // One turn each; whoever has more goes to the back of the line.
@@ -358,11 +388,20 @@ fn run(shared: &Shared, epoll: &Epoll, sources: &[Source]) {
             let s = &sources[i];
             let mut budget = Budget::per_call();
             shared.serves.fetch_add(1, Ordering::Relaxed);
-            if s.work.serve(s.token, &mut budget) {
-                queued[i] = true;
-                again.push(i);
+            match s.work.serve(s.token, &mut budget) {
+                Served::Done => {}
+                Served::More => queue(i, &mut again, &mut queued),
+                Served::After(d) => timers[i] = Some(Instant::now() + d),
             }
         }
+    }
+}
+
+/// Put source `i` in line for a turn, once.
+fn queue(i: usize, again: &mut Vec<usize>, queued: &mut [bool]) {
+    if !queued[i] {
+        queued[i] = true;
+        again.push(i);
     }
 }
 
@@ -406,7 +445,7 @@ mod tests {
     }
 
     impl IoWork for Work {
-        fn serve(&self, _token: u32, budget: &mut Budget) -> bool {
+        fn serve(&self, _token: u32, budget: &mut Budget) -> Served {
             budget.spend(1);
             self.served.fetch_add(1, Ordering::SeqCst);
             let left = self.left.load(Ordering::SeqCst);
@@ -420,7 +459,11 @@ mod tests {
                 *self.done.0.lock().unwrap() += 1;
                 self.done.1.notify_all();
             }
-            more > 0
+            if more > 0 {
+                Served::More
+            } else {
+                Served::Done
+            }
         }
     }
 

@@ -212,7 +212,7 @@ impl PacketSocket {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if from.sll_pkttype != libc::PACKET_OUTGOING {
                 return Ok(Some(n as usize));
             }
         }

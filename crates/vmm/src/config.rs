@@ -4,6 +4,7 @@ use brisk_boot::layout::{MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
 use brisk_kvm::{Irqchip, Mwait};
 
 use crate::Payload;
+pub use brisk_devices::Limit;
 
 /// A VM's configuration (saved in snapshots).
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -41,11 +42,54 @@ pub struct VmConfig {
 }
 
 /// A raw disk image served as virtio-blk over virtio-mmio.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: std::path::PathBuf,
     /// Offered read-only (VIRTIO_BLK_F_RO); the file is opened read-only.
     pub readonly: bool,
+    /// Bytes per second (`bw=`), requests per second (`ops=`).
+    #[serde(default)]
+    pub bw: Option<Limit>,
+    #[serde(default)]
+    pub ops: Option<Limit>,
+}
+
+/// `N`, `NK`, `NM` or `NG` (1024-based).
+fn amount(key: &str, v: &str) -> Result<u64, String> {
+    let (digits, unit) = match v.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&v[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&v[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&v[..i], 1 << 30),
+        _ => (v, 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            format!(
+                "{key}={}: not a positive number (K, M or G may follow)",
+                v.escape_debug()
+            )
+        })
+}
+
+/// Set the rate (`KEY=N`) or one-time burst (`KEY-burst=N`) of `limit`
+/// if `key` is `name` or `name-burst`; false if it is neither.
+fn limit_option(limit: &mut Option<Limit>, name: &str, key: &str, v: &str) -> Result<bool, String> {
+    if key == name {
+        limit.get_or_insert_with(Limit::default).rate = amount(key, v)?;
+    } else if key.strip_suffix("-burst") == Some(name) {
+        limit.get_or_insert_with(Limit::default).burst = amount(key, v)?;
+    } else {
+        return Ok(false);
+    }
+    if limit.is_some_and(|l| l.rate == 0) {
+        // A burst alone: no rate to refill at.
+        return Err(format!("{key} needs {name}= too"));
+    }
+    Ok(true)
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -69,56 +113,96 @@ impl std::str::FromStr for DiskConfig {
             }
             i += 1;
         }
-        let (path, readonly) = match split.map(|at| (&s[..at], &s[at + 1..])) {
-            Some((p, "readonly" | "ro")) => (p, true),
-            Some((_, opt)) => {
-                return Err(format!(
-                    "unknown disk option '{}' (the only one is 'readonly'; write a comma in a file name twice)",
-                    opt.escape_debug()
-                ))
-            }
-            None => (s, false),
+        let (path, options) = match split {
+            Some(at) => (&s[..at], &s[at + 1..]),
+            None => (s, ""),
         };
-        let path = path.replace(",,", ",");
-        if path.is_empty() {
+        let mut disk = DiskConfig {
+            path: path.replace(",,", ",").into(),
+            ..DiskConfig::default()
+        };
+        if disk.path.as_os_str().is_empty() {
             return Err("a disk needs a file name".into());
         }
-        Ok(DiskConfig {
-            path: path.into(),
-            readonly,
-        })
+        for opt in options.split(',').filter(|o| !o.is_empty()) {
+            let (key, v) = opt.split_once('=').unwrap_or((opt, ""));
+            let known = match key {
+                "readonly" | "ro" if v.is_empty() => {
+                    disk.readonly = true;
+                    true
+                }
+                _ => {
+                    limit_option(&mut disk.bw, "bw", key, v)?
+                        || limit_option(&mut disk.ops, "ops", key, v)?
+                }
+            };
+            if !known {
+                return Err(format!(
+                    "unknown disk option '{}' (readonly, bw=BYTES/s, ops=N/s, bw-burst=, ops-burst=; write a comma in a file name twice)",
+                    opt.escape_debug()
+                ));
+            }
+        }
+        // Each limit set had its rate checked when its option was read.
+        Ok(disk)
     }
 }
 
 /// A virtio-net NIC on an existing TAP device.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The host interface (`ip tuntap add NAME mode tap`).
     pub tap: String,
     /// The guest's MAC; brisk's fixed default for the NIC's index if none.
     pub mac: Option<brisk_devices::virtio::Mac>,
+    /// Rate limits on what the guest receives and transmits: frame bytes
+    /// per second, frames per second.
+    #[serde(default)]
+    pub rx_bw: Option<Limit>,
+    #[serde(default)]
+    pub rx_ops: Option<Limit>,
+    #[serde(default)]
+    pub tx_bw: Option<Limit>,
+    #[serde(default)]
+    pub tx_ops: Option<Limit>,
 }
 
 impl std::str::FromStr for NetConfig {
     type Err = String;
 
-    /// `tap=NAME[,mac=MAC]`.
+    /// `tap=NAME[,mac=MAC][,rx-bw=N][,tx-bw=N][,rx-ops=N][,tx-ops=N]`
+    /// (each limit also `...-burst=N`).
     fn from_str(s: &str) -> Result<Self, String> {
-        let (mut tap, mut mac) = (None, None);
+        let mut n = NetConfig::default();
         for part in s.split(',') {
-            match part.split_once('=') {
-                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
-                Some(("mac", m)) => mac = Some(m.parse()?),
-                _ => {
-                    return Err(format!(
-                        "'{}' is not a NIC option (tap=NAME or mac=MAC)",
-                        part.escape_debug()
-                    ))
+            let (key, v) = part.split_once('=').unwrap_or((part, ""));
+            let known = match key {
+                "tap" if !v.is_empty() => {
+                    n.tap = v.to_string();
+                    true
                 }
+                "mac" => {
+                    n.mac = Some(v.parse()?);
+                    true
+                }
+                _ => {
+                    limit_option(&mut n.rx_bw, "rx-bw", key, v)?
+                        || limit_option(&mut n.tx_bw, "tx-bw", key, v)?
+                        || limit_option(&mut n.rx_ops, "rx-ops", key, v)?
+                        || limit_option(&mut n.tx_ops, "tx-ops", key, v)?
+                }
+            };
+            if !known {
+                return Err(format!(
+                    "'{}' is not a NIC option (tap=NAME, mac=MAC, rx-bw=, tx-bw=, rx-ops=, tx-ops=, each limit also -burst=)",
+                    part.escape_debug()
+                ));
             }
         }
-        let tap = tap.ok_or("a NIC needs tap=NAME (an existing TAP interface)")?;
-        Ok(NetConfig { tap, mac })
+        if n.tap.is_empty() {
+            return Err("a NIC needs tap=NAME (an existing TAP interface)".into());
+        }
+        Ok(n)
     }
 }
 
@@ -162,6 +246,9 @@ pub enum ConfigError {
     NetNeedsKernel,
     #[error("TAP device {0} is given to two NICs")]
     SameTapTwice(String),
+    /// A throttled inline queue would have nobody to serve it later.
+    #[error("disk rate limits (bw=, ops=) need --disk-io engine")]
+    LimitNeedsEngine,
     /// Kernels bring up APs through the in-kernel LAPIC.
     #[error("--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a kernel expects, and INIT/SIPI for its APs)")]
     KernelNeedsKernelIrqchip,
@@ -185,6 +272,10 @@ impl VmConfig {
         let devices = self.disks.len() + self.nets.len();
         if devices > brisk_boot::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
+        }
+        let limited = self.disks.iter().any(|d| d.bw.is_some() || d.ops.is_some());
+        if limited && self.disk_io == brisk_devices::virtio::Notify::Inline {
+            return Err(ConfigError::LimitNeedsEngine);
         }
         for (i, n) in self.nets.iter().enumerate() {
             if self.nets[..i].iter().any(|m| m.tap == n.tap) {

@@ -3,11 +3,12 @@
 //! device is added here (and nowhere else).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use brisk_boot::ports;
 use brisk_devices::{
     Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IrqLine, PciHostBridge,
-    PeriodicTimers, PmTimer, PowerOff, PvPanic, Uart, I8042, TIMER_STRIDE,
+    PeriodicTimers, PmTimer, PowerOff, PvPanic, RateLimiter, Uart, I8042, TIMER_STRIDE,
 };
 use brisk_kvm::Irqchip;
 use vmm_sys_util::eventfd::EventFd;
@@ -202,7 +203,8 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
     .map_err(place())?;
     let mut sources = Vec::new();
     for (i, d) in w.disks.iter().enumerate() {
-        let disk = open_disk(d, i)?;
+        let limiter = RateLimiter::new(d.bw, d.ops, Instant::now());
+        let disk = open_disk(d, i)?.with_limiter(limiter);
         virtio(
             m,
             w,
@@ -215,7 +217,11 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
     }
     for (j, n) in w.nets.iter().enumerate() {
         let tap = Tap::open(&n.tap)?;
-        let nic = Net::new(tap, n.mac.unwrap_or(Mac::default_for(j)));
+        let now = Instant::now();
+        let nic = Net::new(tap, n.mac.unwrap_or(Mac::default_for(j))).with_limiters(
+            RateLimiter::new(n.rx_bw, n.rx_ops, now),
+            RateLimiter::new(n.tx_bw, n.tx_ops, now),
+        );
         let slot = w.disks.len() + j;
         virtio(
             m,

@@ -66,6 +66,7 @@ fn a_bzimage_boots_to_sbin_init_on_a_virtio_blk_root() {
     c.disks = vec![DiskConfig {
         path: root.clone(),
         readonly: false,
+        ..Default::default()
     }];
     let capture = Capture::default();
     let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
@@ -159,6 +160,7 @@ fn linux_answers_ping_on_its_tap_before_and_after_a_restore() {
     c.nets = vec![brisk_vmm::NetConfig {
         tap: tap.name.clone(),
         mac: None,
+        ..Default::default()
     }];
     let guest: std::net::Ipv4Addr = "10.213.9.2".parse().unwrap();
     let capture = Capture::default();

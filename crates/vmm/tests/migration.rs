@@ -325,6 +325,7 @@ fn a_vm_with_a_disk_migrates_on_one_host() {
         disks: vec![brisk_vmm::DiskConfig {
             path: disk.clone(),
             readonly: false,
+            ..Default::default()
         }],
         ..VmConfig::default()
     };

@@ -29,6 +29,7 @@ fn config(disk: &std::path::Path, readonly: bool) -> VmConfig {
         disks: vec![DiskConfig {
             path: disk.into(),
             readonly,
+            ..Default::default()
         }],
         ..VmConfig::default()
     }
@@ -115,7 +116,8 @@ fn disks_are_for_kernels_only() {
         "a.img,readonly".parse::<DiskConfig>().unwrap(),
         DiskConfig {
             path: "a.img".into(),
-            readonly: true
+            readonly: true,
+            ..Default::default()
         }
     );
     assert!("a.img,fast"
@@ -127,7 +129,8 @@ fn disks_are_for_kernels_only() {
         "a,,b.img,readonly".parse::<DiskConfig>().unwrap(),
         DiskConfig {
             path: "a,b.img".into(),
-            readonly: true
+            readonly: true,
+            ..Default::default()
         }
     );
     assert_eq!(
@@ -149,10 +152,12 @@ fn a_disk_image_has_one_writer() {
             DiskConfig {
                 path: disk.clone(),
                 readonly: a,
+                ..Default::default()
             },
             DiskConfig {
                 path: disk.clone(),
                 readonly: b,
+                ..Default::default()
             },
         ],
         ..config(&disk, false)

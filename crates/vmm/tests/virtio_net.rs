@@ -35,6 +35,7 @@ fn config(tap: &str, cmdline: &str) -> VmConfig {
         nets: vec![NetConfig {
             tap: tap.into(),
             mac: Some(Mac(GUEST_MAC)),
+            ..Default::default()
         }],
         ..VmConfig::default()
     }
@@ -232,4 +233,33 @@ fn a_guest_flooding_its_queue_holds_no_vcpu() {
     }
     assert_eq!(vm.ended(), None, "{}", capture.text());
     vm.shutdown().unwrap();
+}
+
+/// A transmit queue throttled to 20 frames a second (a bucket of 2): a
+/// burst of 12 still arrives whole, the queue served again by the
+/// engine's timer when tokens are there, not by spinning on it (a spin
+/// would call the device thousands of times).
+#[test]
+fn a_throttled_queue_is_served_again_by_a_timer_not_a_spin() {
+    require_kvm!();
+    require_tap!();
+    let tap = HostTap::create("thr", None).unwrap();
+    let sock = PacketSocket::bind(tap.ifindex()).unwrap();
+    let mut c = config(&tap.name, "burst=12");
+    c.nets[0].tx_ops = Some(brisk_vmm::Limit { rate: 20, burst: 0 });
+    let capture = Capture::default();
+    let vm = Vm::start(&c, Output::Capture(capture.clone())).unwrap();
+    let mut buf = vec![0u8; 2048];
+    let mut seen = 0;
+    while seen < 12 {
+        let n = sock.recv_from_guest(&mut buf, BOUND).unwrap();
+        assert!(n.is_some(), "only {seen} of 12 frames: {}", capture.text());
+        if u16::from_be_bytes([buf[12], buf[13]]) == k::VIRTIONET_ETHERTYPE {
+            seen += 1;
+        }
+    }
+    let serves = vm.io_serves().unwrap();
+    let (end, out) = finish(vm, &capture);
+    assert_eq!(end, VmEnd::DebugExit(k::PASS as u32), "{out}");
+    assert!(serves < 500, "{serves} calls for 12 throttled frames");
 }

@@ -19,11 +19,12 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
-use crate::io_engine::Budget;
+use crate::io_engine::{Budget, Served};
+use crate::rate_limiter::RateLimiter;
 
 /// The dirty-bitmap slice of guest RAM: what the device writes is marked
 /// for a live migration.
@@ -42,6 +43,7 @@ pub struct DiskImage {
     readonly: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     bounce: Vec<u8>,
+    limiter: RateLimiter,
 }
 
 impl DiskImage {
@@ -59,7 +61,14 @@ impl DiskImage {
             readonly,
             id: ident,
             bounce: vec![0; BOUNCE],
+            limiter: RateLimiter::default(),
         })
+    }
+
+    /// Limit its requests (bytes and operations per second).
+    pub fn with_limiter(mut self, limiter: RateLimiter) -> DiskImage {
+        self.limiter = limiter;
+        self
     }
 
     /// Serve one request; returns the bytes written into the chain.
@@ -185,20 +194,30 @@ impl VirtioDevice for DiskImage {
         queues: &mut [Queue],
         mem: &GuestMemoryMmap<AtomicBitmap>,
         budget: &mut Budget,
-    ) -> bool {
+    ) -> Served {
         let queue = &mut queues[0];
         // avail.idx is read once: what the guest adds meanwhile waits for
         // the next call, however fast it adds.
         let Some(pending) = super::pending(queue, mem) else {
-            return false;
+            return Served::Done;
         };
         for _ in 0..pending {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 crate::guest_warn!(
                     "virtio-blk: the available ring is corrupt; the queue is no longer served"
                 );
-                return false;
+                return Served::Done;
             };
+            if !self.limiter.is_unlimited() {
+                // The request's size: every buffer of the chain (the data
+                // with its header and status byte).
+                let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                if let Err(wait) = self.limiter.consume(bytes, std::time::Instant::now()) {
+                    // Left in the ring for when the tokens are there.
+                    queue.go_to_previous_position();
+                    return Served::After(wait);
+                }
+            }
             let head = chain.head_index();
             let len = match self.serve(chain, mem) {
                 Some(len) => len,
@@ -210,12 +229,12 @@ impl VirtioDevice for DiskImage {
             budget.spend(u64::from(len));
             if queue.add_used(mem, head, len).is_err() {
                 crate::guest_warn!("virtio-blk: the used ring is outside guest memory");
-                return false;
+                return Served::Done;
             }
             if budget.spent() {
                 break;
             }
         }
-        super::pending(queue, mem).is_some_and(|n| n > 0)
+        super::more(queue, mem)
     }
 }

@@ -20,7 +20,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::io_engine::{Budget, IoWork, Source, Trigger};
+use crate::io_engine::{Budget, IoWork, Served, Source, Trigger};
 use crate::IrqLine;
 
 /// The register window's size (Linux: `virtio_mmio.device=512@BASE:IRQ`).
@@ -67,15 +67,15 @@ pub trait VirtioDevice: Send {
     /// after a restore of a driven device).
     fn activate(&mut self, _features: u64) {}
     /// Serve queue `index`: pop available chains, complete them, add them
-    /// to the used ring, while `budget` lasts. Returns true if work is
-    /// left (the engine calls again).
+    /// to the used ring, while `budget` (and the device's rate limiter)
+    /// lasts, and say what is left.
     fn process(
         &mut self,
         index: usize,
         queues: &mut [Queue],
         mem: &GuestRam,
         budget: &mut Budget,
-    ) -> bool;
+    ) -> Served;
     /// An fd whose readiness brings work (a TAP's received frames),
     /// watched edge-triggered by the I/O engine.
     fn backend_fd(&self) -> Option<std::os::fd::RawFd> {
@@ -87,8 +87,8 @@ pub trait VirtioDevice: Send {
         _queues: &mut [Queue],
         _mem: &GuestRam,
         _budget: &mut Budget,
-    ) -> bool {
-        false
+    ) -> Served {
+        Served::Done
     }
 }
 
@@ -209,9 +209,9 @@ impl<D: VirtioDevice> VirtioMmio<D> {
         mut t: std::sync::MutexGuard<'_, Transport<D>>,
         token: u32,
         budget: &mut Budget,
-    ) -> bool {
+    ) -> Served {
         if t.status & DRIVER_OK == 0 || t.status & FAILED != 0 {
-            return false;
+            return Served::Done;
         }
         let before: Vec<u16> = t.queues.iter().map(|q| q.next_used()).collect();
         let Transport { device, queues, .. } = &mut *t;
@@ -219,7 +219,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
             BACKEND => device.backend_ready(queues, &self.mem, budget),
             i => match queues.get(i as usize) {
                 Some(q) if q.ready() => device.process(i as usize, queues, &self.mem, budget),
-                _ => false,
+                _ => Served::Done,
             },
         };
         let mut notify = false;
@@ -238,7 +238,7 @@ impl<D: VirtioDevice> VirtioMmio<D> {
 }
 
 impl<D: VirtioDevice> IoWork for VirtioMmio<D> {
-    fn serve(&self, token: u32, budget: &mut Budget) -> bool {
+    fn serve(&self, token: u32, budget: &mut Budget) -> Served {
         self.serve_locked(self.lock(), token, budget)
     }
 }
@@ -339,8 +339,15 @@ impl<D: VirtioDevice> DeviceMmio for VirtioMmio<D> {
                 Some(n) => {
                     let _ = n.write(1);
                 }
+                // Inline: to the queue's end, as before the engine.
                 None => {
-                    self.serve_locked(t, v, &mut Budget::unlimited());
+                    let mut t = Some(t);
+                    while self.serve_locked(
+                        t.take().unwrap_or_else(|| self.lock()),
+                        v,
+                        &mut Budget::unlimited(),
+                    ) == Served::More
+                    {}
                 }
             },
             0x64 => t.interrupt_status &= !v,
@@ -515,8 +522,8 @@ mod tests {
         fn read_config(&self, _: u64, data: &mut [u8]) {
             data.fill(0);
         }
-        fn process(&mut self, _: usize, _: &mut [Queue], _: &GuestRam, _: &mut Budget) -> bool {
-            false
+        fn process(&mut self, _: usize, _: &mut [Queue], _: &GuestRam, _: &mut Budget) -> Served {
+            Served::Done
         }
     }
 

@@ -29,3 +29,11 @@ pub(crate) fn pending(queue: &Queue, mem: &mmio::GuestRam) -> Option<u16> {
     let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?;
     Some((avail - Wrapping(queue.next_avail())).0.min(queue.size()))
 }
+
+/// [`crate::Served::More`] if chains are still available, else `Done`.
+pub(crate) fn more(queue: &Queue, mem: &mmio::GuestRam) -> crate::Served {
+    match pending(queue, mem) {
+        Some(n) if n > 0 => crate::Served::More,
+        _ => crate::Served::Done,
+    }
+}

@@ -24,7 +24,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use super::mmio::{GuestRam, VirtioDevice};
 use super::tap::{Tap, VNET_HDR_LEN};
-use crate::io_engine::Budget;
+use crate::io_engine::{Budget, Served};
+use crate::rate_limiter::RateLimiter;
 
 /// The receive queue's index.
 pub const RX: usize = 0;
@@ -98,7 +99,11 @@ pub struct Net {
     /// A frame read from the TAP that the guest had no room for yet.
     rx_frame: Vec<u8>,
     rx_len: usize,
+    /// Its receive tokens are taken.
+    rx_paid: bool,
     tx_frame: Vec<u8>,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
 }
 
 fn bit(b: u32) -> u64 {
@@ -113,31 +118,52 @@ impl Net {
             acked: 0,
             rx_frame: vec![0; MAX_FRAME],
             rx_len: 0,
+            rx_paid: false,
             tx_frame: vec![0; MAX_FRAME],
+            rx_limiter: RateLimiter::default(),
+            tx_limiter: RateLimiter::default(),
         }
     }
 
-    /// Frames from the TAP into the receive queue, while the budget lasts
-    /// and the guest has room. Returns true if there is more to do now.
-    fn receive(&mut self, queue: &mut Queue, mem: &GuestRam, budget: &mut Budget) -> bool {
+    /// Limit what it receives and what it transmits (frame bytes, without
+    /// the virtio-net header, and frames per second).
+    pub fn with_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Net {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
+    }
+
+    /// Frames from the TAP into the receive queue, while the budget and
+    /// the limiter last and the guest has room.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestRam, budget: &mut Budget) -> Served {
         loop {
             if budget.spent() {
-                return true;
+                return Served::More;
             }
             if self.rx_len == 0 {
                 match self.tap.read_frame(&mut self.rx_frame) {
                     Ok(n) if n > VNET_HDR_LEN => self.rx_len = n,
                     Ok(_) => continue, // nothing but a header: nothing to deliver
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Served::Done,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         crate::guest_warn!(
                             "virtio-net {}: reading the TAP failed: {e}",
                             self.tap.name()
                         );
-                        return false;
+                        return Served::Done;
                     }
                 }
+                self.rx_paid = false;
+            }
+            if !self.rx_paid {
+                let bytes = (self.rx_len - VNET_HDR_LEN) as u64;
+                if let Err(wait) = self.rx_limiter.consume(bytes, std::time::Instant::now()) {
+                    // Kept until the tokens are there; the TAP holds the
+                    // frames behind it.
+                    return Served::After(wait);
+                }
+                self.rx_paid = true;
             }
             match self.deliver(queue, mem) {
                 Some(bytes) => {
@@ -146,7 +172,7 @@ impl Net {
                 }
                 // No room: the driver's next receive notification brings
                 // us back.
-                None => return false,
+                None => return Served::Done,
             }
         }
     }
@@ -212,10 +238,11 @@ impl Net {
         Some(len)
     }
 
-    /// The guest's frames to the TAP, while the budget lasts.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam, budget: &mut Budget) -> bool {
+    /// The guest's frames to the TAP, while the budget and the limiter
+    /// last.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam, budget: &mut Budget) -> Served {
         let Some(pending) = super::pending(queue, mem) else {
-            return false;
+            return Served::Done;
         };
         for _ in 0..pending {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -223,8 +250,17 @@ impl Net {
                     "virtio-net {}: the transmit ring is corrupt; no longer served",
                     self.tap.name()
                 );
-                return false;
+                return Served::Done;
             };
+            if !self.tx_limiter.is_unlimited() {
+                let bytes: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
+                let bytes = bytes.saturating_sub(VNET_HDR_LEN as u64);
+                if let Err(wait) = self.tx_limiter.consume(bytes, std::time::Instant::now()) {
+                    // Left in the ring for when the tokens are there.
+                    queue.go_to_previous_position();
+                    return Served::After(wait);
+                }
+            }
             let head = chain.head_index();
             let len = match chain.reader(mem) {
                 Ok(mut r) => {
@@ -263,13 +299,13 @@ impl Net {
                     "virtio-net {}: the used ring is outside guest memory",
                     self.tap.name()
                 );
-                return false;
+                return Served::Done;
             }
             if budget.spent() {
                 break;
             }
         }
-        super::pending(queue, mem).is_some_and(|n| n > 0)
+        super::more(queue, mem)
     }
 }
 
@@ -340,11 +376,11 @@ impl VirtioDevice for Net {
         queues: &mut [Queue],
         mem: &GuestRam,
         budget: &mut Budget,
-    ) -> bool {
+    ) -> Served {
         match index {
             RX => self.receive(&mut queues[RX], mem, budget),
             TX => self.transmit(&mut queues[TX], mem, budget),
-            _ => false,
+            _ => Served::Done,
         }
     }
 
@@ -352,10 +388,15 @@ impl VirtioDevice for Net {
         Some(self.tap.fd())
     }
 
-    fn backend_ready(&mut self, queues: &mut [Queue], mem: &GuestRam, budget: &mut Budget) -> bool {
+    fn backend_ready(
+        &mut self,
+        queues: &mut [Queue],
+        mem: &GuestRam,
+        budget: &mut Budget,
+    ) -> Served {
         match queues.get_mut(RX) {
             Some(q) if q.ready() => self.receive(q, mem, budget),
-            _ => false,
+            _ => Served::Done,
         }
     }
 }

@@ -1,0 +1,220 @@
+//! Rate limiters for device queues, with Firecracker's semantics: a token
+//! bucket for bytes and one for operations, each refilled continuously at
+//! its rate, starting full, with an optional one-time burst spent first
+//! and never refilled. A request the buckets cannot cover waits (the
+//! queue is served again when the tokens are there, by the I/O engine's
+//! timer; never busy-waited); one larger than a whole bucket goes when
+//! the bucket is full, and empties it.
+//!
+//! Time is passed in, so the arithmetic is tested without a clock.
+
+use std::time::{Duration, Instant};
+
+/// One limit: `rate` tokens per second, a bucket of `rate / 10` (100 ms
+/// of it), and `burst` extra tokens once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limit {
+    pub rate: u64,
+    #[serde(default)]
+    pub burst: u64,
+}
+
+/// The period the bucket holds: short, so the rate shows over short
+/// spans too.
+const BUCKET_SPAN: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug)]
+struct TokenBucket {
+    rate: u64,
+    size: u64,
+    tokens: u64,
+    burst: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(limit: Limit, now: Instant) -> TokenBucket {
+        let size = (u128::from(limit.rate) * BUCKET_SPAN.as_millis() / 1000).max(1) as u64;
+        TokenBucket {
+            rate: limit.rate.max(1),
+            size,
+            tokens: size,
+            burst: limit.burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let ns = now.saturating_duration_since(self.last).as_nanos();
+        let add = ns * u128::from(self.rate) / 1_000_000_000;
+        if add > 0 {
+            self.tokens = (u128::from(self.tokens) + add).min(u128::from(self.size)) as u64;
+            // Only the time the tokens account for is used up.
+            let used = add * 1_000_000_000 / u128::from(self.rate);
+            self.last += Duration::from_nanos(used as u64);
+        }
+        if self.tokens == self.size {
+            self.last = now;
+        }
+    }
+
+    /// How long until `n` tokens can be taken (zero: now).
+    fn wait(&mut self, n: u64, now: Instant) -> Duration {
+        self.refill(now);
+        let need = n.saturating_sub(self.burst).min(self.size);
+        let short = need.saturating_sub(self.tokens);
+        if short == 0 {
+            return Duration::ZERO;
+        }
+        let ns = u128::from(short) * 1_000_000_000 / u128::from(self.rate) + 1;
+        Duration::from_nanos(ns as u64)
+    }
+
+    /// Take `n` tokens (after [`TokenBucket::wait`] said zero).
+    fn take(&mut self, n: u64) {
+        let from_burst = n.min(self.burst);
+        self.burst -= from_burst;
+        self.tokens = self.tokens.saturating_sub(n - from_burst);
+    }
+}
+
+/// Bytes and operations limits of one queue (either may be absent).
+#[derive(Clone, Debug, Default)]
+pub struct RateLimiter {
+    bytes: Option<TokenBucket>,
+    ops: Option<TokenBucket>,
+}
+
+impl RateLimiter {
+    /// A limiter for `bytes` per second and `ops` per second (`None`:
+    /// unlimited).
+    pub fn new(bytes: Option<Limit>, ops: Option<Limit>, now: Instant) -> RateLimiter {
+        RateLimiter {
+            bytes: bytes.map(|l| TokenBucket::new(l, now)),
+            ops: ops.map(|l| TokenBucket::new(l, now)),
+        }
+    }
+
+    /// Whether it limits anything.
+    pub fn is_unlimited(&self) -> bool {
+        self.bytes.is_none() && self.ops.is_none()
+    }
+
+    /// Account one operation of `bytes` at `now`: `Ok` if it may go (its
+    /// tokens taken), else how long to wait (nothing taken).
+    pub fn consume(&mut self, bytes: u64, now: Instant) -> Result<(), Duration> {
+        let wait = [
+            self.bytes.as_mut().map(|b| b.wait(bytes, now)),
+            self.ops.as_mut().map(|b| b.wait(1, now)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(Duration::ZERO);
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        if let Some(b) = &mut self.bytes {
+            b.take(bytes);
+        }
+        if let Some(b) = &mut self.ops {
+            b.take(1);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// 1000 bytes/s: a bucket of 100 bytes, full at the start; then the
+    /// rate, to the byte.
+    #[test]
+    fn bytes_go_at_the_rate_after_the_first_bucket() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(
+            Some(Limit {
+                rate: 1000,
+                burst: 0,
+            }),
+            None,
+            t0,
+        );
+        assert_eq!(r.consume(100, t0), Ok(()));
+        let wait = r.consume(50, t0).unwrap_err();
+        assert!(wait > ms(49) && wait <= ms(51), "{wait:?}");
+        assert_eq!(r.consume(50, t0 + ms(50)), Ok(()));
+        // Over 10 s of simulated time, 10 000 bytes (plus the first bucket).
+        let mut now = t0 + ms(50);
+        let mut sent = 0;
+        while now < t0 + ms(10_050) {
+            match r.consume(10, now) {
+                Ok(()) => sent += 10,
+                Err(w) => now += w,
+            }
+        }
+        assert!((9_990..=10_010).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn the_one_time_burst_is_spent_first_and_never_comes_back() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(
+            Some(Limit {
+                rate: 1000,
+                burst: 500,
+            }),
+            None,
+            t0,
+        );
+        assert_eq!(r.consume(500, t0), Ok(())); // the burst
+        assert_eq!(r.consume(100, t0), Ok(())); // the bucket
+        assert!(r.consume(1, t0).is_err());
+        // A second later the bucket is full again, the burst is not.
+        assert_eq!(r.consume(100, t0 + ms(1000)), Ok(()));
+        assert!(r.consume(100, t0 + ms(1000)).is_err());
+    }
+
+    #[test]
+    fn operations_are_limited_apart_from_bytes() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(
+            None,
+            Some(Limit {
+                rate: 100,
+                burst: 0,
+            }),
+            t0,
+        );
+        for _ in 0..10 {
+            assert_eq!(r.consume(1 << 20, t0), Ok(()));
+        }
+        let wait = r.consume(1, t0).unwrap_err();
+        assert!(wait > ms(9) && wait <= ms(11), "{wait:?}");
+    }
+
+    /// A request bigger than the bucket waits for a full bucket, then
+    /// goes (it cannot wait for tokens the bucket never holds).
+    #[test]
+    fn a_request_larger_than_the_bucket_goes_when_it_is_full() {
+        let t0 = Instant::now();
+        let mut r = RateLimiter::new(
+            Some(Limit {
+                rate: 1000,
+                burst: 0,
+            }),
+            None,
+            t0,
+        );
+        assert_eq!(r.consume(60, t0), Ok(()));
+        let wait = r.consume(10_000, t0).unwrap_err();
+        assert!(wait > ms(59) && wait <= ms(61), "{wait:?}");
+        assert_eq!(r.consume(10_000, t0 + wait), Ok(()));
+        assert!(r.consume(1, t0 + wait).is_err());
+    }
+}
