@@ -26,6 +26,10 @@ const WAIT: Duration = Duration::from_secs(60);
 const SIZES: [usize; 2] = [60, 1514];
 
 fn vm(tap: &str, cmdline: String) -> brisk_vmm::Vm {
+    vm_limited(tap, cmdline, None)
+}
+
+fn vm_limited(tap: &str, cmdline: String, tx_bw: Option<brisk_vmm::Limit>) -> brisk_vmm::Vm {
     let config = brisk_vmm::VmConfig {
         cpus: 1,
         irqchip: brisk_vmm::Irqchip::Kernel,
@@ -37,6 +41,7 @@ fn vm(tap: &str, cmdline: String) -> brisk_vmm::Vm {
         nets: vec![brisk_vmm::NetConfig {
             tap: tap.into(),
             mac: Some(brisk_vmm::Mac(GUEST_MAC)),
+            tx_bw,
             ..Default::default()
         }],
         ..brisk_vmm::VmConfig::default()
@@ -58,6 +63,59 @@ fn count(sock: &PacketSocket, n: usize) -> Option<u64> {
         }
     }
     Some(first?.elapsed().as_nanos() as u64 / (n as u64 - 1).max(1))
+}
+
+/// When each of `n` frames of our ethertype arrived.
+fn arrivals(sock: &PacketSocket, n: usize) -> Vec<Instant> {
+    let mut buf = vec![0u8; 2048];
+    let mut at = Vec::with_capacity(n);
+    while at.len() < n {
+        let Ok(Some(len)) = sock.recv_from_guest(&mut buf, WAIT) else {
+            break;
+        };
+        if len >= 14 && u16::from_be_bytes([buf[12], buf[13]]) == k::VIRTIONET_ETHERTYPE {
+            at.push(Instant::now());
+        }
+    }
+    at
+}
+
+/// The transmit rate limiter: a burst of 1514-byte frames against a
+/// limit, the rate measured once the first bucket is spent.
+fn limited(tap: &HostTap, sock: &PacketSocket, opts: &Opts) -> Table {
+    const LIMIT: u64 = 5 << 20;
+    const SIZE: usize = 1514;
+    let n = if opts.quick { 1_000 } else { 4_000 };
+    // The bucket holds 100 ms of the rate (346 frames): skip 500.
+    let skip = 500;
+    let times = std::thread::scope(|s| {
+        let h = s.spawn(|| arrivals(sock, n));
+        let limit = brisk_vmm::Limit {
+            rate: LIMIT,
+            burst: 0,
+        };
+        let vm = vm_limited(&tap.name, format!("burst={n} size={SIZE}"), Some(limit));
+        vm.wait(Some(WAIT), None);
+        let _ = vm.shutdown();
+        h.join().unwrap()
+    });
+    let (rate, per_frame) = match (times.get(skip), times.last()) {
+        (Some(a), Some(b)) if times.len() == n => {
+            let secs = b.duration_since(*a).as_secs_f64();
+            let frames = (n - 1 - skip) as f64;
+            (frames * SIZE as f64 / secs, (secs * 1e9 / frames) as u64)
+        }
+        _ => (0.0, 0),
+    };
+    let want = LIMIT as f64 / SIZE as f64;
+    Table::new(
+        "net: guest → host through a 5 MiB/s transmit limit, 1514-byte frames",
+        &format!("a burst of {n} frames with --net ...,tx-bw=5M; the rate measured from frame {skip} (past the first bucket, 100 ms of the rate) to the last. The limit: {:.0} ns per frame; measured: {:.2} MiB/s, {:.1}% of the limit", 1e9 / want, rate / (1 << 20) as f64, rate * 100.0 / LIMIT as f64),
+        vec![
+            Row::new("the limit", vec![(1e9 / want) as u64]).with("MiB/s", LIMIT as f64 / (1 << 20) as f64),
+            Row::new("brisk: measured", vec![per_frame]).with("MiB/s", rate / (1 << 20) as f64),
+        ],
+    )
 }
 
 /// One frame of `size` bytes on the wire, our ethertype, `seq` inside.
@@ -197,5 +255,6 @@ pub fn run(opts: &Opts) -> Vec<Table> {
             ],
         ));
     }
+    tables.push(limited(&tap, &sock, opts));
     tables
 }

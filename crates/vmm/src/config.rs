@@ -285,3 +285,47 @@ impl VmConfig {
         self.payload.validate(self.irqchip)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_and_nic_limits_parse_and_bad_ones_are_named() {
+        let d: DiskConfig = "a,,b.img,ro,bw=10M,ops=500,ops-burst=100".parse().unwrap();
+        assert_eq!(d.path, std::path::PathBuf::from("a,b.img"));
+        assert!(d.readonly);
+        assert_eq!(d.bw, Some(Limit { rate: 10 << 20, burst: 0 }));
+        assert_eq!(d.ops, Some(Limit { rate: 500, burst: 100 }));
+        let n: NetConfig = "tap=t0,tx-bw=1G,rx-ops=1000,rx-ops-burst=5K".parse().unwrap();
+        assert_eq!(n.tap, "t0");
+        assert_eq!(n.tx_bw, Some(Limit { rate: 1 << 30, burst: 0 }));
+        assert_eq!(n.rx_ops, Some(Limit { rate: 1000, burst: 5 << 10 }));
+        assert_eq!((n.rx_bw, n.tx_ops), (None, None));
+        for (bad, says) in [
+            ("a.img,bw=0", "not a positive number"),
+            ("a.img,bw=ten", "not a positive number"),
+            ("a.img,bw-burst=1M", "needs bw="),
+            ("a.img,fast", "unknown disk option 'fast'"),
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        for (bad, says) in [
+            ("tap=t0,tx-bw=99999999999999999999", "not a positive number"),
+            ("tap=t0,rx-ops-burst=5", "needs rx-ops="),
+            ("tap=t0,mtu=9000", "not a NIC option"),
+        ] {
+            let e = bad.parse::<NetConfig>().unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let inline = VmConfig {
+            payload: Payload::Kernel(crate::KernelConfig::default()),
+            irqchip: Irqchip::Kernel,
+            disks: vec![d],
+            disk_io: brisk_devices::virtio::Notify::Inline,
+            ..VmConfig::default()
+        };
+        assert_eq!(inline.validate(), Err(ConfigError::LimitNeedsEngine));
+    }
+}
