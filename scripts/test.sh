@@ -30,6 +30,19 @@ if ! need_cmd gcc || ! need_cmd ld; then
         exit 1
     fi
 fi
+# The network tests make TAP devices with `ip` (iproute2) and need
+# /dev/net/tun and CAP_NET_ADMIN; without those they skip loudly.
+if ! need_cmd ip; then
+    if [ "$(id -u)" = 0 ] && need_cmd apt-get; then
+        apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+    else
+        echo "brisk's network tests need ip (iproute2): apt-get install iproute2" >&2
+        exit 1
+    fi
+fi
+if [ ! -e /dev/net/tun ]; then
+    echo "*** /dev/net/tun is absent: every test that needs a TAP will be SKIPPED ***" >&2
+fi
 if [ ! -e /dev/kvm ]; then
     echo "*** /dev/kvm is absent: every test that needs KVM will be SKIPPED ***" >&2
 fi
