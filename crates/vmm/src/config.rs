@@ -295,12 +295,38 @@ mod tests {
         let d: DiskConfig = "a,,b.img,ro,bw=10M,ops=500,ops-burst=100".parse().unwrap();
         assert_eq!(d.path, std::path::PathBuf::from("a,b.img"));
         assert!(d.readonly);
-        assert_eq!(d.bw, Some(Limit { rate: 10 << 20, burst: 0 }));
-        assert_eq!(d.ops, Some(Limit { rate: 500, burst: 100 }));
-        let n: NetConfig = "tap=t0,tx-bw=1G,rx-ops=1000,rx-ops-burst=5K".parse().unwrap();
+        assert_eq!(
+            d.bw,
+            Some(Limit {
+                rate: 10 << 20,
+                burst: 0
+            })
+        );
+        assert_eq!(
+            d.ops,
+            Some(Limit {
+                rate: 500,
+                burst: 100
+            })
+        );
+        let n: NetConfig = "tap=t0,tx-bw=1G,rx-ops=1000,rx-ops-burst=5K"
+            .parse()
+            .unwrap();
         assert_eq!(n.tap, "t0");
-        assert_eq!(n.tx_bw, Some(Limit { rate: 1 << 30, burst: 0 }));
-        assert_eq!(n.rx_ops, Some(Limit { rate: 1000, burst: 5 << 10 }));
+        assert_eq!(
+            n.tx_bw,
+            Some(Limit {
+                rate: 1 << 30,
+                burst: 0
+            })
+        );
+        assert_eq!(
+            n.rx_ops,
+            Some(Limit {
+                rate: 1000,
+                burst: 5 << 10
+            })
+        );
         assert_eq!((n.rx_bw, n.tx_ops), (None, None));
         for (bad, says) in [
             ("a.img,bw=0", "not a positive number"),

@@ -11,8 +11,9 @@
  *   burst=N  send N 60-byte frames (size=BYTES for 60 to 1514; ethertype
  *            0x88b5, a sequence number in the payload, then byte i = i),
  *            wait until the device used them, exit 0;
- *   flood    send without end, every other chain a bad one (its buffer
- *            outside guest memory): a hostile guest that never stops.
+ *   flood    send without end, three chains in four bad ones: a buffer
+ *            outside guest memory, a 2 GiB length, a descriptor whose
+ *            next is itself: a hostile guest that never stops.
  * Frames sent go to the broadcast address from this NIC's MAC. */
 #include "lib.h"
 
@@ -80,11 +81,11 @@ static void post_rx(u16 i)
 }
 
 
-/* Send the frame in txbuf[slot] (header included, `len` bytes), waiting
- * for a free slot first. */
-static void send(u16 slot, u32 len, u32 addr)
+/* Publish descriptor `d` in transmit slot `slot` and notify (the caller
+ * waited for a free slot). */
+static void send_desc(u16 slot, struct desc d)
 {
-    txq.descs[slot] = (struct desc){ addr ? addr : (u32)txbuf[slot], len, 0, 0 };
+    txq.descs[slot] = d;
     txq.avail.ring[txq.avail.idx % QSIZE] = slot;
     barrier();
     txq.avail.idx++;
@@ -186,8 +187,11 @@ int kmain(u32 magic, struct multiboot_info *mbi)
             u16 slot = txq.avail.idx % QSIZE;
             u8 *f = txbuf[slot];
             f[HDR + 14] = n >> 24; f[HDR + 15] = n >> 16; f[HDR + 16] = n >> 8; f[HDR + 17] = n;
-            /* The flood's odd chains point past the end of guest RAM. */
-            send(slot, HDR + size, flood && (n & 1) ? 0xfff00000u : 0);
+            struct desc d = { (u32)txbuf[slot], HDR + size, 0, 0 };
+            if (flood && (n & 3) == 1) d.addr = 0xfff00000u; /* past RAM */
+            if (flood && (n & 3) == 2) d.len = 0x7fffffffu;  /* 2 GiB */
+            if (flood && (n & 3) == 3) { d.flags = 1; d.next = slot; } /* a loop */
+            send_desc(slot, d);
         }
         for (u32 spin = 0; txq.used.idx != txq.avail.idx; spin++) {
             if (spin > 100000000u) {
@@ -236,7 +240,7 @@ int kmain(u32 magic, struct multiboot_info *mbi)
         for (int i = 0; i < HDR; i++) in[i] = 0;
         for (int i = 0; i < 6; i++) { in[HDR + i] = in[HDR + 6 + i]; in[HDR + 6 + i] = mac[i]; }
         wait_tx_room();
-        send(txq.avail.idx % QSIZE, len, (u32)in);
+        send_desc(txq.avail.idx % QSIZE, (struct desc){ (u32)in, len, 0, 0 });
         for (u32 spin = 0; txq.used.idx != txq.avail.idx; spin++) {
             if (spin > 100000000u) {
                 puts("virtionet: an echo was never used\n");
