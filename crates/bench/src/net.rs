@@ -90,10 +90,7 @@ fn limited(tap: &HostTap, sock: &PacketSocket, opts: &Opts) -> Table {
     let skip = 500;
     let times = std::thread::scope(|s| {
         let h = s.spawn(|| arrivals(sock, n));
-        let limit = brisk_vmm::Limit {
-            rate: LIMIT,
-            burst: 0,
-        };
+        let limit = brisk_vmm::Limit::per_second(LIMIT);
         let vm = vm_limited(&tap.name, format!("burst={n} size={SIZE}"), Some(limit));
         vm.wait(Some(WAIT), None);
         let _ = vm.shutdown();

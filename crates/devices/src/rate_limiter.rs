@@ -1,7 +1,7 @@
 //! Rate limiters for device queues, with Firecracker's semantics: a token
 //! bucket for bytes and one for operations, each refilled continuously at
-//! its rate, starting full, with an optional one-time burst spent first
-//! and never refilled. A request the buckets cannot cover waits (the
+//! its rate (size per refill time), starting full, with an optional
+//! one-time burst spent first and never refilled. A request the buckets cannot cover waits (the
 //! queue is served again when the tokens are there, by the I/O engine's
 //! timer; never busy-waited); one larger than a whole bucket goes when
 //! the bucket is full, and empties it.
@@ -10,18 +10,40 @@
 
 use std::time::{Duration, Instant};
 
-/// One limit: `rate` tokens per second, a bucket of `rate / 10` (100 ms
-/// of it), and `burst` extra tokens once.
+/// One limit, as Firecracker's TokenBucket: a bucket of `size` tokens
+/// that refills from empty in `refill_time_ms`, and `one_time_burst`
+/// extra tokens spent first, once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limit {
-    pub rate: u64,
+    pub size: u64,
+    pub refill_time_ms: u64,
     #[serde(default)]
-    pub burst: u64,
+    pub one_time_burst: u64,
 }
 
-/// The period the bucket holds: short, so the rate shows over short
-/// spans too.
-const BUCKET_SPAN: Duration = Duration::from_millis(100);
+impl Limit {
+    /// The period a bucket holds for [`Limit::per_second`]: short, so the
+    /// rate shows over short spans too.
+    pub const SPAN_MS: u64 = 100;
+
+    /// `rate` tokens per second: a bucket of 100 ms of them.
+    pub fn per_second(rate: u64) -> Limit {
+        Limit {
+            size: (rate * Self::SPAN_MS / 1000).max(1),
+            refill_time_ms: Self::SPAN_MS,
+            one_time_burst: 0,
+        }
+    }
+
+    /// Tokens per second (0 for a bucket that never refills).
+    pub fn rate(&self) -> u64 {
+        if self.refill_time_ms == 0 {
+            return 0;
+        }
+        (u128::from(self.size) * 1000 / u128::from(self.refill_time_ms)).min(u128::from(u64::MAX))
+            as u64
+    }
+}
 
 #[derive(Clone, Debug)]
 struct TokenBucket {
@@ -34,12 +56,11 @@ struct TokenBucket {
 
 impl TokenBucket {
     fn new(limit: Limit, now: Instant) -> TokenBucket {
-        let size = (u128::from(limit.rate) * BUCKET_SPAN.as_millis() / 1000).max(1) as u64;
         TokenBucket {
-            rate: limit.rate.max(1),
-            size,
-            tokens: size,
-            burst: limit.burst,
+            rate: limit.rate().max(1),
+            size: limit.size.max(1),
+            tokens: limit.size.max(1),
+            burst: limit.one_time_burst,
             last: now,
         }
     }
@@ -137,14 +158,7 @@ mod tests {
     #[test]
     fn bytes_go_at_the_rate_after_the_first_bucket() {
         let t0 = Instant::now();
-        let mut r = RateLimiter::new(
-            Some(Limit {
-                rate: 1000,
-                burst: 0,
-            }),
-            None,
-            t0,
-        );
+        let mut r = RateLimiter::new(Some(Limit::per_second(1000)), None, t0);
         assert_eq!(r.consume(100, t0), Ok(()));
         let wait = r.consume(50, t0).unwrap_err();
         assert!(wait > ms(49) && wait <= ms(51), "{wait:?}");
@@ -166,8 +180,8 @@ mod tests {
         let t0 = Instant::now();
         let mut r = RateLimiter::new(
             Some(Limit {
-                rate: 1000,
-                burst: 500,
+                one_time_burst: 500,
+                ..Limit::per_second(1000)
             }),
             None,
             t0,
@@ -183,14 +197,7 @@ mod tests {
     #[test]
     fn operations_are_limited_apart_from_bytes() {
         let t0 = Instant::now();
-        let mut r = RateLimiter::new(
-            None,
-            Some(Limit {
-                rate: 100,
-                burst: 0,
-            }),
-            t0,
-        );
+        let mut r = RateLimiter::new(None, Some(Limit::per_second(100)), t0);
         for _ in 0..10 {
             assert_eq!(r.consume(1 << 20, t0), Ok(()));
         }
@@ -203,14 +210,7 @@ mod tests {
     #[test]
     fn a_request_larger_than_the_bucket_goes_when_it_is_full() {
         let t0 = Instant::now();
-        let mut r = RateLimiter::new(
-            Some(Limit {
-                rate: 1000,
-                burst: 0,
-            }),
-            None,
-            t0,
-        );
+        let mut r = RateLimiter::new(Some(Limit::per_second(1000)), None, t0);
         assert_eq!(r.consume(60, t0), Ok(()));
         let wait = r.consume(10_000, t0).unwrap_err();
         assert!(wait > ms(59) && wait <= ms(61), "{wait:?}");

@@ -75,21 +75,29 @@ fn amount(key: &str, v: &str) -> Result<u64, String> {
         })
 }
 
-/// Set the rate (`KEY=N`) or one-time burst (`KEY-burst=N`) of `limit`
-/// if `key` is `name` or `name-burst`; false if it is neither.
+/// Set the rate (`KEY=N` per second) or one-time burst (`KEY-burst=N`)
+/// of `limit` if `key` is `name` or `name-burst`; false if it is neither.
 fn limit_option(limit: &mut Option<Limit>, name: &str, key: &str, v: &str) -> Result<bool, String> {
     if key == name {
-        limit.get_or_insert_with(Limit::default).rate = amount(key, v)?;
+        let burst = limit.map_or(0, |l| l.one_time_burst);
+        *limit = Some(Limit {
+            one_time_burst: burst,
+            ..Limit::per_second(amount(key, v)?)
+        });
     } else if key.strip_suffix("-burst") == Some(name) {
-        limit.get_or_insert_with(Limit::default).burst = amount(key, v)?;
+        limit.get_or_insert_with(Limit::default).one_time_burst = amount(key, v)?;
     } else {
         return Ok(false);
     }
-    if limit.is_some_and(|l| l.rate == 0) {
-        // A burst alone: no rate to refill at.
-        return Err(format!("{key} needs {name}= too"));
-    }
     Ok(true)
+}
+
+/// A burst given without its rate has nothing to refill at.
+fn check_limit(limit: &Option<Limit>, name: &str) -> Result<(), String> {
+    match limit {
+        Some(l) if l.size == 0 => Err(format!("{name}-burst= needs {name}= too")),
+        _ => Ok(()),
+    }
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -143,7 +151,8 @@ impl std::str::FromStr for DiskConfig {
                 ));
             }
         }
-        // Each limit set had its rate checked when its option was read.
+        check_limit(&disk.bw, "bw")?;
+        check_limit(&disk.ops, "ops")?;
         Ok(disk)
     }
 }
@@ -202,6 +211,10 @@ impl std::str::FromStr for NetConfig {
         if n.tap.is_empty() {
             return Err("a NIC needs tap=NAME (an existing TAP interface)".into());
         }
+        check_limit(&n.rx_bw, "rx-bw")?;
+        check_limit(&n.tx_bw, "tx-bw")?;
+        check_limit(&n.rx_ops, "rx-ops")?;
+        check_limit(&n.tx_ops, "tx-ops")?;
         Ok(n)
     }
 }
@@ -292,39 +305,27 @@ mod tests {
 
     #[test]
     fn disk_and_nic_limits_parse_and_bad_ones_are_named() {
-        let d: DiskConfig = "a,,b.img,ro,bw=10M,ops=500,ops-burst=100".parse().unwrap();
+        let d: DiskConfig = "a,,b.img,ro,bw=10M,ops-burst=100,ops=500".parse().unwrap();
         assert_eq!(d.path, std::path::PathBuf::from("a,b.img"));
         assert!(d.readonly);
-        assert_eq!(
-            d.bw,
-            Some(Limit {
-                rate: 10 << 20,
-                burst: 0
-            })
-        );
+        assert_eq!(d.bw, Some(Limit::per_second(10 << 20)));
         assert_eq!(
             d.ops,
             Some(Limit {
-                rate: 500,
-                burst: 100
+                one_time_burst: 100,
+                ..Limit::per_second(500)
             })
         );
         let n: NetConfig = "tap=t0,tx-bw=1G,rx-ops=1000,rx-ops-burst=5K"
             .parse()
             .unwrap();
         assert_eq!(n.tap, "t0");
-        assert_eq!(
-            n.tx_bw,
-            Some(Limit {
-                rate: 1 << 30,
-                burst: 0
-            })
-        );
+        assert_eq!(n.tx_bw, Some(Limit::per_second(1 << 30)));
         assert_eq!(
             n.rx_ops,
             Some(Limit {
-                rate: 1000,
-                burst: 5 << 10
+                one_time_burst: 5 << 10,
+                ..Limit::per_second(1000)
             })
         );
         assert_eq!((n.rx_bw, n.tx_ops), (None, None));

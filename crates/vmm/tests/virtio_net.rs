@@ -252,7 +252,7 @@ fn a_throttled_queue_is_served_again_by_a_timer_not_a_spin() {
     let tap = HostTap::create("thr", None).unwrap();
     let sock = PacketSocket::bind(tap.ifindex()).unwrap();
     let mut c = config(&tap.name, "burst=12");
-    c.nets[0].tx_ops = Some(brisk_vmm::Limit { rate: 20, burst: 0 });
+    c.nets[0].tx_ops = Some(brisk_vmm::Limit::per_second(20));
     let capture = Capture::default();
     let vm = Vm::start(&c, Output::Capture(capture.clone())).unwrap();
     let mut buf = vec![0u8; 2048];
