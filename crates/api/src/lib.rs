@@ -7,11 +7,13 @@
 //! thread (hyper on a current-thread tokio runtime, with limits on every
 //! size and wait; it never blocks a vCPU thread: pause and resume go
 //! through the control plane, which only ever waits on the API's side);
-//! [`client`] is what `brisk ctl` speaks.
+//! [`client`] is what `brisk ctl` speaks. [`firecracker`] serves
+//! Firecracker's API on the same socket.
 
 pub mod client;
 mod deadline_io;
 mod evict;
+pub mod firecracker;
 mod prometheus;
 pub mod routes;
 mod server;

@@ -218,7 +218,7 @@ pub fn snapshot_target(b: &[u8]) -> Result<std::path::PathBuf, Reply> {
 }
 
 impl Reply {
-    fn json(status: u16, v: Value) -> Reply {
+    pub(crate) fn json(status: u16, v: Value) -> Reply {
         Reply {
             status,
             content_type: "application/json",
@@ -227,7 +227,7 @@ impl Reply {
         }
     }
 
-    fn no_content() -> Reply {
+    pub(crate) fn no_content() -> Reply {
         Reply {
             status: 204,
             content_type: "application/json",
@@ -289,6 +289,8 @@ pub fn kick_target(body: &[u8]) -> Result<u64, Reply> {
 /// ([`Vm::pause`], [`Vm::resume`], ...) on the VM in its [`VmSlot`].
 pub struct Api {
     slot: Arc<VmSlot>,
+    /// Firecracker's API beside brisk's (`brisk firecracker`).
+    firecracker: Option<crate::firecracker::Firecracker>,
 }
 
 /// The operations on a VM that is there.
@@ -299,16 +301,39 @@ impl Api {
     pub fn new(vm: Arc<Vm>) -> Api {
         Api {
             slot: VmSlot::with(vm),
+            firecracker: None,
         }
     }
 
     /// The API of whatever VM `slot` holds (or will).
     pub fn with_slot(slot: Arc<VmSlot>) -> Api {
-        Api { slot }
+        Api {
+            slot,
+            firecracker: None,
+        }
+    }
+
+    /// Serve Firecracker's paths too.
+    pub fn with_firecracker(mut self, fc: crate::firecracker::Firecracker) -> Api {
+        self.firecracker = Some(fc);
+        self
+    }
+
+    /// Whether a request blocks for long (it builds, saves, restores or
+    /// migrates a VM): the server runs it off its event loop.
+    pub fn is_slow(&self, path: &str) -> bool {
+        let path = path.split('?').next().unwrap_or(path);
+        SLOW_PATHS.contains(&path)
+            || (self.firecracker.is_some() && crate::firecracker::is_slow(path))
     }
 
     /// Answer one request. `accept` is the Accept header, if any.
     pub fn handle(&self, method: &str, path: &str, body: &[u8], accept: Option<&str>) -> Reply {
+        if let Some(fc) = &self.firecracker {
+            if !path.starts_with("/api/v1/") {
+                return fc.handle(&self.slot, method, path, body);
+            }
+        }
         let path = match route(method, path) {
             Ok(p) => p,
             Err(reply) => return reply,

@@ -88,6 +88,15 @@ impl ApiServer {
         slot: Arc<crate::VmSlot>,
         policy: brisk_vmm::seccomp::Seccomp,
     ) -> Result<ApiServer, SocketError> {
+        Self::serve(path, Api::with_slot(slot), policy)
+    }
+
+    /// Serve `api` (brisk's and Firecracker's paths: `brisk firecracker`).
+    pub fn serve(
+        path: &Path,
+        api: Api,
+        policy: brisk_vmm::seccomp::Seccomp,
+    ) -> Result<ApiServer, SocketError> {
         let io = |err| SocketError::Io {
             path: path.to_path_buf(),
             err,
@@ -100,7 +109,7 @@ impl ApiServer {
             .build()
             .map_err(io)?;
         let (shutdown, stop) = watch::channel(false);
-        let api = Arc::new(Api::with_slot(slot));
+        let api = Arc::new(api);
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
@@ -328,13 +337,14 @@ async fn respond(
             Ok(bytes) => {
                 let bytes = bytes.to_bytes();
                 let (m, p) = (method.clone(), path.clone());
+                let slow = api.is_slow(&path);
                 let handle = move || {
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         api.handle(&m, &p, &bytes, accept.as_deref())
                     }))
                     .unwrap_or_else(|_| Reply::error(500, "internal error handling the request"))
                 };
-                if crate::routes::SLOW_PATHS.contains(&path.as_str()) {
+                if slow {
                     // On tokio's blocking pool (threads the API thread
                     // spawns, under its seccomp filter): the event loop
                     // keeps answering meanwhile, and the connection's read

@@ -22,6 +22,9 @@ pub enum Bring {
     Restore { dir: PathBuf, paused: bool },
     /// `vm.receive-migration`: wait on the URL for a migration.
     Receive { url: MigrationUrl, paused: bool },
+    /// Firecracker's `InstanceStart`: boot what its pre-boot calls
+    /// configured.
+    Start(Box<brisk_vmm::VmConfig>),
 }
 
 /// A request to bring a VM, and where its builder answers.

@@ -44,6 +44,11 @@ enum Command {
     /// Measure the exit path, kick latency and pause-all against baselines
     /// run side by side (medians, p99, ratios).
     Bench(BenchArgs),
+    /// Be Firecracker: its command line, its config file and its API (on
+    /// the same socket as brisk's own), so tools that spawn and drive
+    /// Firecracker drive brisk. See docs/firecracker.md.
+    #[command(after_help = status::HELP)]
+    Firecracker(crate::firecracker::FirecrackerArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -275,6 +280,11 @@ struct RunArgs {
     /// from the command line: `ip=GUEST::GATEWAY:NETMASK::eth0:off`.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", requires = "kernel")]
     net: Vec<brisk_vmm::NetConfig>,
+    /// Firecracker's JSON configuration file (`boot-source`, `drives`,
+    /// `machine-config`, `network-interfaces`, `logger`, `metrics`) in
+    /// place of the options that choose the VM.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "restore", "receive_migration", "wait_for_vm"])]
+    config_file: Option<std::path::PathBuf>,
     /// Who serves the disks' requests: `engine` (brisk's I/O thread,
     /// woken by an ioeventfd: the notifying vCPU goes straight back to
     /// the guest) or `inline` (the notifying vCPU serves them before it
@@ -496,6 +506,7 @@ impl Cli {
             Command::Stress(args) => stress(args),
             Command::Bench(args) => bench(args),
             Command::Ctl(args) => crate::ctl::run(&args.api_socket, args.json, args.op.into()),
+            Command::Firecracker(args) => crate::firecracker::run(args),
         }
     }
 }
@@ -598,7 +609,7 @@ fn run(args: RunArgs) -> i32 {
         }),
         None => Payload::Builtin(args.guest),
     };
-    let config = VmConfig {
+    let mut config = VmConfig {
         irqchip: args
             .irqchip
             .map(Irqchip::from)
@@ -614,6 +625,23 @@ fn run(args: RunArgs) -> i32 {
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
         shared_memory: args.shared_memory,
     };
+    if let Some(path) = &args.config_file {
+        match crate::firecracker::config_from_file(path, config.seccomp) {
+            Ok(c) => {
+                config = VmConfig {
+                    mwait: config.mwait,
+                    pv_ipi: config.pv_ipi,
+                    shared_memory: config.shared_memory,
+                    disk_io: config.disk_io,
+                    ..c
+                }
+            }
+            Err(e) => {
+                say!("brisk: --config-file {e}");
+                return status::CONFIG;
+            }
+        }
+    }
     let interrupt = match signals::install() {
         Ok(fd) => fd,
         Err(e) => {
@@ -646,7 +674,9 @@ fn run(args: RunArgs) -> i32 {
             .api_socket
             .as_deref()
             .expect("clap: --wait-for-vm requires --api-socket");
-        match wait_for_vm(path, opts, &abort) {
+        let api = brisk_api::Api::with_slot;
+        let what = "vm.restore or vm.receive-migration";
+        match wait_for_vm(path, opts, &abort, api, what) {
             Ok(both) => both,
             Err(code) => return code,
         }
@@ -685,7 +715,28 @@ fn run(args: RunArgs) -> i32 {
         };
         (vm, api)
     };
-    let console = match crate::console::Console::start(vm.clone(), config.seccomp) {
+    let how = if args.restore.is_some() || args.wait_for_vm {
+        "restored"
+    } else if args.receive_migration.is_some() {
+        "migrated here"
+    } else {
+        "running"
+    };
+    supervise(vm, api, config.seccomp, deadline, interrupt, how)
+}
+
+/// Run the VM to its end: the console, the main thread's filter, the wait
+/// (bounded by `deadline`, ended by a signal on `interrupt`), the
+/// teardown. The exit status.
+pub(crate) fn supervise(
+    vm: std::sync::Arc<Vm>,
+    api: Option<brisk_api::ApiServer>,
+    seccomp: brisk_vmm::seccomp::Seccomp,
+    deadline: Option<std::time::Instant>,
+    interrupt: std::os::fd::RawFd,
+    how: &str,
+) -> i32 {
+    let console = match crate::console::Console::start(vm.clone(), seccomp) {
         Ok(c) => c,
         Err(e) => {
             say!("brisk: cannot start the console thread: {e}");
@@ -695,7 +746,7 @@ fn run(args: RunArgs) -> i32 {
     };
     // Everything is set up: from here on the main thread only waits and
     // tears down.
-    if let Err(e) = brisk_vmm::seccomp::install(ThreadKind::Main, config.seccomp) {
+    if let Err(e) = brisk_vmm::seccomp::install(ThreadKind::Main, seccomp) {
         say!("brisk: cannot install the main thread's seccomp filter: {e}");
         vm.request_shutdown();
         drop(console);
@@ -705,13 +756,7 @@ fn run(args: RunArgs) -> i32 {
     log::info!(
         "guest '{}' {} on {} vCPUs ({:?} irqchip)",
         vm.guest(),
-        if args.restore.is_some() || args.wait_for_vm {
-            "restored"
-        } else if args.receive_migration.is_some() {
-            "migrated here"
-        } else {
-            "running"
-        },
+        how,
         vm.vcpus().len(),
         vm.irqchip()
     );
@@ -732,15 +777,17 @@ fn run(args: RunArgs) -> i32 {
 /// `vm.receive-migration` brings one, built here on the main thread (the
 /// API thread's filter forbids it). A failed attempt is answered and the
 /// wait goes on; a signal or --timeout ends it.
-fn wait_for_vm(
+pub(crate) fn wait_for_vm(
     path: &std::path::Path,
     opts: brisk_vmm::RestoreOptions,
     abort: &dyn Fn() -> bool,
+    api: impl FnOnce(std::sync::Arc<brisk_api::VmSlot>) -> brisk_api::Api,
+    waiting_for: &str,
 ) -> Result<(std::sync::Arc<Vm>, Option<brisk_api::ApiServer>), i32> {
     use brisk_api::Bring;
     let (slot, requests) = brisk_api::VmSlot::empty();
     let server =
-        brisk_api::ApiServer::start_with(path, slot.clone(), opts.seccomp).map_err(|e| {
+        brisk_api::ApiServer::serve(path, api(slot.clone()), opts.seccomp).map_err(|e| {
             say!("brisk: {e}");
             status::CONFIG
         })?;
@@ -749,7 +796,7 @@ fn wait_for_vm(
     // for its handlers.
     let requests = Pending(requests);
     say!(
-        "brisk: no VM yet; waiting for vm.restore or vm.receive-migration on {}",
+        "brisk: no VM yet; waiting for {waiting_for} on {}",
         path.display()
     );
     let abort = || abort() || slot.shutdown_requested();
@@ -788,6 +835,7 @@ fn wait_for_vm(
                 let o = brisk_vmm::RestoreOptions { paused, ..opts };
                 Vm::receive_migration(&url, Output::Stdout, o, &abort)
             }
+            Bring::Start(config) => Vm::start_with_abort(&config, Output::Stdout, &abort),
         };
         match built {
             Ok(vm) => {
@@ -826,7 +874,7 @@ impl Drop for Pending {
 /// fails. A vCPU thread that does not stop within the bound (blocked
 /// writing to a full stdout pipe, say) is reported and left to the
 /// process's exit: brisk never waits for it without bound.
-fn finish(vm: std::sync::Arc<Vm>, api: Option<brisk_api::ApiServer>, code: i32) -> i32 {
+pub(crate) fn finish(vm: std::sync::Arc<Vm>, api: Option<brisk_api::ApiServer>, code: i32) -> i32 {
     // First an outgoing migration: cancel it if still going (Ctrl-C,
     // --timeout) and wait for its thread, bounded by its stream's I/O
     // timeout; a finished one's API request then gets its answer before

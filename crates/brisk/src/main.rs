@@ -21,6 +21,7 @@ macro_rules! out {
 mod cli;
 mod console;
 mod ctl;
+mod firecracker;
 mod signals;
 mod status;
 
