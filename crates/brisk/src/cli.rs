@@ -280,10 +280,17 @@ struct RunArgs {
     /// from the command line: `ip=GUEST::GATEWAY:NETMASK::eth0:off`.
     #[arg(long, value_name = "tap=NAME[,mac=MAC]", requires = "kernel")]
     net: Vec<brisk_vmm::NetConfig>,
+    /// A virtio-vsock device, Firecracker's hybrid design: `cid=N,uds=PATH`.
+    /// brisk listens on PATH (which must not exist; removed on exit); a
+    /// host process connects and writes `CONNECT <port>\n` to reach the
+    /// guest's port, and is answered `OK <host_port>\n`; a guest
+    /// connection to host port P goes to the Unix socket `PATH_P`.
+    #[arg(long, value_name = "cid=N,uds=PATH", requires = "kernel")]
+    vsock: Option<brisk_vmm::VsockConfig>,
     /// Firecracker's JSON configuration file (`boot-source`, `drives`,
     /// `machine-config`, `network-interfaces`, `logger`, `metrics`) in
     /// place of the options that choose the VM.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "restore", "receive_migration", "wait_for_vm"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "vsock", "restore", "receive_migration", "wait_for_vm"])]
     config_file: Option<std::path::PathBuf>,
     /// Who serves the disks' requests: `engine` (brisk's I/O thread,
     /// woken by an ioeventfd: the notifying vCPU goes straight back to
@@ -310,14 +317,14 @@ struct RunArgs {
     /// snapshot DIR`) and continue it where it was: its configuration
     /// (guest, vCPUs, memory, disks) comes from the snapshot, so the
     /// options that choose those are refused with it.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "mwait"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "vsock", "mwait"])]
     restore: Option<std::path::PathBuf>,
     /// Wait on URL (`unix:PATH`, created 0600 and removed after, or
     /// `tcp:IP:PORT`) for one live migration (`brisk ctl
     /// send-migration URL` on the source), then run the VM as if it had
     /// booted here, exiting with the guest's status. The configuration
     /// comes from the source.
-    #[arg(long, value_name = "URL", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "mwait", "restore"])]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["guest", "kernel", "cpus", "memory", "irqchip", "disk", "net", "vsock", "mwait", "restore"])]
     receive_migration: Option<String>,
     /// With --restore or --receive-migration: start the VM paused
     /// (resume it through the API: `brisk ctl resume`).
@@ -621,6 +628,7 @@ fn run(args: RunArgs) -> i32 {
         seccomp: args.seccomp.into(),
         disks: args.disk,
         nets: args.net,
+        vsock: args.vsock,
         disk_io: args.disk_io.into(),
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
         shared_memory: args.shared_memory,

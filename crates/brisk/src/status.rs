@@ -74,7 +74,8 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
         StartError::Config(_)
         | StartError::Kernel(_)
         | StartError::Snapshot(_)
-        | StartError::Tap(_) => CONFIG,
+        | StartError::Tap(_)
+        | StartError::Vsock(_) => CONFIG,
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM
         }

@@ -220,6 +220,19 @@ fn the_pre_boot_calls_answer_as_firecracker_does() {
         "{text}"
     );
     assert_eq!(v["boot-source"]["boot_args"], "console=ttyS0", "{text}");
+    ok(
+        &sock,
+        "PUT",
+        "/vsock",
+        r#"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#,
+    );
+    fault(
+        &sock,
+        "PUT",
+        "/vsock",
+        r#"{"guest_cid": 2, "uds_path": "/tmp/v.sock"}"#,
+        "guest_cid 2",
+    );
     ok(&sock, "PUT", "/logger", r#"{"level": "Warning"}"#);
     fault(&sock, "PUT", "/logger", r#"{"level": "Loud"}"#, "Loud");
     ok(&sock, "PUT", "/metrics", r#"{"metrics_path": "/tmp/m"}"#);
@@ -237,7 +250,6 @@ fn the_pre_boot_calls_answer_as_firecracker_does() {
         ("PUT", "/entropy", "entropy"),
         ("PUT", "/pmem/p0", "pmem"),
         ("PUT", "/cpu-config", "CPU"),
-        ("PUT", "/vsock", "vsock"),
         ("PUT", "/nothing", "Invalid request method and/or path"),
         (
             "DELETE",

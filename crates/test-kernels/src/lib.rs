@@ -34,6 +34,10 @@ pub const VIRTIOBLK: &str = concat!(env!("OUT_DIR"), "/virtioblk.elf");
 /// Drives the first virtio device as virtio-net (polled): `echo=N`,
 /// `burst=N` or `flood`, `offload` to accept the checksum/TSO offloads.
 pub const VIRTIONET: &str = concat!(env!("OUT_DIR"), "/virtionet.elf");
+/// Drives the first virtio device as virtio-vsock (polled): listens on
+/// guest port 1234 and echoes; connects once to host port 1235 at start
+/// and sends "vsockecho: hello\n" there.
+pub const VSOCKECHO: &str = concat!(env!("OUT_DIR"), "/vsockecho.elf");
 /// The ethertype of the frames `VIRTIONET` sends (IEEE local
 /// experimental).
 pub const VIRTIONET_ETHERTYPE: u16 = 0x88b5;

@@ -27,6 +27,10 @@ pub struct VmConfig {
     /// virtio-net NICs on TAP devices, `eth0`, `eth1`, ... in this order.
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device with Firecracker's hybrid host side (a Unix
+    /// socket), in the slot after the NICs.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Who serves the disks' queues: the I/O engine (default) or the
     /// notifying vCPU inline (the benchmarks' baseline). NICs are always
     /// on the engine: their TAP needs a thread that waits on it.
@@ -157,6 +161,49 @@ impl std::str::FromStr for DiskConfig {
     }
 }
 
+/// virtio-vsock: the guest's CID and the Unix socket host processes
+/// connect to (`CONNECT <port>\n`); guest connections to host port P go
+/// to `<uds_path>_P`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds_path: std::path::PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+
+    /// `cid=N,uds=PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| format!("cid={}: not a number", v.escape_debug()))?,
+                    )
+                }
+                Some(("uds", v)) if !v.is_empty() => uds = Some(v.into()),
+                _ => {
+                    return Err(format!(
+                        "'{}' is not a vsock option (cid=N, uds=PATH)",
+                        part.escape_debug()
+                    ))
+                }
+            }
+        }
+        let cid = cid.ok_or("a vsock needs cid=N (3 or more)")?;
+        if cid < 3 || cid > u64::from(u32::MAX) {
+            return Err(format!(
+                "cid {cid} is reserved or too large (3 to 4294967295)"
+            ));
+        }
+        let uds_path = uds.ok_or("a vsock needs uds=PATH (the Unix socket brisk listens on)")?;
+        Ok(VsockConfig { cid, uds_path })
+    }
+}
+
 /// A virtio-net NIC on an existing TAP device.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
@@ -230,6 +277,7 @@ impl Default for VmConfig {
             seccomp: crate::seccomp::Seccomp::Off,
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             disk_io: Default::default(),
             pv_ipi: true,
             shared_memory: false,
@@ -255,7 +303,7 @@ pub enum ConfigError {
     #[error("{0} disks and NICs requested; brisk has room for {max} virtio devices", max = brisk_boot::layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
     /// NICs are devices of the PC platform.
-    #[error("--net needs --kernel: built-in guests have no virtio devices")]
+    #[error("--net and --vsock need --kernel: built-in guests have no virtio devices")]
     NetNeedsKernel,
     #[error("TAP device {0} is given to two NICs")]
     SameTapTwice(String),
@@ -279,10 +327,11 @@ impl VmConfig {
         if !self.disks.is_empty() && self.payload.platform() != crate::Platform::Pc {
             return Err(ConfigError::DiskNeedsKernel);
         }
-        if !self.nets.is_empty() && self.payload.platform() != crate::Platform::Pc {
+        let has_virtio = !self.nets.is_empty() || self.vsock.is_some();
+        if has_virtio && self.payload.platform() != crate::Platform::Pc {
             return Err(ConfigError::NetNeedsKernel);
         }
-        let devices = self.disks.len() + self.nets.len();
+        let devices = self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some());
         if devices > brisk_boot::layout::MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }

@@ -30,7 +30,7 @@ pub mod snapshot;
 mod vm;
 
 pub use brisk_devices::virtio::Mac;
-pub use config::{ConfigError, DiskConfig, Limit, NetConfig, VmConfig};
+pub use config::{ConfigError, DiskConfig, Limit, NetConfig, VmConfig, VsockConfig};
 pub use end::VmEnd;
 pub use interrupts::UserInterrupts;
 pub use migration::{MigrationError, MigrationOptions, MigrationStatus, MigrationUrl};

@@ -21,7 +21,7 @@ use brisk_boot::layout;
 use brisk_devices::io_engine::{IoEngine, Source};
 use brisk_devices::virtio::mmio::VirtioDevice;
 pub use brisk_devices::virtio::Notify;
-use brisk_devices::virtio::{DiskImage, Mac, Net, Tap, VirtioMmio, MMIO_SIZE, QUEUE_NOTIFY};
+use brisk_devices::virtio::{DiskImage, Mac, Net, Tap, VirtioMmio, Vsock, MMIO_SIZE, QUEUE_NOTIFY};
 
 /// The PC's ISA IRQ of COM1.
 pub const UART_IRQ: u32 = 4;
@@ -81,9 +81,9 @@ impl Lines<'_> {
 
 /// What a Linux kernel's command line needs to find the platform's
 /// devices that nothing else announces (the virtio-mmio devices: the
-/// disks in the first slots, then the NICs).
+/// disks in the first slots, then the NICs, then the vsock).
 pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
-    (0..config.disks.len() + config.nets.len())
+    (0..config.disks.len() + config.nets.len() + usize::from(config.vsock.is_some()))
         .map(|i| {
             format!(
                 "virtio_mmio.device={}@{:#x}:{}",
@@ -167,6 +167,7 @@ pub(crate) struct Wiring<'a> {
     pub(crate) lines: Lines<'a>,
     pub(crate) disks: &'a [DiskConfig],
     pub(crate) nets: &'a [crate::NetConfig],
+    pub(crate) vsock: Option<&'a crate::VsockConfig>,
     pub(crate) disk_io: Notify,
     pub(crate) kvm: &'a brisk_kvm::Vm,
     pub(crate) guest_memory: &'a vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>,
@@ -229,6 +230,19 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
             &format!("virtio-net{j}"),
             slot,
             nic,
+            Notify::Engine,
+            &mut sources,
+        )?;
+    }
+    if let Some(v) = w.vsock {
+        let dev = Vsock::new(v.cid, &v.uds_path)?;
+        let slot = w.disks.len() + w.nets.len();
+        virtio(
+            m,
+            w,
+            "virtio-vsock",
+            slot,
+            dev,
             Notify::Engine,
             &mut sources,
         )?;

@@ -106,13 +106,25 @@ fn list(kind: ThreadKind) -> Vec<i64> {
         ],
         ThreadKind::Timer => &[],
         // epoll on the ioeventfds and TAPs; pread/pwrite/fdatasync on
-        // disk images; frames are read and written with read/write.
+        // disk images; frames are read and written with read/write. The
+        // vsock: its own epoll (wait, ctl), accepting host clients,
+        // connecting to host listeners (socket, connect, fcntl for
+        // non-blocking), the streams' data.
         ThreadKind::Io => &[
             libc::SYS_epoll_wait,
             libc::SYS_epoll_pwait,
+            libc::SYS_epoll_ctl,
             libc::SYS_pread64,
             libc::SYS_pwrite64,
             libc::SYS_fdatasync,
+            libc::SYS_accept4,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_ioctl,
+            libc::SYS_fcntl,
+            // std's Unix streams: send(MSG_NOSIGNAL) and recv.
+            libc::SYS_sendto,
+            libc::SYS_recvfrom,
         ],
         ThreadKind::Console => &[libc::SYS_poll, libc::SYS_ppoll],
         ThreadKind::Api => &[

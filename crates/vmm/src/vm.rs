@@ -30,6 +30,9 @@ pub enum StartError {
     /// A NIC's TAP device cannot be attached.
     #[error(transparent)]
     Tap(#[from] brisk_devices::virtio::TapError),
+    /// The vsock's Unix socket cannot be made.
+    #[error(transparent)]
+    Vsock(#[from] brisk_devices::virtio::VsockError),
     /// The kernel (or initrd) file cannot be read or booted: one sentence
     /// naming the file.
     #[error("{0}")]
@@ -178,6 +181,7 @@ impl Machine {
             lines,
             disks: &config.disks,
             nets: &config.nets,
+            vsock: config.vsock.as_ref(),
             disk_io: config.disk_io,
             kvm: &kvm,
             guest_memory: kvm.memory(),

@@ -8,7 +8,7 @@
 //! running microVM (`PATCH /vm`, `/snapshot/create`, `/actions`, the
 //! GETs). Errors have Firecracker's shape (`{"fault_message": ...}`, 400).
 //! What brisk does not have (balloon, MMDS, entropy, pmem, hotplug, CPU
-//! templates, vsock for now) is a 400 naming it.
+//! templates) is a 400 naming it.
 
 pub mod model;
 
@@ -69,6 +69,7 @@ pub struct PreBoot {
     pub nets: Vec<NetworkInterface>,
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
+    pub vsock: Option<Vsock>,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FcError> {
@@ -143,7 +144,7 @@ impl PreBoot {
     }
 
     fn devices(&self) -> usize {
-        self.drives.len() + self.nets.len()
+        self.drives.len() + self.nets.len() + usize::from(self.vsock.is_some())
     }
 
     /// `PUT /drives/{id}`: added, or replacing the drive with that id.
@@ -236,6 +237,25 @@ impl PreBoot {
         Ok(())
     }
 
+    /// `PUT /vsock`.
+    pub fn set_vsock(&mut self, v: Vsock) -> Result<(), FcError> {
+        if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+            return Err(FcError::Invalid(format!(
+                "guest_cid {} is reserved or too large (3 to 4294967295)",
+                v.guest_cid
+            )));
+        }
+        if v.uds_path.is_empty() {
+            return Err(FcError::Invalid("uds_path is empty".into()));
+        }
+        let full = self.devices() >= brisk_boot::layout::MAX_VIRTIO_DEVICES;
+        if self.vsock.is_none() && full {
+            return Err(FcError::Full);
+        }
+        self.vsock = Some(v);
+        Ok(())
+    }
+
     /// `PUT /logger`: the level applies at once; brisk logs to stderr.
     pub fn set_logger(&mut self, l: Logger) -> Result<(), FcError> {
         if let Some(level) = &l.level {
@@ -276,9 +296,6 @@ impl PreBoot {
                 return Err(FcError::Unsupported(format!("the {what} section")));
             }
         }
-        if f.vsock.is_some() {
-            return Err(FcError::Unsupported("vsock yet".into()));
-        }
         let mut p = PreBoot::default();
         if let Some(m) = f.machine_config {
             p.set_machine(m)?;
@@ -291,6 +308,9 @@ impl PreBoot {
         }
         for n in f.network_interfaces {
             p.put_net(&n.iface_id.clone(), n)?;
+        }
+        if let Some(v) = f.vsock {
+            p.set_vsock(v)?;
         }
         if let Some(l) = f.logger {
             p.set_logger(l)?;
@@ -308,6 +328,7 @@ impl PreBoot {
             network_interfaces: self.nets.clone(),
             logger: self.logger.clone(),
             metrics: self.metrics.clone(),
+            vsock: self.vsock.clone(),
             ..FullVmConfiguration::default()
         }
     }
@@ -379,6 +400,10 @@ impl PreBoot {
             seccomp,
             disks,
             nets,
+            vsock: self.vsock.as_ref().map(|v| brisk_vmm::VsockConfig {
+                cid: v.guest_cid,
+                uds_path: v.uds_path.clone().into(),
+            }),
             ..VmConfig::default()
         };
         config
@@ -397,7 +422,7 @@ pub struct Firecracker {
 }
 
 /// The endpoints Firecracker has and brisk does not: a 400 naming them.
-const UNSUPPORTED: [(&str, &str); 9] = [
+const UNSUPPORTED: [(&str, &str); 8] = [
     ("/balloon", "the balloon device"),
     ("/mmds", "MMDS (the metadata service)"),
     ("/entropy", "the entropy device"),
@@ -406,7 +431,6 @@ const UNSUPPORTED: [(&str, &str); 9] = [
     ("/memory-hotplug", "memory hotplug"),
     ("/cpu-config", "CPU configuration templates"),
     ("/serial", "serial output redirection"),
-    ("/vsock", "vsock yet"),
 ];
 
 /// Whether a Firecracker request may block for long (it builds, saves
@@ -499,6 +523,11 @@ impl Firecracker {
             }
             ("PUT", "/logger") => {
                 self.pre().set_logger(parse(body)?)?;
+                Ok(ok())
+            }
+            ("PUT", "/vsock") => {
+                pre_boot(&vm)?;
+                self.pre().set_vsock(parse(body)?)?;
                 Ok(ok())
             }
             ("PUT", "/metrics") => {

@@ -66,6 +66,9 @@ pub trait VirtioDevice: Send {
     /// The driver set DRIVER_OK having accepted `features` (also called
     /// after a restore of a driven device).
     fn activate(&mut self, _features: u64) {}
+    /// The transport was restored from a snapshot (the device's own
+    /// state, if any, is gone: a vsock tells its driver so).
+    fn restored(&mut self) {}
     /// Serve queue `index`: pop available chains, complete them, add them
     /// to the used ring, while `budget` (and the device's rate limiter)
     /// lasts, and say what is left.
@@ -494,6 +497,7 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
             let features = t.driver_features;
             t.device.activate(features);
         }
+        t.device.restored();
         Ok(())
     }
 

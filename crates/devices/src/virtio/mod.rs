@@ -10,11 +10,13 @@ pub mod block;
 pub mod mmio;
 pub mod net;
 pub mod tap;
+pub mod vsock;
 
 pub use block::DiskImage;
 pub use mmio::{Notify, VirtioMmio, MMIO_SIZE, QUEUE_NOTIFY};
 pub use net::{Mac, Net};
 pub use tap::{Tap, TapError};
+pub use vsock::{Vsock, VsockError};
 
 use std::num::Wrapping;
 use std::sync::atomic::Ordering;

@@ -9,7 +9,7 @@ gcc $CFLAGS -c "$src/boot.S" -o "$out/boot.o"
 gcc $CFLAGS -c "$src/lib.c" -o "$out/lib.o"
 gcc $CFLAGS -c "$src/smp_boot.S" -o "$out/smp_boot.o"
 gcc $CFLAGS -c "$src/uartirq_isr.S" -o "$out/uartirq_isr.o"
-for k in hello smp pmtimer inl uartirq virtioblk virtionet; do
+for k in hello smp pmtimer inl uartirq virtioblk virtionet vsockecho; do
     gcc $CFLAGS -c "$src/$k.c" -o "$out/$k.o"
     extra=""
     [ "$k" = smp ] && extra="$out/smp_boot.o"

@@ -1,0 +1,282 @@
+/* Drives brisk's first virtio device (virtio-mmio at 0xd0000000) as
+ * virtio-vsock, polling its queues (0: receive, 1: transmit, 2: events),
+ * no interrupts. It listens on guest port 1234 and sends back whatever a
+ * connection sends (from the buffer it arrived in: under PVM this
+ * kernel's stores are emulated one by one), and at start connects once
+ * to host port 1235 and sends "vsockecho: hello\n" there (echoing on that
+ * connection too). It answers SHUTDOWN with RST, CREDIT_REQUEST with
+ * CREDIT_UPDATE, and drops what the host's credit has no room for. It
+ * runs until the host ends the VM. */
+#include "lib.h"
+
+#define MMIO 0xd0000000u
+#define REG(o) (*(volatile u32 *)(MMIO + (o)))
+#define QSIZE 16
+#define RXBUF 4096
+#define HDR 44
+#define BUF_ALLOC 65536u
+#define LISTEN_PORT 1234
+#define HOST_PORT 1235
+#define MY_PORT 5000
+#define MAXCONN 8
+
+enum { OP_REQUEST = 1, OP_RESPONSE, OP_RST, OP_SHUTDOWN, OP_RW, OP_CREDIT_UPDATE, OP_CREDIT_REQUEST };
+
+struct hdr {
+    u64 src_cid, dst_cid;
+    u32 src_port, dst_port, len;
+    u16 type, op;
+    u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+struct desc { u64 addr; u32 len; u16 flags, next; };
+#define F_WRITE 2
+
+struct vq {
+    struct desc descs[QSIZE] __attribute__((aligned(16)));
+    struct { u16 flags, idx, ring[QSIZE], used_event; } avail __attribute__((aligned(2)));
+    struct { u16 flags, idx; struct { u32 id, len; } ring[QSIZE]; u16 avail_event; } used __attribute__((aligned(4)));
+};
+
+static struct vq rxq, txq, evq;
+static u8 rxbuf[QSIZE][RXBUF] __attribute__((aligned(64)));
+static u8 ctl[QSIZE][HDR + 32] __attribute__((aligned(64)));
+static u32 evbuf;
+/* Which receive buffer a transmit slot sends from (-1: a control buffer). */
+static int tx_from_rx[QSIZE];
+static u64 cid;
+
+struct conn { int used; u32 local, peer, peer_buf_alloc, peer_fwd_cnt, tx_cnt, fwd_cnt; };
+static struct conn conns[MAXCONN];
+
+#define barrier() __asm__ volatile("" ::: "memory")
+
+static void setup_queue(u32 index, struct vq *q)
+{
+    REG(0x30) = index;
+    if (REG(0x34) < QSIZE) {
+        puts("vsockecho: queue too small\n");
+        exit(2);
+    }
+    REG(0x38) = QSIZE;
+    REG(0x80) = (u32)q->descs; REG(0x84) = 0;
+    REG(0x90) = (u32)&q->avail; REG(0x94) = 0;
+    REG(0xa0) = (u32)&q->used; REG(0xa4) = 0;
+    q->avail.flags = 1; /* no interrupts: this kernel polls */
+    REG(0x44) = 1;
+}
+
+static void publish(struct vq *q, u32 queue, u16 slot)
+{
+    q->avail.ring[q->avail.idx % QSIZE] = slot;
+    barrier();
+    q->avail.idx++;
+    barrier();
+    REG(0x50) = queue;
+}
+
+static void post_rx(u16 i)
+{
+    rxq.descs[i] = (struct desc){ (u32)rxbuf[i], RXBUF, F_WRITE, 0 };
+    publish(&rxq, 0, i);
+}
+
+static void post_event(void)
+{
+    evq.descs[0] = (struct desc){ (u32)&evbuf, 4, F_WRITE, 0 };
+    publish(&evq, 2, 0);
+}
+
+static u16 tx_seen;
+
+/* Transmit slots the device used: receive buffers sent from go back. */
+static void reclaim(void)
+{
+    while (tx_seen != txq.used.idx) {
+        barrier();
+        u32 slot = txq.used.ring[tx_seen % QSIZE].id;
+        tx_seen++;
+        if (slot < QSIZE && tx_from_rx[slot] >= 0) {
+            post_rx((u16)tx_from_rx[slot]);
+            tx_from_rx[slot] = -1;
+        }
+    }
+}
+
+static u16 tx_slot(void)
+{
+    for (u32 spin = 0; (u16)(txq.avail.idx - tx_seen) >= QSIZE; spin++) {
+        reclaim();
+        if (spin > 100000000u) {
+            puts("vsockecho: the device never used a transmit buffer\n");
+            exit(3);
+        }
+        pause();
+    }
+    return txq.avail.idx % QSIZE;
+}
+
+static void fill(struct hdr *h, struct conn *c, u32 local, u32 peer, u16 op, u32 len)
+{
+    h->src_cid = cid;
+    h->dst_cid = 2;
+    h->src_port = local;
+    h->dst_port = peer;
+    h->len = len;
+    h->type = 1;
+    h->op = op;
+    h->flags = 0;
+    h->buf_alloc = BUF_ALLOC;
+    h->fwd_cnt = c ? c->fwd_cnt : 0;
+}
+
+/* A packet from a control buffer, with `len` bytes of payload `data`. */
+static void send_ctl(struct conn *c, u32 local, u32 peer, u16 op, const char *data, u32 len)
+{
+    u16 slot = tx_slot();
+    struct hdr *h = (struct hdr *)ctl[slot];
+    fill(h, c, local, peer, op, len);
+    for (u32 i = 0; i < len; i++) ctl[slot][HDR + i] = data[i];
+    txq.descs[slot] = (struct desc){ (u32)ctl[slot], HDR + len, 0, 0 };
+    tx_from_rx[slot] = -1;
+    if (c && op == OP_RW) c->tx_cnt += len;
+    publish(&txq, 1, slot);
+}
+
+static struct conn *find(u32 local, u32 peer)
+{
+    for (int i = 0; i < MAXCONN; i++)
+        if (conns[i].used && conns[i].local == local && conns[i].peer == peer) return &conns[i];
+    return 0;
+}
+
+static struct conn *add(u32 local, u32 peer, const struct hdr *h)
+{
+    for (int i = 0; i < MAXCONN; i++)
+        if (!conns[i].used) {
+            conns[i] = (struct conn){ 1, local, peer, h->buf_alloc, h->fwd_cnt, 0, 0 };
+            return &conns[i];
+        }
+    return 0;
+}
+
+int kmain(u32 magic, struct multiboot_info *mbi)
+{
+    (void)magic;
+    (void)mbi;
+    if (REG(0) != 0x74726976 || REG(4) != 2 || REG(8) != 19) {
+        puts("vsockecho: no virtio-vsock (modern virtio-mmio) at 0xd0000000\n");
+        return 2;
+    }
+    REG(0x70) = 0;
+    REG(0x70) = 1 | 2;
+    REG(0x14) = 1;
+    if (!(REG(0x10) & 1)) {
+        puts("vsockecho: VERSION_1 not offered\n");
+        return 2;
+    }
+    REG(0x24) = 1;
+    REG(0x20) = 1;
+    REG(0x24) = 0;
+    REG(0x20) = 0;
+    REG(0x70) = 1 | 2 | 8;
+    if (!(REG(0x70) & 8)) {
+        puts("vsockecho: features refused\n");
+        return 2;
+    }
+    cid = *(volatile u32 *)(MMIO + 0x100) | (u64)*(volatile u32 *)(MMIO + 0x104) << 32;
+    setup_queue(0, &rxq);
+    setup_queue(1, &txq);
+    setup_queue(2, &evq);
+    REG(0x70) = 1 | 2 | 8 | 4;
+    for (int i = 0; i < QSIZE; i++) tx_from_rx[i] = -1;
+    for (u16 i = 0; i < QSIZE; i++) post_rx(i);
+    post_event();
+    puts("vsockecho: cid ");
+    putdec(cid);
+    puts(", listening on 1234\n");
+
+    /* The one connection out. */
+    struct hdr offer;
+    fill(&offer, 0, MY_PORT, HOST_PORT, OP_REQUEST, 0);
+    add(MY_PORT, HOST_PORT, &offer)->peer_buf_alloc = 0;
+    send_ctl(0, MY_PORT, HOST_PORT, OP_REQUEST, 0, 0);
+
+    u16 rx_seen = 0, ev_seen = 0;
+    for (;;) {
+        reclaim();
+        if (evq.used.idx != ev_seen) {
+            ev_seen = evq.used.idx;
+            puts("vsockecho: transport reset\n");
+            for (int i = 0; i < MAXCONN; i++) conns[i].used = 0;
+            post_event();
+        }
+        if (rxq.used.idx == rx_seen) {
+            pause();
+            continue;
+        }
+        barrier();
+        u32 id = rxq.used.ring[rx_seen % QSIZE].id, len = rxq.used.ring[rx_seen % QSIZE].len;
+        rx_seen++;
+        struct hdr *h = (struct hdr *)rxbuf[id];
+        if (len < HDR || h->len > len - HDR) {
+            post_rx(id);
+            continue;
+        }
+        u32 local = h->dst_port, peer = h->src_port;
+        struct conn *c = find(local, peer);
+        if (c) {
+            c->peer_buf_alloc = h->buf_alloc;
+            c->peer_fwd_cnt = h->fwd_cnt;
+        }
+        int reposted = 0;
+        switch (h->op) {
+        case OP_REQUEST:
+            if (local == LISTEN_PORT && !c && (c = add(local, peer, h)))
+                send_ctl(c, local, peer, OP_RESPONSE, 0, 0);
+            else
+                send_ctl(0, local, peer, OP_RST, 0, 0);
+            break;
+        case OP_RESPONSE:
+            if (c && local == MY_PORT) {
+                static const char hello[] = "vsockecho: hello\n";
+                puts("vsockecho: connected to host port 1235\n");
+                send_ctl(c, local, peer, OP_RW, hello, sizeof hello - 1);
+            }
+            break;
+        case OP_RW:
+            if (!c) {
+                send_ctl(0, local, peer, OP_RST, 0, 0);
+                break;
+            }
+            c->fwd_cnt += h->len;
+            if (c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt) >= h->len) {
+                /* Back from the buffer it came in. */
+                u32 n = h->len;
+                u16 slot = tx_slot();
+                fill(h, c, local, peer, OP_RW, n);
+                c->tx_cnt += n;
+                txq.descs[slot] = (struct desc){ (u32)rxbuf[id], HDR + n, 0, 0 };
+                tx_from_rx[slot] = (int)id;
+                publish(&txq, 1, slot);
+                reposted = 1;
+            } else {
+                send_ctl(c, local, peer, OP_CREDIT_REQUEST, 0, 0);
+            }
+            break;
+        case OP_SHUTDOWN:
+            if (c) c->used = 0;
+            send_ctl(0, local, peer, OP_RST, 0, 0);
+            break;
+        case OP_RST:
+            if (c) c->used = 0;
+            break;
+        case OP_CREDIT_REQUEST:
+            if (c) send_ctl(c, local, peer, OP_CREDIT_UPDATE, 0, 0);
+            break;
+        default:
+            break;
+        }
+        if (!reposted) post_rx(id);
+    }
+}
