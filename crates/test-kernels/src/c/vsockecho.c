@@ -5,8 +5,12 @@
  * kernel's stores are emulated one by one), and at start connects once
  * to host port 1235 and sends "vsockecho: hello\n" there (echoing on that
  * connection too). It answers SHUTDOWN with RST, CREDIT_REQUEST with
- * CREDIT_UPDATE, and drops what the host's credit has no room for. It
- * runs until the host ends the VM. */
+ * CREDIT_UPDATE, and drops what the host's credit has no room for. With
+ * `hostile` on its command line it first sends bad packets (another
+ * source CID, an unknown operation, a length past its buffer, data on a
+ * connection that does not exist, a request to a host port nobody
+ * listens on, more data than the credit allows) and carries on. It runs
+ * until the host ends the VM. */
 #include "lib.h"
 
 #define MMIO 0xd0000000u
@@ -160,10 +164,42 @@ static struct conn *add(u32 local, u32 peer, const struct hdr *h)
     return 0;
 }
 
+/* Bad packets: each one is the device's to refuse. */
+static void hostile(void)
+{
+    struct hdr *h;
+    u16 slot;
+    for (int kind = 0; kind < 6; kind++) {
+        slot = tx_slot();
+        h = (struct hdr *)ctl[slot];
+        fill(h, 0, 6000 + kind, 7000, OP_RW, 8);
+        u32 len = HDR + 8;
+        if (kind == 0) h->src_cid = 77;            /* not this guest */
+        if (kind == 1) h->op = 42;                 /* no such operation */
+        if (kind == 2) h->len = 100000;            /* past its buffer */
+        /* kind 3: data on a connection that does not exist */
+        if (kind == 4) { h->op = OP_REQUEST; h->len = 0; len = HDR; } /* nobody on port 7000 */
+        if (kind == 5) { h->len = 0; len = 20; }  /* shorter than a header */
+        txq.descs[slot] = (struct desc){ (u32)ctl[slot], len, 0, 0 };
+        tx_from_rx[slot] = -1;
+        publish(&txq, 1, slot);
+    }
+    puts("vsockecho: sent bad packets\n");
+}
+
+static int has_arg(const struct multiboot_info *mbi, const char *key)
+{
+    if (!(mbi->flags & (1 << 2))) return 0;
+    u32 n = 0;
+    while (key[n]) n++;
+    for (const char *c = (const char *)mbi->cmdline; *c; c++)
+        if (!strncmp(c, key, n)) return 1;
+    return 0;
+}
+
 int kmain(u32 magic, struct multiboot_info *mbi)
 {
     (void)magic;
-    (void)mbi;
     if (REG(0) != 0x74726976 || REG(4) != 2 || REG(8) != 19) {
         puts("vsockecho: no virtio-vsock (modern virtio-mmio) at 0xd0000000\n");
         return 2;
@@ -192,6 +228,7 @@ int kmain(u32 magic, struct multiboot_info *mbi)
     for (int i = 0; i < QSIZE; i++) tx_from_rx[i] = -1;
     for (u16 i = 0; i < QSIZE; i++) post_rx(i);
     post_event();
+    if (has_arg(mbi, "hostile")) hostile();
     puts("vsockecho: cid ");
     putdec(cid);
     puts(", listening on 1234\n");

@@ -131,6 +131,10 @@ pub struct Vsock {
     /// A restore happened: the guest is to be told its connections are
     /// gone.
     reset_event: bool,
+    /// Scratch for a packet from the guest, and for data to it: allocated
+    /// once, not per call.
+    packet: Vec<u8>,
+    data: Vec<u8>,
 }
 
 impl Vsock {
@@ -173,6 +177,8 @@ impl Vsock {
             next_port: FIRST_HOST_PORT,
             to_guest: VecDeque::new(),
             reset_event: false,
+            packet: vec![0; HDR_LEN + MAX_PAYLOAD],
+            data: vec![0; MAX_PAYLOAD],
         })
     }
 
@@ -474,7 +480,20 @@ impl Vsock {
         let Some(pending) = super::pending(queue, mem) else {
             return false;
         };
-        let mut buf = vec![0u8; HDR_LEN + MAX_PAYLOAD];
+        let mut buf = std::mem::take(&mut self.packet);
+        let more = self.transmit_with(queue, mem, budget, pending, &mut buf);
+        self.packet = buf;
+        more
+    }
+
+    fn transmit_with(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestRam,
+        budget: &mut Budget,
+        pending: u16,
+        buf: &mut [u8],
+    ) -> bool {
         for _ in 0..pending {
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 crate::guest_warn!("vsock: the transmit ring is corrupt; no longer served");
@@ -490,9 +509,7 @@ impl Vsock {
             };
             match Header::parse(&buf[..n]) {
                 Ok(h) if h.len as usize <= n - HDR_LEN => {
-                    let payload = &buf[HDR_LEN..HDR_LEN + h.len as usize];
-                    let payload = payload.to_vec();
-                    self.take_packet(h, &payload);
+                    self.take_packet(h, &buf[HDR_LEN..HDR_LEN + h.len as usize]);
                 }
                 Ok(h) => crate::guest_warn!(
                     "vsock: a packet says {} bytes and carries {}; dropped",
@@ -553,8 +570,8 @@ impl Vsock {
                 queue.go_to_previous_position();
                 let c = self.conns.get_mut(&key).expect("listed above");
                 let max = (room - HDR_LEN).min(c.credit() as usize).min(MAX_PAYLOAD);
-                let mut data = vec![0u8; max];
-                match c.stream.read(&mut data) {
+                let data = &mut self.data[..max];
+                match c.stream.read(data) {
                     Ok(0) => {
                         // The host side is done: tell the guest.
                         c.state = State::Closing;
@@ -571,7 +588,7 @@ impl Vsock {
                         c.tx_cnt = c.tx_cnt.wrapping_add(n as u32);
                         c.fwd_told = c.fwd_cnt;
                         let h = self.header(key, Op::Rw, 0, n as u32);
-                        put(queue, mem, &h, &data[..n]);
+                        put(queue, mem, &h, &self.data[..n]);
                         budget.spend(n as u64);
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
