@@ -15,6 +15,7 @@
 //!   engine and inline.
 //! - [`net`]: virtio-net on a TAP vs a host thread on the TAP: frames/s
 //!   guest → host, round trips host → guest → host.
+//! - [`vsock`]: hybrid vsock to an echoing guest vs a Unix socket pair.
 //! - [`snapshot`]: snapshot create and restore vs writing the bytes and
 //!   starting a fresh VM; migration downtime and total time (idle,
 //!   dirtying, local fd hand-over) vs pausing in place.
@@ -31,6 +32,7 @@ mod rig;
 mod sigmask;
 pub mod snapshot;
 pub mod stats;
+pub mod vsock;
 
 use serde::Serialize;
 pub use stats::{Row, Table};
@@ -46,6 +48,7 @@ pub enum Which {
     Boot,
     Blk,
     Net,
+    Vsock,
     Snapshot,
     All,
 }
@@ -126,6 +129,9 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Net | Which::All) {
         go(net::run);
+    }
+    if matches!(which, Which::Vsock | Which::All) {
+        go(vsock::run);
     }
     if matches!(which, Which::Snapshot | Which::All) {
         go(snapshot::run);

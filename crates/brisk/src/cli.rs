@@ -176,6 +176,9 @@ enum BenchWhich {
     /// round trips (64 and 1514 bytes) vs a host thread on the TAP. Needs
     /// root (it makes its TAPs).
     Net,
+    /// Hybrid vsock: 64-byte round trips and echo throughput through
+    /// brisk to an echoing guest vs a Unix socket pair on the host.
+    Vsock,
     /// Snapshot create and restore-to-running (1 and 2 vCPUs, 256 MiB and
     /// 2 GiB; --quick: 256 MiB) vs pwrite of the bytes and a fresh VM
     /// start; live migration downtime and total (idle, dirtying, local fd
@@ -539,6 +542,7 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Boot => brisk_bench::Which::Boot,
         BenchWhich::Blk => brisk_bench::Which::Blk,
         BenchWhich::Net => brisk_bench::Which::Net,
+        BenchWhich::Vsock => brisk_bench::Which::Vsock,
         BenchWhich::Snapshot => brisk_bench::Which::Snapshot,
         BenchWhich::All => brisk_bench::Which::All,
     };
