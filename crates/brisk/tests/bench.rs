@@ -40,6 +40,7 @@ fn bench_quick_runs_and_writes_well_formed_json() {
         "pause:",
         "api:",
         "blk:",
+        "vsock:",
         "snapshot:",
         "migration:",
     ] {
@@ -48,6 +49,14 @@ fn bench_quick_runs_and_writes_well_formed_json() {
             "no {prefix} table"
         );
     }
+    // The network tables need a TAP (root): present exactly when one can
+    // be made here.
+    let net = titles.iter().any(|t| t.starts_with("net:"));
+    assert_eq!(
+        net,
+        brisk_test_kernels::host_net::tap_unavailable().is_none(),
+        "{titles:?}"
+    );
     for t in tables {
         let rows = t["rows"].as_array().unwrap();
         assert!(!rows.is_empty());
