@@ -14,15 +14,17 @@ pub mod client;
 mod deadline_io;
 mod evict;
 pub mod firecracker;
+pub mod model;
 mod prometheus;
 pub mod routes;
 mod server;
 pub mod slot;
 mod socket;
 
+pub use model::Endpoint;
 pub use routes::{Api, Reply};
 pub use server::{http1, ApiServer, IO_BOUND, MAX_CONNECTIONS, MAX_HEAD, MAX_HEADERS};
-pub use slot::{Bring, BringRequest, VmSlot};
+pub use slot::{Bring, BringError, BringRequest, VmSlot};
 pub use socket::SocketError;
 
 /// Largest request body accepted; larger ones get 413.

@@ -7,38 +7,12 @@ use brisk_control::{Deadline, Request};
 use brisk_vmm::{Irqchip, Mwait, PauseError, Vm};
 use serde_json::{json, Value};
 
+use crate::model::{self, Endpoint};
 use crate::prometheus;
-use crate::slot::{Bring, VmSlot};
+use crate::slot::{Bring, BringError, VmSlot};
 
 /// How long pause and resume may take before the API reports failure.
 const DEADLINE: Duration = Duration::from_secs(2);
-
-/// The paths and the methods each accepts.
-pub const PATHS: [(&str, &str); 13] = [
-    ("/api/v1/vmm.ping", "GET"),
-    ("/api/v1/vm.info", "GET"),
-    ("/api/v1/vm.counters", "GET"),
-    ("/api/v1/vm.pause", "PUT"),
-    ("/api/v1/vm.resume", "PUT"),
-    ("/api/v1/vm.shutdown", "PUT"),
-    ("/api/v1/vcpu.kick", "PUT"),
-    ("/api/v1/vm.snapshot", "PUT"),
-    ("/api/v1/vm.send-migration", "PUT"),
-    ("/api/v1/vm.migration", "GET"),
-    ("/api/v1/vm.cancel-migration", "PUT"),
-    ("/api/v1/vm.restore", "PUT"),
-    ("/api/v1/vm.receive-migration", "PUT"),
-];
-
-/// Paths whose handler blocks for long (it writes or sends guest RAM):
-/// the server runs them off its event loop, so other requests (a cancel)
-/// are still answered meanwhile.
-pub const SLOW_PATHS: [&str; 4] = [
-    "/api/v1/vm.snapshot",
-    "/api/v1/vm.send-migration",
-    "/api/v1/vm.restore",
-    "/api/v1/vm.receive-migration",
-];
 
 /// An HTTP reply.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,41 +32,9 @@ pub fn shorten(path: &str) -> String {
     }
 }
 
-/// The body of `vcpu.kick`. serde refuses unknown and duplicate fields and
-/// names the value it could not take (`{"id": -1}` is not a vCPU index).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct KickBody {
-    id: u64,
-}
-
-/// The body of `vm.snapshot` (cloud-hypervisor's shape).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SnapshotBody {
-    destination_url: String,
-}
-
-/// The body of `vm.send-migration`.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SendMigrationBody {
-    destination_url: String,
-    #[serde(default)]
-    downtime_ms: Option<u64>,
-    #[serde(default)]
-    timeout_s: Option<u64>,
-    #[serde(default)]
-    local: bool,
-    /// cloud-hypervisor's: "cancel" (default) or "ignore" (stop and
-    /// copy anyway) when `timeout_s` passes before convergence.
-    #[serde(default)]
-    timeout_strategy: Option<String>,
-}
-
 /// The options in a `vm.send-migration` body, or the 400 reply. Pure.
 pub fn migration_target(b: &[u8]) -> Result<brisk_vmm::MigrationOptions, Reply> {
-    let m: SendMigrationBody = body(
+    let m: model::SendMigration = body(
         b,
         "{\"destination_url\": \"unix:PATH\" or \"tcp:IP:PORT\", \"downtime_ms\": 300, \"timeout_s\": 60, \"timeout_strategy\": \"cancel\", \"local\": false}",
     )?;
@@ -130,36 +72,18 @@ pub fn migration_target(b: &[u8]) -> Result<brisk_vmm::MigrationOptions, Reply> 
     Ok(o)
 }
 
-/// The body of `vm.restore` (cloud-hypervisor's `source_url`).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RestoreBody {
-    source_url: String,
-    #[serde(default)]
-    paused: bool,
-}
-
-/// The body of `vm.receive-migration` (cloud-hypervisor's `receiver_url`).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReceiveBody {
-    receiver_url: String,
-    #[serde(default)]
-    paused: bool,
-}
-
 /// What a `vm.restore` or `vm.receive-migration` body asks for, or the
 /// 400 reply. Pure.
-pub fn bring_target(path: &str, b: &[u8]) -> Result<Bring, Reply> {
-    if path == "/api/v1/vm.restore" {
-        let r: RestoreBody = body(b, "{\"source_url\": \"file:///DIR\", \"paused\": false}")?;
+pub fn bring_target(endpoint: Endpoint, b: &[u8]) -> Result<Bring, Reply> {
+    if endpoint == Endpoint::Restore {
+        let r: model::Restore = body(b, "{\"source_url\": \"file:///DIR\", \"paused\": false}")?;
         let dir = file_url(&r.source_url).map_err(|e| Reply::error(400, e))?;
         return Ok(Bring::Restore {
             dir,
             paused: r.paused,
         });
     }
-    let r: ReceiveBody = body(
+    let r: model::ReceiveMigration = body(
         b,
         "{\"receiver_url\": \"unix:PATH\" or \"tcp:IP:PORT\", \"paused\": false}",
     )?;
@@ -213,7 +137,7 @@ fn body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T,
 
 /// The directory in a `vm.snapshot` body, or the 400 reply. Pure.
 pub fn snapshot_target(b: &[u8]) -> Result<std::path::PathBuf, Reply> {
-    let s: SnapshotBody = body(b, "{\"destination_url\": \"file:///DIR\"}")?;
+    let s: model::SnapshotRequest = body(b, "{\"destination_url\": \"file:///DIR\"}")?;
     file_url(&s.destination_url).map_err(|e| Reply::error(400, e))
 }
 
@@ -244,27 +168,32 @@ impl Reply {
 
     /// `{"error": msg}` with `status`.
     pub fn error(status: u16, msg: impl Into<String>) -> Reply {
-        Reply::json(status, json!({ "error": msg.into() }))
+        Reply::typed(status, &model::ErrorBody { error: msg.into() })
+    }
+
+    /// `v` as the JSON body.
+    pub(crate) fn typed<T: serde::Serialize>(status: u16, v: &T) -> Reply {
+        Reply::json(status, serde_json::to_value(v).unwrap_or_default())
     }
 }
 
-/// Which of [`PATHS`] a request is for (the query string ignored), or
-/// the 404/405 reply. Pure: the fuzz target drives it with any bytes.
-pub fn route(method: &str, path: &str) -> Result<&'static str, Reply> {
-    let path = path.split('?').next().unwrap_or(path);
-    let Some(&(known, allowed)) = PATHS.iter().find(|(p, _)| *p == path) else {
+/// Which endpoint a request is for (the query string ignored), or the
+/// 404/405 reply. Pure: the fuzz target drives it with any bytes.
+pub fn route(method: &str, path: &str) -> Result<Endpoint, Reply> {
+    let Some(e) = Endpoint::at(path) else {
+        let path = path.split('?').next().unwrap_or(path);
         return Err(Reply::error(
             404,
             format!("no such path: {}", shorten(path)),
         ));
     };
-    if method != allowed {
+    if method != e.method() {
         return Err(Reply::error(
             405,
-            format!("{known} takes {allowed}, not {method}"),
+            format!("{} takes {}, not {method}", e.path(), e.method()),
         ));
     }
-    Ok(known)
+    Ok(e)
 }
 
 /// The vCPU index in a `vcpu.kick` body, or the 400 reply naming what is
@@ -276,7 +205,7 @@ pub fn kick_target(body: &[u8]) -> Result<u64, Reply> {
         Err(e) => return Err(Reply::error(400, format!("body is not JSON: {e}"))),
     }
     // Again, typed: unknown, duplicate and ill-typed fields are named.
-    match serde_json::from_slice::<KickBody>(body) {
+    match serde_json::from_slice::<model::Kick>(body) {
         Ok(k) => Ok(k.id),
         Err(e) => Err(Reply::error(
             400,
@@ -323,7 +252,7 @@ impl Api {
     /// migrates a VM): the server runs it off its event loop.
     pub fn is_slow(&self, path: &str) -> bool {
         let path = path.split('?').next().unwrap_or(path);
-        SLOW_PATHS.contains(&path)
+        Endpoint::at(path).is_some_and(Endpoint::slow)
             || (self.firecracker.is_some() && crate::firecracker::is_slow(path))
     }
 
@@ -334,25 +263,24 @@ impl Api {
                 return fc.handle(&self.slot, method, path, body);
             }
         }
-        let path = match route(method, path) {
-            Ok(p) => p,
+        let endpoint = match route(method, path) {
+            Ok(e) => e,
             Err(reply) => return reply,
         };
-        match path {
-            "/api/v1/vmm.ping" => {
-                return Reply::json(
-                    200,
-                    json!({ "name": "brisk", "version": env!("CARGO_PKG_VERSION") }),
-                )
+        match endpoint {
+            Endpoint::Ping => {
+                let ping = model::Ping {
+                    name: "brisk".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                };
+                return Reply::typed(200, &ping);
             }
-            "/api/v1/vm.restore" | "/api/v1/vm.receive-migration" => {
-                return match bring_target(path, body) {
+            Endpoint::Restore | Endpoint::ReceiveMigration => {
+                return match bring_target(endpoint, body) {
                     Ok(what) => match self.slot.bring(what) {
                         Ok(()) => Reply::no_content(),
-                        Err(e) if e.contains("already") || e.contains("takes no VM") => {
-                            Reply::error(409, e)
-                        }
-                        Err(e) => Reply::error(400, e),
+                        Err(e @ BringError::Failed(_)) => Reply::error(400, e.to_string()),
+                        Err(e) => Reply::error(409, e.to_string()),
                     },
                     Err(reply) => reply,
                 }
@@ -360,7 +288,7 @@ impl Api {
             _ => {}
         }
         let Some(vm) = self.slot.get() else {
-            if path == "/api/v1/vm.shutdown" {
+            if endpoint == Endpoint::Shutdown {
                 // No VM yet: end the wait for one (and a migration it
                 // waits on); brisk exits 0.
                 self.slot.request_shutdown();
@@ -372,36 +300,39 @@ impl Api {
             );
         };
         let on = OnVm(&vm);
-        match path {
-            "/api/v1/vm.info" => on.info(),
-            "/api/v1/vm.counters" => on.counters(accept),
-            "/api/v1/vm.pause" => on.pause(),
-            "/api/v1/vm.resume" => on.resume(),
-            "/api/v1/vm.shutdown" => {
+        match endpoint {
+            Endpoint::Info => on.info(),
+            Endpoint::Counters => on.counters(accept),
+            Endpoint::Pause => on.pause(),
+            Endpoint::Resume => on.resume(),
+            Endpoint::Shutdown => {
                 vm.request_shutdown();
                 Reply::no_content()
             }
-            "/api/v1/vcpu.kick" => match kick_target(body) {
+            Endpoint::Kick => match kick_target(body) {
                 Ok(id) => on.kick(id),
                 Err(reply) => reply,
             },
-            "/api/v1/vm.snapshot" => match snapshot_target(body) {
+            Endpoint::Snapshot => match snapshot_target(body) {
                 Ok(dir) => on.snapshot(&dir),
                 Err(reply) => reply,
             },
-            "/api/v1/vm.send-migration" => match migration_target(body) {
+            Endpoint::SendMigration => match migration_target(body) {
                 Ok(opts) => on.send_migration(opts),
                 Err(reply) => reply,
             },
-            "/api/v1/vm.migration" => match vm.migration_status() {
+            Endpoint::Migration => match vm.migration_status() {
                 Some(s) => Reply::json(200, json!(s)),
                 None => Reply::error(404, "no migration was started"),
             },
-            "/api/v1/vm.cancel-migration" => match vm.cancel_migration() {
+            Endpoint::CancelMigration => match vm.cancel_migration() {
                 true => Reply::no_content(),
                 false => Reply::error(409, "no migration is in progress"),
             },
-            _ => Reply::error(500, "route table and dispatch disagree"),
+            // Answered above, VM or not.
+            Endpoint::Ping | Endpoint::Restore | Endpoint::ReceiveMigration => {
+                Reply::error(500, "route table and dispatch disagree")
+            }
         }
     }
 }
@@ -418,24 +349,35 @@ impl OnVm<'_> {
     }
 
     fn info(&self) -> Reply {
-        let vcpus: Vec<Value> = self
+        let vcpus = self
             .0
             .vcpus()
             .iter()
-            .map(|v| json!({ "id": v.id(), "mode": v.mode().name(), "state": v.state().name() }))
+            .map(|v| model::VcpuInfo {
+                id: v.id(),
+                mode: v.mode().name().into(),
+                state: v.state().name().into(),
+            })
             .collect();
-        Reply::json(
-            200,
-            json!({
-                "state": self.state(),
-                "guest": self.0.guest(),
-                "memory_bytes": self.0.memory_size(),
-                "irqchip": match self.0.irqchip() { Irqchip::User => "user", Irqchip::Kernel => "kernel" },
-                "mwait": match self.0.mwait() { Mwait::Hide => "hide", Mwait::Exit => "exit", Mwait::Passthrough => "passthrough" },
-                "uptime_ms": self.0.uptime().as_millis() as u64,
-                "vcpus": vcpus,
-            }),
-        )
+        let info = model::VmInfo {
+            state: self.state().into(),
+            guest: self.0.guest().into(),
+            memory_bytes: self.0.memory_size(),
+            irqchip: match self.0.irqchip() {
+                Irqchip::User => "user",
+                Irqchip::Kernel => "kernel",
+            }
+            .into(),
+            mwait: match self.0.mwait() {
+                Mwait::Hide => "hide",
+                Mwait::Exit => "exit",
+                Mwait::Passthrough => "passthrough",
+            }
+            .into(),
+            uptime_ms: self.0.uptime().as_millis() as u64,
+            vcpus,
+        };
+        Reply::typed(200, &info)
     }
 
     fn counters(&self, accept: Option<&str>) -> Reply {
@@ -481,16 +423,16 @@ impl OnVm<'_> {
     fn snapshot(&self, dir: &std::path::Path) -> Reply {
         use brisk_vmm::SnapshotError;
         match self.0.snapshot(dir) {
-            Ok(info) => Reply::json(
+            Ok(info) => Reply::typed(
                 200,
-                json!({
-                    "destination_url": format!("file://{}", dir.display()),
-                    "memory_bytes": info.memory.ram,
-                    "memory_written_bytes": info.memory.data,
-                    "pause_ms": info.pause.as_secs_f64() * 1e3,
-                    "stopped_ms": info.stopped.as_secs_f64() * 1e3,
-                    "total_ms": info.total.as_secs_f64() * 1e3,
-                }),
+                &model::SnapshotReply {
+                    destination_url: format!("file://{}", dir.display()),
+                    memory_bytes: info.memory.ram,
+                    memory_written_bytes: info.memory.data,
+                    pause_ms: info.pause.as_secs_f64() * 1e3,
+                    stopped_ms: info.stopped.as_secs_f64() * 1e3,
+                    total_ms: info.total.as_secs_f64() * 1e3,
+                },
             ),
             Err(e @ SnapshotError::Pause(PauseError::Ended)) => Reply::error(409, e.to_string()),
             Err(e @ SnapshotError::Io { .. }) => Reply::error(400, e.to_string()),
@@ -599,25 +541,25 @@ mod tests {
 
         assert!(matches!(
             bring_target(
-                "/api/v1/vm.restore",
+                Endpoint::Restore,
                 br#"{"source_url": "file:///s", "paused": true}"#
             ),
             Ok(Bring::Restore { paused: true, .. })
         ));
         assert!(matches!(
             bring_target(
-                "/api/v1/vm.receive-migration",
+                Endpoint::ReceiveMigration,
                 br#"{"receiver_url": "unix:/m.sock"}"#
             ),
             Ok(Bring::Receive { paused: false, .. })
         ));
         assert!(refused(bring_target(
-            "/api/v1/vm.restore",
+            Endpoint::Restore,
             br#"{"receiver_url": "unix:/m"}"#
         ))
         .contains("unknown field"));
         assert!(refused(bring_target(
-            "/api/v1/vm.receive-migration",
+            Endpoint::ReceiveMigration,
             br#"{"receiver_url": "file:///x"}"#
         ))
         .contains("unix:PATH"));

@@ -27,7 +27,24 @@ pub enum Bring {
     Start(Box<brisk_vmm::VmConfig>),
 }
 
-/// A request to bring a VM, and where its builder answers.
+/// Why a VM was not brought.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BringError {
+    #[error("a VM is already running in this brisk")]
+    AlreadyRunning,
+    #[error("this brisk takes no VM from the API (start it with --wait-for-vm)")]
+    NotWaiting,
+    #[error("a vm.restore or vm.receive-migration is already in progress")]
+    InProgress,
+    #[error("this brisk is shutting down")]
+    ShuttingDown,
+    /// The builder tried and failed: its sentence.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A request to bring a VM, and where its builder answers (with the
+/// sentence of its failure).
 pub type BringRequest = (Bring, Sender<Result<(), String>>);
 
 /// The API's VM, once there is one.
@@ -96,9 +113,9 @@ impl VmSlot {
     }
 
     /// Ask the builder for a VM and wait for its answer.
-    pub(crate) fn bring(&self, what: Bring) -> Result<(), String> {
+    pub(crate) fn bring(&self, what: Bring) -> Result<(), BringError> {
         if self.get().is_some() {
-            return Err("a VM is already running in this brisk".into());
+            return Err(BringError::AlreadyRunning);
         }
         let builder = self
             .builder
@@ -106,17 +123,19 @@ impl VmSlot {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let Some(builder) = builder else {
-            return Err("this brisk takes no VM from the API (start it with --wait-for-vm)".into());
+            return Err(BringError::NotWaiting);
         };
         if self.bringing.swap(true, SeqCst) {
-            return Err("a vm.restore or vm.receive-migration is already in progress".into());
+            return Err(BringError::InProgress);
         }
         let (tx, rx) = mpsc::channel();
         let answer = match builder.send((what, tx)) {
-            Ok(()) => rx
-                .recv()
-                .unwrap_or_else(|_| Err("this brisk is shutting down".into())),
-            Err(_) => Err("this brisk is shutting down".to_string()),
+            Ok(()) => match rx.recv() {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(why)) => Err(BringError::Failed(why)),
+                Err(_) => Err(BringError::ShuttingDown),
+            },
+            Err(_) => Err(BringError::ShuttingDown),
         };
         self.bringing.store(false, SeqCst);
         answer

@@ -354,7 +354,7 @@ fn every_path_in_openapi_yaml_answers() {
     }
     assert_eq!(
         documented.len(),
-        brisk_api::routes::PATHS.len(),
+        brisk_api::Endpoint::ALL.len(),
         "{documented:?}"
     );
     let s = Served::start("spin", "openapi");
@@ -401,7 +401,8 @@ fn every_path_in_openapi_yaml_answers() {
         brisk_vmm::snapshot::file::read(&snap.join("state")).unwrap();
     assert!(snap.join(&saved.memory_file).exists());
     std::fs::remove_dir_all(&snap).unwrap();
-    for (path, method) in brisk_api::routes::PATHS {
+    for e in brisk_api::Endpoint::ALL {
+        let (path, method) = (e.path(), e.method());
         let p = path.trim_start_matches("/api/v1/");
         assert!(
             documented.iter().any(|(m, d)| m == method && d == p),

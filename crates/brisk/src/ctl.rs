@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use brisk_api::client::{request, request_within};
+use brisk_api::model::{self, Endpoint};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::status;
@@ -29,84 +31,74 @@ pub enum Op {
     ReceiveMigration(String, bool),
 }
 
+impl Op {
+    /// The endpoint, its body, and what to print when the reply has none.
+    fn request(&self) -> Result<(Endpoint, Option<String>, &'static str), i32> {
+        Ok(match self {
+            Op::Info => (Endpoint::Info, None, ""),
+            Op::Pause => (Endpoint::Pause, None, "paused"),
+            Op::Resume => (Endpoint::Resume, None, "resumed"),
+            Op::Shutdown => (Endpoint::Shutdown, None, "shutting down"),
+            Op::Counters => (Endpoint::Counters, None, ""),
+            Op::Kick(id) => {
+                let kick = model::Kick { id: *id as u64 };
+                (Endpoint::Kick, body(&kick), "kicked")
+            }
+            Op::Ping => (Endpoint::Ping, None, ""),
+            Op::Snapshot(dir) => {
+                let r = model::SnapshotRequest {
+                    destination_url: file_url(dir)?,
+                };
+                (Endpoint::Snapshot, body(&r), "")
+            }
+            Op::SendMigration {
+                url,
+                downtime_ms,
+                timeout_s,
+                force,
+                local,
+            } => {
+                let r = model::SendMigration {
+                    destination_url: url.clone(),
+                    downtime_ms: Some(*downtime_ms),
+                    timeout_s: Some(*timeout_s),
+                    local: *local,
+                    timeout_strategy: Some(if *force { "ignore" } else { "cancel" }.into()),
+                };
+                (Endpoint::SendMigration, body(&r), "")
+            }
+            Op::CancelMigration => (Endpoint::CancelMigration, None, "cancelling"),
+            Op::Restore(dir, paused) => {
+                let r = model::Restore {
+                    source_url: file_url(dir)?,
+                    paused: *paused,
+                };
+                (Endpoint::Restore, body(&r), "restored")
+            }
+            Op::ReceiveMigration(url, paused) => {
+                let r = model::ReceiveMigration {
+                    receiver_url: url.clone(),
+                    paused: *paused,
+                };
+                let done = "received: the VM runs here";
+                (Endpoint::ReceiveMigration, body(&r), done)
+            }
+            Op::Migration => (Endpoint::Migration, None, ""),
+        })
+    }
+}
+
+/// A request body of a model type, as JSON.
+fn body<T: serde::Serialize>(v: &T) -> Option<String> {
+    serde_json::to_string(v).ok()
+}
+
 pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
-    let (kick_body, snapshot_body, migration_body, bring_body);
-    let (method, path, body, done) = match &op {
-        Op::Info => ("GET", "/api/v1/vm.info", None, ""),
-        Op::Pause => ("PUT", "/api/v1/vm.pause", None, "paused"),
-        Op::Resume => ("PUT", "/api/v1/vm.resume", None, "resumed"),
-        Op::Shutdown => ("PUT", "/api/v1/vm.shutdown", None, "shutting down"),
-        Op::Counters => ("GET", "/api/v1/vm.counters", None, ""),
-        Op::Kick(id) => {
-            kick_body = format!("{{\"id\":{id}}}");
-            (
-                "PUT",
-                "/api/v1/vcpu.kick",
-                Some(kick_body.as_str()),
-                "kicked",
-            )
-        }
-        Op::Ping => ("GET", "/api/v1/vmm.ping", None, ""),
-        Op::Snapshot(dir) => {
-            let url = match file_url(dir) {
-                Ok(u) => u,
-                Err(code) => return code,
-            };
-            snapshot_body = serde_json::json!({ "destination_url": url }).to_string();
-            (
-                "PUT",
-                "/api/v1/vm.snapshot",
-                Some(snapshot_body.as_str()),
-                "",
-            )
-        }
-        Op::SendMigration {
-            url,
-            downtime_ms,
-            timeout_s,
-            force,
-            local,
-        } => {
-            migration_body = serde_json::json!({
-                "destination_url": url,
-                "downtime_ms": downtime_ms,
-                "timeout_s": timeout_s,
-                "timeout_strategy": if *force { "ignore" } else { "cancel" },
-                "local": local,
-            })
-            .to_string();
-            (
-                "PUT",
-                "/api/v1/vm.send-migration",
-                Some(migration_body.as_str()),
-                "",
-            )
-        }
-        Op::CancelMigration => ("PUT", "/api/v1/vm.cancel-migration", None, "cancelling"),
-        Op::Restore(dir, paused) => {
-            let url = match file_url(dir) {
-                Ok(u) => u,
-                Err(code) => return code,
-            };
-            bring_body = serde_json::json!({ "source_url": url, "paused": paused }).to_string();
-            (
-                "PUT",
-                "/api/v1/vm.restore",
-                Some(bring_body.as_str()),
-                "restored",
-            )
-        }
-        Op::ReceiveMigration(url, paused) => {
-            bring_body = serde_json::json!({ "receiver_url": url, "paused": paused }).to_string();
-            (
-                "PUT",
-                "/api/v1/vm.receive-migration",
-                Some(bring_body.as_str()),
-                "received: the VM runs here",
-            )
-        }
-        Op::Migration => ("GET", "/api/v1/vm.migration", None, ""),
+    let (endpoint, body, done) = match op.request() {
+        Ok(r) => r,
+        Err(code) => return code,
     };
+    let (method, path, body) = (endpoint.method(), endpoint.path(), body.as_deref());
     // A migration's reply comes when it has ended; meanwhile a second
     // connection follows its progress.
     let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -136,9 +128,8 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         }
     };
     if !(200..300).contains(&reply.status) {
-        let msg = serde_json::from_str::<Value>(&reply.body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(String::from))
+        let msg = serde_json::from_str::<model::ErrorBody>(&reply.body)
+            .map(|e| e.error)
             .unwrap_or(reply.body.clone());
         say!("brisk: API error {}: {msg}", reply.status);
         return status::API_ERROR;
@@ -154,10 +145,7 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         );
         return status::OK;
     }
-    match serde_json::from_str::<Value>(&reply.body) {
-        Ok(v) => out!("{}", human(&op, &v)),
-        Err(_) => out!("{}", reply.body),
-    }
+    out!("{}", human(&op, &reply.body).unwrap_or(reply.body.clone()));
     status::OK
 }
 
@@ -168,10 +156,11 @@ fn follow_migration(socket: &Path, done: &std::sync::atomic::AtomicBool) {
     let mut last = String::new();
     while !done.load(SeqCst) {
         std::thread::sleep(std::time::Duration::from_millis(200));
-        let Ok(reply) = request(socket, "GET", "/api/v1/vm.migration", None, None) else {
+        let e = Endpoint::Migration;
+        let Ok(reply) = request(socket, e.method(), e.path(), None, None) else {
             continue;
         };
-        let Ok(v) = serde_json::from_str::<Value>(&reply.body) else {
+        let Ok(m) = serde_json::from_str::<model::Migration>(&reply.body) else {
             continue;
         };
         if reply.status != 200 || done.load(SeqCst) {
@@ -179,12 +168,12 @@ fn follow_migration(socket: &Path, done: &std::sync::atomic::AtomicBool) {
         }
         let line = format!(
             "migration {}: pass {}, {:.1} MiB sent at {:.1} MiB/s, {} dirty pages left, estimated downtime {:.1} ms",
-            v["phase"].as_str().unwrap_or("?"),
-            v["iteration"],
-            v["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
-            v["rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1048576.0,
-            v["dirty_pages"],
-            v["estimated_downtime_ms"].as_f64().unwrap_or(0.0)
+            m.phase,
+            m.iteration,
+            m.bytes_sent as f64 / 1048576.0,
+            m.rate_bytes_per_s as f64 / 1048576.0,
+            m.dirty_pages,
+            m.estimated_downtime_ms
         );
         if line != last {
             say!("{line}");
@@ -193,34 +182,38 @@ fn follow_migration(socket: &Path, done: &std::sync::atomic::AtomicBool) {
     }
 }
 
-fn human(op: &Op, v: &Value) -> String {
-    match op {
-        Op::Ping => format!(
-            "{} {}",
-            v["name"].as_str().unwrap_or("?"),
-            v["version"].as_str().unwrap_or("?")
-        ),
+/// `body` read as `T`.
+fn parse<T: DeserializeOwned>(body: &str) -> Option<T> {
+    serde_json::from_str(body).ok()
+}
+
+/// The reply for a person, where brisk knows its shape.
+fn human(op: &Op, body: &str) -> Option<String> {
+    Some(match op {
+        Op::Ping => {
+            let p: model::Ping = parse(body)?;
+            format!("{} {}", p.name, p.version)
+        }
         Op::Info => {
+            let i: model::VmInfo = parse(body)?;
             let mut s = format!(
                 "state:   {}\nguest:   {} ({} vCPUs, {} MiB, {} irqchip)\nuptime:  {:.1} s",
-                v["state"].as_str().unwrap_or("?"),
-                v["guest"].as_str().unwrap_or("?"),
-                v["vcpus"].as_array().map_or(0, |a| a.len()),
-                v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-                v["irqchip"].as_str().unwrap_or("?"),
-                v["uptime_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
+                i.state,
+                i.guest,
+                i.vcpus.len(),
+                i.memory_bytes >> 20,
+                i.irqchip,
+                i.uptime_ms as f64 / 1000.0
             );
-            for c in v["vcpus"].as_array().into_iter().flatten() {
-                s.push_str(&format!(
-                    "\nvCPU {}: {} ({})",
-                    c["id"],
-                    c["mode"].as_str().unwrap_or("?"),
-                    c["state"].as_str().unwrap_or("?")
-                ));
+            for c in &i.vcpus {
+                s.push_str(&format!("\nvCPU {}: {} ({})", c.id, c.mode, c.state));
             }
             s
         }
         Op::Counters => {
+            // The counters' JSON is prometheus.rs's rendering of the
+            // vCPUs' statistics (one list of names for both renderings).
+            let v: Value = parse(body)?;
             let mut s = format!(
                 "{:<5} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}",
                 "vCPU",
@@ -254,38 +247,43 @@ fn human(op: &Op, v: &Value) -> String {
             ));
             s
         }
-        Op::SendMigration { .. } => format!(
-            "migrated to {}: downtime {:.1} ms, {:.1} ms in all, {:.1} MiB sent in {} passes",
-            v["destination_url"].as_str().unwrap_or("?"),
-            v["downtime_ms"].as_f64().unwrap_or(0.0),
-            v["total_ms"].as_f64().unwrap_or(0.0),
-            v["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
-            v["iteration"].as_u64().unwrap_or(0) + 1
-        ),
-        Op::Migration => format!(
-            "{}: {} pass(es), {:.1} MiB sent, {} dirty pages, downtime {}",
-            v["phase"].as_str().unwrap_or("?"),
-            v["iteration"].as_u64().unwrap_or(0) + 1,
-            v["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
-            v["dirty_pages"],
-            v["downtime_ms"]
-                .as_f64()
-                .map_or("-".to_string(), |d| format!("{d:.1} ms"))
-        ),
-        Op::Snapshot(_) => format!(
-            "snapshot in {}: {} MiB of RAM ({} written), paused in {:.1} ms, guest stopped {:.1} ms, {:.1} ms in all",
-            v["destination_url"]
-                .as_str()
-                .unwrap_or("?")
-                .trim_start_matches("file://"),
-            v["memory_bytes"].as_u64().unwrap_or(0) >> 20,
-            bytes(v["memory_written_bytes"].as_u64().unwrap_or(0)),
-            v["pause_ms"].as_f64().unwrap_or(0.0),
-            v["stopped_ms"].as_f64().unwrap_or(0.0),
-            v["total_ms"].as_f64().unwrap_or(0.0)
-        ),
-        _ => v.to_string(),
-    }
+        Op::SendMigration { .. } => {
+            let m: model::Migration = parse(body)?;
+            format!(
+                "migrated to {}: downtime {:.1} ms, {:.1} ms in all, {:.1} MiB sent in {} passes",
+                m.destination_url,
+                m.downtime_ms.unwrap_or(0.0),
+                m.total_ms,
+                m.bytes_sent as f64 / 1048576.0,
+                m.iteration + 1
+            )
+        }
+        Op::Migration => {
+            let m: model::Migration = parse(body)?;
+            format!(
+                "{}: {} pass(es), {:.1} MiB sent, {} dirty pages, downtime {}",
+                m.phase,
+                m.iteration + 1,
+                m.bytes_sent as f64 / 1048576.0,
+                m.dirty_pages,
+                m.downtime_ms
+                    .map_or("-".to_string(), |d| format!("{d:.1} ms"))
+            )
+        }
+        Op::Snapshot(_) => {
+            let r: model::SnapshotReply = parse(body)?;
+            format!(
+                "snapshot in {}: {} MiB of RAM ({} written), paused in {:.1} ms, guest stopped {:.1} ms, {:.1} ms in all",
+                r.destination_url.trim_start_matches("file://"),
+                r.memory_bytes >> 20,
+                bytes(r.memory_written_bytes),
+                r.pause_ms,
+                r.stopped_ms,
+                r.total_ms
+            )
+        }
+        _ => return None,
+    })
 }
 
 /// `file://` and the absolute path of `dir`, or the exit status.

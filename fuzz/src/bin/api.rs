@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use brisk_api::routes::{kick_target, migration_target, route, snapshot_target};
+use brisk_api::Endpoint;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::{Request, Response};
@@ -20,15 +21,15 @@ async fn answer(req: Request<hyper::body::Incoming>) -> Result<Response<Full<Byt
     let status = match (route(&method, &path), body) {
         (Err(reply), _) => reply.status,
         (Ok(_), Err(_)) => 413,
-        (Ok("/api/v1/vcpu.kick"), Ok(b)) => match kick_target(&b.to_bytes()) {
+        (Ok(Endpoint::Kick), Ok(b)) => match kick_target(&b.to_bytes()) {
             Ok(_) => 204,
             Err(reply) => reply.status,
         },
-        (Ok("/api/v1/vm.snapshot"), Ok(b)) => match snapshot_target(&b.to_bytes()) {
+        (Ok(Endpoint::Snapshot), Ok(b)) => match snapshot_target(&b.to_bytes()) {
             Ok(_) => 200,
             Err(reply) => reply.status,
         },
-        (Ok("/api/v1/vm.send-migration"), Ok(b)) => match migration_target(&b.to_bytes()) {
+        (Ok(Endpoint::SendMigration), Ok(b)) => match migration_target(&b.to_bytes()) {
             Ok(_) => 200,
             Err(reply) => reply.status,
         },

@@ -618,7 +618,7 @@ impl Firecracker {
                     dir: p.snapshot_path.into(),
                     paused: !p.resume_vm,
                 };
-                slot.bring(what).map_err(FcError::Vm)?;
+                slot.bring(what).map_err(|e| FcError::Vm(e.to_string()))?;
                 Ok(ok())
             }
             _ => Err(FcError::NoRoute(format!(
@@ -639,7 +639,7 @@ impl Firecracker {
             ("InstanceStart", None) => {
                 let config = self.pre().vm_config(self.seccomp)?;
                 slot.bring(Bring::Start(Box::new(config)))
-                    .map_err(FcError::Vm)?;
+                    .map_err(|e| FcError::Vm(e.to_string()))?;
                 Ok(ok())
             }
             // brisk has no keyboard to press it on: the VM is shut down

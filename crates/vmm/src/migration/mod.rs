@@ -104,7 +104,8 @@ pub struct MigrationStatus {
 }
 
 impl MigrationStatus {
-    fn new(o: &MigrationOptions) -> Self {
+    /// The status of a migration about to connect.
+    pub fn new(o: &MigrationOptions) -> Self {
         MigrationStatus {
             phase: Phase::Connecting,
             destination_url: o.url.to_string(),
