@@ -38,6 +38,18 @@ impl DiskLocks {
         Ok(())
     }
 
+    /// Lock `d` in place of disk `index`'s lock (a swapped image): the
+    /// new one is taken before the old one goes.
+    pub(crate) fn swap(&self, index: usize, d: &DiskConfig) -> Result<(), StartError> {
+        let new = lock(d)?;
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match held.get_mut(index) {
+            Some(old) => *old = new,
+            None => held.push(new),
+        }
+        Ok(())
+    }
+
     /// Let every lock go (a migrated VM's source).
     pub(crate) fn release(&self) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).clear();

@@ -37,7 +37,7 @@ pub use migration::{MigrationError, MigrationOptions, MigrationStatus, Migration
 pub use output::{Capture, Output};
 pub use payload::{KernelConfig, Payload, Platform};
 pub use snapshot::{RestoreOptions, SnapshotError, SnapshotInfo};
-pub use vm::{Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
+pub use vm::{ChangeError, Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;
 pub use brisk_kvm::{

@@ -98,7 +98,7 @@ pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
 
 /// Open disk `d` as a virtio-blk image: a regular file (never a device or
 /// FIFO: opening one can block or have effects), read-only if asked.
-fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartError> {
+pub(crate) fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartError> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let shown = d.path.display();
     let cannot = |e: std::io::Error| StartError::Kernel(format!("cannot open disk {shown}: {e}"));
@@ -154,6 +154,15 @@ pub(crate) struct Devices {
     pub(crate) doorbell: Option<Arc<Doorbell>>,
     /// The thread serving the virtio queues (parked until the VM runs).
     pub(crate) io: Option<IoEngine>,
+    /// The disks and NICs, in order (changed on a running VM).
+    pub(crate) virtio: VirtioHandles,
+}
+
+/// The virtio devices a running VM may change.
+#[derive(Default)]
+pub(crate) struct VirtioHandles {
+    pub(crate) disks: Vec<Arc<VirtioMmio<DiskImage>>>,
+    pub(crate) nics: Vec<Arc<VirtioMmio<Net>>>,
 }
 
 /// What the device list needs from the VM being built.
@@ -176,7 +185,11 @@ pub(crate) struct Wiring<'a> {
 /// The rest of the PC a kernel probes: the keyboard controller (its reset
 /// line), the CMOS RTC, PCI configuration mechanism #1 with a host bridge,
 /// pvpanic; and the virtio devices, with the I/O engine that serves them.
-fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>, StartError> {
+fn pc_devices(
+    m: &mut DeviceManager,
+    w: &Wiring<'_>,
+    handles: &mut VirtioHandles,
+) -> Result<Option<IoEngine>, StartError> {
     let place = || setup::<brisk_devices::BusError>("placing a device");
     let i8042 = Arc::new(I8042::new(w.end.clone()));
     m.add_pio("i8042", ports::I8042_DATA, 5, i8042)
@@ -206,7 +219,7 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
     for (i, d) in w.disks.iter().enumerate() {
         let limiter = RateLimiter::new(d.bw, d.ops, Instant::now());
         let disk = open_disk(d, i)?.with_limiter(limiter);
-        virtio(
+        let dev = virtio(
             m,
             w,
             &format!("virtio-blk{i}"),
@@ -215,6 +228,7 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
             w.disk_io,
             &mut sources,
         )?;
+        handles.disks.push(dev);
     }
     for (j, n) in w.nets.iter().enumerate() {
         let tap = Tap::open(&n.tap)?;
@@ -224,7 +238,7 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
             RateLimiter::new(n.tx_bw, n.tx_ops, now),
         );
         let slot = w.disks.len() + j;
-        virtio(
+        let dev = virtio(
             m,
             w,
             &format!("virtio-net{j}"),
@@ -233,6 +247,7 @@ fn pc_devices(m: &mut DeviceManager, w: &Wiring<'_>) -> Result<Option<IoEngine>,
             Notify::Engine,
             &mut sources,
         )?;
+        handles.nics.push(dev);
     }
     if let Some(v) = w.vsock {
         let dev = Vsock::new(v.cid, &v.uds_path)?;
@@ -271,7 +286,7 @@ fn virtio<D: VirtioDevice + 'static>(
     device: D,
     notify: Notify,
     sources: &mut Vec<Source>,
-) -> Result<(), StartError> {
+) -> Result<Arc<VirtioMmio<D>>, StartError> {
     let line = w.lines.isa(layout::VIRTIO_IRQS[slot])?;
     let dev = VirtioMmio::new(device, w.guest_memory.clone(), line, notify)
         .map_err(setup("a queue notifier"))?;
@@ -281,8 +296,9 @@ fn virtio<D: VirtioDevice + 'static>(
         w.kvm.register_ioeventfd(n, base + QUEUE_NOTIFY, q as u32)?;
     }
     sources.extend(dev.engine_sources());
-    m.add_mmio(name, base, MMIO_SIZE, dev)
-        .map_err(setup::<brisk_devices::BusError>("placing a device"))
+    m.add_mmio(name, base, MMIO_SIZE, dev.clone())
+        .map_err(setup::<brisk_devices::BusError>("placing a device"))?;
+    Ok(dev)
 }
 
 /// Register `w.platform`'s devices.
@@ -320,9 +336,10 @@ pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartErr
         timers: None,
         doorbell: None,
         io: None,
+        virtio: VirtioHandles::default(),
     };
     if w.platform == Platform::Pc {
-        devices.io = pc_devices(&mut devices.manager, &w)?;
+        devices.io = pc_devices(&mut devices.manager, &w, &mut devices.virtio)?;
         return Ok(devices);
     }
     // The built-in guests' test devices.

@@ -85,6 +85,7 @@ pub struct Machine {
     disk_locks: DiskLocks,
     /// The thread serving the virtio queues, parked until the VM runs.
     io: Option<IoEngine>,
+    virtio: platform::VirtioHandles,
 }
 
 /// User irqchip mode: the pending sets and the devices that raise into them.
@@ -210,6 +211,7 @@ impl Machine {
             irq,
             disk_locks,
             io: d.io,
+            virtio: d.virtio,
         })
     }
 }
@@ -264,6 +266,19 @@ pub enum PauseError {
     /// resumed again.
     #[error(transparent)]
     Io(NotParked),
+}
+
+/// Why a running VM's device could not be changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    #[error("this VM has no disk {0}")]
+    NoDisk(usize),
+    #[error("this VM has no NIC {0}")]
+    NoNic(usize),
+    /// The new image cannot be served (missing, not a regular file, in
+    /// use): nothing was changed.
+    #[error("{0}")]
+    Disk(#[source] StartError),
 }
 
 /// How long shutting a VM down waits for its vCPU threads. A thread still
@@ -329,8 +344,8 @@ pub struct Vm {
     pub(crate) paused: Mutex<bool>,
     /// The same, readable without the lock.
     paused_now: std::sync::atomic::AtomicBool,
-    /// What it was built from.
-    pub(crate) config: VmConfig,
+    /// What it was built from, as changed since (a drive's file swapped).
+    config: Mutex<VmConfig>,
     pub(crate) end: Arc<EndLatch>,
     /// The outgoing migration, if one was started.
     pub(crate) migration: Mutex<Option<Arc<crate::migration::Outgoing>>>,
@@ -341,6 +356,8 @@ pub struct Vm {
     /// The I/O engine, quiesced whenever the VM is paused (stopped before
     /// guest memory goes).
     io: Option<IoEngine>,
+    /// The disks and NICs, to change on a running VM.
+    virtio: platform::VirtioHandles,
 }
 
 impl Vm {
@@ -388,11 +405,12 @@ impl Vm {
             seccomp: config.seccomp,
             paused: Mutex::new(false),
             paused_now: std::sync::atomic::AtomicBool::new(false),
-            config: m.config,
+            config: Mutex::new(m.config),
             migration: Mutex::new(None),
             irq: m.irq,
             disk_locks: m.disk_locks,
             io: m.io,
+            virtio: m.virtio,
         };
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
             vm.spawn(v, ctl).map_err(setup("starting a vCPU thread"))?;
@@ -667,6 +685,82 @@ impl Vm {
     pub fn is_paused(&self) -> bool {
         // Not the lock: a snapshot or migration may hold it for long.
         self.paused_now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Serve disk `index` from `path` from now on (Firecracker's `PATCH
+    /// /drives`: Kata swaps a placeholder's file), as readable or writable
+    /// as it was: the new image is checked and locked as at start, the old
+    /// lock let go, and the guest told its capacity may have changed.
+    pub fn replace_disk(&self, index: usize, path: &std::path::Path) -> Result<(), ChangeError> {
+        let dev = self
+            .virtio
+            .disks
+            .get(index)
+            .ok_or(ChangeError::NoDisk(index))?;
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let d = crate::DiskConfig {
+            path: path.into(),
+            ..config.disks[index].clone()
+        };
+        let image = platform::open_disk(&d, index).map_err(ChangeError::Disk)?;
+        self.disk_locks.swap(index, &d).map_err(ChangeError::Disk)?;
+        dev.with_device(|disk| disk.replace_image(image));
+        dev.config_changed();
+        config.disks[index] = d;
+        Ok(())
+    }
+
+    /// Change disk `index`'s rate limits on a running VM.
+    pub fn limit_disk(
+        &self,
+        index: usize,
+        bw: Option<crate::Limit>,
+        ops: Option<crate::Limit>,
+    ) -> Result<(), ChangeError> {
+        let dev = self
+            .virtio
+            .disks
+            .get(index)
+            .ok_or(ChangeError::NoDisk(index))?;
+        let limiter = brisk_devices::RateLimiter::new(bw, ops, Instant::now());
+        dev.with_device(|disk| disk.set_limiter(limiter));
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        (config.disks[index].bw, config.disks[index].ops) = (bw, ops);
+        Ok(())
+    }
+
+    /// Change NIC `index`'s rate limits on a running VM (receive bytes and
+    /// frames, transmit bytes and frames).
+    pub fn limit_nic(
+        &self,
+        index: usize,
+        limits: [Option<crate::Limit>; 4],
+    ) -> Result<(), ChangeError> {
+        let dev = self
+            .virtio
+            .nics
+            .get(index)
+            .ok_or(ChangeError::NoNic(index))?;
+        let [rx_bw, rx_ops, tx_bw, tx_ops] = limits;
+        let now = Instant::now();
+        let (rx, tx) = (
+            brisk_devices::RateLimiter::new(rx_bw, rx_ops, now),
+            brisk_devices::RateLimiter::new(tx_bw, tx_ops, now),
+        );
+        dev.with_device(|nic| nic.set_limiters(rx, tx));
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        let n = &mut config.nets[index];
+        (n.rx_bw, n.rx_ops, n.tx_bw, n.tx_ops) = (rx_bw, rx_ops, tx_bw, tx_ops);
+        Ok(())
+    }
+
+    /// Its configuration, as changed since it was built (what a snapshot
+    /// or a migration carries).
+    pub fn config(&self) -> VmConfig {
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The seccomp policy its threads follow.

@@ -182,3 +182,48 @@ fn a_disk_image_has_one_writer() {
     readers.shutdown().unwrap();
     std::fs::remove_file(disk).unwrap();
 }
+
+/// Firecracker's `PATCH /drives`: a running VM's disk served from another
+/// file. The new image is locked before the old one is let go; one in use
+/// elsewhere, or not an image, is refused with nothing changed; the
+/// configuration a snapshot would save names the new file.
+#[test]
+fn a_running_vms_disk_is_swapped_and_its_lock_follows() {
+    require_kvm!();
+    let (a, b) = (image("swap-a", 4096), image("swap-b", 8192));
+    // The UART kernel waits for input for ever: a VM that stays up.
+    let c = VmConfig {
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
+            path: k::UARTIRQ.into(),
+            ..KernelConfig::default()
+        }),
+        ..config(&a, false)
+    };
+    let vm = Vm::start(&c, Output::Null).expect("starts");
+    // b held by another VM: refused, a still served.
+    let other = Vm::start(&config(&b, false), Output::Null).expect("holds b");
+    let e = vm.replace_disk(0, &b).unwrap_err();
+    assert!(e.to_string().contains("is in use"), "{e}");
+    assert_eq!(vm.config().disks[0].path, a);
+    other.shutdown().unwrap();
+    let dir = std::env::temp_dir();
+    let e = vm.replace_disk(0, &dir).unwrap_err();
+    assert!(e.to_string().contains("is a directory"), "{e}");
+    assert!(vm.replace_disk(1, &b).is_err(), "no disk 1");
+    vm.replace_disk(0, &b).expect("swapped");
+    assert_eq!(vm.config().disks[0].path, b);
+    // a is free now, b is taken.
+    let on_a = Vm::start(&config(&a, false), Output::Null).expect("a was let go");
+    on_a.shutdown().unwrap();
+    let e = Vm::start(&config(&b, false), Output::Null)
+        .err()
+        .expect("b is held");
+    assert!(e.to_string().contains("is in use"), "{e}");
+    vm.limit_disk(0, Some(brisk_vmm::Limit::per_second(1 << 20)), None)
+        .unwrap();
+    let bw = brisk_vmm::Limit::per_second(1 << 20);
+    assert_eq!(vm.config().disks[0].bw, Some(bw));
+    vm.shutdown().unwrap();
+    std::fs::remove_file(a).unwrap();
+    std::fs::remove_file(b).unwrap();
+}

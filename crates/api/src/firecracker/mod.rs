@@ -319,6 +319,87 @@ impl PreBoot {
         Ok(p)
     }
 
+    /// The disk a drive became at InstanceStart: the root first, then the
+    /// others in the order they were put.
+    fn disk_index(&self, id: &str) -> Option<usize> {
+        let mut order = self
+            .drives
+            .iter()
+            .filter(|d| d.is_root_device)
+            .chain(self.drives.iter().filter(|d| !d.is_root_device));
+        order.position(|d| d.drive_id == id)
+    }
+
+    /// `PATCH /drives/{id}` on a running VM: a new file, new limits.
+    fn patch_drive(
+        &mut self,
+        vm: &brisk_vmm::Vm,
+        id: &str,
+        p: PartialDrive,
+    ) -> Result<(), FcError> {
+        if p.drive_id != id {
+            return Err(FcError::IdMismatch {
+                path: id.into(),
+                body: p.drive_id,
+            });
+        }
+        let index = self
+            .disk_index(id)
+            .ok_or_else(|| FcError::Invalid(format!("there is no drive {id}")))?;
+        let vm_err = |e: brisk_vmm::ChangeError| FcError::Vm(e.to_string());
+        if let Some(path) = &p.path_on_host {
+            vm.replace_disk(index, std::path::Path::new(path))
+                .map_err(vm_err)?;
+        }
+        if p.rate_limiter.is_some() {
+            let (bw, ops) = limits(&p.rate_limiter);
+            vm.limit_disk(index, bw, ops).map_err(vm_err)?;
+        }
+        let d = self
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == id)
+            .expect("indexed above");
+        if let Some(path) = p.path_on_host {
+            d.path_on_host = Some(path);
+        }
+        if p.rate_limiter.is_some() {
+            d.rate_limiter = p.rate_limiter;
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` on a running VM: new limits.
+    fn patch_net(
+        &mut self,
+        vm: &brisk_vmm::Vm,
+        id: &str,
+        p: PartialNetworkInterface,
+    ) -> Result<(), FcError> {
+        if p.iface_id != id {
+            return Err(FcError::IdMismatch {
+                path: id.into(),
+                body: p.iface_id,
+            });
+        }
+        let index = self
+            .nets
+            .iter()
+            .position(|n| n.iface_id == id)
+            .ok_or_else(|| FcError::Invalid(format!("there is no network interface {id}")))?;
+        let n = &mut self.nets[index];
+        if p.rx_rate_limiter.is_some() {
+            n.rx_rate_limiter = p.rx_rate_limiter;
+        }
+        if p.tx_rate_limiter.is_some() {
+            n.tx_rate_limiter = p.tx_rate_limiter;
+        }
+        let (rx_bw, rx_ops) = limits(&n.rx_rate_limiter);
+        let (tx_bw, tx_ops) = limits(&n.tx_rate_limiter);
+        vm.limit_nic(index, [rx_bw, rx_ops, tx_bw, tx_ops])
+            .map_err(|e| FcError::Vm(e.to_string()))
+    }
+
     /// What `GET /vm/config` shows.
     pub fn full(&self) -> FullVmConfiguration {
         FullVmConfiguration {
@@ -549,13 +630,19 @@ impl Firecracker {
                 self.pre().put_net(&id, parse(body)?)?;
                 Ok(ok())
             }
-            ("PATCH", p) if p.starts_with("/drives/") || p.starts_with("/network-interfaces/") => {
-                if vm.is_none() {
-                    return Err(FcError::BeforeStart);
-                }
-                Err(FcError::Unsupported(
-                    "changing a running VM's drives or interfaces (PATCH) yet".into(),
-                ))
+            ("PATCH", p) if p.starts_with("/drives/") => {
+                let id =
+                    id_of("/drives/").ok_or_else(|| FcError::NoRoute(format!("{method} {p}")))?;
+                let vm = vm.ok_or(FcError::BeforeStart)?;
+                self.pre().patch_drive(&vm, &id, parse(body)?)?;
+                Ok(ok())
+            }
+            ("PATCH", p) if p.starts_with("/network-interfaces/") => {
+                let id = id_of("/network-interfaces/")
+                    .ok_or_else(|| FcError::NoRoute(format!("{method} {p}")))?;
+                let vm = vm.ok_or(FcError::BeforeStart)?;
+                self.pre().patch_net(&vm, &id, parse(body)?)?;
+                Ok(ok())
             }
             ("PUT", "/actions") => self.action(slot, vm, parse(body)?),
             ("PATCH", "/vm") => {

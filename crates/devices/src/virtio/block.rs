@@ -71,6 +71,19 @@ impl DiskImage {
         self
     }
 
+    /// Change its limits on a running VM.
+    pub fn set_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = limiter;
+    }
+
+    /// Serve `other`'s image from now on (Firecracker's `PATCH /drives`:
+    /// a placeholder's file swapped), keeping this disk's limits.
+    pub fn replace_image(&mut self, other: DiskImage) {
+        self.file = other.file;
+        self.sectors = other.sectors;
+        self.readonly = other.readonly;
+    }
+
     /// Serve one request; returns the bytes written into the chain.
     fn serve(
         &mut self,

@@ -44,6 +44,8 @@ const FEATURES_OK: u32 = 8;
 const FAILED: u32 = 0x80;
 /// InterruptStatus bit 0: used buffers.
 const INT_VRING: u32 = 1;
+/// InterruptStatus bit 1: the configuration changed.
+const INT_CONFIG: u32 = 2;
 /// The engine token of a device's backend (queues are 0, 1, ...).
 const BACKEND: u32 = u32::MAX;
 
@@ -166,6 +168,23 @@ impl<D: VirtioDevice> VirtioMmio<D> {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Transport<D>> {
         self.t.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change the device behind the transport (between two requests: the
+    /// I/O engine serves under the same lock).
+    pub fn with_device<R>(&self, f: impl FnOnce(&mut D) -> R) -> R {
+        f(&mut self.lock().device)
+    }
+
+    /// Tell the driver its configuration space changed (a disk's new
+    /// capacity): ConfigGeneration moves, the configuration-change
+    /// interrupt is raised.
+    pub fn config_changed(&self) {
+        let mut t = self.lock();
+        t.config_generation = t.config_generation.wrapping_add(1);
+        t.interrupt_status |= INT_CONFIG;
+        drop(t);
+        self.irq.trigger();
     }
 
     /// The queues' notifiers (engine mode), for KVM_IOEVENTFD at

@@ -128,9 +128,14 @@ impl Net {
     /// Limit what it receives and what it transmits (frame bytes, without
     /// the virtio-net header, and frames per second).
     pub fn with_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Net {
+        self.set_limiters(rx, tx);
+        self
+    }
+
+    /// Change its limits on a running VM.
+    pub fn set_limiters(&mut self, rx: RateLimiter, tx: RateLimiter) {
         self.rx_limiter = rx;
         self.tx_limiter = tx;
-        self
     }
 
     /// Frames from the TAP into the receive queue, while the budget and

@@ -345,7 +345,7 @@ fn commit(
             // The source has let its disk locks go: take them. Another
             // process that took one in between is reported; the guest,
             // ended at the source, still runs here rather than nowhere.
-            if let Err(e) = vm.disk_locks.acquire(&vm.config.disks) {
+            if let Err(e) = vm.disk_locks.acquire(&vm.config().disks) {
                 log::error!("the migrated VM runs without its disk locks: {e}");
             }
             let source_paused = m.body.first().is_some_and(|&b| b != 0);

@@ -190,7 +190,7 @@ impl Vm {
             .map_err(wire_err(&format!("cannot connect to {url}")))?;
         let hello = serde_json::to_vec(&Hello {
             version: PROTOCOL_VERSION,
-            config: self.config.clone(),
+            config: self.config(),
             local: opts.local,
         })
         .map_err(|e| e.to_string())?;
@@ -307,7 +307,7 @@ impl Vm {
         }
         check()?;
         // The bulk of the disks' write-back, while the guest still runs.
-        crate::disk_lock::flush(&self.config.disks)
+        crate::disk_lock::flush(&self.config().disks)
             .map_err(|e| format!("flushing the disk images: {e}"))?;
         // Stop and copy: from here the guest runs nowhere until the
         // destination runs it (or this side resumes it after a failure).
@@ -418,7 +418,7 @@ impl Vm {
         // Stopped, no request in flight: every write the guest made to its
         // disks goes to storage before the destination may run it (little
         // is left: they were flushed once before the stop).
-        crate::disk_lock::flush(&self.config.disks)
+        crate::disk_lock::flush(&self.config().disks)
             .map_err(|e| Stop::Failed(format!("flushing the disk images: {e}")))?;
         if Instant::now() >= until {
             return Err(Stop::Late);

@@ -307,8 +307,8 @@ impl Vm {
         }
         Ok(VmState {
             memory_file: new_memory_file_name(),
-            config: self.config.clone(),
-            regions: brisk_boot::layout::ram_regions(self.config.memory),
+            config: self.config(),
+            regions: brisk_boot::layout::ram_regions(self.memory_size()),
             vcpus,
             vm,
             devices,
