@@ -28,8 +28,9 @@ impl Limit {
 
     /// `rate` tokens per second: a bucket of 100 ms of them.
     pub fn per_second(rate: u64) -> Limit {
+        let size = u128::from(rate) * u128::from(Self::SPAN_MS) / 1000;
         Limit {
-            size: (rate * Self::SPAN_MS / 1000).max(1),
+            size: (size.min(u128::from(u64::MAX)) as u64).max(1),
             refill_time_ms: Self::SPAN_MS,
             one_time_burst: 0,
         }
@@ -45,10 +46,12 @@ impl Limit {
     }
 }
 
+/// Refilled at `size` tokens per `refill_ns` exactly (no rounding to a
+/// whole rate per second: 1 token per 10 s is 1 per 10 s).
 #[derive(Clone, Debug)]
 struct TokenBucket {
-    rate: u64,
     size: u64,
+    refill_ns: u128,
     tokens: u64,
     burst: u64,
     last: Instant,
@@ -57,8 +60,8 @@ struct TokenBucket {
 impl TokenBucket {
     fn new(limit: Limit, now: Instant) -> TokenBucket {
         TokenBucket {
-            rate: limit.rate().max(1),
             size: limit.size.max(1),
+            refill_ns: u128::from(limit.refill_time_ms.max(1)) * 1_000_000,
             tokens: limit.size.max(1),
             burst: limit.one_time_burst,
             last: now,
@@ -67,12 +70,12 @@ impl TokenBucket {
 
     fn refill(&mut self, now: Instant) {
         let ns = now.saturating_duration_since(self.last).as_nanos();
-        let add = ns * u128::from(self.rate) / 1_000_000_000;
+        let add = ns * u128::from(self.size) / self.refill_ns;
         if add > 0 {
             self.tokens = (u128::from(self.tokens) + add).min(u128::from(self.size)) as u64;
             // Only the time the tokens account for is used up.
-            let used = add * 1_000_000_000 / u128::from(self.rate);
-            self.last += Duration::from_nanos(used as u64);
+            let used = add * self.refill_ns / u128::from(self.size);
+            self.last += Duration::from_nanos(used.min(u128::from(u64::MAX)) as u64);
         }
         if self.tokens == self.size {
             self.last = now;
@@ -87,8 +90,8 @@ impl TokenBucket {
         if short == 0 {
             return Duration::ZERO;
         }
-        let ns = u128::from(short) * 1_000_000_000 / u128::from(self.rate) + 1;
-        Duration::from_nanos(ns as u64)
+        let ns = u128::from(short) * self.refill_ns / u128::from(self.size) + 1;
+        Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64)
     }
 
     /// Take `n` tokens (after [`TokenBucket::wait`] said zero).
@@ -203,6 +206,25 @@ mod tests {
         }
         let wait = r.consume(1, t0).unwrap_err();
         assert!(wait > ms(9) && wait <= ms(11), "{wait:?}");
+    }
+
+    /// A slow bucket refills at its exact rate: 1 token per 10 s.
+    #[test]
+    fn a_slow_bucket_is_not_rounded_up() {
+        let t0 = Instant::now();
+        let slow = Limit {
+            size: 1,
+            refill_time_ms: 10_000,
+            one_time_burst: 0,
+        };
+        let mut r = RateLimiter::new(None, Some(slow), t0);
+        assert_eq!(r.consume(0, t0), Ok(()));
+        let wait = r.consume(0, t0).unwrap_err();
+        assert!(wait > ms(9_999) && wait <= ms(10_001), "{wait:?}");
+        assert!(r.consume(0, t0 + ms(5_000)).is_err());
+        assert_eq!(r.consume(0, t0 + ms(10_000)), Ok(()));
+        // A huge rate neither overflows nor shrinks to nothing.
+        assert_eq!(Limit::per_second(u64::MAX).size, u64::MAX / 10);
     }
 
     /// A request bigger than the bucket waits for a full bucket, then

@@ -41,8 +41,18 @@ impl DiskLocks {
     /// Lock `d` in place of disk `index`'s lock (a swapped image): the
     /// new one is taken before the old one goes.
     pub(crate) fn swap(&self, index: usize, d: &DiskConfig) -> Result<(), StartError> {
-        let new = lock(d)?;
+        use std::os::unix::fs::MetadataExt;
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // The same file again (a resize announced, a hard link): the lock
+        // held is the one it needs (a second OFD lock would conflict).
+        let same = |f: &File| {
+            let (a, b) = (f.metadata(), std::fs::metadata(&d.path));
+            matches!((a, b), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+        };
+        if held.get(index).is_some_and(same) {
+            return Ok(());
+        }
+        let new = lock(d)?;
         match held.get_mut(index) {
             Some(old) => *old = new,
             None => held.push(new),

@@ -373,7 +373,9 @@ impl Vm {
         abort: &dyn Fn() -> bool,
     ) -> Result<Vm, StartError> {
         let m = Machine::build_with_abort(config, output, abort)?;
-        Self::run_machine(m, |_, _| Ok(()))
+        let vm = Self::run_machine(m, |_, _| Ok(()))?;
+        vm.release_io();
+        Ok(vm)
     }
 
     /// Start `m`'s vCPU threads, after `prepare` had each vCPU and its
@@ -415,9 +417,9 @@ impl Vm {
         for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
             vm.spawn(v, ctl).map_err(setup("starting a vCPU thread"))?;
         }
-        if let Some(io) = &vm.io {
-            io.release();
-        }
+        // The I/O engine stays parked: the caller releases it once the VM
+        // runs (a paused restore, a migration's destination before its
+        // Commit, must not serve a queue or a TAP).
         Ok(vm)
     }
 
@@ -616,6 +618,13 @@ impl Vm {
             .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Let the I/O engine serve (the VM runs).
+    pub(crate) fn release_io(&self) {
+        if let Some(io) = &self.io {
+            io.release();
+        }
+    }
+
     /// Park the I/O engine, waiting at most until `deadline`.
     fn quiesce_io(&self, deadline: brisk_control::Deadline) -> Result<(), NotParked> {
         match &self.io {
@@ -633,7 +642,7 @@ impl Vm {
     }
 
     /// Record that every vCPU was started paused (a restore); the I/O
-    /// engine parks too.
+    /// engine, never released, stays parked.
     pub(crate) fn mark_paused(&self) -> Result<(), NotParked> {
         self.quiesce_io(brisk_control::Deadline::after(Duration::from_secs(5)))?;
         *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;

@@ -269,3 +269,36 @@ fn a_throttled_queue_is_served_again_by_a_timer_not_a_spin() {
     assert_eq!(end, VmEnd::DebugExit(k::PASS as u32), "{out}");
     assert!(serves < 500, "{serves} calls for 12 throttled frames");
 }
+
+/// A VM restored paused serves no queue and no TAP until it is resumed
+/// (nor does a migration's destination before its Commit): its I/O engine
+/// starts parked.
+#[test]
+fn a_vm_restored_paused_does_no_io_until_resumed() {
+    require_kvm!();
+    require_tap!();
+    let tap = HostTap::create("rsp", None).unwrap();
+    let vm = Vm::start(&config(&tap.name, "flood"), Output::Null).unwrap();
+    let more = Deadline::after(BOUND);
+    while vm.io_serves().unwrap() < 10 && !more.passed() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause(Deadline::after(Duration::from_secs(10))).unwrap();
+    let dir = std::env::temp_dir().join(format!("brisk-net-paused-{}", std::process::id()));
+    vm.snapshot(&dir).unwrap();
+    vm.shutdown().unwrap();
+    let opts = brisk_vmm::RestoreOptions {
+        paused: true,
+        ..Default::default()
+    };
+    let vm = Vm::restore(&dir, Output::Null, opts).expect("restores paused");
+    assert_eq!(vm.io_serves(), Some(0), "a paused VM's engine served");
+    vm.resume().unwrap();
+    let more = Deadline::after(BOUND);
+    while vm.io_serves().unwrap() == 0 && !more.passed() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(vm.io_serves().unwrap() > 0, "resumed, it serves");
+    vm.shutdown().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

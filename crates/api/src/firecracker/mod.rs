@@ -36,6 +36,8 @@ pub enum FcError {
     AfterStart,
     #[error("The requested operation is not supported before starting the microVM.")]
     BeforeStart,
+    #[error("the microVM is being started; its configuration can no longer change")]
+    Starting,
     #[error("brisk does not support {0}")]
     Unsupported(String),
     #[error("the id in the path ({path}) and in the body ({body}) differ")]
@@ -88,6 +90,16 @@ fn limits(r: &Option<RateLimiter>) -> (Option<Limit>, Option<Limit>) {
     match r {
         Some(r) => (bucket(&r.bandwidth), bucket(&r.ops)),
         None => (None, None),
+    }
+}
+
+/// `patch` over `old`: the buckets it names replace theirs, the others
+/// stay (Firecracker's PATCH).
+fn merge(old: Option<RateLimiter>, patch: RateLimiter) -> RateLimiter {
+    let old = old.unwrap_or_default();
+    RateLimiter {
+        bandwidth: patch.bandwidth.or(old.bandwidth),
+        ops: patch.ops.or(old.ops),
     }
 }
 
@@ -388,11 +400,11 @@ impl PreBoot {
             .position(|n| n.iface_id == id)
             .ok_or_else(|| FcError::Invalid(format!("there is no network interface {id}")))?;
         let n = &mut self.nets[index];
-        if p.rx_rate_limiter.is_some() {
-            n.rx_rate_limiter = p.rx_rate_limiter;
+        if let Some(patch) = p.rx_rate_limiter {
+            n.rx_rate_limiter = Some(merge(n.rx_rate_limiter, patch));
         }
-        if p.tx_rate_limiter.is_some() {
-            n.tx_rate_limiter = p.tx_rate_limiter;
+        if let Some(patch) = p.tx_rate_limiter {
+            n.tx_rate_limiter = Some(merge(n.tx_rate_limiter, patch));
         }
         let (rx_bw, rx_ops) = limits(&n.rx_rate_limiter);
         let (tx_bw, tx_ops) = limits(&n.tx_rate_limiter);
@@ -500,6 +512,9 @@ pub struct Firecracker {
     pub id: String,
     pre: Mutex<PreBoot>,
     seccomp: brisk_vmm::seccomp::Seccomp,
+    /// An InstanceStart or snapshot load is building the VM: the
+    /// configuration is no longer open (what is built is what it said).
+    starting: std::sync::atomic::AtomicBool,
 }
 
 /// The endpoints Firecracker has and brisk does not: a 400 naming them.
@@ -534,6 +549,7 @@ impl Firecracker {
             id: id.into(),
             pre: Mutex::new(pre),
             seccomp,
+            starting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -558,8 +574,10 @@ impl Firecracker {
         body: &[u8],
     ) -> Result<Reply, FcError> {
         let vm = slot.get();
+        let starting = self.starting.load(std::sync::atomic::Ordering::SeqCst);
         let pre_boot = |vm: &Option<_>| match vm {
             Some(_) => Err(FcError::AfterStart),
+            None if starting => Err(FcError::Starting),
             None => Ok(()),
         };
         if let Some((_, what)) = UNSUPPORTED.iter().find(|(p, _)| path.starts_with(p)) {
@@ -705,7 +723,7 @@ impl Firecracker {
                     dir: p.snapshot_path.into(),
                     paused: !p.resume_vm,
                 };
-                slot.bring(what).map_err(|e| FcError::Vm(e.to_string()))?;
+                self.bring(slot, what)?;
                 Ok(ok())
             }
             _ => Err(FcError::NoRoute(format!(
@@ -713,6 +731,18 @@ impl Firecracker {
                 crate::routes::shorten(path)
             ))),
         }
+    }
+
+    /// Have brisk's main thread build the VM, the configuration closed
+    /// meanwhile (and open again if it fails).
+    fn bring(&self, slot: &VmSlot, what: Bring) -> Result<(), FcError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.starting.swap(true, SeqCst) {
+            return Err(FcError::Starting);
+        }
+        let r = slot.bring(what).map_err(|e| FcError::Vm(e.to_string()));
+        self.starting.store(false, SeqCst);
+        r
     }
 
     fn action(
@@ -725,8 +755,7 @@ impl Firecracker {
             ("InstanceStart", Some(_)) => Err(FcError::AfterStart),
             ("InstanceStart", None) => {
                 let config = self.pre().vm_config(self.seccomp)?;
-                slot.bring(Bring::Start(Box::new(config)))
-                    .map_err(|e| FcError::Vm(e.to_string()))?;
+                self.bring(slot, Bring::Start(Box::new(config)))?;
                 Ok(ok())
             }
             // brisk has no keyboard to press it on: the VM is shut down

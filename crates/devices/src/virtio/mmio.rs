@@ -71,6 +71,9 @@ pub trait VirtioDevice: Send {
     /// The transport was restored from a snapshot (the device's own
     /// state, if any, is gone: a vsock tells its driver so).
     fn restored(&mut self) {}
+    /// The driver reset the device (status 0): what it holds for the old
+    /// driver goes.
+    fn reset(&mut self) {}
     /// Serve queue `index`: pop available chains, complete them, add them
     /// to the used ring, while `budget` (and the device's rate limiter)
     /// lasts, and say what is left.
@@ -265,8 +268,9 @@ impl<D: VirtioDevice> IoWork for VirtioMmio<D> {
     }
 }
 
-impl<D> Transport<D> {
+impl<D: VirtioDevice> Transport<D> {
     fn reset(&mut self) {
+        self.device.reset();
         for q in &mut self.queues {
             q.reset();
         }

@@ -339,6 +339,14 @@ impl VirtioDevice for Net {
         2
     }
 
+    /// A frame held for the old driver is not the new one's (it may need
+    /// offloads the new one did not accept).
+    fn reset(&mut self) {
+        self.rx_len = 0;
+        self.rx_paid = false;
+        self.acked = 0;
+    }
+
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs.
         let mut config = [0u8; 10];

@@ -422,6 +422,8 @@ impl Vm {
             .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
             vm.mark_paused()
                 .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
+        } else {
+            vm.release_io();
         }
         log::debug!("restore: vCPUs and devices in {:?}", t.elapsed());
         Ok(vm)

@@ -44,6 +44,13 @@ pub const BUF_ALLOC: u32 = 256 << 10;
 const MAX_PAYLOAD: usize = 64 << 10;
 /// Connections at once; more are refused (host) or reset (guest).
 const MAX_CONNS: usize = 256;
+/// Control packets waiting for the guest's receive buffers; past this the
+/// guest's transmit queue waits (a guest that never gives receive
+/// buffers cannot make brisk queue without end).
+const MAX_TO_GUEST: usize = 1024;
+/// Rounds of the device's epoll per call (64 events each): more is left
+/// for the next call.
+const POLL_ROUNDS: usize = 8;
 /// Host clients that have not said CONNECT yet; the oldest is dropped
 /// for a newer one.
 const MAX_PENDING: usize = 16;
@@ -98,6 +105,27 @@ struct Conn {
     out: Vec<u8>,
     /// The stream reported readable since the last read came up empty.
     readable: bool,
+    /// The guest's SHUTDOWN flags so far: it sends (SEND) or takes (RCV)
+    /// no more. What it sent before is still written to the host side.
+    guest_shut: u32,
+    /// The host side's write half is shut (after the guest's SEND).
+    write_shut: bool,
+}
+
+impl Conn {
+    /// What the device's epoll watches on its stream: reads until the
+    /// host side ended, writes while the guest's bytes wait.
+    fn interest(&self) -> EventSet {
+        let mut e = if self.state == State::Closing {
+            EventSet::empty()
+        } else {
+            EventSet::IN
+        };
+        if !self.out.is_empty() {
+            e |= EventSet::OUT;
+        }
+        e
+    }
 }
 
 impl Conn {
@@ -253,6 +281,8 @@ impl Vsock {
                 fwd_told: 0,
                 out: Vec::new(),
                 readable: false,
+                guest_shut: 0,
+                write_shut: false,
             },
         );
         true
@@ -316,11 +346,11 @@ impl Vsock {
             (Op::CreditRequest, Some(_)) => self.send(key, Op::CreditUpdate, 0),
             (Op::CreditUpdate, Some(_)) => {}
             (Op::Shutdown, Some(_)) => {
-                // brisk closes the whole stream at either half: the host
-                // side of a Unix socket cannot tell a half-close from the
-                // guest's intent more usefully than EOF.
-                self.close(key);
-                self.reset(key);
+                // What the guest sent before still goes to the host side;
+                // `flush` finishes the half-close, or the connection.
+                let c = self.conns.get_mut(&key).expect("state came from it");
+                c.guest_shut |= h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND);
+                self.flush(key);
             }
             (Op::Rst, _) => self.close(key),
             // Anything else for a connection brisk does not have.
@@ -351,11 +381,19 @@ impl Vsock {
                 }
             }
         }
-        let events = if c.out.is_empty() {
-            EventSet::IN
-        } else {
-            EventSet::IN | EventSet::OUT
-        };
+        if c.out.is_empty() && c.guest_shut & SHUTDOWN_SEND != 0 && !c.write_shut {
+            // The guest sends no more: the host side reads EOF.
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+            c.write_shut = true;
+        }
+        let both = SHUTDOWN_RCV | SHUTDOWN_SEND;
+        let guest_done = c.guest_shut == both;
+        let all_done = c.write_shut && c.state == State::Closing;
+        if c.out.is_empty() && (guest_done || all_done) {
+            self.close(key);
+            return self.reset(key);
+        }
+        let events = c.interest();
         let token = c.token;
         let _ = self.epoll.ctl(
             ControlOperation::Modify,
@@ -369,11 +407,22 @@ impl Vsock {
     }
 
     /// Take the host side's news: new clients, CONNECT lines, readable
-    /// and writable streams.
-    fn poll_host(&mut self) {
+    /// and writable streams. Returns true if there may be more than one
+    /// call takes.
+    fn poll_host(&mut self) -> bool {
         let mut events = [EpollEvent::default(); 64];
-        let n = self.epoll.wait(0, &mut events).unwrap_or(0);
-        for ev in &events[..n] {
+        for _ in 0..POLL_ROUNDS {
+            let n = self.epoll.wait(0, &mut events).unwrap_or(0);
+            self.host_events(&events[..n]);
+            if n < events.len() {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn host_events(&mut self, events: &[EpollEvent]) {
+        for ev in events {
             let token = ev.data();
             if token == LISTENER {
                 self.accept();
@@ -475,10 +524,11 @@ impl Vsock {
         }
     }
 
-    /// The guest's transmit queue, within the budget.
-    fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam, budget: &mut Budget) -> bool {
+    /// The guest's transmit queue, within the budget and while the
+    /// control packets it makes have room.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestRam, budget: &mut Budget) -> Tx {
         let Some(pending) = super::pending(queue, mem) else {
-            return false;
+            return Tx::Done;
         };
         let mut buf = std::mem::take(&mut self.packet);
         let more = self.transmit_with(queue, mem, budget, pending, &mut buf);
@@ -493,11 +543,14 @@ impl Vsock {
         budget: &mut Budget,
         pending: u16,
         buf: &mut [u8],
-    ) -> bool {
+    ) -> Tx {
         for _ in 0..pending {
+            if self.to_guest.len() >= MAX_TO_GUEST {
+                return Tx::Full;
+            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
                 crate::guest_warn!("vsock: the transmit ring is corrupt; no longer served");
-                return false;
+                return Tx::Done;
             };
             let head = chain.head_index();
             let n = match chain.reader(mem) {
@@ -520,13 +573,13 @@ impl Vsock {
             }
             budget.spend(n as u64);
             if queue.add_used(mem, head, 0).is_err() {
-                return false;
+                return Tx::Done;
             }
             if budget.spent() {
-                return true;
+                return Tx::Budget;
             }
         }
-        false
+        Tx::Done
     }
 
     /// Control packets, then the host sides' data, into the guest's
@@ -573,13 +626,15 @@ impl Vsock {
                 let data = &mut self.data[..max];
                 match c.stream.read(data) {
                     Ok(0) => {
-                        // The host side is done: tell the guest.
+                        // The host side is done sending: tell the guest;
+                        // the guest's bytes still go to the host side.
                         c.state = State::Closing;
                         c.readable = false;
+                        let events = c.interest();
                         let _ = self.epoll.ctl(
-                            ControlOperation::Delete,
+                            ControlOperation::Modify,
                             c.stream.as_raw_fd(),
-                            EpollEvent::default(),
+                            EpollEvent::new(events, c.token),
                         );
                         self.send(key, Op::Shutdown, SHUTDOWN_RCV | SHUTDOWN_SEND);
                         break;
@@ -620,14 +675,16 @@ impl Vsock {
     /// Everything: the guest's packets, the host's news, the guest's
     /// receive and event queues.
     fn pump(&mut self, queues: &mut [Queue], mem: &GuestRam, budget: &mut Budget) -> Served {
-        let mut more = false;
-        if queues[TX].ready() {
-            more |= self.transmit(&mut queues[TX], mem, budget);
-        }
-        self.poll_host();
+        let tx = match queues[TX].ready() {
+            true => self.transmit(&mut queues[TX], mem, budget),
+            false => Tx::Done,
+        };
+        let mut more = self.poll_host();
         if queues[RX].ready() {
             more |= self.receive(&mut queues[RX], mem, budget);
         }
+        // Transmit waits for room the receive queue made, if it made any.
+        more |= tx == Tx::Budget || (tx == Tx::Full && self.to_guest.len() < MAX_TO_GUEST);
         if self.reset_event && queues[EVENT].ready() {
             // struct virtio_vsock_event { le32 id }: 0, TRANSPORT_RESET.
             let q = &mut queues[EVENT];
@@ -647,6 +704,17 @@ impl Vsock {
             Served::Done
         }
     }
+}
+
+/// Where [`Vsock::transmit`] stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tx {
+    /// The queue is empty (or unusable).
+    Done,
+    /// The budget ran out.
+    Budget,
+    /// The control packets for the guest are at their limit.
+    Full,
 }
 
 /// Put one packet in the next receive buffer; false if there is none.
@@ -719,6 +787,17 @@ impl VirtioDevice for Vsock {
 
     fn restored(&mut self) {
         self.reset_event = true;
+    }
+
+    /// The driver reset the device: its connections go (their host sides
+    /// see the sockets close).
+    fn reset(&mut self) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.close(key);
+        }
+        self.pending.clear();
+        self.to_guest.clear();
     }
 
     fn process(
