@@ -165,23 +165,8 @@ pub struct SendMigration {
 }
 
 /// `GET vm.migration` and `vm.send-migration`'s reply: the outgoing
-/// migration's progress (brisk_vmm's `MigrationStatus`, as it is
-/// serialised).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Migration {
-    pub phase: String,
-    pub destination_url: String,
-    pub local: bool,
-    pub downtime_budget_ms: f64,
-    pub iteration: u32,
-    pub bytes_sent: u64,
-    pub rate_bytes_per_s: u64,
-    pub dirty_pages: u64,
-    pub estimated_downtime_ms: f64,
-    pub downtime_ms: Option<f64>,
-    pub total_ms: f64,
-    pub error: Option<String>,
-}
+/// migration's progress, brisk_vmm's own type.
+pub use brisk_vmm::migration::MigrationStatus as Migration;
 
 /// `PUT vm.restore` (cloud-hypervisor's `source_url`).
 #[derive(Clone, Debug, Serialize, Deserialize)]

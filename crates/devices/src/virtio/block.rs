@@ -192,13 +192,7 @@ impl VirtioDevice for DiskImage {
         // struct virtio_blk_config: capacity (sectors) first; the rest of
         // its fields belong to features this device does not offer.
         let capacity = self.sectors.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| capacity.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        super::read_config_bytes(&capacity, offset, data);
     }
 
     fn process(

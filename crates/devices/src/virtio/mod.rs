@@ -32,6 +32,18 @@ pub(crate) fn pending(queue: &Queue, mem: &mmio::GuestRam) -> Option<u16> {
     Some((avail - Wrapping(queue.next_avail())).0.min(queue.size()))
 }
 
+/// Answer a read of a device's configuration space at `offset` from its
+/// bytes `config` (past its end: zeros).
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// [`crate::Served::More`] if chains are still available, else `Done`.
 pub(crate) fn more(queue: &Queue, mem: &mmio::GuestRam) -> crate::Served {
     match pending(queue, mem) {

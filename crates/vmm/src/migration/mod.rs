@@ -63,7 +63,7 @@ impl MigrationOptions {
 }
 
 /// Where an outgoing migration is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Connecting,
@@ -82,8 +82,23 @@ impl Phase {
     }
 }
 
-/// An outgoing migration's progress (`GET /api/v1/vm.migration`).
-#[derive(Clone, Debug, Serialize)]
+impl std::fmt::Display for Phase {
+    /// The name the API uses.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connecting => "connecting",
+            Phase::Copying => "copying",
+            Phase::Stopped => "stopped",
+            Phase::Completed => "completed",
+            Phase::Failed => "failed",
+            Phase::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// An outgoing migration's progress (`GET /api/v1/vm.migration`, and the
+/// API model's `Migration`: one type for the server and `brisk ctl`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct MigrationStatus {
     pub phase: Phase,
     pub destination_url: String,
