@@ -7,6 +7,7 @@ mkdir -p "$out"
 CFLAGS="-m32 -march=i686 -ffreestanding -fno-pic -fno-pie -fno-stack-protector -fno-builtin -nostdlib -O2 -Wall -Wextra -Werror -mno-sse -mno-mmx -mno-80387"
 gcc $CFLAGS -c "$src/boot.S" -o "$out/boot.o"
 gcc $CFLAGS -c "$src/lib.c" -o "$out/lib.o"
+gcc $CFLAGS -c "$src/virtio.c" -o "$out/virtio.o"
 gcc $CFLAGS -c "$src/smp_boot.S" -o "$out/smp_boot.o"
 gcc $CFLAGS -c "$src/uartirq_isr.S" -o "$out/uartirq_isr.o"
 for k in hello smp pmtimer inl uartirq virtioblk virtionet vsockecho; do
@@ -15,5 +16,5 @@ for k in hello smp pmtimer inl uartirq virtioblk virtionet vsockecho; do
     [ "$k" = smp ] && extra="$out/smp_boot.o"
     [ "$k" = uartirq ] && extra="$out/uartirq_isr.o"
     ld -m elf_i386 -T "$src/kernel.ld" -z noexecstack --no-warn-rwx-segments -o "$out/$k.elf" \
-        "$out/boot.o" "$out/lib.o" "$out/$k.o" $extra
+        "$out/boot.o" "$out/lib.o" "$out/virtio.o" "$out/$k.o" $extra
 done

@@ -11,11 +11,9 @@
  * connection that does not exist, a request to a host port nobody
  * listens on, more data than the credit allows) and carries on. It runs
  * until the host ends the VM. */
-#include "lib.h"
+#include "virtio.h"
 
-#define MMIO 0xd0000000u
-#define REG(o) (*(volatile u32 *)(MMIO + (o)))
-#define QSIZE 16
+#define QSIZE VQ_SIZE
 #define RXBUF 4096
 #define HDR 44
 #define BUF_ALLOC 65536u
@@ -33,15 +31,6 @@ struct hdr {
     u32 flags, buf_alloc, fwd_cnt;
 } __attribute__((packed));
 
-struct desc { u64 addr; u32 len; u16 flags, next; };
-#define F_WRITE 2
-
-struct vq {
-    struct desc descs[QSIZE] __attribute__((aligned(16)));
-    struct { u16 flags, idx, ring[QSIZE], used_event; } avail __attribute__((aligned(2)));
-    struct { u16 flags, idx; struct { u32 id, len; } ring[QSIZE]; u16 avail_event; } used __attribute__((aligned(4)));
-};
-
 static struct vq rxq, txq, evq;
 static u8 rxbuf[QSIZE][RXBUF] __attribute__((aligned(64)));
 static u8 ctl[QSIZE][HDR + 32] __attribute__((aligned(64)));
@@ -53,42 +42,16 @@ static u64 cid;
 struct conn { int used; u32 local, peer, peer_buf_alloc, peer_fwd_cnt, tx_cnt, fwd_cnt; };
 static struct conn conns[MAXCONN];
 
-#define barrier() __asm__ volatile("" ::: "memory")
-
-static void setup_queue(u32 index, struct vq *q)
-{
-    REG(0x30) = index;
-    if (REG(0x34) < QSIZE) {
-        puts("vsockecho: queue too small\n");
-        exit(2);
-    }
-    REG(0x38) = QSIZE;
-    REG(0x80) = (u32)q->descs; REG(0x84) = 0;
-    REG(0x90) = (u32)&q->avail; REG(0x94) = 0;
-    REG(0xa0) = (u32)&q->used; REG(0xa4) = 0;
-    q->avail.flags = 1; /* no interrupts: this kernel polls */
-    REG(0x44) = 1;
-}
-
-static void publish(struct vq *q, u32 queue, u16 slot)
-{
-    q->avail.ring[q->avail.idx % QSIZE] = slot;
-    barrier();
-    q->avail.idx++;
-    barrier();
-    REG(0x50) = queue;
-}
-
 static void post_rx(u16 i)
 {
-    rxq.descs[i] = (struct desc){ (u32)rxbuf[i], RXBUF, F_WRITE, 0 };
-    publish(&rxq, 0, i);
+    rxq.descs[i] = (struct vdesc){ (u32)rxbuf[i], RXBUF, VQ_WRITE, 0 };
+    vq_publish(&rxq, 0, i);
 }
 
 static void post_event(void)
 {
-    evq.descs[0] = (struct desc){ (u32)&evbuf, 4, F_WRITE, 0 };
-    publish(&evq, 2, 0);
+    evq.descs[0] = (struct vdesc){ (u32)&evbuf, 4, VQ_WRITE, 0 };
+    vq_publish(&evq, 2, 0);
 }
 
 static u16 tx_seen;
@@ -141,10 +104,10 @@ static void send_ctl(struct conn *c, u32 local, u32 peer, u16 op, const char *da
     struct hdr *h = (struct hdr *)ctl[slot];
     fill(h, c, local, peer, op, len);
     for (u32 i = 0; i < len; i++) ctl[slot][HDR + i] = data[i];
-    txq.descs[slot] = (struct desc){ (u32)ctl[slot], HDR + len, 0, 0 };
+    txq.descs[slot] = (struct vdesc){ (u32)ctl[slot], HDR + len, 0, 0 };
     tx_from_rx[slot] = -1;
     if (c && op == OP_RW) c->tx_cnt += len;
-    publish(&txq, 1, slot);
+    vq_publish(&txq, 1, slot);
 }
 
 static struct conn *find(u32 local, u32 peer)
@@ -180,55 +143,27 @@ static void hostile(void)
         /* kind 3: data on a connection that does not exist */
         if (kind == 4) { h->op = OP_REQUEST; h->len = 0; len = HDR; } /* nobody on port 7000 */
         if (kind == 5) { h->len = 0; len = 20; }  /* shorter than a header */
-        txq.descs[slot] = (struct desc){ (u32)ctl[slot], len, 0, 0 };
+        txq.descs[slot] = (struct vdesc){ (u32)ctl[slot], len, 0, 0 };
         tx_from_rx[slot] = -1;
-        publish(&txq, 1, slot);
+        vq_publish(&txq, 1, slot);
     }
     puts("vsockecho: sent bad packets\n");
-}
-
-static int has_arg(const struct multiboot_info *mbi, const char *key)
-{
-    if (!(mbi->flags & (1 << 2))) return 0;
-    u32 n = 0;
-    while (key[n]) n++;
-    for (const char *c = (const char *)mbi->cmdline; *c; c++)
-        if (!strncmp(c, key, n)) return 1;
-    return 0;
 }
 
 int kmain(u32 magic, struct multiboot_info *mbi)
 {
     (void)magic;
-    if (REG(0) != 0x74726976 || REG(4) != 2 || REG(8) != 19) {
-        puts("vsockecho: no virtio-vsock (modern virtio-mmio) at 0xd0000000\n");
-        return 2;
-    }
-    REG(0x70) = 0;
-    REG(0x70) = 1 | 2;
-    REG(0x14) = 1;
-    if (!(REG(0x10) & 1)) {
-        puts("vsockecho: VERSION_1 not offered\n");
-        return 2;
-    }
-    REG(0x24) = 1;
-    REG(0x20) = 1;
-    REG(0x24) = 0;
-    REG(0x20) = 0;
-    REG(0x70) = 1 | 2 | 8;
-    if (!(REG(0x70) & 8)) {
-        puts("vsockecho: features refused\n");
-        return 2;
-    }
-    cid = *(volatile u32 *)(MMIO + 0x100) | (u64)*(volatile u32 *)(MMIO + 0x104) << 32;
-    setup_queue(0, &rxq);
-    setup_queue(1, &txq);
-    setup_queue(2, &evq);
-    REG(0x70) = 1 | 2 | 8 | 4;
+    virtio_begin(19, "vsockecho");
+    virtio_accept(0, "vsockecho");
+    cid = *(volatile u32 *)(VIRTIO_MMIO + 0x100) | (u64)*(volatile u32 *)(VIRTIO_MMIO + 0x104) << 32;
+    vq_setup(0, &rxq, "vsockecho");
+    vq_setup(1, &txq, "vsockecho");
+    vq_setup(2, &evq, "vsockecho");
+    virtio_driver_ok();
     for (int i = 0; i < QSIZE; i++) tx_from_rx[i] = -1;
     for (u16 i = 0; i < QSIZE; i++) post_rx(i);
     post_event();
-    if (has_arg(mbi, "hostile")) hostile();
+    if (cmdline_arg(mbi, "hostile", 0)) hostile();
     puts("vsockecho: cid ");
     putdec(cid);
     puts(", listening on 1234\n");
@@ -293,9 +228,9 @@ int kmain(u32 magic, struct multiboot_info *mbi)
                 u16 slot = tx_slot();
                 fill(h, c, local, peer, OP_RW, n);
                 c->tx_cnt += n;
-                txq.descs[slot] = (struct desc){ (u32)rxbuf[id], HDR + n, 0, 0 };
+                txq.descs[slot] = (struct vdesc){ (u32)rxbuf[id], HDR + n, 0, 0 };
                 tx_from_rx[slot] = (int)id;
-                publish(&txq, 1, slot);
+                vq_publish(&txq, 1, slot);
                 reposted = 1;
             } else {
                 send_ctl(c, local, peer, OP_CREDIT_REQUEST, 0, 0);
