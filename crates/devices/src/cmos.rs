@@ -154,11 +154,15 @@ impl crate::Stateful for Cmos {
         }
     }
 
-    fn restore(&self, s: CmosState) -> Result<(), String> {
+    fn restore(&self, s: CmosState) -> Result<(), crate::InvalidState> {
         let ram: [u8; 128] = s
             .ram
             .try_into()
-            .map_err(|r: Vec<u8>| format!("{} bytes of CMOS RAM, not 128", r.len()))?;
+            .map_err(|r: Vec<u8>| crate::InvalidState::Count {
+                what: "bytes of CMOS RAM",
+                saved: r.len(),
+                here: 128,
+            })?;
         *self.regs.lock().unwrap_or_else(|p| p.into_inner()) = Regs {
             index: s.index,
             ram,

@@ -38,7 +38,7 @@ impl crate::Stateful for CounterDevice {
         self.next.load(Relaxed)
     }
 
-    fn restore(&self, next: u32) -> Result<(), String> {
+    fn restore(&self, next: u32) -> Result<(), crate::InvalidState> {
         self.next.store(next, Relaxed);
         Ok(())
     }

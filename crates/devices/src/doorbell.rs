@@ -70,7 +70,7 @@ impl crate::Stateful for Doorbell {
         (self.rings(), self.dropped())
     }
 
-    fn restore(&self, (rings, dropped): (u64, u64)) -> Result<(), String> {
+    fn restore(&self, (rings, dropped): (u64, u64)) -> Result<(), crate::InvalidState> {
         self.rings.store(rings, Relaxed);
         self.dropped.store(dropped, Relaxed);
         Ok(())

@@ -91,15 +91,16 @@ impl crate::Stateful for FwCfg {
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn restore(&self, cursor: (u16, usize)) -> Result<(), String> {
+    fn restore(&self, cursor: (u16, usize)) -> Result<(), crate::InvalidState> {
         // An offset past the item could only come from a corrupt state (and
         // would overflow as the guest reads on).
         let len = self.items.get(&cursor.0).map_or(0, Vec::len);
         if cursor.1 > len {
-            return Err(format!(
-                "offset {} past item {:#x} ({len} bytes)",
-                cursor.1, cursor.0
-            ));
+            return Err(crate::InvalidState::Range {
+                what: format!("the offset in item {:#x}", cursor.0),
+                value: cursor.1.to_string(),
+                allowed: format!("the item has {len} bytes"),
+            });
         }
         *self.cursor.lock().unwrap_or_else(|p| p.into_inner()) = cursor;
         Ok(())

@@ -72,7 +72,7 @@ pub use power::PowerOff;
 pub use pvpanic::PvPanic;
 pub use rate_limiter::{Limit, RateLimiter};
 pub use serial::{Uart, UartState};
-pub use state::{DeviceState, NoState, SaveRestore, StateError, Stateful};
+pub use state::{DeviceState, InvalidState, NoState, SaveRestore, StateError, Stateful};
 pub use timer::{PeriodicTimers, TimerPorts, TimerState, TIMER_STRIDE};
 
 /// Why a device ended the guest.

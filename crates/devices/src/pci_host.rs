@@ -78,7 +78,7 @@ impl crate::Stateful for PciHostBridge {
         *self.address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn restore(&self, state: u32) -> Result<(), String> {
+    fn restore(&self, state: u32) -> Result<(), crate::InvalidState> {
         *self.address.lock().unwrap_or_else(|p| p.into_inner()) = state;
         Ok(())
     }

@@ -58,10 +58,14 @@ impl crate::Stateful for PmTimer {
         self.ticks()
     }
 
-    fn restore(&self, ticks: u64) -> Result<(), String> {
+    fn restore(&self, ticks: u64) -> Result<(), crate::InvalidState> {
         let want = u128::from(ticks) * 1_000_000_000 / u128::from(PM_TIMER_HZ);
         let off = self.epoch.elapsed().as_nanos() as i128 - want as i128;
-        let off = i64::try_from(off).map_err(|_| "the saved count is out of range")?;
+        let off = i64::try_from(off).map_err(|_| crate::InvalidState::Range {
+            what: "the PM timer's count".into(),
+            value: ticks.to_string(),
+            allowed: "it must be within 2^63 ns of now".into(),
+        })?;
         self.offset_ns
             .store(off, std::sync::atomic::Ordering::Relaxed);
         Ok(())

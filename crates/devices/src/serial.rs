@@ -144,19 +144,24 @@ impl Stateful for Uart {
         same_fields!(s => UartState)
     }
 
-    fn restore(&self, s: UartState) -> Result<(), String> {
+    fn restore(&self, s: UartState) -> Result<(), crate::InvalidState> {
         // vm-superio's own refusal says only "FullFifo"; its FIFO (a
         // private constant there) is a 16550A's 64 bytes.
         const FIFO: usize = 64;
         if s.in_buffer.len() > FIFO {
-            return Err(format!(
-                "{} bytes of pending input, more than its {FIFO}-byte FIFO holds",
-                s.in_buffer.len()
-            ));
+            return Err(crate::InvalidState::Range {
+                what: "pending input".into(),
+                value: format!("{} bytes", s.in_buffer.len()),
+                allowed: format!("the FIFO holds {FIFO}"),
+            });
         }
         let state = same_fields!(s => SerialState);
         let serial = Serial::from_state(&state, self.line.clone(), NoEvents, self.out.clone())
-            .map_err(|e| format!("{e:?}"))?;
+            .map_err(|e| crate::InvalidState::Range {
+                what: "the UART state".into(),
+                value: format!("{e:?}"),
+                allowed: "vm-superio refuses it".into(),
+            })?;
         *self.lock() = serial;
         Ok(())
     }

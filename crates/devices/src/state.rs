@@ -30,12 +30,36 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("device {device}: {why}")]
-    Invalid { device: String, why: String },
+    #[error("device {device}: {source}")]
+    Invalid {
+        device: String,
+        #[source]
+        source: InvalidState,
+    },
     #[error("the snapshot has no state for device {0}")]
     Missing(String),
     #[error("the snapshot has state for a device this VM does not have: {0}")]
     Unknown(String),
+}
+
+/// Why a device cannot take a saved state (one that parses, but that no
+/// guest of this device could have made, or another machine's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidState {
+    /// A count that must match the device: its queues, its timers.
+    #[error("{what}: {saved} saved, this device has {here}")]
+    Count {
+        what: &'static str,
+        saved: usize,
+        here: usize,
+    },
+    /// A value outside what the device (or its guest) can produce.
+    #[error("{what} {value} is out of range: {allowed}")]
+    Range {
+        what: String,
+        value: String,
+        allowed: String,
+    },
 }
 
 /// A device whose state can be saved and restored.
@@ -45,7 +69,7 @@ pub trait Stateful {
     type State: Serialize + DeserializeOwned;
     fn save(&self) -> Self::State;
     /// Put the device back in `state` (before the VM runs again).
-    fn restore(&self, state: Self::State) -> Result<(), String>;
+    fn restore(&self, state: Self::State) -> Result<(), InvalidState>;
     /// Pull the interrupt line again if the device's state has an
     /// interrupt pending (after a restore, once every LAPIC is back).
     fn reassert(&self) {}
@@ -82,9 +106,9 @@ impl<T: Stateful + Send + Sync> SaveRestore for T {
             device: name.into(),
             source,
         })?;
-        self.restore(s).map_err(|why| StateError::Invalid {
+        self.restore(s).map_err(|source| StateError::Invalid {
             device: name.into(),
-            why,
+            source,
         })
     }
 }
@@ -106,7 +130,7 @@ macro_rules! stateless {
                 $crate::NoState {}
             }
 
-            fn restore(&self, _: $crate::NoState) -> Result<(), String> {
+            fn restore(&self, _: $crate::NoState) -> Result<(), $crate::InvalidState> {
                 Ok(())
             }
         }

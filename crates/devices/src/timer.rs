@@ -280,25 +280,25 @@ impl crate::Stateful for TimerPorts {
             .collect()
     }
 
-    fn restore(&self, saved: Vec<TimerState>) -> Result<(), String> {
+    fn restore(&self, saved: Vec<TimerState>) -> Result<(), crate::InvalidState> {
         let now = Instant::now();
         let mut state = self.0.lock();
         if saved.len() != state.timers.len() {
-            return Err(format!(
-                "{} timers saved, this VM has {}",
-                saved.len(),
-                state.timers.len()
-            ));
+            return Err(crate::InvalidState::Count {
+                what: "timers",
+                saved: saved.len(),
+                here: state.timers.len(),
+            });
         }
         for s in &saved {
             // As the guest's own writes: a period of 0 means stopped, not
             // "tick without pause"; a next tick at most a period away.
             if s.period_us == Some(0) || s.period_us.is_none() != s.next_in_us.is_none() {
-                return Err(format!("timer state {s:?} is not one a guest can set"));
+                return Err(unsettable(s));
             }
             if let (Some(p), Some(n)) = (s.period_us, s.next_in_us) {
                 if n > p || p > u64::from(u32::MAX) {
-                    return Err(format!("timer state {s:?} is not one a guest can set"));
+                    return Err(unsettable(s));
                 }
             }
         }
@@ -311,6 +311,15 @@ impl crate::Stateful for TimerPorts {
         drop(state);
         self.0.cv.notify_all();
         Ok(())
+    }
+}
+
+/// A saved timer no guest write could have made.
+fn unsettable(s: &TimerState) -> crate::InvalidState {
+    crate::InvalidState::Range {
+        what: "timer state".into(),
+        value: format!("{s:?}"),
+        allowed: "not one a guest can set".into(),
     }
 }
 

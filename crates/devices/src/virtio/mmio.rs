@@ -472,25 +472,26 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
         }
     }
 
-    fn restore(&self, s: VirtioMmioState) -> Result<(), String> {
+    fn restore(&self, s: VirtioMmioState) -> Result<(), crate::InvalidState> {
         let mut t = self.lock();
         t.reset();
         if s.queues.len() != t.queues.len() {
-            return Err(format!(
-                "the saved device has {} queues; this one has {}",
-                s.queues.len(),
-                t.queues.len()
-            ));
+            return Err(crate::InvalidState::Count {
+                what: "queues",
+                saved: s.queues.len(),
+                here: t.queues.len(),
+            });
         }
         for (i, (q, saved)) in t.queues.iter_mut().zip(&s.queues).enumerate() {
             q.set_size(saved.size);
             // virtio-queue keeps its old size on an invalid one, and says
             // so only in a log line.
             if q.size() != saved.size {
-                return Err(format!(
-                    "queue {i}: the saved size {} is not a power of two up to {QUEUE_MAX}",
-                    saved.size
-                ));
+                return Err(crate::InvalidState::Range {
+                    what: format!("queue {i}'s size"),
+                    value: saved.size.to_string(),
+                    allowed: format!("a power of two up to {QUEUE_MAX}"),
+                });
             }
             let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
             let (l, h) = split(saved.desc_table);
@@ -504,9 +505,11 @@ impl<D: VirtioDevice> crate::Stateful for VirtioMmio<D> {
             q.set_ready(saved.ready);
             if saved.ready && !q.is_valid(&self.mem) {
                 q.set_ready(false);
-                return Err(format!(
-                    "queue {i}: the saved virtqueue does not fit guest memory"
-                ));
+                return Err(crate::InvalidState::Range {
+                    what: format!("queue {i}'s rings"),
+                    value: format!("at {:#x}", saved.desc_table),
+                    allowed: "they must lie in guest memory".into(),
+                });
             }
         }
         t.status = s.status;
@@ -616,9 +619,11 @@ mod tests {
         assert_eq!(fresh.save(), saved);
         let mut bad = saved.clone();
         bad.queues[0].size = 100;
-        assert!(fresh.restore(bad).unwrap_err().contains("saved size 100"));
+        let e = fresh.restore(bad).unwrap_err().to_string();
+        assert!(e.contains("queue 0's size 100"), "{e}");
         let mut two = saved;
         two.queues.push(two.queues[0].clone());
-        assert!(fresh.restore(two).unwrap_err().contains("2 queues"));
+        let e = fresh.restore(two).unwrap_err().to_string();
+        assert!(e.contains("queues: 2 saved"), "{e}");
     }
 }
