@@ -107,7 +107,7 @@ impl Vm {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     vm.migrate(&opts, &job)
                 }))
-                .unwrap_or_else(|_| Err("the migration thread panicked (a brisk bug)".into()));
+                .unwrap_or_else(|_| Err(SendError::Panicked));
                 job.update(|s| {
                     s.total_ms = ms(start.elapsed());
                     match r {
@@ -117,11 +117,11 @@ impl Vm {
                         }
                         Err(e) if job.cancel.load(SeqCst) => {
                             s.phase = Phase::Cancelled;
-                            s.error = Some(e);
+                            s.error = Some(e.to_string());
                         }
                         Err(e) => {
                             s.phase = Phase::Failed;
-                            s.error = Some(e);
+                            s.error = Some(e.to_string());
                         }
                     }
                 });
@@ -183,7 +183,7 @@ impl Vm {
     }
 
     /// The whole migration; Ok(downtime).
-    fn migrate(&self, opts: &MigrationOptions, job: &Outgoing) -> Result<Duration, String> {
+    fn migrate(&self, opts: &MigrationOptions, job: &Outgoing) -> Result<Duration, SendError> {
         let url = opts.url.to_string();
         let stopping = || self.stopping(job);
         let mut s = Stream::connect(&opts.url, &stopping)
@@ -193,7 +193,7 @@ impl Vm {
             config: self.config(),
             local: opts.local,
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(SendError::Hello)?;
         let bound = Bound::message(&stopping, None);
         let sent = match (opts.local, self.kvm.shared_memory()) {
             (true, Some(mem)) => {
@@ -214,14 +214,14 @@ impl Vm {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.copy_and_switch(opts, job, &mut s)
             }))
-            .unwrap_or_else(|_| Err("the migration thread panicked (a brisk bug)".into()))
+            .unwrap_or_else(|_| Err(SendError::Panicked))
         });
         if let Err(why) = &r {
             // Best effort, briefly: the destination exits either way once
             // the stream closes.
             let _ = s.send(
                 Kind::Abort,
-                &[why.as_bytes()],
+                &[why.to_string().as_bytes()],
                 &Bound::within(PARTING_BOUND, &never),
             );
         }
@@ -234,29 +234,25 @@ impl Vm {
         opts: &MigrationOptions,
         job: &Outgoing,
         s: &mut Stream,
-    ) -> Result<Duration, String> {
+    ) -> Result<Duration, SendError> {
         let started = Instant::now();
-        let check = || -> Result<(), String> {
+        let check = || -> Result<(), SendError> {
             if job.cancel.load(SeqCst) {
-                return Err("cancelled".into());
+                return Err(SendError::Cancelled);
             }
             if self.ended().is_some() {
-                return Err("the VM ended".into());
+                return Err(SendError::Ended);
             }
             if started.elapsed() > opts.timeout && !opts.force_on_timeout {
-                return Err(format!(
-                    "did not converge within {} s (the guest dirties memory faster than it can be sent); the VM keeps running here",
-                    opts.timeout.as_secs()
-                ));
+                return Err(SendError::NoConvergence(opts.timeout.as_secs()));
             }
             Ok(())
         };
         let forced = || opts.force_on_timeout && started.elapsed() > opts.timeout;
-        let kvm_err = |e: brisk_kvm::Error| e.to_string();
         // The last dirty set's estimated copy time: the stop may take it.
         let mut last_estimate = Duration::ZERO;
         if !opts.local {
-            self.kvm.set_dirty_log(true).map_err(kvm_err)?;
+            self.kvm.set_dirty_log(true)?;
             job.update(|st| st.phase = Phase::Copying);
             // Pass 0: every page the guest may have touched (the
             // destination's RAM starts as zeros).
@@ -270,7 +266,7 @@ impl Vm {
             });
             loop {
                 check()?;
-                let dirty = self.kvm.take_dirty_pages().map_err(kvm_err)?;
+                let dirty = self.kvm.take_dirty_pages()?;
                 let pages: u64 = dirty
                     .iter()
                     .flatten()
@@ -307,8 +303,7 @@ impl Vm {
         }
         check()?;
         // The bulk of the disks' write-back, while the guest still runs.
-        crate::disk_lock::flush(&self.config().disks)
-            .map_err(|e| format!("flushing the disk images: {e}"))?;
+        crate::disk_lock::flush(&self.config().disks).map_err(SendError::Flush)?;
         // Stop and copy: from here the guest runs nowhere until the
         // destination runs it (or this side resumes it after a failure).
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
@@ -316,7 +311,7 @@ impl Vm {
         let downtime = Instant::now();
         if !was_paused {
             self.pause_locked(&mut paused, Deadline::after(Duration::from_secs(5)))
-                .map_err(|e| format!("cannot pause the VM: {e}"))?;
+                .map_err(SendError::Pause)?;
         }
         job.update(|st| st.phase = Phase::Stopped);
         // However the destination behaves, the guest is stopped here for
@@ -332,21 +327,16 @@ impl Vm {
             tests::WHILE_STOPPED.hit();
             self.final_copy(opts, job, s, downtime + allowed)
         }))
-        .unwrap_or_else(|_| {
-            Err(Stop::Failed(
-                "the migration thread panicked (a brisk bug)".into(),
-            ))
-        });
+        .unwrap_or_else(|_| Err(Stop::Failed(SendError::Panicked)));
         let r = r.map_err(|e| match e {
-            Stop::Late => format!(
-                "the destination did not take the VM within {} ms of the pause (the downtime budget, or the estimated copy, plus {} s); the VM resumed here",
-                allowed.as_millis(),
-                SWITCH_GRACE.as_secs()
-            ),
+            Stop::Late => SendError::Late {
+                allowed_ms: allowed.as_millis(),
+                grace_s: SWITCH_GRACE.as_secs(),
+            },
             Stop::Failed(e) => e,
         });
         let r = r.and_then(|()| match job.cancel.load(SeqCst) {
-            true => Err("cancelled".to_string()),
+            true => Err(SendError::Cancelled),
             false => Ok(()),
         });
         if let Err(e) = r {
@@ -360,9 +350,8 @@ impl Vm {
         // crash), the destination must not run it either.
         let url = opts.url.to_string();
         if !self.end.end(VmEnd::Migrated { to: url.clone() }) {
-            return Err(format!(
-                "the VM ended here during the switch ({}); not committed",
-                self.ended().map_or_else(String::new, |e| e.to_string())
+            return Err(SendError::EndedDuringSwitch(
+                self.ended().map_or_else(String::new, |e| e.to_string()),
             ));
         }
         // Ended: nothing left for the lock to guard, and the API may read
@@ -373,9 +362,11 @@ impl Vm {
         // Ended here: neither a cancel nor the shutdown that follows may
         // stop the Commit now; only its bound does.
         let bound = Bound::within(SWITCH_GRACE, &never);
-        s.send(Kind::Commit, &[&[was_paused as u8]], &bound).map_err(|e| {
-            format!("the Commit could not be sent to {url} ({e}): the VM has ended here and runs nowhere")
-        })?;
+        s.send(Kind::Commit, &[&[was_paused as u8]], &bound)
+            .map_err(|source| SendError::Commit {
+                url: url.clone(),
+                source,
+            })?;
         match s.recv(&bound) {
             Ok(Message {
                 kind: Kind::Running,
@@ -401,7 +392,7 @@ impl Vm {
     ) -> Result<(), Stop> {
         let url = opts.url.to_string();
         let stopping = || self.stopping(job);
-        let late = |e: String| match Instant::now() >= until {
+        let late = |e: SendError| match Instant::now() >= until {
             true => Stop::Late,
             false => Stop::Failed(e),
         };
@@ -409,7 +400,7 @@ impl Vm {
             let dirty = self
                 .kvm
                 .take_dirty_pages()
-                .map_err(|e| Stop::Failed(e.to_string()))?;
+                .map_err(|e| Stop::Failed(e.into()))?;
             let bytes = self
                 .send_pages(s, &dirty, true, &|| Ok(()), Some(until), job)
                 .map_err(late)?;
@@ -419,14 +410,14 @@ impl Vm {
         // disks goes to storage before the destination may run it (little
         // is left: they were flushed once before the stop).
         crate::disk_lock::flush(&self.config().disks)
-            .map_err(|e| Stop::Failed(format!("flushing the disk images: {e}")))?;
+            .map_err(|e| Stop::Failed(SendError::Flush(e)))?;
         if Instant::now() >= until {
             return Err(Stop::Late);
         }
         let state = self
             .save_state()
-            .map_err(|e| Stop::Failed(format!("saving the VM's state: {e}")))?;
-        let bytes = file::encode(&state).map_err(|e| Stop::Failed(e.to_string()))?;
+            .map_err(|e| Stop::Failed(SendError::State(Box::new(e))))?;
+        let bytes = file::encode(&state).map_err(|e| Stop::Failed(SendError::Encode(e)))?;
         s.send(
             Kind::State,
             &[&bytes],
@@ -475,10 +466,10 @@ impl Vm {
         s: &mut Stream,
         bitmaps: &[Vec<u64>],
         zeros: bool,
-        check: &dyn Fn() -> Result<(), String>,
+        check: &dyn Fn() -> Result<(), SendError>,
         until: Option<Instant>,
         job: &Outgoing,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, SendError> {
         let stopping = || self.stopping(job);
         let mem = self.kvm.memory();
         let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE];
@@ -501,7 +492,7 @@ impl Vm {
                 let gpa = base + (start * PAGE) as u64;
                 let run = &mut buf[..(i - start) * PAGE];
                 mem.read_slice(run, GuestAddress(gpa))
-                    .map_err(|e| format!("reading guest RAM at {gpa:#x}: {e}"))?;
+                    .map_err(|source| SendError::Memory { gpa, source })?;
                 sent += send_run(s, gpa, run, zeros, &stopping, until)?;
             }
         }
@@ -513,30 +504,88 @@ impl Vm {
 /// the note says why), or otherwise.
 enum Stop {
     Late,
-    Failed(String),
+    Failed(SendError),
+}
+
+/// Why an outgoing migration failed: its status's `error` says this.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the VM ended")]
+    Ended,
+    #[error("did not converge within {0} s (the guest dirties memory faster than it can be sent); the VM keeps running here")]
+    NoConvergence(u64),
+    /// The stream failed: connecting, sending, waiting for an answer.
+    #[error("{context}: {source}")]
+    Wire {
+        context: String,
+        #[source]
+        source: WireError,
+    },
+    /// The destination sent Abort instead of Ready (its words, printable).
+    #[error("the destination refused {what}: {why}")]
+    Refused { what: String, why: String },
+    #[error("the destination sent {0:?} instead of Ready")]
+    Unexpected(Kind),
+    #[error("the VM's configuration cannot be sent: {0}")]
+    Hello(#[source] serde_json::Error),
+    #[error(transparent)]
+    Kvm(#[from] brisk_kvm::Error),
+    #[error("flushing the disk images: {0}")]
+    Flush(#[source] std::io::Error),
+    #[error("cannot pause the VM: {0}")]
+    Pause(#[source] crate::PauseError),
+    #[error("reading guest RAM at {gpa:#x}: {source}")]
+    Memory {
+        gpa: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("saving the VM's state: {0}")]
+    State(#[source] Box<crate::SnapshotError>),
+    #[error("encoding the VM's state: {0}")]
+    Encode(#[source] std::io::Error),
+    #[error("the destination did not take the VM within {allowed_ms} ms of the pause (the downtime budget, or the estimated copy, plus {grace_s} s); the VM resumed here")]
+    Late { allowed_ms: u128, grace_s: u64 },
+    #[error("the VM ended here during the switch ({0}); not committed")]
+    EndedDuringSwitch(String),
+    #[error(
+        "the Commit could not be sent to {url} ({source}): the VM has ended here and runs nowhere"
+    )]
+    Commit {
+        url: String,
+        #[source]
+        source: WireError,
+    },
+    #[error("the migration thread panicked (a brisk bug)")]
+    Panicked,
 }
 
 /// A stream failure as the migration's status says it: a cancel as
 /// such, anything else after `context`.
-fn wire_err(context: &str) -> impl Fn(WireError) -> String + '_ {
+fn wire_err(context: &str) -> impl Fn(WireError) -> SendError + '_ {
     move |e| match e {
-        WireError::Cancelled => "cancelled".into(),
-        e => format!("{context}: {e}"),
+        WireError::Cancelled => SendError::Cancelled,
+        source => SendError::Wire {
+            context: context.into(),
+            source,
+        },
     }
 }
 
 /// Wait for the destination's Ready (it took `what`).
-fn expect_ready(s: &mut Stream, what: &str, bound: &Bound) -> Result<(), String> {
+fn expect_ready(s: &mut Stream, what: &str, bound: &Bound) -> Result<(), SendError> {
     let m = s.recv(bound).map_err(wire_err(&format!(
         "waiting for the destination to take {what}"
     )))?;
     match m.kind {
         Kind::Ready => Ok(()),
-        Kind::Abort => Err(format!(
-            "the destination refused {what}: {}",
-            printable(&m.body)
-        )),
-        k => Err(format!("the destination sent {k:?} instead of Ready")),
+        Kind::Abort => Err(SendError::Refused {
+            what: what.into(),
+            why: printable(&m.body),
+        }),
+        k => Err(SendError::Unexpected(k)),
     }
 }
 
@@ -549,7 +598,7 @@ fn send_run(
     zeros: bool,
     stopping: &dyn Fn() -> bool,
     until: Option<Instant>,
-) -> Result<u64, String> {
+) -> Result<u64, SendError> {
     let io = wire_err("sending pages");
     let mut sent = 0;
     let pages: Vec<&[u8]> = run.chunks(PAGE).collect();
