@@ -74,6 +74,7 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
         StartError::Config(_)
         | StartError::Kernel(_)
         | StartError::Snapshot(_)
+        | StartError::SnapshotFile(_)
         | StartError::Tap(_)
         | StartError::Vsock(_) => CONFIG,
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {

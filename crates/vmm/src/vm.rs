@@ -37,6 +37,10 @@ pub enum StartError {
     /// naming the file.
     #[error("{0}")]
     Kernel(String),
+    /// A snapshot's file cannot be used (missing, not a regular file, not
+    /// a state file of this format, corrupt).
+    #[error(transparent)]
+    SnapshotFile(#[from] crate::snapshot::file::FileError),
     /// A snapshot (or migration stream) cannot be restored: one sentence
     /// saying why (a bad or mismatched file, a state KVM refuses).
     #[error("{0}")]

@@ -374,7 +374,8 @@ fn bad_snapshots_are_refused_with_a_reason() {
     let mem_path = dir.0.join(state(&dir.0).memory_file);
     let good = std::fs::read(&state_path).unwrap();
     let refused = |why: &str| match Vm::restore(&dir.0, Output::Null, paused()) {
-        Err(StartError::Snapshot(msg)) => {
+        Err(e @ (StartError::Snapshot(_) | StartError::SnapshotFile(_))) => {
+            let msg = e.to_string();
             assert!(msg.contains(why), "{msg:?} should say {why:?}");
             assert!(!msg.contains('\n'), "one sentence: {msg:?}");
         }

@@ -196,7 +196,8 @@ impl Intake {
                 Ok(Step::Discard { at, len })
             }
             Kind::State => {
-                let mut state: VmState = file::parse(body).map_err(IntakeError::State)?;
+                let mut state: VmState =
+                    file::parse(body).map_err(|e| IntakeError::State(e.to_string()))?;
                 state.config.seccomp = self.config.seccomp;
                 if serde_json::to_value(&state.config).ok()
                     != serde_json::to_value(&self.config).ok()

@@ -16,7 +16,7 @@
 //! sentence that says which, before anything is built.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -53,24 +53,76 @@ pub fn encode<T: Serialize>(state: &T) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Why a file of a snapshot cannot be used: one sentence naming it.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is {kind}; a snapshot is made of regular files", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{} is {len} bytes, too big to be a brisk state file", path.display())]
+    TooBig { path: PathBuf, len: u64 },
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: FormatError,
+    },
+}
+
+/// Why a state file's bytes are not a state this brisk reads.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("not a brisk snapshot state file (no BRISKSNP header)")]
+    NoMagic,
+    #[error("truncated: {0} bytes, shorter than the {HEADER}-byte header")]
+    ShortHeader(usize),
+    #[error("snapshot format version {0}; this brisk reads version {FORMAT_VERSION} only")]
+    Version(u32),
+    #[error("corrupt: the header's reserved fields are not zero")]
+    Reserved,
+    #[error("truncated: the header promises {promised} bytes of state, the file has {have}")]
+    Truncated { promised: u64, have: u64 },
+    #[error("{junk} bytes of junk after the {len} bytes of state")]
+    Junk { junk: u64, len: u64 },
+    #[error("corrupt: the state does not match its checksum")]
+    Checksum,
+    #[error("the state does not parse: {0}")]
+    Parse(#[source] serde_json::Error),
+}
+
 /// Read a state file, or the one sentence saying why it cannot be used.
-pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, String> {
-    let shown = path.display();
+pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FileError> {
     let f = open_regular(path)?;
-    let len = f
-        .metadata()
-        .map_err(|e| format!("cannot read {shown}: {e}"))?
-        .len();
+    let read = |source| FileError::Read {
+        path: path.into(),
+        source,
+    };
+    let len = f.metadata().map_err(read)?.len();
     if len > HEADER as u64 + MAX_BODY {
-        return Err(format!(
-            "{shown} is {len} bytes, too big to be a brisk state file"
-        ));
+        return Err(FileError::TooBig {
+            path: path.into(),
+            len,
+        });
     }
     let mut bytes = Vec::new();
     f.take(HEADER as u64 + MAX_BODY)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {shown}: {e}"))?;
-    parse(&bytes).map_err(|why| format!("{shown}: {why}"))
+        .map_err(read)?;
+    parse(&bytes).map_err(|source| FileError::Format {
+        path: path.into(),
+        source,
+    })
 }
 
 /// Whether the file at `path` begins as a brisk state file does (of any
@@ -84,9 +136,8 @@ pub(crate) fn has_magic(path: &Path) -> bool {
 /// never through a symlink (a state names files inside its directory),
 /// and never waiting in `open` (a FIFO put there is refused, not waited
 /// on: `O_NONBLOCK`, then the type checked on the open file).
-pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File, String> {
+pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File, FileError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let shown = path.display();
     let not_regular = |m: &std::fs::Metadata| {
         let t = m.file_type();
         let kind = if t.is_symlink() {
@@ -96,9 +147,16 @@ pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File, String> {
         } else {
             "not a regular file"
         };
-        format!("{shown} is {kind}; a snapshot is made of regular files")
+        FileError::NotRegular {
+            path: path.into(),
+            kind,
+        }
     };
-    let m = std::fs::symlink_metadata(path).map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let open = |source| FileError::Open {
+        path: path.into(),
+        source,
+    };
+    let m = std::fs::symlink_metadata(path).map_err(open)?;
     if !m.is_file() {
         return Err(not_regular(&m));
     }
@@ -106,10 +164,8 @@ pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File, String> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| format!("cannot open {shown}: {e}"))?;
-    let m = f
-        .metadata()
-        .map_err(|e| format!("cannot open {shown}: {e}"))?;
+        .map_err(open)?;
+    let m = f.metadata().map_err(open)?;
     if !m.is_file() {
         return Err(not_regular(&m));
     }
@@ -117,43 +173,41 @@ pub(crate) fn open_regular(path: &Path) -> Result<std::fs::File, String> {
 }
 
 /// Check and decode a state file's bytes (pure: the fuzz target's entry).
-pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
-        return Err("not a brisk snapshot state file (no BRISKSNP header)".into());
+        return Err(FormatError::NoMagic);
     }
     if bytes.len() < HEADER {
-        return Err(format!(
-            "truncated: {} bytes, shorter than the {HEADER}-byte header",
-            bytes.len()
-        ));
+        return Err(FormatError::ShortHeader(bytes.len()));
     }
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     let version = word(8);
     if version != FORMAT_VERSION {
-        return Err(format!(
-            "snapshot format version {version}; this brisk reads version {FORMAT_VERSION} only"
-        ));
+        return Err(FormatError::Version(version));
     }
     if word(12) != 0 || word(28) != 0 {
-        return Err("corrupt: the header's reserved fields are not zero".into());
+        return Err(FormatError::Reserved);
     }
     let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let have = (bytes.len() - HEADER) as u64;
     if len != have {
         return Err(if len > have {
-            format!("truncated: the header promises {len} bytes of state, the file has {have}")
+            FormatError::Truncated {
+                promised: len,
+                have,
+            }
         } else {
-            format!(
-                "{} bytes of junk after the {len} bytes of state",
-                have - len
-            )
+            FormatError::Junk {
+                junk: have - len,
+                len,
+            }
         });
     }
     let body = &bytes[HEADER..];
     if crc32fast::hash(body) != word(24) {
-        return Err("corrupt: the state does not match its checksum".into());
+        return Err(FormatError::Checksum);
     }
-    serde_json::from_slice(body).map_err(|e| format!("the state does not parse: {e}"))
+    serde_json::from_slice(body).map_err(FormatError::Parse)
 }
 
 #[cfg(test)]
@@ -193,7 +247,7 @@ mod tests {
                 b: "x".into()
             }
         );
-        let refuse = |b: &[u8]| parse::<S>(b).unwrap_err();
+        let refuse = |b: &[u8]| parse::<S>(b).unwrap_err().to_string();
         assert!(refuse(b"hello world").contains("not a brisk snapshot"));
         assert!(refuse(&good[..20]).contains("truncated"));
         assert!(refuse(&good[..good.len() - 1]).contains("truncated"));

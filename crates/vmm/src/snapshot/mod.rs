@@ -439,7 +439,7 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
             dir.display()
         )));
     }
-    let state: VmState = file::read(&dir.join(STATE_FILE)).map_err(StartError::Snapshot)?;
+    let state: VmState = file::read(&dir.join(STATE_FILE))?;
     if !is_memory_file_name(&state.memory_file) {
         return Err(StartError::Snapshot(format!(
             "the state file names memory file '{}', not one of brisk's (memory-HEX)",
@@ -449,7 +449,7 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
     let path = dir.join(&state.memory_file);
     // Never a blocking open (a FIFO there would hang the restore), never
     // through a symlink out of the directory.
-    let mem = file::open_regular(&path).map_err(StartError::Snapshot)?;
+    let mem = file::open_regular(&path)?;
     let len = mem
         .metadata()
         .map_err(setup("reading the memory file's size"))?
