@@ -67,7 +67,7 @@ pub use io_engine::{Budget, IoEngine, IoEngineError, IoWork, NotParked, Served};
 pub use irq::{InterruptSink, IrqLine};
 pub use manager::{DeviceManager, IoRange};
 pub use pci_host::PciHostBridge;
-pub use pm_timer::{PmTimer, PM_TIMER_HZ};
+pub use pm_timer::{PmTimer, PmTimerState, PM_TIMER_HZ};
 pub use power::PowerOff;
 pub use pvpanic::PvPanic;
 pub use rate_limiter::{Limit, RateLimiter};

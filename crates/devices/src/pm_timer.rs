@@ -48,18 +48,39 @@ impl DevicePio for PmTimer {
     fn pio_write(&self, _base: PioAddress, _offset: PioAddressOffset, _data: &[u8]) {}
 }
 
-/// The count at the save: a restored timer goes on from it (the time the
-/// VM spent saved is not counted, as on a suspended machine).
-impl crate::Stateful for PmTimer {
-    const VERSION: u32 = 1;
-    type State = u64;
+/// The count at the save and the host's wall clock then: a restored timer
+/// goes on from the count moved on by the time since, as kvmclock and the
+/// TSC do (the guest's clocks agree).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PmTimerState {
+    pub ticks: u64,
+    /// CLOCK_REALTIME in ns at the save.
+    pub saved_at_ns: u64,
+}
 
-    fn save(&self) -> u64 {
-        self.ticks()
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
+impl crate::Stateful for PmTimer {
+    /// 2: the wall clock at the save (version 1 had the count alone, and
+    /// a restored count lagged the other clocks by the time saved).
+    const VERSION: u32 = 2;
+    type State = PmTimerState;
+
+    fn save(&self) -> PmTimerState {
+        PmTimerState {
+            ticks: self.ticks(),
+            saved_at_ns: realtime_ns(),
+        }
     }
 
-    fn restore(&self, ticks: u64) -> Result<(), crate::InvalidState> {
-        let want = u128::from(ticks) * 1_000_000_000 / u128::from(PM_TIMER_HZ);
+    fn restore(&self, s: PmTimerState) -> Result<(), crate::InvalidState> {
+        let since = realtime_ns().saturating_sub(s.saved_at_ns);
+        let ticks = s.ticks;
+        let want = u128::from(ticks) * 1_000_000_000 / u128::from(PM_TIMER_HZ) + u128::from(since);
         let off = self.epoch.elapsed().as_nanos() as i128 - want as i128;
         let off = i64::try_from(off).map_err(|_| crate::InvalidState::Range {
             what: "the PM timer's count".into(),

@@ -58,7 +58,26 @@ pub struct VmSnapshot {
     pub pit: Option<kvm_pit_state2>,
     #[serde(with = "exact::one")]
     pub clock: kvm_clock_data,
+    /// The host's wall clock (CLOCK_REALTIME, ns) at the save. A restore
+    /// moves every guest clock on by the time since, together: kvmclock,
+    /// the TSC and the PM timer. (A host that ignores TSC writes, PVM,
+    /// lets the TSC run on from the host's anyway: the other clocks must
+    /// follow it, or the guest sees them disagree by the time the VM
+    /// spent saved.) 0 in older states: nothing moves on.
+    #[serde(default)]
+    pub saved_at_ns: u64,
 }
+
+/// The host's wall clock in ns (CLOCK_REALTIME: it means the same in
+/// another process, or on another host with a synchronised clock).
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
+/// IA32_TSC.
+const MSR_IA32_TSC: u32 = 0x10;
 
 /// The chips KVM_GET_IRQCHIP knows, in the order they are saved.
 const CHIPS: [u32; 3] = [
@@ -130,11 +149,15 @@ impl Vm {
             irqchips,
             pit,
             clock,
+            saved_at_ns: realtime_ns(),
         })
     }
 
     /// Put the VM-wide state back, before any vCPU is restored or runs.
-    pub fn restore_state(&self, s: &VmSnapshot) -> Result<()> {
+    /// Returns how far the guest's clocks were moved on (the time since
+    /// the save): the vCPUs' TSCs move on as far
+    /// ([`KvmVcpu::restore_state`]).
+    pub fn restore_state(&self, s: &VmSnapshot) -> Result<std::time::Duration> {
         let kernel = self.irqchip() == Irqchip::Kernel;
         if kernel != (s.irqchips.len() == CHIPS.len() && s.pit.is_some())
             || (!kernel && !s.irqchips.is_empty())
@@ -159,16 +182,19 @@ impl Vm {
                 .set_irqchip(chip)
                 .map_err(Error::sys("KVM_SET_IRQCHIP"))?;
         }
-        // The clock continues from where it was saved: no jump by the
-        // time the VM spent on disk (KVM_CLOCK_REALTIME would add it).
+        // kvmclock moves on by the time since the save, as the TSC does.
+        let advance = match s.saved_at_ns {
+            0 => 0,
+            at => realtime_ns().saturating_sub(at),
+        };
         let clock = kvm_clock_data {
-            clock: s.clock.clock,
+            clock: s.clock.clock.saturating_add(advance),
             ..Default::default()
         };
         self.fd()
             .set_clock(&clock)
             .map_err(Error::sys("KVM_SET_CLOCK"))?;
-        Ok(())
+        Ok(std::time::Duration::from_nanos(advance))
     }
 }
 
@@ -284,7 +310,11 @@ impl KvmVcpu {
     /// CPUID before anything that depends on it, registers and segments
     /// before the LAPIC (whose base is in the segment state), the LAPIC
     /// before MSRs (TSC deadline), events last.
-    pub fn restore_state(&mut self, s: &VcpuSnapshot) -> Result<()> {
+    /// `advance`: how far the VM's clocks moved on ([`Vm::restore_state`]);
+    /// the TSC moves on as far (written, then read back: a host that
+    /// ignores the write, PVM, runs it on from its own, which moved on by
+    /// about as much on the same host).
+    pub fn restore_state(&mut self, s: &VcpuSnapshot, advance: std::time::Duration) -> Result<()> {
         if s.lapic.is_some() != self.has_lapic() {
             return Err(Error::State(format!(
                 "vCPU {}: the saved LAPIC state does not match the VM's irqchip mode",
@@ -316,7 +346,29 @@ impl KvmVcpu {
         if let Some(lapic) = &s.lapic {
             fd.set_lapic(lapic).map_err(Error::sys("KVM_SET_LAPIC"))?;
         }
-        self.write_msrs(&s.msrs)?;
+        let khz = s.tsc_khz.or_else(|| self.fd().get_tsc_khz().ok());
+        let ticks = khz.map_or(0, |khz| {
+            (advance.as_nanos() * u128::from(khz) / 1_000_000).min(u128::from(u64::MAX)) as u64
+        });
+        let mut msrs = s.msrs.clone();
+        let mut tsc_wanted = None;
+        for m in msrs.iter_mut().filter(|m| m.index == MSR_IA32_TSC) {
+            m.data = m.data.wrapping_add(ticks);
+            tsc_wanted = Some(m.data);
+        }
+        self.write_msrs(&msrs)?;
+        if let (Some(wanted), Some(khz)) = (tsc_wanted, khz) {
+            let got = self.read_msrs(&[MSR_IA32_TSC])?;
+            let got = got.first().map_or(wanted, |m| m.data);
+            // More than a second off: the write did not take.
+            if got.abs_diff(wanted) > u64::from(khz) * 1000 {
+                log::debug!(
+                    "vCPU {}: the host ignores TSC writes (TSC {got:#x}, written {wanted:#x}); the guest's TSC runs on from the host's",
+                    self.id()
+                );
+            }
+        }
+        let fd = self.fd();
         fd.set_vcpu_events(&s.events)
             .map_err(Error::sys("KVM_SET_VCPU_EVENTS"))?;
         // The run loop asks `if_flag` whether a pending interrupt wakes a

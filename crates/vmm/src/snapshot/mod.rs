@@ -383,7 +383,8 @@ impl Vm {
             |e: brisk_kvm::Error| StartError::Snapshot(format!("KVM refused the saved state: {e}"));
         let t = Instant::now();
         m.kvm.check_xsave_fits()?;
-        m.kvm.restore_state(&state.vm).map_err(refused)?;
+        // The guest's clocks move on by the time since the save, together.
+        let advance = m.kvm.restore_state(&state.vm).map_err(refused)?;
         log::debug!("restore: VM state in {:?}", t.elapsed());
         m.devices
             .restore(&state.devices)
@@ -392,7 +393,7 @@ impl Vm {
         let mut saved = state.vcpus.into_iter();
         let vm = Vm::run_machine(m, |v, ctl| {
             let s = saved.next().expect("checked: one state per vCPU");
-            v.restore_state(&s.kvm).map_err(refused)?;
+            v.restore_state(&s.kvm, advance).map_err(refused)?;
             if s.halted {
                 ctl.start_halted();
             }
