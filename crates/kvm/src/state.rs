@@ -375,6 +375,12 @@ impl KvmVcpu {
         // halted vCPU; KVM refreshes it on every exit, but a restored vCPU
         // has not exited yet: seed it from the restored RFLAGS.IF.
         self.seed_if_flag(s.regs.rflags & (1 << 9) != 0);
+        if !advance.is_zero() {
+            // The clocks jumped: tell a kvmclock guest it was stopped
+            // (PVCLOCK_GUEST_STOPPED), so its watchdogs do not take the
+            // time saved for a lock-up.
+            self.clock_stopped();
+        }
         Ok(())
     }
 }

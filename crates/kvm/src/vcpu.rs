@@ -389,12 +389,19 @@ impl Guest for KvmVcpu {
     }
 
     fn parking(&mut self) {
+        self.clock_stopped();
+    }
+}
+
+impl KvmVcpu {
+    /// Set PVCLOCK_GUEST_STOPPED for the guest's next kvmclock update, so
+    /// its watchdogs do not take a pause (or a restore's jump) for a
+    /// lock-up. EINVAL: the guest has not enabled kvmclock, nothing to
+    /// tell.
+    pub(crate) fn clock_stopped(&mut self) {
         if !self.kvmclock_ctrl {
             return;
         }
-        // Sets PVCLOCK_GUEST_STOPPED for the guest's next kvmclock update,
-        // so its watchdogs do not take the pause for a lock-up. EINVAL: the
-        // guest has not enabled kvmclock, nothing to tell.
         match self.fd.kvmclock_ctrl() {
             Ok(()) => self.clock_stops += 1,
             Err(e) if e.errno() == libc::EINVAL => {}
