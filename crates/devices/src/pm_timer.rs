@@ -107,7 +107,7 @@ mod tests {
         let b = PmTimer::default();
         let saved = a.save_state();
         b.restore_state("pm", &saved).unwrap();
-        let (was, now) = (saved.data.as_u64().unwrap(), b.ticks());
+        let (was, now) = (saved.data["ticks"].as_u64().unwrap(), b.ticks());
         assert!(now >= was, "{now} < {was}");
         assert!(matches!(
             b.restore_state(
