@@ -46,7 +46,7 @@ enum Command {
     Bench(BenchArgs),
     /// Be Firecracker: its command line, its config file and its API (on
     /// the same socket as brisk's own), so tools that spawn and drive
-    /// Firecracker drive brisk. See docs/firecracker.md.
+    /// Firecracker drive brisk. See docs/kata.md.
     #[command(after_help = status::HELP)]
     Firecracker(crate::firecracker::FirecrackerArgs),
 }

@@ -28,7 +28,7 @@ pub struct FirecrackerArgs {
     /// The microVM's id (`GET /`).
     #[arg(long, default_value = "anonymous-instance")]
     id: String,
-    /// Accepted; brisk reports boot times in its own log (-v).
+    /// Accepted and ignored: brisk has no boot-timer device.
     #[arg(long)]
     boot_timer: bool,
     /// Log level: Error, Warning, Info, Debug, Trace or Off.
@@ -44,6 +44,7 @@ pub struct FirecrackerArgs {
     /// Accepted (brisk's log lines always carry their level).
     #[arg(long)]
     show_level: bool,
+    /// Accepted and ignored (brisk's log lines name their module).
     #[arg(long)]
     show_log_origin: bool,
     /// Install no seccomp filters.
