@@ -30,13 +30,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // glibc reads /proc/sys/vm/overcommit_memory the first time it gives
-    // back the top of a thread's heap, and a thread under its seccomp
-    // filter may not open files (the I/O thread was stopped for it after
-    // closing a vsock connection): thread heaps keep their memory for
-    // reuse instead (guest RAM is mapped apart, and is not affected).
-    // SAFETY: mallopt only sets an allocator parameter, before any thread.
-    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
     let cli = match cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

@@ -230,7 +230,22 @@ pub fn install(kind: ThreadKind, policy: Seccomp) -> Result<(), seccompiler::Err
     if policy == Seccomp::Trap {
         install_sigsys_handler();
     }
+    keep_thread_heaps();
     seccompiler::apply_filter(&prog)
+}
+
+/// glibc reads /proc/sys/vm/overcommit_memory the first time it gives
+/// back the top of a thread's heap, and a filtered thread may not open
+/// files (the I/O thread was stopped for it after closing a vsock
+/// connection): once any thread is filtered, thread heaps keep their
+/// memory for reuse instead (guest RAM is mapped apart, not affected).
+fn keep_thread_heaps() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        // SAFETY: mallopt only sets an allocator parameter; glibc takes
+        // its own lock for it, so other threads may be allocating.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) };
+    });
 }
 
 /// On a trapped call: name it on stderr and exit with status 12.
