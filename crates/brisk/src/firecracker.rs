@@ -80,6 +80,10 @@ pub enum ConfigFileError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is {kind}, not a regular file")]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path} is over {max} bytes: not a Firecracker configuration", max = MAX_CONFIG)]
+    TooBig { path: PathBuf },
     #[error("{path} is not a Firecracker configuration: {source}")]
     Parse {
         path: PathBuf,
@@ -94,14 +98,47 @@ pub enum ConfigFileError {
     },
 }
 
+/// The largest config file read (Firecracker's are a few KiB).
+const MAX_CONFIG: u64 = 1 << 20;
+
 /// Read Firecracker's JSON config file into what its calls would have
-/// configured.
+/// configured. Only a regular file (checked before and after the open,
+/// which never waits: a FIFO is refused, not waited on), and at most
+/// [`MAX_CONFIG`] bytes.
 pub fn read_config(path: &Path) -> Result<PreBoot, ConfigFileError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let path_buf = || path.to_path_buf();
-    let text = std::fs::read(path).map_err(|source| ConfigFileError::Read {
+    let read = |source| ConfigFileError::Read {
         path: path_buf(),
         source,
-    })?;
+    };
+    // Checked before the open too: opening a device can have effects.
+    let regular = |m: std::fs::Metadata| match m.file_type() {
+        t if t.is_file() => Ok(()),
+        t => Err(ConfigFileError::NotRegular {
+            path: path_buf(),
+            kind: if t.is_dir() {
+                "a directory"
+            } else {
+                "a device, FIFO or socket"
+            },
+        }),
+    };
+    regular(std::fs::metadata(path).map_err(read)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read)?;
+    regular(file.metadata().map_err(read)?)?;
+    let mut text = Vec::new();
+    file.take(MAX_CONFIG + 1)
+        .read_to_end(&mut text)
+        .map_err(read)?;
+    if text.len() as u64 > MAX_CONFIG {
+        return Err(ConfigFileError::TooBig { path: path_buf() });
+    }
     let file: FullVmConfiguration =
         serde_json::from_slice(&text).map_err(|source| ConfigFileError::Parse {
             path: path_buf(),

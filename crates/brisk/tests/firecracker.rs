@@ -446,6 +446,28 @@ fn a_config_file_boots_at_once_and_bad_ones_are_named() {
         assert!(err.contains(says), "{bad}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{bad}: {err}");
     }
+    // Not a regular file, or too big: named, nothing read or waited on.
+    let fifo = d.join("fifo.json");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    let big = d.join("big.json");
+    std::fs::File::create(&big)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let mut cases = vec![(big, "over 1048576 bytes"), (d.clone(), "a directory")];
+    if made.is_ok_and(|s| s.success()) {
+        cases.push((fifo, "not a regular file"));
+    }
+    for (path, says) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_brisk"))
+            .args(["firecracker", "--no-api", "--config-file"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{says}: {err}");
+        assert!(err.contains(says), "{says}: {err}");
+    }
     std::fs::remove_dir_all(&d).unwrap();
 }
 
