@@ -61,6 +61,17 @@ void vq_publish(struct vq *q, u32 index, u16 slot)
     VREG(0x50) = index;
 }
 
+int vq_next_used(struct vq *q, u16 *seen, u32 *id, u32 *len)
+{
+    if (q->used.idx == *seen)
+        return 0;
+    barrier();
+    *id = q->used.ring[*seen % VQ_SIZE].id;
+    *len = q->used.ring[*seen % VQ_SIZE].len;
+    (*seen)++;
+    return 1;
+}
+
 u32 cmdline_arg(const struct multiboot_info *mbi, const char *key, u32 def)
 {
     u32 n = 0;

@@ -32,6 +32,9 @@ void vq_setup(u32 index, struct vq *q, const char *who);
 void virtio_driver_ok(void);
 /* Make descriptor `slot` available on queue `index` and notify. */
 void vq_publish(struct vq *q, u32 index, u16 slot);
+/* The next entry the device used on `q` past `*seen` (advanced): its
+ * descriptor id and length; 0 if there is none yet. */
+int vq_next_used(struct vq *q, u16 *seen, u32 *id, u32 *len);
 /* The value of `key=N` on the command line (1 for a bare `key`), or `def`. */
 u32 cmdline_arg(const struct multiboot_info *mbi, const char *key, u32 def);
 

@@ -137,13 +137,11 @@ int kmain(u32 magic, struct multiboot_info *mbi)
     for (u16 i = 0; i < QSIZE; i++) post_rx(i);
     u16 rx_seen = 0;
     for (u32 got = 0; got < echo;) {
-        if (rxq.used.idx == rx_seen) {
+        u32 id, len;
+        if (!vq_next_used(&rxq, &rx_seen, &id, &len)) {
             pause();
             continue;
         }
-        barrier();
-        u32 id = rxq.used.ring[rx_seen % QSIZE].id, len = rxq.used.ring[rx_seen % QSIZE].len;
-        rx_seen++;
         u8 *in = rxbuf[id];
         u16 type = len > HDR + 14 ? (u16)(in[HDR + 12] << 8 | in[HDR + 13]) : 0;
         int ours = type == 0x88b5 || (type == 0x0800 && len > HDR + 24 && in[HDR + 23] == 17);

@@ -59,10 +59,8 @@ static u16 tx_seen;
 /* Transmit slots the device used: receive buffers sent from go back. */
 static void reclaim(void)
 {
-    while (tx_seen != txq.used.idx) {
-        barrier();
-        u32 slot = txq.used.ring[tx_seen % QSIZE].id;
-        tx_seen++;
+    u32 slot, len;
+    while (vq_next_used(&txq, &tx_seen, &slot, &len)) {
         if (slot < QSIZE && tx_from_rx[slot] >= 0) {
             post_rx((u16)tx_from_rx[slot]);
             tx_from_rx[slot] = -1;
@@ -183,13 +181,11 @@ int kmain(u32 magic, struct multiboot_info *mbi)
             for (int i = 0; i < MAXCONN; i++) conns[i].used = 0;
             post_event();
         }
-        if (rxq.used.idx == rx_seen) {
+        u32 id, len;
+        if (!vq_next_used(&rxq, &rx_seen, &id, &len)) {
             pause();
             continue;
         }
-        barrier();
-        u32 id = rxq.used.ring[rx_seen % QSIZE].id, len = rxq.used.ring[rx_seen % QSIZE].len;
-        rx_seen++;
         struct hdr *h = (struct hdr *)rxbuf[id];
         if (len < HDR || h->len > len - HDR) {
             post_rx(id);
