@@ -78,6 +78,17 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FcError> {
     serde_json::from_slice(body).map_err(|e| FcError::Body(format!("the body does not parse: {e}")))
 }
 
+/// The id in the path must be the body's.
+fn same_id(path: &str, body: &str) -> Result<(), FcError> {
+    if path != body {
+        return Err(FcError::IdMismatch {
+            path: path.into(),
+            body: body.into(),
+        });
+    }
+    Ok(())
+}
+
 fn limits(r: &Option<RateLimiter>) -> (Option<Limit>, Option<Limit>) {
     let bucket = |b: &Option<TokenBucket>| {
         b.filter(|b| b.size > 0 && b.refill_time > 0)
@@ -161,12 +172,7 @@ impl PreBoot {
 
     /// `PUT /drives/{id}`: added, or replacing the drive with that id.
     pub fn put_drive(&mut self, id: &str, d: Drive) -> Result<(), FcError> {
-        if d.drive_id != id {
-            return Err(FcError::IdMismatch {
-                path: id.into(),
-                body: d.drive_id,
-            });
-        }
+        same_id(id, &d.drive_id)?;
         if d.socket.is_some() {
             return Err(FcError::Unsupported(
                 "vhost-user-block drives (socket)".into(),
@@ -213,12 +219,7 @@ impl PreBoot {
 
     /// `PUT /network-interfaces/{id}`.
     pub fn put_net(&mut self, id: &str, n: NetworkInterface) -> Result<(), FcError> {
-        if n.iface_id != id {
-            return Err(FcError::IdMismatch {
-                path: id.into(),
-                body: n.iface_id,
-            });
-        }
+        same_id(id, &n.iface_id)?;
         if n.mtu.is_some() {
             return Err(FcError::Unsupported("mtu (VIRTIO_NET_F_MTU)".into()));
         }
@@ -349,12 +350,7 @@ impl PreBoot {
         id: &str,
         p: PartialDrive,
     ) -> Result<(), FcError> {
-        if p.drive_id != id {
-            return Err(FcError::IdMismatch {
-                path: id.into(),
-                body: p.drive_id,
-            });
-        }
+        same_id(id, &p.drive_id)?;
         let index = self
             .disk_index(id)
             .ok_or_else(|| FcError::Invalid(format!("there is no drive {id}")))?;
@@ -388,12 +384,7 @@ impl PreBoot {
         id: &str,
         p: PartialNetworkInterface,
     ) -> Result<(), FcError> {
-        if p.iface_id != id {
-            return Err(FcError::IdMismatch {
-                path: id.into(),
-                body: p.iface_id,
-            });
-        }
+        same_id(id, &p.iface_id)?;
         let index = self
             .nets
             .iter()
