@@ -50,19 +50,11 @@ fn vm_limited(tap: &str, cmdline: String, tx_bw: Option<brisk_vmm::Limit>) -> br
 }
 
 /// Receive `n` frames of our ethertype; ns from the first to the last,
-/// per frame.
+/// per frame (`None` if they did not all come).
 fn count(sock: &PacketSocket, n: usize) -> Option<u64> {
-    let mut buf = vec![0u8; 2048];
-    let mut first = None;
-    let mut got = 0;
-    while got < n {
-        let len = sock.recv_from_guest(&mut buf, WAIT).ok()??;
-        if len >= 14 && u16::from_be_bytes([buf[12], buf[13]]) == k::VIRTIONET_ETHERTYPE {
-            first.get_or_insert_with(Instant::now);
-            got += 1;
-        }
-    }
-    Some(first?.elapsed().as_nanos() as u64 / (n as u64 - 1).max(1))
+    let at = arrivals(sock, n);
+    let (first, last) = (at.first()?, at.last()?);
+    (at.len() == n).then(|| last.duration_since(*first).as_nanos() as u64 / (n as u64 - 1).max(1))
 }
 
 /// When each of `n` frames of our ethertype arrived.
