@@ -141,6 +141,21 @@ impl PacketSocket {
                 4,
             )
         };
+        // Frames go straight to the TAP's driver, not through its queueing
+        // discipline: until the kernel's link watcher has seen the carrier
+        // that brisk's attach turned on (asynchronously, later under load)
+        // that discipline drops everything.
+        let one: libc::c_int = 1;
+        // SAFETY: PACKET_QDISC_BYPASS reads one int through the pointer.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                4,
+            )
+        };
         // SAFETY: zeroed sockaddr_ll is valid; the fields set below.
         let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         sll.sll_family = libc::AF_PACKET as u16;
