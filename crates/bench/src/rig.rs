@@ -157,7 +157,7 @@ impl Guest for Timed {
 pub fn answer(v: &mut KvmVcpu, exit: Exit, devices: &DeviceManager) -> brisk_control::Flow {
     let fatal = |e| panic!("benchmark guest failed: {e}");
     // A crash panics here; the report needs no instruction bytes.
-    brisk_vmm::exits::handle(v, exit, devices.bus(), None, &fatal)
+    brisk_vmm::exits::handle(v, exit, devices.bus(), None, None, &fatal)
 }
 
 /// A stop flag polled by the hand-written loops.

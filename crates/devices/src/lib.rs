@@ -36,6 +36,7 @@ macro_rules! guest_warn {
     }};
 }
 
+pub mod apic;
 mod bus;
 mod cmos;
 mod counter;
@@ -56,6 +57,7 @@ mod state;
 mod timer;
 pub mod virtio;
 
+pub use apic::{Apics, Ioapic, IoapicLine, Lapic, Pic};
 pub use bus::{Bus, BusError};
 pub use cmos::{Cmos, CmosState};
 pub use counter::CounterDevice;

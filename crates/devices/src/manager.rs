@@ -70,6 +70,26 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Keep `dev`'s state under `name` for snapshots, for a device with
+    /// no address on the bus (each vCPU's LAPIC, reached from its own
+    /// exits).
+    pub fn add_state<D>(&mut self, name: &str, dev: Arc<D>) -> Result<(), BusError>
+    where
+        D: SaveRestore + 'static,
+    {
+        let dev: Arc<dyn SaveRestore> = dev;
+        self.check_name(name, &dev)?;
+        if self.devices.iter().any(|e| e.name == name) {
+            return Err(BusError::Name(name.to_string()));
+        }
+        self.devices.push(Entry {
+            name: name.to_string(),
+            ranges: Vec::new(),
+            state: dev,
+        });
+        Ok(())
+    }
+
     fn check_name(&self, name: &str, dev: &Arc<dyn SaveRestore>) -> Result<(), BusError> {
         match self.devices.iter().find(|e| e.name == name) {
             Some(e) if !std::ptr::addr_eq(Arc::as_ptr(&e.state), Arc::as_ptr(dev)) => {

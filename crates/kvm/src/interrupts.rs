@@ -15,6 +15,47 @@ use std::time::Instant;
 
 const WORDS: usize = 4;
 
+/// Where a vCPU's interrupts come from under the user irqchip: what it
+/// injects before each entry, and whether it may run at all. Brisk's
+/// LAPIC model implements it for kernels; [`PendingInterrupts`] (vectors
+/// with no APIC: no priority, no EOI) for the built-in guests.
+pub trait InterruptController: Send + Sync {
+    /// Take the vector to inject now, if one may be delivered (a LAPIC
+    /// moves it from its IRR to its ISR).
+    fn acknowledge(&self) -> Option<u8>;
+    /// Whether [`InterruptController::acknowledge`] would give a vector
+    /// (a HLT with interrupts enabled must not halt then).
+    fn deliverable(&self) -> bool;
+    /// An NMI or a start-up IPI is waiting: it ends a halt whatever
+    /// RFLAGS.IF says.
+    fn must_wake(&self) -> bool {
+        false
+    }
+    /// Take a pending NMI (injected with KVM_NMI).
+    fn take_nmi(&self) -> bool {
+        false
+    }
+    /// Whether the vCPU may run, waits for a start-up IPI, or starts in
+    /// real mode at a SIPI's vector (handed over once).
+    fn startup(&self) -> Startup {
+        Startup::Run
+    }
+    /// The task priority as CR8 shows it (bits 7:4 of the TPR).
+    fn cr8(&self) -> u8 {
+        0
+    }
+    /// The guest wrote CR8.
+    fn set_cr8(&self, _cr8: u8) {}
+}
+
+/// A vCPU's start-up state (INIT/SIPI, SDM 8.4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Startup {
+    Run,
+    WaitForSipi,
+    Sipi(u8),
+}
+
 /// What happened to a vCPU's interrupts so far (statistics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InterruptStats {
@@ -200,6 +241,16 @@ impl PendingInterrupts {
 
     fn now_ns(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
+    }
+}
+
+impl InterruptController for PendingInterrupts {
+    fn acknowledge(&self) -> Option<u8> {
+        self.take_highest()
+    }
+
+    fn deliverable(&self) -> bool {
+        self.any()
     }
 }
 

@@ -14,7 +14,7 @@ mod vcpu;
 mod vm;
 
 pub use error::{Error, Result};
-pub use interrupts::{InterruptStats, PendingInterrupts};
+pub use interrupts::{InterruptController, InterruptStats, PendingInterrupts, Startup};
 pub use kick::{kick_signal, SignalInterrupt};
 pub use memory::{check_memfd_sealed, GuestRam, MemoryBacking, PAGE_SIZE};
 pub use state::{VcpuSnapshot, VmSnapshot};

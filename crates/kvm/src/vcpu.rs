@@ -10,7 +10,7 @@ use kvm_bindings::*;
 use kvm_ioctls::VcpuFd;
 
 use crate::kick::{self, SignalInterrupt};
-use crate::{Error, PendingInterrupts, Result};
+use crate::{Error, InterruptController, Result, Startup};
 
 vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
 
@@ -31,6 +31,16 @@ pub enum Exit {
     /// The guest can take an interrupt now (we asked with
     /// `request_interrupt_window`): the next entry injects it.
     IrqWindowOpen,
+    /// RDMSR of an MSR KVM hands to user space (brisk's LAPIC): answer
+    /// with [`KvmVcpu::answer_msr`].
+    RdMsr { index: u32 },
+    /// WRMSR likewise; [`KvmVcpu::answer_msr`] says whether it faults.
+    WrMsr { index: u32, value: u64 },
+    /// The guest lowered CR8 (its task priority) with no in-kernel LAPIC.
+    SetTpr,
+    /// Not an exit of KVM's: the vCPU waits for a start-up IPI (after
+    /// INIT, or an AP at power-on) and must not run; a halt until woken.
+    WaitForSipi,
     /// Triple fault or shutdown.
     Shutdown,
     /// KVM could not enter the guest (invalid state).
@@ -48,7 +58,7 @@ impl Classify for Exit {
         match self {
             Exit::IoIn { .. } | Exit::IoOut { .. } => ExitKind::Io,
             Exit::MmioRead { .. } | Exit::MmioWrite { .. } => ExitKind::Mmio,
-            Exit::Hlt => ExitKind::Halt,
+            Exit::Hlt | Exit::WaitForSipi => ExitKind::Halt,
             Exit::Shutdown | Exit::SystemEvent { .. } => ExitKind::Shutdown,
             _ => ExitKind::Other,
         }
@@ -76,8 +86,10 @@ pub struct KvmVcpu {
     last: Option<Exit>,
     /// The last exit was PIO/MMIO: the instruction completes on next entry.
     io_pending: bool,
-    /// User irqchip mode: the vectors to inject.
-    interrupts: Option<Arc<PendingInterrupts>>,
+    /// User irqchip mode: where the vectors to inject come from.
+    interrupts: Option<Arc<dyn InterruptController>>,
+    /// CR8 as last seen in `kvm_run` (user irqchip: the TPR's mirror).
+    cr8: u8,
     /// The thread whose kick handler points at this mapping, and whether
     /// more than one thread ever did.
     bound: Option<libc::pid_t>,
@@ -113,6 +125,7 @@ impl KvmVcpu {
             last: None,
             io_pending: false,
             interrupts: None,
+            cr8: 0,
             bound: None,
             bound_elsewhere: false,
             kvmclock_ctrl,
@@ -134,42 +147,65 @@ impl KvmVcpu {
         unsafe { addr_of_mut!((*self.run).if_flag).write(on as u8) }
     }
 
-    /// Inject interrupts from `pending` before entries (user irqchip only:
+    /// Inject interrupts from `source` before entries (user irqchip only:
     /// with KVM's irqchip, interrupts go through its LAPIC instead).
-    pub fn set_interrupts(&mut self, pending: Arc<PendingInterrupts>) {
-        self.interrupts = Some(pending);
+    pub fn set_interrupts(&mut self, source: Arc<dyn InterruptController>) {
+        self.interrupts = Some(source);
     }
 
-    /// Whether a pending interrupt would be taken now: something is pending
-    /// and the guest had interrupts enabled at its last exit. A HLT exit in
-    /// that state must not halt.
+    /// Whether the vCPU has something to take now: an interrupt pending
+    /// while the guest had interrupts enabled at its last exit, or an NMI
+    /// or start-up IPI. A HLT exit (or a wait for SIPI) in that state must
+    /// not halt.
     pub fn interrupt_deliverable(&self) -> bool {
         // SAFETY: if_flag is a plain byte of the live mapping, written by
         // KVM only during KVM_RUN, which this thread is not in.
         let if_flag = unsafe { addr_of_mut!((*self.run).if_flag).read() };
-        if_flag != 0 && self.interrupts.as_ref().is_some_and(|p| p.any())
+        let Some(source) = &self.interrupts else {
+            return false;
+        };
+        source.must_wake() || (if_flag != 0 && source.deliverable())
     }
 
-    /// Before an entry: inject the highest pending vector if KVM says the
-    /// guest can take it, and ask for an interrupt-window exit while more
-    /// are pending (or it could not take one).
-    fn prepare_injection(&mut self) -> Result<()> {
-        let Some(pending) = &self.interrupts else {
-            return Ok(());
+    /// Before an entry: start at a SIPI's vector or stay waiting for one;
+    /// inject a pending NMI, then the highest deliverable vector if KVM
+    /// says the guest can take it, and ask for an interrupt-window exit
+    /// while another is deliverable (or it could not take one). Returns
+    /// false when the vCPU must not run (waiting for SIPI).
+    fn prepare_injection(&mut self) -> Result<bool> {
+        let Some(source) = self.interrupts.clone() else {
+            return Ok(true);
         };
+        match source.startup() {
+            Startup::Run => {}
+            Startup::WaitForSipi => return Ok(false),
+            Startup::Sipi(vector) => self.start_at_sipi(vector)?,
+        }
+        if source.take_nmi() {
+            self.fd.nmi().map_err(Error::sys("KVM_NMI"))?;
+        }
         // SAFETY: plain bytes of the live mapping; KVM reads and writes
         // them only during KVM_RUN, which this thread is not in, and the
         // kick handler writes only `immediate_exit`.
-        let (window, ready) = unsafe {
+        let (window, ready, cr8) = unsafe {
             (
                 addr_of_mut!((*self.run).request_interrupt_window),
                 addr_of_mut!((*self.run).ready_for_interrupt_injection).read(),
+                addr_of_mut!((*self.run).cr8),
             )
         };
-        let ask = if !pending.any() {
+        // The TPR written through the APIC shows in CR8 (KVM loads CR8
+        // from kvm_run on entry when it has no LAPIC).
+        let tpr = source.cr8();
+        if tpr != self.cr8 {
+            // SAFETY: as above.
+            unsafe { cr8.write(u64::from(tpr)) };
+            self.cr8 = tpr;
+        }
+        let ask = if !source.deliverable() {
             false
         } else if ready != 0 {
-            if let Some(vector) = pending.take_highest() {
+            if let Some(vector) = source.acknowledge() {
                 let irq = kvm_interrupt {
                     irq: u32::from(vector),
                 };
@@ -185,13 +221,123 @@ impl KvmVcpu {
                 }
             }
             // KVM takes one interrupt per entry; come back for the next.
-            pending.any()
+            source.deliverable()
         } else {
             true
         };
         // SAFETY: as above.
         unsafe { window.write(ask as u8) };
-        Ok(())
+        Ok(true)
+    }
+
+    /// After an exit: a CR8 the guest wrote becomes the TPR.
+    fn sync_cr8(&mut self) {
+        let Some(source) = &self.interrupts else {
+            return;
+        };
+        // SAFETY: a plain field of the live mapping, written by KVM only
+        // during KVM_RUN, which this thread is not in.
+        let cr8 = unsafe { addr_of_mut!((*self.run).cr8).read() } as u8;
+        if cr8 != self.cr8 {
+            source.set_cr8(cr8);
+            self.cr8 = cr8;
+        }
+    }
+
+    /// Start this vCPU in real mode at `vector << 12`, as a start-up IPI
+    /// does (SDM 8.4.4; the state of INIT, CS:IP = vector << 8 : 0).
+    fn start_at_sipi(&mut self, vector: u8) -> Result<()> {
+        let mut sregs = self.fd.get_sregs().map_err(Error::sys("KVM_GET_SREGS"))?;
+        let segment = |selector: u16, code: bool| kvm_segment {
+            base: u64::from(selector) << 4,
+            limit: 0xffff,
+            selector,
+            type_: if code { 0xb } else { 0x3 },
+            present: 1,
+            s: 1,
+            ..Default::default()
+        };
+        sregs.cs = segment(u16::from(vector) << 8, true);
+        for seg in [
+            &mut sregs.ds,
+            &mut sregs.es,
+            &mut sregs.fs,
+            &mut sregs.gs,
+            &mut sregs.ss,
+        ] {
+            *seg = segment(0, false);
+        }
+        sregs.cr0 = 0x6000_0010;
+        sregs.cr3 = 0;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        sregs.gdt = kvm_dtable {
+            limit: 0xffff,
+            ..Default::default()
+        };
+        sregs.idt = kvm_dtable {
+            limit: 0xffff,
+            ..Default::default()
+        };
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(Error::sys("KVM_SET_SREGS"))?;
+        let regs = kvm_regs {
+            rip: 0,
+            rflags: 2,
+            rdx: 0x600, // the processor's signature, as at reset
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(Error::sys("KVM_SET_REGS"))
+    }
+
+    /// The guest's TSC now and its frequency in kHz (for TSC-deadline
+    /// writes); `None` where KVM cannot say.
+    pub fn guest_tsc(&self) -> Option<(u64, u64)> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index: 0x10, // IA32_TIME_STAMP_COUNTER
+            ..Default::default()
+        }])
+        .ok()?;
+        match self.fd.get_msrs(&mut msrs) {
+            Ok(1) => {}
+            _ => return None,
+        }
+        let khz = self.fd.get_tsc_khz().ok()?;
+        Some((msrs.as_slice()[0].data, u64::from(khz)))
+    }
+
+    /// Tell KVM the guest's IA32_APIC_BASE (brisk's LAPIC owns it; KVM's
+    /// copy decides CPUID's APIC bit). A failure only leaves that bit.
+    pub fn mirror_apic_base(&self, value: u64) {
+        let Ok(msrs) = Msrs::from_entries(&[kvm_msr_entry {
+            index: 0x1b,
+            data: value,
+            ..Default::default()
+        }]) else {
+            return;
+        };
+        if let Err(e) = self.fd.set_msrs(&msrs) {
+            log::debug!("vCPU {}: KVM kept its IA32_APIC_BASE: {e}", self.id);
+        }
+    }
+
+    /// Answer the last MSR exit: `Some(value)` completes a RDMSR
+    /// (ignored for WRMSR), `None` makes the access fault (#GP).
+    pub fn answer_msr(&mut self, value: Option<u64>) {
+        if !matches!(self.last, Some(Exit::RdMsr { .. } | Exit::WrMsr { .. })) {
+            return;
+        }
+        // SAFETY: the last exit was an MSR exit, so the `msr` member is
+        // the one KVM wrote; its fields are plain integers KVM reads on
+        // the next entry, and this thread is not in KVM_RUN.
+        unsafe {
+            let m = addr_of_mut!((*self.run).__bindgen_anon_1.msr);
+            addr_of_mut!((*m).error).write(u8::from(value.is_none()));
+            if let Some(v) = value {
+                addr_of_mut!((*m).data).write(v);
+            }
+        }
     }
 
     /// The vCPU index.
@@ -302,6 +448,14 @@ impl KvmVcpu {
                 }
                 KVM_EXIT_HLT => Exit::Hlt,
                 KVM_EXIT_IRQ_WINDOW_OPEN => Exit::IrqWindowOpen,
+                KVM_EXIT_X86_RDMSR => Exit::RdMsr {
+                    index: (*u).msr.index,
+                },
+                KVM_EXIT_X86_WRMSR => Exit::WrMsr {
+                    index: (*u).msr.index,
+                    value: (*u).msr.data,
+                },
+                KVM_EXIT_SET_TPR => Exit::SetTpr,
                 KVM_EXIT_SHUTDOWN => Exit::Shutdown,
                 KVM_EXIT_FAIL_ENTRY => Exit::FailEntry {
                     reason: (*u).fail_entry.hardware_entry_failure_reason,
@@ -365,8 +519,13 @@ impl Guest for KvmVcpu {
     }
 
     fn enter(&mut self) -> Result<Option<Exit>> {
-        self.prepare_injection()?;
-        self.run_once()
+        if !self.prepare_injection()? {
+            self.last = None;
+            return Ok(Some(Exit::WaitForSipi));
+        }
+        let exit = self.run_once();
+        self.sync_cr8();
+        exit
     }
 
     fn settle(&mut self) -> Result<Option<Exit>> {

@@ -41,6 +41,22 @@ const CPUID_MONITOR: u32 = 1 << 3;
 /// KVM's feature leaf, and its PV send-IPI bit (KVM_FEATURE_PV_SEND_IPI).
 const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
 const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+/// KVM's PV features that work only through its in-kernel LAPIC (async
+/// page faults (4, 10, 14), PV EOI (6), PV unhalt (7), PV send-IPI (11),
+/// PV sched-yield (13), extended MSI destination ids (15)): hidden when
+/// brisk's LAPIC is the guest's.
+const KVM_FEATURES_NEEDING_KERNEL_LAPIC: u32 =
+    (1 << 4) | (1 << 6) | (1 << 7) | (1 << 10) | (1 << 11) | (1 << 13) | (1 << 14) | (1 << 15);
+/// CPUID.1: EDX[9] APIC; ECX[21] x2APIC, ECX[24] TSC-deadline timer.
+const CPUID_APIC: u32 = 1 << 9;
+const CPUID_X2APIC: u32 = 1 << 21;
+const CPUID_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.6:EAX[2]: the APIC timer runs at a constant rate (ARAT).
+const CPUID_ARAT: u32 = 1 << 2;
+/// IA32_APIC_BASE and IA32_TSC_DEADLINE, which KVM would answer itself
+/// (as if there were no APIC) unless filtered to user space.
+const MSR_APIC_BASE: u32 = 0x1b;
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
 /// A VM: the KVM handle, the VM fd and guest memory.
 pub struct Vm {
@@ -58,6 +74,9 @@ pub struct Vm {
     mwait: Mwait,
     /// Offer KVM's PV send-IPI hypercall in CPUID (as QEMU's kvm-pv-ipi).
     pv_ipi: bool,
+    /// brisk models the LAPICs (user irqchip for a kernel): the APIC
+    /// MSRs exit to user space and CPUID offers the APIC brisk models.
+    user_apic: bool,
     /// Bytes of each vCPU's `kvm_run` mapping.
     run_size: usize,
     /// KVM_CAP_KVMCLOCK_CTRL: parked vCPUs tell kvmclock guests.
@@ -124,6 +143,7 @@ impl Vm {
             irqchip,
             mwait: Mwait::default(),
             pv_ipi: true,
+            user_apic: false,
             run_size,
             kvmclock_ctrl,
             irqfds: std::sync::Mutex::new(Vec::new()),
@@ -345,6 +365,57 @@ impl Vm {
         self.kvmclock_ctrl
     }
 
+    /// With the user irqchip, have brisk's LAPIC model be the guest's:
+    /// RDMSR/WRMSR of IA32_APIC_BASE, IA32_TSC_DEADLINE and (with no
+    /// in-kernel LAPIC, KVM faults them) the x2APIC MSRs exit to user
+    /// space, as do MSRs KVM does not know (brisk answers those with the
+    /// #GP KVM would have injected). Call before creating vCPUs.
+    pub fn enable_user_apic(&mut self) -> Result<()> {
+        use kvm_ioctls::{
+            MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags,
+        };
+        if self.irqchip != Irqchip::User {
+            return Err(Error::MissingCapability("a VM without KVM's irqchip"));
+        }
+        for (cap, name) in [
+            (Cap::X86UserSpaceMsr, "KVM_CAP_X86_USER_SPACE_MSR"),
+            (Cap::X86MsrFilter, "KVM_CAP_X86_MSR_FILTER"),
+        ] {
+            if !self.kvm.check_extension(cap) {
+                return Err(Error::MissingCapability(name));
+            }
+        }
+        let mut cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+            ..Default::default()
+        };
+        cap.args[0] = u64::from(
+            (MsrExitReason::Inval | MsrExitReason::Unknown | MsrExitReason::Filter).bits(),
+        );
+        self.fd
+            .enable_cap(&cap)
+            .map_err(Error::sys("enabling KVM_CAP_X86_USER_SPACE_MSR"))?;
+        // One bit per MSR, 0 = denied: the access exits to user space.
+        let deny = [0u8];
+        let both = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+        let ranges = [MSR_APIC_BASE, MSR_TSC_DEADLINE].map(|base| MsrFilterRange {
+            flags: both,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        });
+        self.fd
+            .set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+            .map_err(Error::sys("KVM_X86_SET_MSR_FILTER"))?;
+        self.user_apic = true;
+        Ok(())
+    }
+
+    /// Whether brisk's LAPIC model is the guest's ([`Vm::enable_user_apic`]).
+    pub fn user_apic(&self) -> bool {
+        self.user_apic
+    }
+
     /// The irqchip mode chosen at creation.
     pub fn irqchip(&self) -> Irqchip {
         self.irqchip
@@ -373,7 +444,13 @@ impl Vm {
                     entry.ebx = (entry.ebx & 0x0000_ffff) | ((id as u32) << 24) | count;
                     entry.edx |= 1 << 28;
                     entry.ecx = (entry.ecx & !CPUID_MONITOR) | (offer_mwait as u32 * CPUID_MONITOR);
+                    if self.user_apic {
+                        // What brisk's LAPIC models.
+                        entry.edx |= CPUID_APIC;
+                        entry.ecx |= CPUID_X2APIC | CPUID_TSC_DEADLINE;
+                    }
                 }
+                6 if self.user_apic => entry.eax |= CPUID_ARAT,
                 // The MONITOR/MWAIT leaf: line sizes, MWAIT extensions.
                 5 if offer_mwait => {
                     (entry.eax, entry.ebx) = (64, 64);
@@ -383,9 +460,26 @@ impl Vm {
                 5 => (entry.eax, entry.ebx, entry.ecx, entry.edx) = (0, 0, 0, 0),
                 // x2APIC id.
                 0xb | 0x1f => entry.edx = id as u32,
+                KVM_CPUID_FEATURES if self.user_apic => {
+                    entry.eax &= !KVM_FEATURES_NEEDING_KERNEL_LAPIC
+                }
                 KVM_CPUID_FEATURES if !self.pv_ipi => entry.eax &= !KVM_FEATURE_PV_SEND_IPI,
                 _ => {}
             }
+        }
+        if self.user_apic {
+            // KVM shows CPUID's APIC bit only while its copy of
+            // IA32_APIC_BASE says enabled (set before the CPUID, which
+            // KVM fixes up from it). The guest's own writes go to brisk.
+            let base = 0xfee0_0000 | (1 << 11) | if id == 0 { 1 << 8 } else { 0 };
+            let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: MSR_APIC_BASE,
+                data: base,
+                ..Default::default()
+            }])
+            .map_err(|_| Error::MissingCapability("an MSR list"))?;
+            fd.set_msrs(&msrs)
+                .map_err(Error::sys("KVM_SET_MSRS(IA32_APIC_BASE)"))?;
         }
         fd.set_cpuid2(&cpuid)
             .map_err(Error::sys("KVM_SET_CPUID2"))?;

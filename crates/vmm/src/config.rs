@@ -310,9 +310,6 @@ pub enum ConfigError {
     /// A throttled inline queue would have nobody to serve it later.
     #[error("disk rate limits (bw=, ops=) need --disk-io engine")]
     LimitNeedsEngine,
-    /// Kernels bring up APs through the in-kernel LAPIC.
-    #[error("--kernel needs --irqchip kernel (the LAPICs, IOAPIC and PIT a kernel expects, and INIT/SIPI for its APs)")]
-    KernelNeedsKernelIrqchip,
 }
 
 impl VmConfig {

@@ -2,7 +2,8 @@
 //! or end the VM with a report.
 
 use brisk_control::Flow;
-use brisk_devices::Bus;
+use brisk_devices::apic::{msr, GuestTsc};
+use brisk_devices::{Apics, Bus};
 use brisk_kvm::{Exit, KvmVcpu};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -12,14 +13,16 @@ use crate::VmEnd;
 /// KVM_INTERNAL_ERROR_EMULATION: an instruction KVM could not emulate.
 const EMULATION_FAILURE: u32 = 1;
 
-/// The exit handler of a vCPU thread: I/O to the bus, HLT to a user-space
-/// halt, fatal exits to `fatal` (with the vCPU, RIP and, given guest memory
-/// `mem`, the instruction there) and [`Flow::Exit`].
+/// The exit handler of a vCPU thread: I/O to the bus (the APIC page and
+/// MSRs to the vCPU's own LAPIC, given brisk's `apics`), HLT to a
+/// user-space halt, fatal exits to `fatal` (with the vCPU, RIP and, given
+/// guest memory `mem`, the instruction there) and [`Flow::Exit`].
 /// No allocation, no lock of its own: devices lock what they need.
 pub fn handle(
     v: &mut KvmVcpu,
     exit: Exit,
     bus: &Bus,
+    apics: Option<&Apics>,
     mem: Option<&GuestMemoryMmap<AtomicBitmap>>,
     fatal: &dyn Fn(VmEnd),
 ) -> Flow {
@@ -38,13 +41,56 @@ pub fn handle(
             Flow::Continue
         }
         Exit::MmioRead { addr, .. } => {
-            bus.mmio_read(addr, v.mmio_data());
+            let id = v.id();
+            match apics {
+                Some(a) if a.claims_mmio(id, addr) => a.mmio_read(id, addr, v.mmio_data()),
+                _ => bus.mmio_read(addr, v.mmio_data()),
+            }
             Flow::Continue
         }
         Exit::MmioWrite { addr, .. } => {
-            bus.mmio_write(addr, v.mmio_data());
+            let id = v.id();
+            match apics {
+                Some(a) if a.claims_mmio(id, addr) => a.mmio_write(id, addr, v.mmio_data()),
+                _ => bus.mmio_write(addr, v.mmio_data()),
+            }
             Flow::Continue
         }
+        Exit::RdMsr { index } => {
+            let value = match apics {
+                Some(a) if Apics::is_apic_msr(index) => a.msr_read(v.id(), index),
+                _ => Err(brisk_devices::apic::MsrError::Unknown(index)),
+            };
+            if let Err(e) = &value {
+                log::debug!("vCPU {}: RDMSR faults: {e}", v.id());
+            }
+            v.answer_msr(value.ok());
+            Flow::Continue
+        }
+        Exit::WrMsr { index, value } => {
+            let done = match apics {
+                Some(a) if Apics::is_apic_msr(index) => {
+                    let mut tsc = || v.guest_tsc().map(|(now, khz)| GuestTsc { now, khz });
+                    a.msr_write(v.id(), index, value, &mut tsc)
+                }
+                _ => Err(brisk_devices::apic::MsrError::Unknown(index)),
+            };
+            match &done {
+                // KVM shows CPUID's APIC bit from its own copy.
+                Ok(()) if index == msr::APIC_BASE => {
+                    let base = apics.map_or(value, |a| a.lapic(v.id()).apic_base());
+                    v.mirror_apic_base(base);
+                }
+                Ok(()) => {}
+                // Kernels probe MSRs expecting #GP (rdmsr_safe): debug only.
+                Err(e) => log::debug!("vCPU {}: WRMSR {value:#x} faults: {e}", v.id()),
+            }
+            v.answer_msr(done.ok().map(|()| 0));
+            Flow::Continue
+        }
+        // CR8 is read back after every exit (the LAPIC's TPR).
+        Exit::SetTpr => Flow::Continue,
+        Exit::WaitForSipi => Flow::Halt,
         // An interrupt the guest can take now ends the HLT at once.
         Exit::Hlt if v.interrupt_deliverable() => Flow::Continue,
         Exit::Hlt => Flow::Halt,

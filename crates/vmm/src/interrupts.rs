@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use brisk_control::Request;
-use brisk_devices::InterruptSink;
-use brisk_kvm::PendingInterrupts;
+use brisk_devices::apic::Startup as ApicStartup;
+use brisk_devices::{InterruptSink, Lapic};
+use brisk_kvm::{InterruptController, PendingInterrupts, Startup};
 
 use crate::Vcpu;
 
@@ -25,6 +26,44 @@ impl UserInterrupts {
     /// vCPU `id`'s pending set (and its statistics).
     pub fn pending(&self, id: usize) -> &PendingInterrupts {
         &self.pending[id]
+    }
+}
+
+/// A vCPU's interrupts from brisk's LAPIC model (kernels under the user
+/// irqchip): what the KVM adapter injects, and the vCPU's INIT/SIPI state.
+pub(crate) struct LapicSource(pub(crate) Arc<Lapic>);
+
+impl InterruptController for LapicSource {
+    fn acknowledge(&self) -> Option<u8> {
+        self.0.acknowledge()
+    }
+
+    fn deliverable(&self) -> bool {
+        self.0.deliverable()
+    }
+
+    fn must_wake(&self) -> bool {
+        self.0.must_wake()
+    }
+
+    fn take_nmi(&self) -> bool {
+        self.0.take_nmi()
+    }
+
+    fn startup(&self) -> Startup {
+        match self.0.startup() {
+            ApicStartup::Run => Startup::Run,
+            ApicStartup::WaitForSipi => Startup::WaitForSipi,
+            ApicStartup::Sipi(v) => Startup::Sipi(v),
+        }
+    }
+
+    fn cr8(&self) -> u8 {
+        self.0.cr8()
+    }
+
+    fn set_cr8(&self, cr8: u8) {
+        self.0.set_cr8(cr8)
     }
 }
 

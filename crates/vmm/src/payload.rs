@@ -118,10 +118,8 @@ impl Payload {
                     return Err(ConfigError::NeedsUserIrqchip(choice.guest.name));
                 }
             }
-            // Kernels bring up APs through the in-kernel LAPIC.
-            Payload::Kernel(_) if irqchip != Irqchip::Kernel => {
-                return Err(ConfigError::KernelNeedsKernelIrqchip)
-            }
+            // Either irqchip has the LAPICs and IOAPIC a kernel expects
+            // (KVM's, or brisk's own: `brisk_devices::apic`).
             Payload::Kernel(_) => {}
         }
         Ok(())
@@ -162,6 +160,8 @@ impl Payload {
 
 impl Loaded {
     /// Whether every vCPU starts runnable (else the APs wait for SIPI).
+    /// With brisk's LAPICs, the waiting is theirs; KVM's vCPUs are
+    /// runnable.
     pub(crate) fn start_aps(&self) -> bool {
         matches!(self, Loaded::LongMode)
     }

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use brisk_boot::ports;
+use brisk_devices::apic::{pic, IOAPIC_SIZE};
 use brisk_devices::{
-    Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IrqLine, PciHostBridge,
-    PeriodicTimers, PmTimer, PowerOff, PvPanic, RateLimiter, Uart, I8042, TIMER_STRIDE,
+    Apics, Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IoapicLine, IrqLine,
+    PciHostBridge, PeriodicTimers, Pic, PmTimer, PowerOff, PvPanic, RateLimiter, Uart, I8042,
+    TIMER_STRIDE,
 };
 use brisk_kvm::Irqchip;
 use vmm_sys_util::eventfd::EventFd;
@@ -57,7 +59,10 @@ impl IrqLine for UserLine {
 /// Routes ISA IRQs (GSIs) to the irqchip the VM has.
 pub(crate) enum Lines<'a> {
     Kernel(&'a brisk_kvm::Vm),
+    /// Built-in guests: a vector on vCPU 0.
     User(Arc<UserInterrupts>),
+    /// Kernels under the user irqchip: brisk's IOAPIC.
+    Apic(Arc<Apics>),
 }
 
 impl Lines<'_> {
@@ -74,6 +79,10 @@ impl Lines<'_> {
                 sink: sink.clone(),
                 vcpu: 0,
                 vector: USER_IRQ_BASE + irq as u8,
+            }),
+            Lines::Apic(apics) => Arc::new(IoapicLine {
+                ioapic: apics.ioapic().clone(),
+                pin: irq as usize,
             }),
         })
     }
@@ -301,6 +310,29 @@ fn virtio<D: VirtioDevice + 'static>(
     Ok(dev)
 }
 
+/// brisk's interrupt controllers: the IOAPIC at its MMIO window, the
+/// 8259 pair's registers, and each LAPIC's state (its registers are
+/// reached from its vCPU's exits, not the bus).
+fn interrupt_controllers(m: &mut DeviceManager, apics: &Apics) -> Result<(), StartError> {
+    let place = || setup::<brisk_devices::BusError>("placing an interrupt controller");
+    m.add_mmio(
+        "ioapic",
+        u64::from(layout::IOAPIC_BASE),
+        IOAPIC_SIZE,
+        apics.ioapic().clone(),
+    )
+    .map_err(place())?;
+    let p = Arc::new(Pic::default());
+    for base in [pic::PIC_MASTER, pic::PIC_SLAVE, pic::PIC_ELCR] {
+        m.add_pio("pic", base, 2, p.clone()).map_err(place())?;
+    }
+    for l in apics.lapics().iter() {
+        m.add_state(&format!("lapic{}", l.id()), l.clone())
+            .map_err(place())?;
+    }
+    Ok(())
+}
+
 /// Register `w.platform`'s devices.
 pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartError> {
     let place = || setup::<brisk_devices::BusError>("placing a device");
@@ -338,6 +370,9 @@ pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartErr
         io: None,
         virtio: VirtioHandles::default(),
     };
+    if let Lines::Apic(apics) = &w.lines {
+        interrupt_controllers(&mut devices.manager, apics)?;
+    }
     if w.platform == Platform::Pc {
         devices.io = pc_devices(&mut devices.manager, &w, &mut devices.virtio)?;
         return Ok(devices);

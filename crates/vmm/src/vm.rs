@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 
 use brisk_boot::layout;
 use brisk_control::RunEnd;
-use brisk_devices::{CounterDevice, DeviceManager, Doorbell, PeriodicTimers, Uart};
+use brisk_devices::{Apics, CounterDevice, DeviceManager, Doorbell, PeriodicTimers, Uart};
 use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, MemoryBacking, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::disk_lock::DiskLocks;
 use crate::end::EndLatch;
+use crate::interrupts::LapicSource;
 use crate::platform::{self, Lines, Wiring};
 use crate::seccomp::{self, Seccomp, ThreadKind};
-use crate::{exits, ConfigError, Output, UserInterrupts, Vcpu, VmConfig, VmEnd};
+use crate::{exits, ConfigError, Output, Platform, UserInterrupts, Vcpu, VmConfig, VmEnd};
 use brisk_devices::{IoEngine, NotParked};
 
 /// Why a VM could not start.
@@ -84,6 +85,8 @@ pub struct Machine {
     counters: Vec<Arc<CounterDevice>>,
     end: Arc<EndLatch>,
     irq: Option<IrqSources>,
+    /// Kernels under the user irqchip: brisk's LAPICs and IOAPIC.
+    apics: Option<Arc<Apics>>,
     /// Its disk images' locks (a migration's destination takes them on
     /// Commit).
     disk_locks: DiskLocks,
@@ -144,6 +147,12 @@ impl Machine {
         let mut kvm = brisk_kvm::Vm::with_backing(&regions, config.irqchip, backing)?;
         kvm.set_mwait(config.mwait)?;
         kvm.set_pv_ipi(config.pv_ipi);
+        // A kernel under the user irqchip gets brisk's LAPICs and IOAPIC.
+        let user_apic =
+            config.irqchip == Irqchip::User && config.payload.platform() == Platform::Pc;
+        if user_apic {
+            kvm.enable_user_apic()?;
+        }
         let loaded = match boot {
             Boot::Load(abort) => Some(config.payload.load(
                 &kvm,
@@ -168,13 +177,22 @@ impl Machine {
             }
             vcpus.push(v);
         }
-        let sink = match config.irqchip {
-            Irqchip::User => Some(user_interrupts(&mut vcpus, &ctls)),
-            Irqchip::Kernel => None,
+        let apics = if user_apic {
+            // The APs of a kernel wait for INIT/SIPI (a restore puts back
+            // the saved state over this).
+            let aps_wait = loaded.as_ref().is_none_or(|l| !l.start_aps());
+            Some(apics(&mut vcpus, &ctls, aps_wait, config.seccomp)?)
+        } else {
+            None
         };
-        let lines = match &sink {
-            Some(s) => Lines::User(s.clone()),
-            None => Lines::Kernel(&kvm),
+        let sink = match config.irqchip {
+            Irqchip::User if !user_apic => Some(user_interrupts(&mut vcpus, &ctls)),
+            Irqchip::User | Irqchip::Kernel => None,
+        };
+        let lines = match (&sink, &apics) {
+            (Some(s), _) => Lines::User(s.clone()),
+            (None, Some(a)) => Lines::Apic(a.clone()),
+            (None, None) => Lines::Kernel(&kvm),
         };
         let wiring = Wiring {
             platform: config.payload.platform(),
@@ -213,6 +231,7 @@ impl Machine {
             counters: d.counters,
             end,
             irq,
+            apics,
             disk_locks,
             io: d.io,
             virtio: d.virtio,
@@ -236,6 +255,37 @@ impl Machine {
     pub(crate) fn irq_sink(&self) -> Option<Arc<UserInterrupts>> {
         self.irq.as_ref().map(|i| i.sink.clone())
     }
+}
+
+/// brisk's LAPICs (one per vCPU, each the source its vCPU injects from,
+/// waking it through its control block) and IOAPIC, with the LAPIC
+/// timers' thread.
+fn apics(
+    vcpus: &mut [KvmVcpu],
+    ctls: &[Arc<Vcpu>],
+    aps_wait: bool,
+    policy: Seccomp,
+) -> Result<Arc<Apics>, StartError> {
+    let wakers = ctls.to_vec();
+    let wake = Arc::new(move |i: usize| {
+        if let Some(ctl) = wakers.get(i) {
+            ctl.kick(brisk_control::Request::Interrupt);
+        }
+    });
+    let init = Box::new(move || {
+        if let Err(e) = seccomp::install(ThreadKind::Timer, policy) {
+            log::error!("LAPIC timer thread: cannot install its seccomp filter: {e}");
+        }
+    });
+    let apics = Arc::new(
+        Apics::new(vcpus.len(), aps_wait, wake, init)
+            .map_err(setup("starting the LAPIC timer thread"))?,
+    );
+    for v in vcpus.iter_mut() {
+        let lapic = apics.lapic(v.id()).clone();
+        v.set_interrupts(Arc::new(LapicSource(lapic)));
+    }
+    Ok(apics)
 }
 
 /// Give each vCPU a pending-interrupt set, raised into through the sink.
@@ -355,6 +405,9 @@ pub struct Vm {
     pub(crate) migration: Mutex<Option<Arc<crate::migration::Outgoing>>>,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
     pub(crate) irq: Option<IrqSources>,
+    /// Kernels under the user irqchip: the LAPICs the vCPU threads reach
+    /// and their timer thread (stopped when dropped, after the vCPUs).
+    apics: Option<Arc<Apics>>,
     /// The disk images' locks (let go by a migrated source).
     pub(crate) disk_locks: DiskLocks,
     /// The I/O engine, quiesced whenever the VM is paused (stopped before
@@ -414,6 +467,7 @@ impl Vm {
             config: Mutex::new(m.config),
             migration: Mutex::new(None),
             irq: m.irq,
+            apics: m.apics,
             disk_locks: m.disk_locks,
             io: m.io,
             virtio: m.virtio,
@@ -431,6 +485,7 @@ impl Vm {
         let id = v.id();
         let (thread_ctl, devices, end) = (ctl.clone(), self.devices.clone(), self.end.clone());
         let mem = self.kvm.memory().clone();
+        let apics = self.apics.clone();
         let finished = FinishGuard(self.finished.clone(), id);
         let policy = self.seccomp;
         let thread = std::thread::Builder::new()
@@ -448,7 +503,14 @@ impl Vm {
                     };
                     let bus = devices.bus();
                     thread_ctl.run(v, |v, exit| {
-                        Ok(exits::handle(v, exit, bus, Some(&mem), &fatal))
+                        Ok(exits::handle(
+                            v,
+                            exit,
+                            bus,
+                            apics.as_deref(),
+                            Some(&mem),
+                            &fatal,
+                        ))
                     })
                 }));
                 let error = match run {
