@@ -12,10 +12,11 @@ use crate::{GuestStop, StopSink};
 
 /// The command that pulses the CPU's reset line.
 const CMD_RESET: u8 = 0xfe;
-/// Offset of the command/status port (0x64) from the data port (0x60).
-pub const I8042_COMMAND_OFFSET: u16 = 4;
+/// The command/status port (the data port is 0x60). Each is its own
+/// one-port range: 0x61 between them is port B (the PIT's channel 2 gate).
+pub const I8042_COMMAND: u16 = 0x64;
 
-/// The i8042 at 0x60 (data) - 0x64 (command/status).
+/// The i8042 at 0x60 (data) and 0x64 (command/status).
 pub struct I8042 {
     sink: Arc<dyn StopSink>,
 }
@@ -32,8 +33,8 @@ impl DevicePio for I8042 {
         data.fill(0);
     }
 
-    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
-        if offset == I8042_COMMAND_OFFSET && data.first() == Some(&CMD_RESET) {
+    fn pio_write(&self, base: PioAddress, _offset: PioAddressOffset, data: &[u8]) {
+        if base.0 == I8042_COMMAND && data.first() == Some(&CMD_RESET) {
             self.sink.guest_stopped(GuestStop::Reset);
         }
     }
@@ -58,18 +59,18 @@ mod tests {
     fn only_command_0xfe_on_the_command_port_resets() {
         let stops = Arc::new(Stops::default());
         let k = I8042::new(stops.clone());
-        let base = PioAddress(0x60);
-        k.pio_write(base, 0, &[CMD_RESET]); // the data port: a keyboard byte
-        k.pio_write(base, 4, &[0xad]); // disable keyboard
+        let (data, command) = (PioAddress(0x60), PioAddress(I8042_COMMAND));
+        k.pio_write(data, 0, &[CMD_RESET]); // the data port: a keyboard byte
+        k.pio_write(command, 0, &[0xad]); // disable keyboard
         let mut status = [0xffu8];
-        k.pio_read(base, 4, &mut status);
+        k.pio_read(command, 0, &mut status);
         assert_eq!(
             status,
             [0],
             "a kernel waits for bit 1 (input full) to clear"
         );
         assert!(stops.0.lock().unwrap().is_empty());
-        k.pio_write(base, 4, &[CMD_RESET]);
+        k.pio_write(command, 0, &[CMD_RESET]);
         assert_eq!(*stops.0.lock().unwrap(), [GuestStop::Reset]);
     }
 }

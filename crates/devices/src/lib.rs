@@ -64,7 +64,7 @@ pub use counter::CounterDevice;
 pub use debug_exit::DebugExit;
 pub use doorbell::Doorbell;
 pub use fw_cfg::{keys as fw_cfg_keys, FwCfg};
-pub use i8042::{I8042, I8042_COMMAND_OFFSET};
+pub use i8042::{I8042, I8042_COMMAND};
 pub use io_engine::{Budget, IoEngine, IoEngineError, IoWork, NotParked, Served};
 pub use irq::{InterruptSink, IrqLine};
 pub use manager::{DeviceManager, IoRange};

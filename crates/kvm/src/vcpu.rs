@@ -58,7 +58,7 @@ impl Classify for Exit {
         match self {
             Exit::IoIn { .. } | Exit::IoOut { .. } => ExitKind::Io,
             Exit::MmioRead { .. } | Exit::MmioWrite { .. } => ExitKind::Mmio,
-            Exit::Hlt | Exit::WaitForSipi => ExitKind::Halt,
+            Exit::Hlt => ExitKind::Halt,
             Exit::Shutdown | Exit::SystemEvent { .. } => ExitKind::Shutdown,
             _ => ExitKind::Other,
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use brisk_boot::ports;
-use brisk_devices::apic::{pic, IOAPIC_SIZE};
+use brisk_devices::apic::{pic, pit, Pit, IOAPIC_SIZE};
 use brisk_devices::{
     Apics, Cmos, CounterDevice, DebugExit, DeviceManager, Doorbell, FwCfg, IoapicLine, IrqLine,
     PciHostBridge, PeriodicTimers, Pic, PmTimer, PowerOff, PvPanic, RateLimiter, Uart, I8042,
@@ -201,7 +201,9 @@ fn pc_devices(
 ) -> Result<Option<IoEngine>, StartError> {
     let place = || setup::<brisk_devices::BusError>("placing a device");
     let i8042 = Arc::new(I8042::new(w.end.clone()));
-    m.add_pio("i8042", ports::I8042_DATA, 5, i8042)
+    m.add_pio("i8042", ports::I8042_DATA, 1, i8042.clone())
+        .map_err(place())?;
+    m.add_pio("i8042", ports::I8042_COMMAND, 1, i8042)
         .map_err(place())?;
     m.add_pio(
         "cmos",
@@ -311,7 +313,7 @@ fn virtio<D: VirtioDevice + 'static>(
 }
 
 /// brisk's interrupt controllers: the IOAPIC at its MMIO window, the
-/// 8259 pair's registers, and each LAPIC's state (its registers are
+/// 8259 pair's and the 8254's registers, and each LAPIC's state (its registers are
 /// reached from its vCPU's exits, not the bus).
 fn interrupt_controllers(m: &mut DeviceManager, apics: &Apics) -> Result<(), StartError> {
     let place = || setup::<brisk_devices::BusError>("placing an interrupt controller");
@@ -326,6 +328,10 @@ fn interrupt_controllers(m: &mut DeviceManager, apics: &Apics) -> Result<(), Sta
     for base in [pic::PIC_MASTER, pic::PIC_SLAVE, pic::PIC_ELCR] {
         m.add_pio("pic", base, 2, p.clone()).map_err(place())?;
     }
+    let pit = Arc::new(Pit::default());
+    m.add_pio("pit", pit::PIT_PORTS, 4, pit.clone())
+        .map_err(place())?;
+    m.add_pio("pit", pit::PORT_61, 1, pit).map_err(place())?;
     for l in apics.lapics().iter() {
         m.add_state(&format!("lapic{}", l.id()), l.clone())
             .map_err(place())?;

@@ -1,6 +1,7 @@
 //! Multiboot test kernels (crates/test-kernels, C built with gcc) booted
-//! with the kernel irqchip on 1, 2 and 4 vCPUs: their serial output and
-//! debug-exit status say what they checked.
+//! on 1, 2 and 4 vCPUs with KVM's irqchip and with brisk's own (the LAPIC,
+//! IOAPIC and PIT models of `brisk_devices::apic`): their serial output
+//! and debug-exit status say what they checked.
 
 use brisk_vmm::require_kvm;
 
@@ -24,11 +25,32 @@ fn config(kernel: &str, cpus: usize, cmdline: &str, initrd: Option<PathBuf>) -> 
 }
 
 fn boot(config: &VmConfig) -> (VmEnd, String) {
+    let (end, out, _) = boot_counting_halts(config);
+    (end, out)
+}
+
+/// As [`boot`], with each vCPU's HLT exits (halts in user space).
+fn boot_counting_halts(config: &VmConfig) -> (VmEnd, String, Vec<u64>) {
     let capture = Capture::default();
     let vm = Vm::start(config, Output::Capture(capture.clone())).expect("kernel boots");
-    let end = vm.wait(Some(Duration::from_secs(30)), None);
+    let end = vm.wait(Some(Duration::from_secs(60)), None);
+    let halts = vm
+        .vcpus()
+        .iter()
+        .map(|v| {
+            v.counters()
+                .snapshot()
+                .exits_of(brisk_control::ExitKind::Halt)
+        })
+        .collect();
     vm.shutdown().unwrap();
-    (end, capture.text())
+    (end, capture.text(), halts)
+}
+
+const IRQCHIPS: [Irqchip; 2] = [Irqchip::Kernel, Irqchip::User];
+
+fn on(irqchip: Irqchip, c: VmConfig) -> VmConfig {
+    VmConfig { irqchip, ..c }
 }
 
 const PASS: VmEnd = VmEnd::DebugExit(k::PASS as u32);
@@ -53,12 +75,18 @@ fn hello_sees_the_multiboot_handover_and_exits_with_the_chosen_status() {
     std::fs::remove_file(initrd).unwrap();
 }
 
+/// Under brisk's irqchip the INIT and SIPIs are brisk's: each AP starts
+/// in real mode at the vector on its own thread, and its final `cli; hlt`
+/// is a halt in user space.
 #[test]
 fn smp_finds_every_cpu_in_fw_cfg_and_the_madt_and_starts_the_aps() {
     require_kvm!();
-    for cpus in [1, 2, 4] {
-        let (end, out) = boot(&config(k::SMP, cpus, "", None));
-        assert_eq!(end, PASS, "{cpus} vCPUs: {out}");
+    for (irqchip, cpus) in IRQCHIPS.into_iter().flat_map(|i| [1, 2, 4].map(|c| (i, c))) {
+        let (end, out, halts) = boot_counting_halts(&on(irqchip, config(k::SMP, cpus, "", None)));
+        assert_eq!(end, PASS, "{irqchip:?}, {cpus} vCPUs: {out}");
+        if irqchip == Irqchip::User {
+            assert!(halts[1..].iter().all(|&h| h >= 1), "{halts:?}");
+        }
         assert!(
             out.contains(&format!("signature 'QEMU', {cpus} CPUs")),
             "{out}"
@@ -81,11 +109,12 @@ fn smp_finds_every_cpu_in_fw_cfg_and_the_madt_and_starts_the_aps() {
     }
 }
 
-/// Boot `kernel` on 1, 2 and 4 vCPUs: it passes and prints every line of `says`.
+/// Boot `kernel` on 1, 2 and 4 vCPUs under each irqchip: it passes and
+/// prints every line of `says`.
 fn passes_on_1_2_4(kernel: &str, says: &[&str]) {
-    for cpus in [1, 2, 4] {
-        let (end, out) = boot(&config(kernel, cpus, "", None));
-        assert_eq!(end, PASS, "{cpus} vCPUs: {out}");
+    for (irqchip, cpus) in IRQCHIPS.into_iter().flat_map(|i| [1, 2, 4].map(|c| (i, c))) {
+        let (end, out) = boot(&on(irqchip, config(kernel, cpus, "", None)));
+        assert_eq!(end, PASS, "{irqchip:?}, {cpus} vCPUs: {out}");
         for s in says {
             assert!(out.contains(s), "{cpus} vCPUs, no '{s}' in: {out}");
         }
@@ -149,16 +178,16 @@ fn files_that_are_not_multiboot_kernels_are_refused_by_name() {
     }
 }
 
-/// The UART's IRQ 4 reaches a kernel through KVM's IOAPIC (an irqfd on
-/// GSI 4): first its transmit-empty interrupt, then received data typed
-/// at the console once the kernel says it is ready.
+/// The UART's IRQ 4 reaches a kernel through the IOAPIC (KVM's, by an
+/// irqfd on GSI 4; or brisk's): first its transmit-empty interrupt, then
+/// received data typed at the console once the kernel says it is ready.
 #[test]
 fn the_uart_interrupt_reaches_the_kernel_through_the_ioapic() {
     require_kvm!();
-    for cpus in [1, 2] {
+    for (irqchip, cpus) in IRQCHIPS.into_iter().flat_map(|i| [1, 2].map(|c| (i, c))) {
         let capture = Capture::default();
         let vm = Vm::start(
-            &config(k::UARTIRQ, cpus, "", None),
+            &on(irqchip, config(k::UARTIRQ, cpus, "", None)),
             Output::Capture(capture.clone()),
         )
         .expect("kernel boots");

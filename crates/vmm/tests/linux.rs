@@ -142,6 +142,69 @@ fn two_vcpus_boot_linux_to_init_across_snapshots() {
     assert_reached_init(&end, &out, "/init");
 }
 
+/// Under brisk's own interrupt controllers (`--irqchip user`: the LAPICs,
+/// IOAPIC, PIC and PIT of `brisk_devices::apic`) a 2-vCPU Linux boots to
+/// init with every HLT a halt in user space: both vCPUs halt in brisk,
+/// and work queued with `run_when_idle` runs on a Linux vCPU while the
+/// guest idles (seed 001's design, for a kernel). The VM is saved and
+/// restored once mid-boot, with the APs up: the LAPIC state (timers,
+/// ISR, the AP's start-up) goes with it and the restored kernel goes on.
+#[test]
+fn linux_on_brisks_irqchip_halts_in_user_space_across_a_snapshot() {
+    require_kvm!();
+    let linux = guest_linux().expect("scripts/guest-kernel.sh builds the guest kernel");
+    let mut c = config(&linux.vmlinux, 2);
+    c.irqchip = Irqchip::User;
+    if let brisk_vmm::Payload::Kernel(k) = &mut c.payload {
+        k.initrd = Some(linux.initramfs.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("brisk-linux-apic-{}", std::process::id()));
+    let capture = Capture::default();
+    let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
+    let line = "smpboot: Total of 2 processors activated";
+    let until = std::time::Instant::now() + BOOT_BOUND;
+    while !capture.text().contains(line) {
+        assert!(
+            vm.ended().is_none(),
+            "{:?}:\n{}",
+            vm.ended(),
+            capture.text()
+        );
+        assert!(std::time::Instant::now() < until, "no '{line}'");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    vm.pause(brisk_vmm::control::Deadline::after(Duration::from_secs(10)))
+        .unwrap();
+    vm.snapshot(&dir).unwrap();
+    vm.shutdown().unwrap();
+    let mut out = capture.text();
+    let capture = Capture::default();
+    let vm = Vm::restore(
+        &dir,
+        Output::Capture(capture.clone()),
+        brisk_vmm::RestoreOptions::default(),
+    )
+    .expect("the snapshot restores");
+    // The AP idles while the BSP boots: VMM work runs on that idle time.
+    let ran_on = vm.vcpus()[1]
+        .run_when_idle(|k: &mut brisk_vmm::KvmVcpu| k.id())
+        .unwrap()
+        .wait(brisk_vmm::control::Deadline::after(BOOT_BOUND))
+        .expect("the idle task runs while the AP halts");
+    assert_eq!(ran_on, 1);
+    let end = vm.wait(Some(BOOT_BOUND), None);
+    let counters: Vec<_> = vm.vcpus().iter().map(|v| v.counters().snapshot()).collect();
+    vm.shutdown().unwrap();
+    out.push_str(&capture.text());
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_reached_init(&end, &out, "/init");
+    for (id, k) in counters.iter().enumerate() {
+        let halts = k.exits_of(brisk_vmm::control::ExitKind::Halt);
+        assert!(halts > 0 && k.halted_ns > 0, "vCPU {id}: {k:?}");
+        assert!(k.idle_tasks >= u64::from(id == 1), "vCPU {id}: {k:?}");
+    }
+}
+
 /// Linux configures its virtio-net NIC from the command line and its
 /// kernel answers a ping from the host (guest user mode is only /idle,
 /// spinning); the VM saved and restored onto the same TAP answers again.

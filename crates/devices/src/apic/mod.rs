@@ -1,7 +1,8 @@
 //! brisk's own PC interrupt controllers, for `--irqchip user` kernels:
 //! one local APIC per vCPU ([`Lapic`]: xAPIC page and x2APIC MSRs, its
 //! timer in one-shot, periodic and TSC-deadline modes), the IOAPIC
-//! ([`Ioapic`]) and the 8259 pair's registers ([`Pic`]).
+//! ([`Ioapic`]), the 8259 pair's registers ([`Pic`]) and the 8254's
+//! counters ([`Pit`]).
 //!
 //! With these in the VMM instead of KVM, a guest's HLT leaves KVM_RUN and
 //! becomes brisk's user-space halt (seed 001), whatever kernel it is.
@@ -17,6 +18,7 @@
 mod ioapic;
 mod lapic;
 pub mod pic;
+pub mod pit;
 mod timer;
 
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use std::sync::Arc;
 pub use ioapic::{Ioapic, IoapicLine, IoapicState, IOAPIC_PINS, IOAPIC_SIZE};
 pub use lapic::{Lapic, LapicState, Startup, APIC_BASE_DEFAULT};
 pub use pic::{Pic, PicState};
+pub use pit::{Pit, PitState};
 use timer::TimerThread;
 
 /// How a message is delivered (ICR / redirection entry bits 10:8).
