@@ -84,7 +84,8 @@ pub struct KvmVcpu {
     /// The last exit, whose union member of `kvm_run` the data accessors
     /// may read; `None` after an interrupted entry or before any.
     last: Option<Exit>,
-    /// The last exit was PIO/MMIO: the instruction completes on next entry.
+    /// The last exit was PIO, MMIO or an MSR access: the instruction
+    /// completes on next entry.
     io_pending: bool,
     /// User irqchip mode: where the vectors to inject come from.
     interrupts: Option<Arc<dyn InterruptController>>,
@@ -361,8 +362,8 @@ impl KvmVcpu {
         self.clock_stops
     }
 
-    /// Whether the last exit left a PIO/MMIO access half-done (it
-    /// completes on the next entry or `settle`).
+    /// Whether the last exit left a PIO/MMIO access or an MSR access
+    /// half-done (it completes on the next entry or `settle`).
     pub fn io_pending(&self) -> bool {
         self.io_pending
     }
@@ -477,7 +478,11 @@ impl KvmVcpu {
         match self.fd.run() {
             Ok(_) => {
                 let exit = self.read_exit();
-                self.io_pending = matches!(exit.kind(), ExitKind::Io | ExitKind::Mmio);
+                // KVM finishes these instructions on the next KVM_RUN
+                // (with what brisk answered): a WRMSR to the ICR saved
+                // before that would be sent again by the restored vCPU.
+                self.io_pending = matches!(exit.kind(), ExitKind::Io | ExitKind::Mmio)
+                    || matches!(exit, Exit::RdMsr { .. } | Exit::WrMsr { .. });
                 self.last = Some(exit);
                 Ok(Some(exit))
             }

@@ -38,6 +38,12 @@ pub const VIRTIONET: &str = concat!(env!("OUT_DIR"), "/virtionet.elf");
 /// guest port 1234 and echoes; connects once to host port 1235 at start
 /// and sends "vsockecho: hello\n" there.
 pub const VSOCKECHO: &str = concat!(env!("OUT_DIR"), "/vsockecho.elf");
+/// Every vCPU plays IPI ping-pong with every other through the x2APIC
+/// (2000 round trips each way per pair); a lost IPI hangs it. Prints its
+/// progress with CPU 1 every 400 round trips (with `hold` in its command
+/// line that pair then waits for a byte of console input), then the time
+/// per round trip; exits 0 when every count is right.
+pub const IPISTORM: &str = concat!(env!("OUT_DIR"), "/ipistorm.elf");
 /// The ethertype of the frames `VIRTIONET` sends (IEEE local
 /// experimental).
 pub const VIRTIONET_ETHERTYPE: u16 = 0x88b5;

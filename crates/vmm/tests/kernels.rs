@@ -222,3 +222,60 @@ fn sixteen_gib_split_around_the_32_bit_hole() {
     assert_eq!(end, VmEnd::DebugExit(0), "{out}");
     assert!(out.contains("639 KiB low, 3144704 KiB high"), "{out}");
 }
+
+/// An IPI storm on 4 vCPUs through the x2APIC (KVM's, or brisk's by MSR
+/// exits), saved and restored four times while it runs and paused and
+/// resumed in between (at each, the kernel holds one pair until the host
+/// types a byte, so the storm cannot end first): no IPI is lost (a lost one stops its ping-pong
+/// pair, and the kernel would never finish), none is doubled (the kernel
+/// checks every count), and the restored LAPICs go on where they were.
+#[test]
+fn an_ipi_storm_loses_nothing_across_pauses_and_snapshots() {
+    require_kvm!();
+    for irqchip in IRQCHIPS {
+        let c = on(irqchip, config(k::IPISTORM, 4, "hold", None));
+        let dir =
+            std::env::temp_dir().join(format!("brisk-ipistorm-{irqchip:?}-{}", std::process::id()));
+        let mut capture = Capture::default();
+        let mut vm = Vm::start(&c, Output::Capture(capture.clone())).expect("kernel boots");
+        let mut out = String::new();
+        for trips in [400, 800, 1200, 1600] {
+            let line = format!("ipistorm: {trips} round trips with CPU 1");
+            let until = std::time::Instant::now() + Duration::from_secs(120);
+            while !capture.text().contains(&line) {
+                assert!(
+                    vm.ended().is_none(),
+                    "{:?}: {out}{}",
+                    vm.ended(),
+                    capture.text()
+                );
+                assert!(
+                    std::time::Instant::now() < until,
+                    "{irqchip:?}: no '{line}'"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let bound = brisk_vmm::control::Deadline::after(Duration::from_secs(10));
+            vm.pause(bound).unwrap();
+            vm.resume().unwrap();
+            vm.pause(bound).unwrap();
+            vm.snapshot(&dir).unwrap();
+            vm.shutdown().unwrap();
+            out.push_str(&capture.text());
+            capture = Capture::default();
+            vm = Vm::restore(
+                &dir,
+                Output::Capture(capture.clone()),
+                brisk_vmm::RestoreOptions::default(),
+            )
+            .expect("the snapshot restores");
+            assert_eq!(vm.console_input(b"g"), 1);
+        }
+        let end = vm.wait(Some(Duration::from_secs(120)), None);
+        vm.shutdown().unwrap();
+        out.push_str(&capture.text());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(end, PASS, "{irqchip:?}: {out}");
+        assert!(out.contains("24000 round trips on 4 CPUs"), "{out}");
+    }
+}

@@ -10,11 +10,13 @@ gcc $CFLAGS -c "$src/lib.c" -o "$out/lib.o"
 gcc $CFLAGS -c "$src/virtio.c" -o "$out/virtio.o"
 gcc $CFLAGS -c "$src/smp_boot.S" -o "$out/smp_boot.o"
 gcc $CFLAGS -c "$src/uartirq_isr.S" -o "$out/uartirq_isr.o"
-for k in hello smp pmtimer inl uartirq virtioblk virtionet vsockecho; do
+gcc $CFLAGS -c "$src/ipistorm_isr.S" -o "$out/ipistorm_isr.o"
+for k in hello smp pmtimer inl uartirq virtioblk virtionet vsockecho ipistorm; do
     gcc $CFLAGS -c "$src/$k.c" -o "$out/$k.o"
     extra=""
     [ "$k" = smp ] && extra="$out/smp_boot.o"
     [ "$k" = uartirq ] && extra="$out/uartirq_isr.o"
+    [ "$k" = ipistorm ] && extra="$out/smp_boot.o $out/ipistorm_isr.o"
     ld -m elf_i386 -T "$src/kernel.ld" -z noexecstack --no-warn-rwx-segments -o "$out/$k.elf" \
         "$out/boot.o" "$out/lib.o" "$out/virtio.o" "$out/$k.o" $extra
 done
