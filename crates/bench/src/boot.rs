@@ -88,6 +88,13 @@ pub fn run(opts: &Opts) -> Vec<Table> {
                 args: common(&linux.vmlinux),
                 marker: "Run /init as init process",
             });
+            let mut user = common(&linux.vmlinux);
+            user.extend(strings(&["--irqchip", "user"]));
+            cases.push(Case {
+                name: "Linux vmlinux (PVH) + initramfs, brisk's irqchip".into(),
+                args: user,
+                marker: "Run /init as init process",
+            });
             cases.push(Case {
                 name: "Linux bzImage + initramfs".into(),
                 args: common(&linux.bzimage),

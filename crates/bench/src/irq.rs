@@ -5,11 +5,19 @@
 //! first with the vCPU's idle time unused, then with its idle queue kept
 //! full of tasks of a fixed length: an interrupt that falls due while a
 //! task runs waits for the task to return (tasks are not preempted).
+//!
+//! Then the cost of brisk's own interrupt controllers against KVM's, in
+//! the same run: the `ipistorm` test kernel's IPI round trip (every vCPU
+//! pings every other through the x2APIC and waits halted for the pong),
+//! as the guest times it with its TSC, on 2 and 4 vCPUs under
+//! `--irqchip kernel` (the baseline) and `--irqchip user`; and its timer
+//! mode: how late a 200 us one-shot LAPIC timer's handler runs.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use brisk_vmm::{KvmVcpu, Output, Vm, VmConfig, VmEnd};
+use brisk_test_kernels as k;
+use brisk_vmm::{Capture, Irqchip, KernelConfig, KvmVcpu, Output, Vm, VmConfig, VmEnd};
 
 use crate::stats::{Row, Table};
 use crate::Opts;
@@ -40,11 +48,133 @@ pub fn run(opts: &Opts) -> Vec<Table> {
             Row::new(name, s).with("idle tasks run", *ran as f64)
         })
         .collect();
-    vec![Table::new(
-        "irq: timer interrupt latency (raise -> KVM_INTERRUPT), tick guest, 1 vCPU, user irqchip",
-        "the interrupt-latency cost of idle-time tasks: a tick due while a task runs waits for it to finish",
+    vec![
+        Table::new(
+            "irq: timer interrupt latency (raise -> KVM_INTERRUPT), tick guest, 1 vCPU, user irqchip",
+            "the interrupt-latency cost of idle-time tasks: a tick due while a task runs waits for it to finish",
+            rows,
+        ),
+        ipi_round_trips(opts),
+        timer_lateness(opts),
+    ]
+}
+
+/// The ipistorm kernel's timer mode under each irqchip: per VM the
+/// median lateness (the samples) and the p99 (a column).
+fn timer_lateness(opts: &Opts) -> Table {
+    let rounds = if opts.quick { 1 } else { 5 };
+    let irqchips = [Irqchip::Kernel, Irqchip::User];
+    let mut medians: Vec<Vec<u64>> = vec![Vec::new(); 2];
+    let mut p99s: Vec<Vec<u64>> = vec![Vec::new(); 2];
+    for _ in 0..rounds {
+        for (i, irqchip) in irqchips.iter().enumerate() {
+            match run_ipistorm(*irqchip, 1, "timer") {
+                Ok(out) => {
+                    let figure = |after: &str| {
+                        out.split(after)
+                            .nth(1)?
+                            .split(" ns")
+                            .next()?
+                            .parse::<u64>()
+                            .ok()
+                    };
+                    if let (Some(m), Some(p)) = (figure("median "), figure("p99 ")) {
+                        medians[i].push(m);
+                        p99s[i].push(p);
+                    }
+                }
+                Err(e) => eprintln!("bench irq: timer {irqchip:?}: {e}"),
+            }
+        }
+    }
+    let rows = irqchips
+        .iter()
+        .zip(medians)
+        .zip(p99s)
+        .map(|((irqchip, m), mut p)| {
+            p.sort_unstable();
+            let p99 = p.get(p.len() / 2).copied().unwrap_or(0);
+            Row::new(irqchip_name(*irqchip), m).with("guest p99 ns", p99 as f64)
+        })
+        .collect();
+    Table::new(
+        "irq: LAPIC timer lateness (200 us one-shot, deadline -> handler), ipistorm kernel, 1 vCPU",
+        "median over VMs of each VM's median lateness of 200 interrupts, timed by the guest's TSC; halted between interrupts",
         rows,
-    )]
+    )
+}
+
+fn irqchip_name(irqchip: Irqchip) -> &'static str {
+    match irqchip {
+        Irqchip::Kernel => "KVM's LAPICs (--irqchip kernel)",
+        Irqchip::User => "brisk's LAPICs (--irqchip user)",
+    }
+}
+
+/// The ipistorm kernel's ns per IPI round trip, each irqchip and vCPU
+/// count interleaved by round.
+fn ipi_round_trips(opts: &Opts) -> Table {
+    let rounds = if opts.quick { 1 } else { 5 };
+    let cases = [
+        (Irqchip::Kernel, 2),
+        (Irqchip::User, 2),
+        (Irqchip::Kernel, 4),
+        (Irqchip::User, 4),
+    ];
+    let mut samples: Vec<Vec<u64>> = vec![Vec::new(); cases.len()];
+    for _ in 0..rounds {
+        for (i, (irqchip, cpus)) in cases.iter().enumerate() {
+            match ipistorm(*irqchip, *cpus) {
+                Ok(ns) => samples[i].push(ns),
+                Err(e) => eprintln!("bench irq: ipistorm {irqchip:?} {cpus}: {e}"),
+            }
+        }
+    }
+    let rows = cases
+        .iter()
+        .zip(samples)
+        .map(|((irqchip, cpus), s)| {
+            Row::new(format!("{cpus} vCPUs, {}", irqchip_name(*irqchip)), s)
+        })
+        .collect();
+    Table::new(
+        "irq: IPI round trip (ping and pong through the x2APIC, targets halted), ipistorm kernel",
+        "per round trip as the guest times it with its TSC; every pair of vCPUs at once; ratios against KVM's irqchip on 2 vCPUs",
+        rows,
+    )
+}
+
+fn ipistorm(irqchip: Irqchip, cpus: usize) -> Result<u64, String> {
+    let out = run_ipistorm(irqchip, cpus, "")?;
+    out.lines()
+        .find_map(|l| l.strip_suffix(" ns per round trip"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("no round-trip figure in: {out}"))
+}
+
+/// Boot the ipistorm kernel with `cmdline`; its console output if it
+/// passed.
+fn run_ipistorm(irqchip: Irqchip, cpus: usize, cmdline: &str) -> Result<String, String> {
+    let config = VmConfig {
+        cpus,
+        irqchip,
+        payload: brisk_vmm::Payload::Kernel(KernelConfig {
+            path: k::IPISTORM.into(),
+            cmdline: cmdline.into(),
+            ..KernelConfig::default()
+        }),
+        ..VmConfig::default()
+    };
+    let capture = Capture::default();
+    let vm = Vm::start(&config, Output::Capture(capture.clone())).map_err(|e| e.to_string())?;
+    let end = vm.wait(Some(Duration::from_secs(120)), None);
+    let _ = vm.shutdown();
+    let out = capture.text();
+    if end != VmEnd::DebugExit(k::PASS as u32) {
+        return Err(format!("ended {end:?}: {out}"));
+    }
+    Ok(out)
 }
 
 /// Run `tick` once; with `task_us` > 0 keep its idle queue full of busy

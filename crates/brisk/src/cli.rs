@@ -239,8 +239,10 @@ struct RunArgs {
     timeout: Option<Duration>,
     /// Where HLT and interrupts are handled: `user` (HLT exits to brisk,
     /// which halts the vCPU in user space and injects interrupts itself;
-    /// the default for built-in guests) or `kernel` (KVM's in-kernel
-    /// PIC/IOAPIC/LAPIC and PIT; the default, and required, with --kernel).
+    /// the default for built-in guests; for a --kernel, brisk's own
+    /// LAPICs, IOAPIC, PIC and PIT, so the VMM sees the guest's idle time,
+    /// at 4-5x KVM's cost per IPI here) or `kernel` (KVM's in-kernel
+    /// PIC/IOAPIC/LAPIC and PIT; the default with --kernel).
     #[arg(long, value_enum)]
     irqchip: Option<IrqchipArg>,
     /// Boot this kernel instead of a built-in guest; its format is read

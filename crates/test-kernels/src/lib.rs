@@ -42,7 +42,9 @@ pub const VSOCKECHO: &str = concat!(env!("OUT_DIR"), "/vsockecho.elf");
 /// (2000 round trips each way per pair); a lost IPI hangs it. Prints its
 /// progress with CPU 1 every 400 round trips (with `hold` in its command
 /// line that pair then waits for a byte of console input), then the time
-/// per round trip; exits 0 when every count is right.
+/// per round trip; exits 0 when every count is right. With `timer` it
+/// instead times 200 one-shot LAPIC timer interrupts on the BSP and
+/// prints how late their handlers ran (median, p99).
 pub const IPISTORM: &str = concat!(env!("OUT_DIR"), "/ipistorm.elf");
 /// The ethertype of the frames `VIRTIONET` sends (IEEE local
 /// experimental).

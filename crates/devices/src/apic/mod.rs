@@ -304,3 +304,64 @@ impl Apics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    fn apics(n: usize) -> (Apics, Arc<AtomicUsize>) {
+        let woken = Arc::new(AtomicUsize::new(0));
+        let w = woken.clone();
+        let a = Apics::new(
+            n,
+            true,
+            Arc::new(move |_| {
+                w.fetch_add(1, SeqCst);
+            }),
+            Box::new(|| {}),
+        )
+        .unwrap();
+        for i in 0..n {
+            a.mmio_write(i, APIC_BASE_DEFAULT | 0xf0, &0x1ffu32.to_le_bytes());
+        }
+        (a, woken)
+    }
+
+    #[test]
+    fn an_msi_reaches_the_lapic_its_address_names() {
+        let (a, _) = apics(3);
+        // Physical destination 2, fixed, vector 0x51.
+        assert_eq!(a.signal_msi(0xfee0_0000 | (2 << 12), 0x51), 1);
+        assert_eq!(a.lapic(2).acknowledge(), Some(0x51));
+        assert_eq!(a.lapic(0).acknowledge(), None);
+    }
+
+    #[test]
+    fn lowest_priority_picks_one_lapic_and_broadcast_reaches_all() {
+        let (a, _) = apics(3);
+        // LAPIC 0 busy at TPR 0x80: lowest priority goes elsewhere.
+        a.mmio_write(0, APIC_BASE_DEFAULT | 0x80, &0x80u32.to_le_bytes());
+        let mut m = Message::fixed(0x61, 0xff);
+        m.mode = DeliveryMode::LowestPriority;
+        assert_eq!(a.lapics().deliver(&m), 1);
+        assert_eq!(a.lapic(1).acknowledge(), Some(0x61));
+        assert_eq!(a.lapics().deliver(&Message::fixed(0x62, 0xff)), 3);
+    }
+
+    #[test]
+    fn an_icr_write_in_the_page_starts_the_aps_and_wakes_them() {
+        let (a, woken) = apics(3);
+        assert_eq!(a.lapic(1).startup(), Startup::WaitForSipi);
+        let icr = |v: u32| a.mmio_write(0, APIC_BASE_DEFAULT | 0x300, &v.to_le_bytes());
+        icr(0x000c_4500); // INIT to all but self
+        icr(0x000c_4609); // SIPI vector 9
+        for ap in 1..3 {
+            assert_eq!(a.lapic(ap).startup(), Startup::Sipi(9));
+        }
+        assert_eq!(a.lapic(0).startup(), Startup::Run);
+        assert_eq!(woken.load(SeqCst), 4);
+        assert!(a.claims_mmio(0, APIC_BASE_DEFAULT + 0x20));
+        assert!(!a.claims_mmio(0, APIC_BASE_DEFAULT + 0x1000));
+    }
+}
