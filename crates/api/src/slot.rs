@@ -28,7 +28,7 @@ pub enum Bring {
 }
 
 /// Why a VM was not brought.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BringError {
     #[error("a VM is already running in this brisk")]
     AlreadyRunning,
@@ -38,14 +38,13 @@ pub enum BringError {
     InProgress,
     #[error("this brisk is shutting down")]
     ShuttingDown,
-    /// The builder tried and failed: its sentence.
-    #[error("{0}")]
-    Failed(String),
+    /// The builder tried and failed.
+    #[error(transparent)]
+    Failed(Arc<brisk_vmm::StartError>),
 }
 
-/// A request to bring a VM, and where its builder answers (with the
-/// sentence of its failure).
-pub type BringRequest = (Bring, Sender<Result<(), String>>);
+/// A request to bring a VM, and where its builder answers.
+pub type BringRequest = (Bring, Sender<Result<(), BringError>>);
 
 /// The API's VM, once there is one.
 pub struct VmSlot {
@@ -132,7 +131,7 @@ impl VmSlot {
         let answer = match builder.send((what, tx)) {
             Ok(()) => match rx.recv() {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(why)) => Err(BringError::Failed(why)),
+                Ok(Err(e)) => Err(e),
                 Err(_) => Err(BringError::ShuttingDown),
             },
             Err(_) => Err(BringError::ShuttingDown),

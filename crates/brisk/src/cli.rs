@@ -865,7 +865,7 @@ pub(crate) fn wait_for_vm(
             }
             Err(e) => {
                 say!("brisk: {e}");
-                let _ = reply.send(Err(e.to_string()));
+                let _ = reply.send(Err(brisk_api::BringError::Failed(std::sync::Arc::new(e))));
             }
         }
     }
@@ -879,7 +879,7 @@ struct Pending(std::sync::mpsc::Receiver<brisk_api::BringRequest>);
 impl Drop for Pending {
     fn drop(&mut self) {
         for (_, reply) in self.0.try_iter() {
-            let _ = reply.send(Err("this brisk is shutting down".into()));
+            let _ = reply.send(Err(brisk_api::BringError::ShuttingDown));
         }
     }
 }

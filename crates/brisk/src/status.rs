@@ -73,7 +73,9 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
         StartError::Interrupted(_) => TIMEOUT,
         StartError::Config(_)
         | StartError::Kernel(_)
+        | StartError::Disk(_)
         | StartError::Snapshot(_)
+        | StartError::Receive(_)
         | StartError::SnapshotFile(_)
         | StartError::Tap(_)
         | StartError::Vsock(_) => CONFIG,

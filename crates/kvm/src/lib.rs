@@ -16,7 +16,7 @@ mod vm;
 pub use error::{Error, Result};
 pub use interrupts::{InterruptController, InterruptStats, PendingInterrupts, Startup};
 pub use kick::{kick_signal, SignalInterrupt};
-pub use memory::{check_memfd_sealed, GuestRam, MemoryBacking, PAGE_SIZE};
+pub use memory::{check_memfd_sealed, GuestRam, MemfdError, MemoryBacking, PAGE_SIZE};
 pub use state::{VcpuSnapshot, VmSnapshot};
 pub use vcpu::{Exit, KvmVcpu};
 pub use vm::{Irqchip, Mwait, Vm};

@@ -135,14 +135,19 @@ fn memfd(len: u64) -> Result<File> {
     Ok(file)
 }
 
+/// Guest RAM handed over that may change size under the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the guest memory handed over is not a memfd sealed against resizing")]
+pub struct MemfdError;
+
 /// Whether `f` is a memfd whose size cannot change (sealed against
 /// shrinking and growing), as guest RAM handed over must be.
-pub fn check_memfd_sealed(f: &File) -> std::result::Result<(), String> {
+pub fn check_memfd_sealed(f: &File) -> std::result::Result<(), MemfdError> {
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
     let seals = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) };
     let need = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
     if seals < 0 || seals & need != need {
-        return Err("the guest memory handed over is not a memfd sealed against resizing".into());
+        return Err(MemfdError);
     }
     Ok(())
 }

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 
-use crate::{DiskConfig, StartError};
+use crate::{DiskConfig, DiskError, StartError};
 
 /// The locks a VM holds (none for a destination not yet committed).
 #[derive(Default)]
@@ -85,13 +85,15 @@ pub(crate) fn flush(disks: &[DiskConfig]) -> std::io::Result<()> {
 
 /// A new descriptor of `d`'s image, locked.
 fn lock(d: &DiskConfig) -> Result<File, StartError> {
-    let shown = d.path.display();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(!d.readonly)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
         .open(&d.path)
-        .map_err(|e| StartError::Kernel(format!("cannot lock disk {shown}: {e}")))?;
+        .map_err(|source| DiskError::Lock {
+            path: d.path.clone(),
+            source,
+        })?;
     // SAFETY: a zeroed flock is valid; the fields that matter are set.
     let mut l: libc::flock = unsafe { std::mem::zeroed() };
     l.l_type = if d.readonly {
@@ -105,16 +107,15 @@ fn lock(d: &DiskConfig) -> Result<File, StartError> {
         return Ok(file);
     }
     let e = std::io::Error::last_os_error();
-    Err(StartError::Kernel(match e.raw_os_error() {
-        Some(libc::EAGAIN | libc::EACCES) => format!(
-            "disk {shown} is in use ({}): another VM, or this one, has it open{}",
-            if d.readonly {
-                "locked for writing"
-            } else {
-                "locked"
-            },
-            if d.readonly { " read-write" } else { "" }
-        ),
-        _ => format!("cannot lock disk {shown}: {e}"),
-    }))
+    Err(match e.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => DiskError::InUse {
+            path: d.path.clone(),
+            readonly: d.readonly,
+        },
+        _ => DiskError::Lock {
+            path: d.path.clone(),
+            source: e,
+        },
+    }
+    .into())
 }

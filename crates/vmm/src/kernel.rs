@@ -16,7 +16,7 @@ use std::path::Path;
 use brisk_boot::linux::{KernelFormat, LinuxError, LinuxKernel};
 use brisk_boot::multiboot::{FileImage, Image, Kernel, LoadError};
 
-use crate::{KernelConfig, StartError};
+use crate::{Interruption, KernelConfig, KernelError, StartError};
 
 /// Where the boot vCPU starts.
 pub(crate) struct MultibootStart {
@@ -68,21 +68,27 @@ fn not_regular(meta: &Metadata) -> Option<&'static str> {
 /// with fstat on what was opened, in case the path changed in between.
 /// O_NONBLOCK keeps a FIFO that appeared in between from blocking open;
 /// O_NOCTTY keeps a terminal from becoming brisk's.
-fn open(what: &str, path: &Path, ram: u64) -> Result<FileImage, StartError> {
-    let shown = path.display();
-    let cannot = |e: std::io::Error| StartError::Kernel(format!("cannot read {what} {shown}: {e}"));
+fn open(what: &'static str, path: &Path, ram: u64) -> Result<FileImage, KernelError> {
+    let cannot = |source: std::io::Error| KernelError::Read {
+        what,
+        path: path.into(),
+        source,
+    };
     let refuse = |meta: &Metadata| {
         if let Some(kind) = not_regular(meta) {
-            return Err(StartError::Kernel(format!(
-                "{what} {shown} is {kind}, not a regular file"
-            )));
+            return Err(KernelError::NotRegular {
+                what,
+                path: path.into(),
+                kind,
+            });
         }
         if meta.len() > ram {
-            return Err(StartError::Kernel(format!(
-                "{what} {shown} is {} bytes, larger than the guest's {} MiB of RAM",
-                meta.len(),
-                ram >> 20
-            )));
+            return Err(KernelError::TooLarge {
+                what,
+                path: path.into(),
+                size: meta.len(),
+                ram,
+            });
         }
         Ok(())
     };
@@ -117,7 +123,11 @@ pub(crate) fn load_bounded(
     let mut head = vec![0u8; image.size().min(8192) as usize];
     image
         .read_at(&mut head, 0)
-        .map_err(|e| StartError::Kernel(format!("cannot read kernel {}: {e}", k.path.display())))?;
+        .map_err(|source| KernelError::Read {
+            what: "kernel",
+            path: k.path.clone(),
+            source,
+        })?;
     // A 32-bit ELF without a multiboot header goes to the multiboot
     // loader, whose sentence for it says what is missing.
     let format = KernelFormat::detect(&head).or_else(|| {
@@ -132,10 +142,10 @@ pub(crate) fn load_bounded(
             KernelStart::Multiboot(load_multiboot(vm, k, &image, initrd, (ram, cpus), abort)?)
         }
         None => {
-            return Err(StartError::Kernel(format!(
-                "kernel {} is not a Linux bzImage, a 64-bit ELF vmlinux or a multiboot kernel",
-                k.path.display()
-            )))
+            return Err(KernelError::UnknownFormat {
+                path: k.path.clone(),
+            }
+            .into())
         }
     };
     Ok(start)
@@ -144,17 +154,22 @@ pub(crate) fn load_bounded(
 /// `map_err` for loading `what` (kernel, initrd) from `path`: an
 /// interruption (signal, --timeout) becomes `Interrupted`, anything else
 /// one sentence naming the file.
-fn refusal<E: std::fmt::Display>(
+fn refusal<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
     path: &Path,
     interrupted: fn(&E) -> bool,
 ) -> impl FnOnce(E) -> StartError {
-    let shown = path.display().to_string();
+    let path = path.to_path_buf();
     move |e| {
         if interrupted(&e) {
-            StartError::Interrupted(format!("loading {what} {shown} was interrupted"))
+            Interruption::Loading { what, path }.into()
         } else {
-            StartError::Kernel(format!("{what} {shown}: {e}"))
+            KernelError::Refused {
+                what,
+                path,
+                source: Box::new(e),
+            }
+            .into()
         }
     }
 }

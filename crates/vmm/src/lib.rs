@@ -16,6 +16,7 @@
 mod config;
 mod disk_lock;
 mod end;
+mod errors;
 pub mod exits;
 #[cfg(test)]
 mod failpoint;
@@ -32,6 +33,7 @@ mod vm;
 pub use brisk_devices::virtio::Mac;
 pub use config::{ConfigError, DiskConfig, Limit, NetConfig, VmConfig, VsockConfig};
 pub use end::VmEnd;
+pub use errors::{DiskError, Interruption, KernelError, ReceiveError, RestoreError};
 pub use interrupts::UserInterrupts;
 pub use migration::{MigrationError, MigrationOptions, MigrationStatus, MigrationUrl};
 pub use output::{Capture, Output};
@@ -49,14 +51,19 @@ pub type Vcpu = brisk_control::VcpuCtl<KvmVcpu>;
 
 /// Whether `/dev/kvm` can be opened here: tests that need KVM skip, loudly,
 /// only when it cannot.
-pub fn kvm_available() -> Result<(), String> {
+pub fn kvm_available() -> Result<(), KvmUnavailable> {
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .map(drop)
-        .map_err(|e| format!("/dev/kvm: {e}"))
+        .map_err(KvmUnavailable)
 }
+
+/// `/dev/kvm` cannot be opened for reading and writing.
+#[derive(Debug, thiserror::Error)]
+#[error("/dev/kvm: {0}")]
+pub struct KvmUnavailable(#[source] pub std::io::Error);
 
 /// For tests: return early, with a loud SKIPPED line, when
 /// [`kvm_available`] says `/dev/kvm` cannot be used.

@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::end::EndLatch;
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::vm::setup;
-use crate::{DiskConfig, Output, Platform, StartError, UserInterrupts, VmConfig};
+use crate::{DiskConfig, DiskError, Output, Platform, StartError, UserInterrupts, VmConfig};
 use brisk_boot::layout;
 use brisk_devices::io_engine::{IoEngine, Source};
 use brisk_devices::virtio::mmio::VirtioDevice;
@@ -109,8 +109,10 @@ pub(crate) fn kernel_cmdline(config: &VmConfig) -> String {
 /// FIFO: opening one can block or have effects), read-only if asked.
 pub(crate) fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartError> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let shown = d.path.display();
-    let cannot = |e: std::io::Error| StartError::Kernel(format!("cannot open disk {shown}: {e}"));
+    let cannot = |source: std::io::Error| DiskError::Open {
+        path: d.path.clone(),
+        source,
+    };
     let check = |m: &std::fs::Metadata| {
         let t = m.file_type();
         let kind = if t.is_file() {
@@ -124,9 +126,10 @@ pub(crate) fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartErro
         } else {
             "not a regular file"
         };
-        Err(StartError::Kernel(format!(
-            "disk {shown} is {kind}; brisk serves raw image files"
-        )))
+        Err(DiskError::NotRegular {
+            path: d.path.clone(),
+            kind,
+        })
     };
     check(&std::fs::metadata(&d.path).map_err(cannot)?)?;
     let file = std::fs::OpenOptions::new()
@@ -138,18 +141,20 @@ pub(crate) fn open_disk(d: &DiskConfig, i: usize) -> Result<DiskImage, StartErro
     let meta = file.metadata().map_err(cannot)?;
     check(&meta)?;
     if meta.len() < 512 {
-        return Err(StartError::Kernel(format!(
-            "disk {shown} is {} bytes, less than one 512-byte sector",
-            meta.len()
-        )));
+        return Err(DiskError::TooSmall {
+            path: d.path.clone(),
+            size: meta.len(),
+        }
+        .into());
     }
     if meta.len() % 512 != 0 {
         log::warn!(
-            "disk {shown}: {} bytes is not a whole number of sectors; the guest sees the last partial sector as missing",
+            "disk {}: {} bytes is not a whole number of sectors; the guest sees the last partial sector as missing",
+            d.path.display(),
             meta.len()
         );
     }
-    DiskImage::new(file, d.readonly, &format!("brisk-disk{i}")).map_err(cannot)
+    Ok(DiskImage::new(file, d.readonly, &format!("brisk-disk{i}")).map_err(cannot)?)
 }
 
 /// The devices the platform's vCPUs see, and the handles the VM keeps.

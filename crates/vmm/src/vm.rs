@@ -34,21 +34,26 @@ pub enum StartError {
     /// The vsock's Unix socket cannot be made.
     #[error(transparent)]
     Vsock(#[from] brisk_devices::virtio::VsockError),
-    /// The kernel (or initrd) file cannot be read or booted: one sentence
-    /// naming the file.
-    #[error("{0}")]
-    Kernel(String),
+    /// The kernel (or initrd) file cannot be read or booted.
+    #[error(transparent)]
+    Kernel(#[from] crate::KernelError),
+    /// A disk image cannot be opened, locked or served.
+    #[error(transparent)]
+    Disk(#[from] crate::DiskError),
     /// A snapshot's file cannot be used (missing, not a regular file, not
     /// a state file of this format, corrupt).
     #[error(transparent)]
     SnapshotFile(#[from] crate::snapshot::file::FileError),
-    /// A snapshot (or migration stream) cannot be restored: one sentence
-    /// saying why (a bad or mismatched file, a state KVM refuses).
-    #[error("{0}")]
-    Snapshot(String),
+    /// A snapshot's (or a migration source's) state cannot be restored
+    /// here (a bad or mismatched file, a state KVM refuses).
+    #[error(transparent)]
+    Snapshot(#[from] crate::RestoreError),
+    /// A migration's destination refused its source or stream.
+    #[error(transparent)]
+    Receive(#[from] crate::ReceiveError),
     /// The caller's abort (a signal, its timeout) stopped the set-up.
-    #[error("{0}")]
-    Interrupted(String),
+    #[error(transparent)]
+    Interrupted(#[from] crate::Interruption),
     /// A step of assembling the VM failed.
     #[error("setting up the VM: {what}: {source}")]
     Setup {

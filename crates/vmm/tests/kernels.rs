@@ -165,6 +165,7 @@ fn files_that_are_not_multiboot_kernels_are_refused_by_name() {
         let c = config(path.to_str().unwrap(), 1, "", None);
         match Vm::start(&c, Output::Null) {
             Err(StartError::Kernel(e)) => {
+                let e = e.to_string();
                 assert!(e.contains(says), "{path:?}: {e}");
                 assert!(e.contains(path.to_str().unwrap()), "names the file: {e}");
                 assert_eq!(e.lines().count(), 1, "{e}");

@@ -81,7 +81,7 @@ fn fifos_are_refused_by_vm_start_without_blocking() {
     ] {
         match start_bounded(config(kernel, initrd)) {
             Err(StartError::Kernel(e)) => assert_eq!(
-                e,
+                e.to_string(),
                 format!("{what} {} is a FIFO, not a regular file", fifo.display())
             ),
             Err(e) => panic!("wrong error: {e}"),

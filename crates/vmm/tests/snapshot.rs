@@ -416,7 +416,9 @@ fn bad_snapshots_are_refused_with_a_reason() {
     std::fs::remove_file(&state_path).unwrap();
     refused("state");
     match Vm::restore(&dir.0.join("nowhere"), Output::Null, paused()) {
-        Err(StartError::Snapshot(msg)) => assert!(msg.contains("not a snapshot directory")),
+        Err(StartError::Snapshot(e)) => {
+            assert!(e.to_string().contains("not a snapshot directory"))
+        }
         _ => panic!("a missing directory restored"),
     }
 }

@@ -97,7 +97,7 @@ fn a_disk_that_is_not_a_regular_image_is_refused_in_one_sentence() {
         let err = Vm::start(&config(&path, false), Output::Null)
             .err()
             .expect("refused");
-        assert!(matches!(err, StartError::Kernel(_)), "{err:?}");
+        assert!(matches!(err, StartError::Disk(_)), "{err:?}");
         let text = err.to_string();
         assert!(text.contains(says), "{text}");
         assert!(!text.contains('\n'), "{text}");

@@ -21,7 +21,7 @@ use super::wire::{
 use super::Hello;
 use crate::snapshot::{cannot_build_here, check_state, check_trusted, file, VmState};
 use crate::vm::{Boot, Machine};
-use crate::{Output, RestoreOptions, StartError, Vm, VmConfig};
+use crate::{Interruption, Output, ReceiveError, RestoreOptions, StartError, Vm, VmConfig};
 
 /// How often a wait for the source asks the caller's abort.
 const POLL: Duration = Duration::from_millis(100);
@@ -40,20 +40,20 @@ impl Drop for Listener {
     }
 }
 
-fn refused(why: impl Into<String>) -> StartError {
-    StartError::Snapshot(why.into())
-}
-
 impl Listener {
     fn bind(url: &MigrationUrl) -> Result<Listener, StartError> {
-        let io = |e: std::io::Error| refused(format!("cannot listen on {url}: {e}"));
+        let io = |source: std::io::Error| ReceiveError::Listen {
+            url: url.to_string(),
+            source,
+        };
         Ok(match url {
             MigrationUrl::Unix(p) => {
                 if p.symlink_metadata().is_ok() {
-                    return Err(refused(format!(
-                        "cannot listen on {url}: {} exists (brisk removes only sockets it made)",
-                        p.display()
-                    )));
+                    return Err(ReceiveError::SocketExists {
+                        url: url.to_string(),
+                        path: p.clone(),
+                    }
+                    .into());
                 }
                 let l = UnixListener::bind(p).map_err(io)?;
                 use std::os::unix::fs::PermissionsExt;
@@ -73,23 +73,17 @@ impl Listener {
     fn accept(&self, abort: &dyn Fn() -> bool) -> Result<Stream, StartError> {
         loop {
             if abort() {
-                return Err(StartError::Interrupted(
-                    "stopped while waiting for the migration's source".into(),
-                ));
+                return Err(Interruption::WaitingForSource.into());
             }
             let got = match self {
                 Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
                 Listener::Tcp(l) => l.accept().map(|(s, _)| Stream::Tcp(s)),
             };
             match got {
-                Ok(s) => {
-                    return s
-                        .prepare()
-                        .map_err(|e| refused(format!("migration stream: {e}")))
-                }
+                Ok(s) => return s.prepare().map_err(|e| ReceiveError::Stream(e).into()),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(refused(format!("accepting the migration: {e}"))),
+                Err(e) => return Err(ReceiveError::Accept(e).into()),
             }
         }
     }
@@ -121,7 +115,9 @@ pub enum IntakeError {
     )]
     Range { kind: Kind, at: u64, len: u64 },
     #[error("the source's state: {0}")]
-    State(String),
+    State(#[source] Box<StartError>),
+    #[error("the source's state does not parse: {0}")]
+    StateFormat(#[source] crate::snapshot::file::FormatError),
     #[error("the state's configuration differs from the Hello's")]
     StateConfig,
     #[error("the source gave up: {0}")]
@@ -196,15 +192,14 @@ impl Intake {
                 Ok(Step::Discard { at, len })
             }
             Kind::State => {
-                let mut state: VmState =
-                    file::parse(body).map_err(|e| IntakeError::State(e.to_string()))?;
+                let mut state: VmState = file::parse(body).map_err(IntakeError::StateFormat)?;
                 state.config.seccomp = self.config.seccomp;
                 if serde_json::to_value(&state.config).ok()
                     != serde_json::to_value(&self.config).ok()
                 {
                     return Err(IntakeError::StateConfig);
                 }
-                check_state(&state).map_err(|e| IntakeError::State(e.to_string()))?;
+                check_state(&state).map_err(|e| IntakeError::State(Box::new(e)))?;
                 Ok(Step::State(Box::new(state)))
             }
             Kind::Abort => Err(IntakeError::GaveUp(printable(body))),
@@ -262,10 +257,8 @@ impl Vm {
 /// abort (its signal or timeout), anything else a refusal.
 fn stream_err(e: WireError) -> StartError {
     match e {
-        WireError::Cancelled => {
-            StartError::Interrupted("stopped while receiving the migration".into())
-        }
-        e => refused(format!("the migration stream: {e}")),
+        WireError::Cancelled => Interruption::Receiving.into(),
+        e => ReceiveError::Stream(e).into(),
     }
 }
 
@@ -277,7 +270,7 @@ fn receive(
 ) -> Result<Vm, StartError> {
     let intake_err = |e: IntakeError| match e {
         IntakeError::Untrusted(e) => *e,
-        e => refused(e.to_string()),
+        e => ReceiveError::Intake(e).into(),
     };
     let hello = s.recv(&Bound::message(abort, None)).map_err(stream_err)?;
     if hello.kind != Kind::Hello {
@@ -285,7 +278,7 @@ fn receive(
     }
     let intake = Intake::hello(&hello.body, hello.fd.is_some(), &opts).map_err(intake_err)?;
     if let Some(f) = &hello.fd {
-        brisk_kvm::check_memfd_sealed(f).map_err(refused)?;
+        brisk_kvm::check_memfd_sealed(f).map_err(ReceiveError::Memfd)?;
     }
     let m = Machine::assemble(intake.config(), output, Boot::Receive(hello.fd.as_ref()))
         .map_err(|e| cannot_build_here(e, "the source's VM"))?;
@@ -302,20 +295,27 @@ fn receive(
             Step::Write { at, data } if crate::snapshot::memory::is_zero(data) => {
                 m.kvm
                     .discard(at, data.len() as u64)
-                    .map_err(|e| refused(format!("the source's pages: {e}")))?;
+                    .map_err(|e| ReceiveError::Pages {
+                        at,
+                        source: Box::new(e),
+                    })?;
                 zeroed += data.len() as u64 / 4096;
             }
             Step::Write { at, data } => {
                 m.kvm
                     .memory()
                     .write_slice(data, GuestAddress(at))
-                    .map_err(|e| refused(format!("writing the source's pages at {at:#x}: {e}")))?;
+                    .map_err(|e| ReceiveError::Pages {
+                        at,
+                        source: Box::new(e),
+                    })?;
                 pages += data.len() as u64 / 4096;
             }
             Step::Discard { at, len } => {
-                m.kvm
-                    .discard(at, len)
-                    .map_err(|e| refused(format!("the source's Zero: {e}")))?;
+                m.kvm.discard(at, len).map_err(|e| ReceiveError::Pages {
+                    at,
+                    source: Box::new(e),
+                })?;
                 zeroed += len / 4096;
             }
             Step::State(state) => {
@@ -351,16 +351,13 @@ fn commit(
             }
             let source_paused = m.body.first().is_some_and(|&b| b != 0);
             if !(paused || source_paused) {
-                vm.resume().map_err(|e| refused(format!("resuming: {e}")))?;
+                vm.resume().map_err(ReceiveError::Resume)?;
             }
             let _ = s.send(Kind::Running, &[], &Bound::within(PARTING_BOUND, &never));
             Ok(vm)
         }
-        Kind::Abort => Err(refused(format!(
-            "the source gave up: {}",
-            printable(&m.body)
-        ))),
-        k => Err(refused(format!("the source sent {k:?} instead of Commit"))),
+        Kind::Abort => Err(ReceiveError::SourceGaveUp(printable(&m.body)).into()),
+        k => Err(ReceiveError::NoCommit(k).into()),
     }
 }
 

@@ -350,9 +350,7 @@ impl Vm {
         // crash), the destination must not run it either.
         let url = opts.url.to_string();
         if !self.end.end(VmEnd::Migrated { to: url.clone() }) {
-            return Err(SendError::EndedDuringSwitch(
-                self.ended().map_or_else(String::new, |e| e.to_string()),
-            ));
+            return Err(SendError::EndedDuringSwitch(self.ended()));
         }
         // Ended: nothing left for the lock to guard, and the API may read
         // the state meanwhile. Its disks are the destination's to lock now
@@ -548,8 +546,8 @@ pub enum SendError {
     Encode(#[source] std::io::Error),
     #[error("the destination did not take the VM within {allowed_ms} ms of the pause (the downtime budget, or the estimated copy, plus {grace_s} s); the VM resumed here")]
     Late { allowed_ms: u128, grace_s: u64 },
-    #[error("the VM ended here during the switch ({0}); not committed")]
-    EndedDuringSwitch(String),
+    #[error("the VM ended here during the switch ({}); not committed", .0.as_ref().map_or(String::new(), |e| e.to_string()))]
+    EndedDuringSwitch(Option<VmEnd>),
     #[error(
         "the Commit could not be sent to {url} ({source}): the VM has ended here and runs nowhere"
     )]

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use memory::MemoryWritten;
 
 use crate::vm::{setup, Boot, Machine};
-use crate::{Output, PauseError, StartError, Vm, VmConfig};
+use crate::{Output, PauseError, RestoreError, StartError, Vm, VmConfig};
 
 /// The memory files' names in a snapshot directory: `memory-` and 16 hex
 /// digits, unique to each snapshot and named in its state file, so a
@@ -134,25 +134,25 @@ pub struct RestoreOptions {
 pub fn check_trusted(config: &VmConfig, opts: &RestoreOptions) -> Result<(), StartError> {
     let max = opts.max_memory.unwrap_or_else(host_memory);
     if config.memory > max {
-        return Err(StartError::Snapshot(format!(
-            "the saved VM has {} MiB of RAM, more than this brisk takes ({} MiB: --max-memory, by default the host's RAM)",
-            config.memory >> 20,
-            max >> 20
-        )));
+        return Err(RestoreError::TooMuchMemory {
+            saved: config.memory,
+            max,
+        }
+        .into());
     }
     for d in &config.disks {
-        let shown = d.path.display().to_string();
-        let shown = shown.escape_debug();
         if d.path.is_relative() {
-            return Err(StartError::Snapshot(format!(
-                "the saved VM's disk path '{shown}' is relative; brisk takes only absolute disk paths from a snapshot or a migration"
-            )));
+            return Err(RestoreError::RelativeDisk {
+                path: d.path.clone(),
+            }
+            .into());
         }
         if !opts.trust_disk_paths {
-            return Err(StartError::Snapshot(format!(
-                "the saved VM opens disk {shown}{}; brisk opens disk paths from a snapshot or a migration only with --trust-disk-paths",
-                if d.readonly { " read-only" } else { " read-write" }
-            )));
+            return Err(RestoreError::UntrustedDisk {
+                path: d.path.clone(),
+                readonly: d.readonly,
+            }
+            .into());
         }
     }
     Ok(())
@@ -161,11 +161,15 @@ pub fn check_trusted(config: &VmConfig, opts: &RestoreOptions) -> Result<(), Sta
 /// A VM described by a snapshot or a source that cannot be built here (a
 /// mapping a memory limit refuses, a memory file or memfd of the wrong
 /// size) is that description's refusal (exit 6), not brisk's failure.
-pub(crate) fn cannot_build_here(e: StartError, what: &str) -> StartError {
+pub(crate) fn cannot_build_here(e: StartError, what: &'static str) -> StartError {
     use brisk_kvm::Error::{MemoryMap, MemorySize, State};
     match e {
         StartError::Setup { .. } | StartError::Kvm(MemoryMap(_) | MemorySize(_) | State(_)) => {
-            StartError::Snapshot(format!("cannot build {what} here: {e}"))
+            RestoreError::CannotBuild {
+                what,
+                source: Box::new(e),
+            }
+            .into()
         }
         e => e,
     }
@@ -375,12 +379,13 @@ impl Vm {
     ) -> Result<Vm, StartError> {
         check_state(&state)?;
         if m.vcpus.len() != state.vcpus.len() {
-            return Err(StartError::Snapshot(
-                "the state's vCPUs do not match the VM's".into(),
-            ));
+            return Err(RestoreError::VcpuCount {
+                saved: state.vcpus.len(),
+                configured: m.vcpus.len(),
+            }
+            .into());
         }
-        let refused =
-            |e: brisk_kvm::Error| StartError::Snapshot(format!("KVM refused the saved state: {e}"));
+        let refused = |e: brisk_kvm::Error| StartError::from(RestoreError::Kvm(e));
         let t = Instant::now();
         m.kvm.check_xsave_fits()?;
         // The guest's clocks move on by the time since the save, together.
@@ -388,7 +393,7 @@ impl Vm {
         log::debug!("restore: VM state in {:?}", t.elapsed());
         m.devices
             .restore(&state.devices)
-            .map_err(|e| StartError::Snapshot(e.to_string()))?;
+            .map_err(RestoreError::from)?;
         let sink = m.irq_sink();
         let mut saved = state.vcpus.into_iter();
         let vm = Vm::run_machine(m, |v, ctl| {
@@ -420,9 +425,9 @@ impl Vm {
                 vm.vcpus().iter().map(|v| &**v),
                 Deadline::after(PAUSE_BOUND),
             )
-            .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
+            .map_err(|e| RestoreError::DidNotPark(Box::new(e)))?;
             vm.mark_paused()
-                .map_err(|e| StartError::Snapshot(format!("the restored VM did not park: {e}")))?;
+                .map_err(|e| RestoreError::DidNotPark(Box::new(e)))?;
         } else {
             vm.release_io();
         }
@@ -435,17 +440,12 @@ impl Vm {
 /// each other.
 pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError> {
     if !dir.is_dir() {
-        return Err(StartError::Snapshot(format!(
-            "{} is not a snapshot directory",
-            dir.display()
-        )));
+        return Err(RestoreError::NotADirectory(dir.into()).into());
     }
     let state: VmState = file::read(&dir.join(STATE_FILE))?;
     if !is_memory_file_name(&state.memory_file) {
-        return Err(StartError::Snapshot(format!(
-            "the state file names memory file '{}', not one of brisk's (memory-HEX)",
-            state.memory_file.chars().take(64).collect::<String>()
-        )));
+        let shown = state.memory_file.chars().take(64).collect();
+        return Err(RestoreError::MemoryFileName(shown).into());
     }
     let path = dir.join(&state.memory_file);
     // Never a blocking open (a FIFO there would hang the restore), never
@@ -457,10 +457,7 @@ pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError>
         .len();
     let want: u64 = state.regions.iter().map(|r| r.1).sum();
     if len != want {
-        return Err(StartError::Snapshot(format!(
-            "{} is {len} bytes; the state file says the guest has {want} bytes of RAM",
-            path.display()
-        )));
+        return Err(RestoreError::MemoryFileSize { path, len, want }.into());
     }
     Ok((state, mem))
 }
@@ -665,19 +662,16 @@ fn new_memory_file_name() -> String {
 /// files; the fuzz target drives it).
 pub fn check_state(state: &VmState) -> Result<(), StartError> {
     let c = &state.config;
-    c.validate()
-        .map_err(|e| StartError::Snapshot(format!("the saved configuration is not valid: {e}")))?;
+    c.validate().map_err(RestoreError::Config)?;
     if state.regions != brisk_boot::layout::ram_regions(c.memory) {
-        return Err(StartError::Snapshot(
-            "the saved RAM regions do not match the saved memory size".into(),
-        ));
+        return Err(RestoreError::Regions.into());
     }
     if state.vcpus.len() != c.cpus {
-        return Err(StartError::Snapshot(format!(
-            "the state holds {} vCPUs; its configuration has {}",
-            state.vcpus.len(),
-            c.cpus
-        )));
+        return Err(RestoreError::VcpuCount {
+            saved: state.vcpus.len(),
+            configured: c.cpus,
+        }
+        .into());
     }
     let user = c.irqchip == brisk_kvm::Irqchip::User;
     if state
@@ -685,9 +679,7 @@ pub fn check_state(state: &VmState) -> Result<(), StartError> {
         .iter()
         .any(|v| !user && (v.halted || !v.pending.is_empty()))
     {
-        return Err(StartError::Snapshot(
-            "user-space halts and pending interrupts saved for a kernel-irqchip VM".into(),
-        ));
+        return Err(RestoreError::UserStateForKernelIrqchip.into());
     }
     Ok(())
 }
