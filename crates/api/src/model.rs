@@ -134,6 +134,13 @@ pub struct Kick {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     pub destination_url: String,
+    /// Write memory while the guest runs; stop it only for the last
+    /// pages and the state (at most about `max_stop_ms`).
+    #[serde(default)]
+    pub live: bool,
+    /// A live snapshot's stop budget (default 10).
+    #[serde(default)]
+    pub max_stop_ms: Option<u64>,
 }
 
 /// `vm.snapshot`'s reply.

@@ -137,8 +137,29 @@ fn body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T,
 
 /// The directory in a `vm.snapshot` body, or the 400 reply. Pure.
 pub fn snapshot_target(b: &[u8]) -> Result<std::path::PathBuf, Reply> {
+    snapshot_request(b).map(|(dir, _)| dir)
+}
+
+/// The directory and, for a live snapshot, its options; or the 400 reply.
+fn snapshot_request(
+    b: &[u8],
+) -> Result<(std::path::PathBuf, Option<brisk_vmm::LiveOptions>), Reply> {
     let s: model::SnapshotRequest = body(b, "{\"destination_url\": \"file:///DIR\"}")?;
-    file_url(&s.destination_url).map_err(|e| Reply::error(400, e))
+    let dir = file_url(&s.destination_url).map_err(|e| Reply::error(400, e))?;
+    if !s.live && s.max_stop_ms.is_some() {
+        return Err(Reply::error(
+            400,
+            "max_stop_ms is for a live snapshot (\"live\": true)",
+        ));
+    }
+    let live = s.live.then(|| {
+        let mut o = brisk_vmm::LiveOptions::default();
+        if let Some(ms) = s.max_stop_ms {
+            o.max_stop = std::time::Duration::from_millis(ms);
+        }
+        o
+    });
+    Ok((dir, live))
 }
 
 impl Reply {
@@ -313,8 +334,8 @@ impl Api {
                 Ok(id) => on.kick(id),
                 Err(reply) => reply,
             },
-            Endpoint::Snapshot => match snapshot_target(body) {
-                Ok(dir) => on.snapshot(&dir),
+            Endpoint::Snapshot => match snapshot_request(body) {
+                Ok((dir, live)) => on.snapshot(&dir, live),
                 Err(reply) => reply,
             },
             Endpoint::SendMigration => match migration_target(body) {
@@ -420,9 +441,13 @@ impl OnVm<'_> {
         }
     }
 
-    fn snapshot(&self, dir: &std::path::Path) -> Reply {
+    fn snapshot(&self, dir: &std::path::Path, live: Option<brisk_vmm::LiveOptions>) -> Reply {
         use brisk_vmm::SnapshotError;
-        match self.0.snapshot(dir) {
+        let made = match live {
+            Some(opts) => self.0.snapshot_live(dir, opts),
+            None => self.0.snapshot(dir),
+        };
+        match made {
             Ok(info) => Reply::typed(
                 200,
                 &model::SnapshotReply {
@@ -434,7 +459,9 @@ impl OnVm<'_> {
                     total_ms: info.total.as_secs_f64() * 1e3,
                 },
             ),
-            Err(e @ SnapshotError::Pause(PauseError::Ended)) => Reply::error(409, e.to_string()),
+            Err(
+                e @ (SnapshotError::Pause(PauseError::Ended) | SnapshotError::MigrationInProgress),
+            ) => Reply::error(409, e.to_string()),
             Err(e @ SnapshotError::Io { .. }) => Reply::error(400, e.to_string()),
             Err(e) => Reply::error(500, e.to_string()),
         }

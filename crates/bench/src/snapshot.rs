@@ -4,6 +4,11 @@
 //! run: writing as many bytes to a file with pwrite, and starting a fresh
 //! VM of the same shape.
 //!
+//! live: the guest's stop time and the total time of a live snapshot
+//! (memory written while the guest runs) against a stop-and-copy one of
+//! the same VM, for a 2 GiB guest that touched all of its RAM and then
+//! idles, and for guests dirtying memory all along.
+//!
 //! lazy restore: from `Vm::restore` to the restored guest's next step
 //! (its progress counter moving), for a 256 MiB and a 4 GiB `spin` guest:
 //! RAM is mapped from the memory file, not read, so the time should not
@@ -102,9 +107,60 @@ pub fn run(opts: &Opts) -> Vec<Table> {
             "baseline: starting a fresh VM of the same shape (KVM VM, vCPUs, devices, payload); pages fault in from the file as the guest touches them",
             restore,
         ),
+        live_snapshots(&scratch.0, opts.quick, samples),
         lazy_restore(&scratch.0, samples),
         migration(&scratch.0, opts.quick, samples),
     ]
+}
+
+/// Live against stop-and-copy snapshots of the same VM, interleaved:
+/// rows of the guest's stop time, the total in a column.
+fn live_snapshots(dir: &Path, quick: bool, samples: usize) -> Table {
+    let memory = if quick { 256 * MIB } else { 2048 * MIB };
+    let fill = (memory - brisk_guests::DIRTY_BASE - 8 * MIB) / 2 / MIB;
+    let cases = [
+        (
+            format!("fill={fill}"),
+            memory,
+            "touched all its RAM, then idle",
+        ),
+        (
+            "dirty=8".to_string(),
+            256 * MIB,
+            "dirtying 8 MiB per vCPU without pause",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (guest, memory, what) in cases {
+        let snap = dir.join("live");
+        let vm = Vm::start(&config(guest, 2, memory, false), Output::Null).expect("VM");
+        wait_sweeps(&vm, 1);
+        let (mut plain, mut live, mut plain_total, mut live_total) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..samples {
+            let info = vm.snapshot(&snap).expect("snapshot");
+            plain.push(ns(info.stopped));
+            plain_total.push(ns(info.total));
+            let info = vm
+                .snapshot_live(&snap, brisk_vmm::LiveOptions::default())
+                .expect("live snapshot");
+            live.push(ns(info.stopped));
+            live_total.push(ns(info.total));
+        }
+        vm.shutdown().expect("shutdown");
+        let _ = std::fs::remove_dir_all(&snap);
+        let shape = format!("2 vCPUs, {} MiB, {what}", memory / MIB);
+        let total = |t: Vec<u64>| Row::new("", t).median_ns as f64 / 1e6;
+        rows.push(
+            Row::new(format!("stop-and-copy, {shape}"), plain).with("total ms", total(plain_total)),
+        );
+        rows.push(Row::new(format!("live, {shape}"), live).with("total ms", total(live_total)));
+    }
+    Table::new(
+        "snapshot: guest stop time, live (memory written while the guest runs, 10 ms budget) vs stop-and-copy",
+        "rows: median/p99 time the guest was stopped; the column: median total time. Ratios against the first row",
+        rows,
+    )
 }
 
 /// Wait (spin-polled: a sleep would round the figure up to its tick)

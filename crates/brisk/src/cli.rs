@@ -88,6 +88,14 @@ enum CtlOp {
     Snapshot {
         /// The snapshot directory (made absolute for the API).
         dir: std::path::PathBuf,
+        /// Write guest memory while the guest runs (passes over the pages
+        /// it dirties) and stop it only for the last pages and the state.
+        #[arg(long)]
+        live: bool,
+        /// With --live: stop the guest once what is left would take at
+        /// most this many milliseconds to write.
+        #[arg(long, requires = "live", value_name = "MS")]
+        max_stop_ms: Option<u64>,
     },
     /// Migrate the VM live to a `brisk run --receive-migration URL` that
     /// waits there: pre-copy while the guest runs, then a stop-and-copy
@@ -432,7 +440,15 @@ impl From<CtlOp> for crate::ctl::Op {
             CtlOp::Counters => Op::Counters,
             CtlOp::Kick { id } => Op::Kick(id),
             CtlOp::Ping => Op::Ping,
-            CtlOp::Snapshot { dir } => Op::Snapshot(dir),
+            CtlOp::Snapshot {
+                dir,
+                live,
+                max_stop_ms,
+            } => Op::Snapshot {
+                dir,
+                live,
+                max_stop_ms,
+            },
             CtlOp::SendMigration {
                 url,
                 downtime_ms,

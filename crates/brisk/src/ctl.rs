@@ -17,7 +17,11 @@ pub enum Op {
     Counters,
     Kick(usize),
     Ping,
-    Snapshot(std::path::PathBuf),
+    Snapshot {
+        dir: std::path::PathBuf,
+        live: bool,
+        max_stop_ms: Option<u64>,
+    },
     SendMigration {
         url: String,
         downtime_ms: u64,
@@ -45,9 +49,15 @@ impl Op {
                 (Endpoint::Kick, body(&kick), "kicked")
             }
             Op::Ping => (Endpoint::Ping, None, ""),
-            Op::Snapshot(dir) => {
+            Op::Snapshot {
+                dir,
+                live,
+                max_stop_ms,
+            } => {
                 let r = model::SnapshotRequest {
                     destination_url: file_url(dir)?,
+                    live: *live,
+                    max_stop_ms: *max_stop_ms,
                 };
                 (Endpoint::Snapshot, body(&r), "")
             }
@@ -110,7 +120,7 @@ pub fn run(socket: &Path, json: bool, op: Op) -> i32 {
         Op::SendMigration { timeout_s, .. } => {
             std::time::Duration::from_secs(timeout_s.saturating_add(120))
         }
-        Op::Snapshot(_) | Op::Restore(..) => std::time::Duration::from_secs(600),
+        Op::Snapshot { .. } | Op::Restore(..) => std::time::Duration::from_secs(600),
         // It waits for the source, however long that takes.
         Op::ReceiveMigration(..) => std::time::Duration::from_secs(7 * 24 * 3600),
         _ => brisk_api::client::REPLY_BOUND,
@@ -270,7 +280,7 @@ fn human(op: &Op, body: &str) -> Option<String> {
                     .map_or("-".to_string(), |d| format!("{d:.1} ms"))
             )
         }
-        Op::Snapshot(_) => {
+        Op::Snapshot { .. } => {
             let r: model::SnapshotReply = parse(body)?;
             format!(
                 "snapshot in {}: {} MiB of RAM ({} written), paused in {:.1} ms, guest stopped {:.1} ms, {:.1} ms in all",

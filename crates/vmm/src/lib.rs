@@ -38,7 +38,7 @@ pub use interrupts::UserInterrupts;
 pub use migration::{MigrationError, MigrationOptions, MigrationStatus, MigrationUrl};
 pub use output::{Capture, Output};
 pub use payload::{KernelConfig, Payload, Platform};
-pub use snapshot::{RestoreOptions, SnapshotError, SnapshotInfo};
+pub use snapshot::{LiveOptions, RestoreOptions, SnapshotError, SnapshotInfo};
 pub use vm::{ChangeError, Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;

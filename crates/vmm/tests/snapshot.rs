@@ -595,3 +595,71 @@ fn every_guest_clock_moves_on_by_the_time_saved() {
         );
     }
 }
+
+/// A live snapshot of guests dirtying their memory all along (the `dirty`
+/// guest sweeps its pages without pause): written while they run, then
+/// the last dirty pages and the state with them stopped. Left paused
+/// there, the source's RAM is exactly what the memory file holds, page
+/// for page; the restored VM's pages agree with its sweep counts, and it
+/// sweeps on.
+#[test]
+fn a_live_snapshot_of_guests_dirtying_memory_holds_exactly_their_ram() {
+    require_kvm!();
+    let dir = Dir::new("live");
+    let (cpus, mib) = (2, 16);
+    let vm = start(&format!("dirty={mib}"), cpus, Irqchip::User);
+    for id in 0..cpus {
+        wait_progress(&vm, id, 2);
+    }
+    let opts = brisk_vmm::LiveOptions {
+        stay_paused: true,
+        ..brisk_vmm::LiveOptions::default()
+    };
+    let info = vm.snapshot_live(&dir.0, opts).unwrap();
+    assert!(vm.is_paused(), "stay_paused leaves the VM paused");
+    assert!(info.memory.data >= 2 * (mib << 20), "{info:?}");
+    let file = std::fs::read(dir.0.join(state(&dir.0).memory_file)).unwrap();
+    let mem = vm.guest_memory();
+    let mut page = vec![0u8; 4096];
+    for (i, saved) in file.chunks(4096).enumerate() {
+        vm_memory::Bytes::read_slice(mem, &mut page, vm_memory::GuestAddress(i as u64 * 4096))
+            .unwrap();
+        assert!(page == saved, "page {i} differs from the VM's RAM");
+    }
+    let sweeps: Vec<u64> = (0..cpus).map(|id| vm.progress(id)).collect();
+    vm.shutdown().unwrap();
+    let restored = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
+    assert_eq!(
+        (0..cpus)
+            .map(|id| restored.progress(id))
+            .collect::<Vec<_>>(),
+        sweeps
+    );
+    check_dirty_pages(&restored, cpus, mib, 2);
+    restored.resume().unwrap();
+    for (id, s) in sweeps.iter().enumerate() {
+        wait_progress(&restored, id, s + 1);
+    }
+    restored.shutdown().unwrap();
+}
+
+/// A live snapshot that resumes the guest at the end leaves it running,
+/// and what it saved restores and runs.
+#[test]
+fn a_live_snapshot_leaves_the_guest_running_and_restores() {
+    require_kvm!();
+    let dir = Dir::new("live-running");
+    let vm = start("dirty=8", 1, Irqchip::User);
+    wait_progress(&vm, 0, 2);
+    let info = vm
+        .snapshot_live(&dir.0, brisk_vmm::LiveOptions::default())
+        .unwrap();
+    assert!(!vm.is_paused());
+    assert!(info.stopped <= info.total, "{info:?}");
+    let at = vm.progress(0);
+    wait_progress(&vm, 0, at + 1);
+    vm.shutdown().unwrap();
+    let restored = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
+    check_dirty_pages(&restored, 1, 8, 2);
+    restored.shutdown().unwrap();
+}

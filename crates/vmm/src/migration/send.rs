@@ -257,7 +257,7 @@ impl Vm {
             // Pass 0: every page the guest may have touched (the
             // destination's RAM starts as zeros).
             let t = Instant::now();
-            let first = self.initial_pages();
+            let first = memory::touched_bitmaps(&self.kvm);
             let bytes = self.send_pages(s, &first, false, &check, None, job)?;
             let mut rate = rate(bytes, t.elapsed());
             job.update(|st| {
@@ -423,23 +423,6 @@ impl Vm {
         )
         .map_err(|e| late(wire_err(&url)(e)))?;
         expect_ready(s, "the VM's state", &Bound::message(&stopping, Some(until))).map_err(late)
-    }
-
-    /// The pages worth sending first: all that may hold data.
-    fn initial_pages(&self) -> Vec<Vec<u64>> {
-        memory::regions(&self.kvm)
-            .iter()
-            .map(|r| {
-                let touched = r.touched();
-                let mut words = vec![0u64; touched.len().div_ceil(64)];
-                for (i, t) in touched.into_iter().enumerate() {
-                    if t {
-                        words[i / 64] |= 1 << (i % 64);
-                    }
-                }
-                words
-            })
-            .collect()
     }
 
     /// Mark `dirty` in vm-memory's bitmaps again (taken, but not sent).

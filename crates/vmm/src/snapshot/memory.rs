@@ -71,6 +71,24 @@ impl HostRegion<'_> {
     }
 }
 
+/// Per region of `kvm`'s RAM, a bitmap (64 pages a word) of the pages
+/// that may hold data ([`HostRegion::touched`]).
+pub(crate) fn touched_bitmaps(kvm: &brisk_kvm::Vm) -> Vec<Vec<u64>> {
+    regions(kvm)
+        .iter()
+        .map(|r| {
+            let touched = r.touched();
+            let mut words = vec![0u64; touched.len().div_ceil(64)];
+            for (i, t) in touched.into_iter().enumerate() {
+                if t {
+                    words[i / 64] |= 1 << (i % 64);
+                }
+            }
+            words
+        })
+        .collect()
+}
+
 /// Bit 63: present; bit 62: swapped.
 fn pagemap(addr: usize, pages: usize) -> std::io::Result<Vec<bool>> {
     let mut f = File::open("/proc/self/pagemap")?;

@@ -16,6 +16,7 @@
 //! settles it before parking), so no access is half-done in the state.
 
 pub mod file;
+mod live;
 pub(crate) mod memory;
 
 use std::collections::BTreeMap;
@@ -27,6 +28,7 @@ use brisk_devices::{DeviceState, InterruptSink};
 use brisk_kvm::{VcpuSnapshot, VmSnapshot};
 use serde::{Deserialize, Serialize};
 
+pub use live::LiveOptions;
 pub use memory::MemoryWritten;
 
 use crate::vm::{setup, Boot, Machine};
@@ -84,6 +86,9 @@ pub enum SnapshotError {
     Kvm(#[from] brisk_kvm::Error),
     #[error("saving the VM failed (a brisk bug: the thread panicked); the VM goes on as it was")]
     Panicked,
+    /// A live snapshot needs the dirty log an outgoing migration holds.
+    #[error("a migration of this VM is in progress; a live snapshot waits for it to end")]
+    MigrationInProgress,
     /// The destination is not one brisk writes a snapshot into.
     #[error("{}: {why}", path.display())]
     Destination { path: PathBuf, why: &'static str },

@@ -1,0 +1,269 @@
+//! Live snapshots: the guest keeps running while its memory is written.
+//!
+//! The migration's pre-copy, into the memory file instead of a stream:
+//! KVM's dirty log on, every page that may hold data written while the
+//! guest runs, then the pages it dirtied meanwhile, pass after pass, until
+//! what is left would take at most `max_stop` to write (at the rate seen
+//! so far) or `max_passes` are done. Then the guest stops for the last
+//! dirty pages and the device and vCPU state, and runs again while the
+//! files are synced and put in place as any snapshot's are. A page read
+//! while the guest writes it may be torn in the file; the write dirties
+//! it, so a later pass (the last one with the guest stopped, at worst)
+//! writes it again whole.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use brisk_control::Deadline;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::{self, MemoryWritten, PAGE};
+use super::{
+    check_destination, file, install, io, is_memory_file_name, new_memory_file_name,
+    remove_stale_temp_files, SnapshotError, SnapshotInfo, Staged, VmState, PAUSE_BOUND, STATE_FILE,
+};
+use crate::{PauseError, Vm};
+
+/// Pages read and written at a time.
+const RUN_PAGES: usize = 256;
+
+/// How a live snapshot decides to stop the guest.
+#[derive(Clone, Copy, Debug)]
+pub struct LiveOptions {
+    /// Stop the guest once the dirty pages left would take at most this
+    /// long to write, at the rate of the passes so far.
+    pub max_stop: Duration,
+    /// Or once this many passes over dirty pages are done, whatever is
+    /// left (a guest dirtying faster than the disk takes never converges).
+    pub max_passes: u32,
+    /// Leave the VM paused at the end: it then stands exactly as saved.
+    pub stay_paused: bool,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            max_stop: Duration::from_millis(10),
+            max_passes: 8,
+            stay_paused: false,
+        }
+    }
+}
+
+/// Turns KVM's dirty log off however the snapshot ends.
+struct DirtyLog<'a>(&'a brisk_kvm::Vm);
+
+impl Drop for DirtyLog<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.set_dirty_log(false) {
+            log::warn!("live snapshot: cannot turn the dirty log off: {e}");
+        }
+    }
+}
+
+impl Vm {
+    /// Snapshot into `dir` while the guest runs, stopping it only for the
+    /// last pages and the state ([`LiveOptions`]); the files are those of
+    /// [`Vm::snapshot`], restored the same way. A VM already paused gets a
+    /// plain snapshot. Refused while an outgoing migration (which uses the
+    /// same dirty log) is in progress.
+    pub fn snapshot_live(
+        &self,
+        dir: &Path,
+        opts: LiveOptions,
+    ) -> Result<SnapshotInfo, SnapshotError> {
+        let start = Instant::now();
+        // Held throughout: no migration starts with the dirty log ours.
+        let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+        if migration
+            .as_ref()
+            .is_some_and(|m| !m.status().phase.is_final())
+        {
+            return Err(SnapshotError::MigrationInProgress);
+        }
+        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ended().is_some() {
+            return Err(SnapshotError::Pause(PauseError::Ended));
+        }
+        if *paused {
+            drop((paused, migration));
+            return self.snapshot(dir);
+        }
+        check_destination(dir)?;
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
+        let earlier = file::read::<VmState>(&dir.join(STATE_FILE))
+            .ok()
+            .map(|s| s.memory_file)
+            .filter(|n| is_memory_file_name(n));
+        remove_stale_temp_files(dir);
+        let name = new_memory_file_name();
+        let path = dir.join(&name);
+        let mut tmp = memory::TempFile::create(&path).map_err(io("cannot create", &path))?;
+        let ram: u64 = self.kvm.memory().iter().map(|r| r.len()).sum();
+        let cannot_write = || io("cannot write guest memory to", &path);
+        tmp.file().set_len(ram).map_err(cannot_write())?;
+
+        self.kvm.set_dirty_log(true)?;
+        let log = DirtyLog(&self.kvm);
+        // Pass 0, running: every page that may hold data.
+        let t = Instant::now();
+        let first = memory::touched_bitmaps(&self.kvm);
+        let mut data = write_pages(&self.kvm, tmp.file(), &first, false).map_err(cannot_write())?;
+        let mut rate = per_second(data, t.elapsed());
+        let mut passes = 0;
+        let left = loop {
+            let dirty = self.kvm.take_dirty_pages()?;
+            let bytes = count(&dirty) * PAGE as u64;
+            let estimate = Duration::from_secs_f64(bytes as f64 / rate.max(1) as f64);
+            if estimate <= opts.max_stop || passes >= opts.max_passes {
+                break dirty;
+            }
+            let t = Instant::now();
+            let wrote = write_pages(&self.kvm, tmp.file(), &dirty, true).map_err(cannot_write())?;
+            data += wrote;
+            rate = (rate + per_second(wrote, t.elapsed())) / 2;
+            passes += 1;
+        };
+        // Stopped: the last pages and the state.
+        let stop = Instant::now();
+        self.pause_locked(&mut paused, Deadline::after(PAUSE_BOUND))
+            .map_err(SnapshotError::Pause)?;
+        let pause = start.elapsed();
+        let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut dirty = self.kvm.take_dirty_pages()?;
+            for (d, l) in dirty.iter_mut().flatten().zip(left.iter().flatten()) {
+                *d |= l;
+            }
+            data += write_pages(&self.kvm, tmp.file(), &dirty, true).map_err(cannot_write())?;
+            let mut state = self.save_state()?;
+            state.memory_file = name.clone();
+            Ok(state)
+        }))
+        .unwrap_or(Err(SnapshotError::Panicked));
+        if !opts.stay_paused {
+            self.resume_locked(&mut paused);
+        }
+        let stopped = stop.elapsed();
+        drop(log);
+        let state = saved?;
+        log::debug!(
+            "live snapshot: {passes} passes after the first, {data} bytes, stopped {stopped:?}"
+        );
+        let staged = Staged {
+            state,
+            memory: tmp,
+            written: MemoryWritten { ram, data },
+            earlier,
+            created,
+        };
+        let (memory, replaced) = install(dir, staged)?;
+        if let Some(old) = replaced {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(SnapshotInfo {
+            dir: dir.to_path_buf(),
+            memory,
+            pause,
+            stopped,
+            total: start.elapsed(),
+        })
+    }
+}
+
+fn count(bitmaps: &[Vec<u64>]) -> u64 {
+    bitmaps
+        .iter()
+        .flatten()
+        .map(|w| u64::from(w.count_ones()))
+        .sum()
+}
+
+fn per_second(bytes: u64, took: Duration) -> u64 {
+    (bytes as f64 / took.as_secs_f64().max(1e-6)) as u64
+}
+
+/// Write the pages set in `bitmaps` (one per region) into `f` at their
+/// offsets in the memory file, read from guest RAM as it is now. A page
+/// of zeros is left a hole, or made one (`punch`: the file may hold an
+/// older copy there). Returns the bytes written.
+fn write_pages(
+    kvm: &brisk_kvm::Vm,
+    f: &File,
+    bitmaps: &[Vec<u64>],
+    punch: bool,
+) -> std::io::Result<u64> {
+    let mem = kvm.memory();
+    let mut buf = vec![0u8; RUN_PAGES * PAGE];
+    let (mut written, mut offset) = (0u64, 0u64);
+    for (region, words) in mem.iter().zip(bitmaps) {
+        let base = region.start_addr().0;
+        let pages = region.len() as usize / PAGE;
+        let set = |i: usize| words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0);
+        let mut i = 0;
+        while i < pages {
+            if !set(i) {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < pages && set(i) && i - first < RUN_PAGES {
+                i += 1;
+            }
+            let run = &mut buf[..(i - first) * PAGE];
+            // A volatile copy: the guest may be writing these pages.
+            mem.read_slice(run, GuestAddress(base + (first * PAGE) as u64))
+                .map_err(std::io::Error::other)?;
+            let at = offset + (first * PAGE) as u64;
+            written += write_run(f, run, at, punch)?;
+        }
+        offset += region.len();
+    }
+    Ok(written)
+}
+
+/// Write `run` (whole pages) at `at`, its zero pages as holes.
+fn write_run(f: &File, run: &[u8], at: u64, punch: bool) -> std::io::Result<u64> {
+    let mut written = 0;
+    let pages: Vec<&[u8]> = run.chunks(PAGE).collect();
+    let mut p = 0;
+    while p < pages.len() {
+        let zero = memory::is_zero(pages[p]);
+        let first = p;
+        while p < pages.len() && memory::is_zero(pages[p]) == zero {
+            p += 1;
+        }
+        let (start, len) = (at + (first * PAGE) as u64, ((p - first) * PAGE) as u64);
+        if !zero {
+            f.write_all_at(&run[first * PAGE..p * PAGE], start)?;
+            written += len;
+        } else if punch {
+            punch_hole(f, start, len)?;
+        }
+    }
+    Ok(written)
+}
+
+fn punch_hole(f: &File, at: u64, len: u64) -> std::io::Result<()> {
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            at as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+        return Err(e);
+    }
+    // A file system without holes: write the zeros.
+    f.write_all_at(&vec![0u8; len as usize], at)
+}
