@@ -141,6 +141,10 @@ pub struct SnapshotRequest {
     /// A live snapshot's stop budget (default 10).
     #[serde(default)]
     pub max_stop_ms: Option<u64>,
+    /// Only the pages written since this VM's previous snapshot in the
+    /// directory, as a layer on it (the VM tracks its dirty pages).
+    #[serde(default)]
+    pub diff: bool,
 }
 
 /// `vm.snapshot`'s reply.

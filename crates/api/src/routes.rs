@@ -140,10 +140,16 @@ pub fn snapshot_target(b: &[u8]) -> Result<std::path::PathBuf, Reply> {
     snapshot_request(b).map(|(dir, _)| dir)
 }
 
-/// The directory and, for a live snapshot, its options; or the 400 reply.
-fn snapshot_request(
-    b: &[u8],
-) -> Result<(std::path::PathBuf, Option<brisk_vmm::LiveOptions>), Reply> {
+/// Which snapshot a `vm.snapshot` body asks for.
+#[derive(Clone, Copy, Debug)]
+enum SnapshotKind {
+    StopAndCopy,
+    Live(brisk_vmm::LiveOptions),
+    Diff,
+}
+
+/// The directory and the kind of snapshot; or the 400 reply.
+fn snapshot_request(b: &[u8]) -> Result<(std::path::PathBuf, SnapshotKind), Reply> {
     let s: model::SnapshotRequest = body(b, "{\"destination_url\": \"file:///DIR\"}")?;
     let dir = file_url(&s.destination_url).map_err(|e| Reply::error(400, e))?;
     if !s.live && s.max_stop_ms.is_some() {
@@ -152,14 +158,19 @@ fn snapshot_request(
             "max_stop_ms is for a live snapshot (\"live\": true)",
         ));
     }
-    let live = s.live.then(|| {
-        let mut o = brisk_vmm::LiveOptions::default();
-        if let Some(ms) = s.max_stop_ms {
-            o.max_stop = std::time::Duration::from_millis(ms);
+    let kind = match (s.live, s.diff) {
+        (true, true) => return Err(Reply::error(400, "a snapshot is live or diff, not both")),
+        (true, false) => {
+            let mut o = brisk_vmm::LiveOptions::default();
+            if let Some(ms) = s.max_stop_ms {
+                o.max_stop = std::time::Duration::from_millis(ms);
+            }
+            SnapshotKind::Live(o)
         }
-        o
-    });
-    Ok((dir, live))
+        (false, true) => SnapshotKind::Diff,
+        (false, false) => SnapshotKind::StopAndCopy,
+    };
+    Ok((dir, kind))
 }
 
 impl Reply {
@@ -335,7 +346,7 @@ impl Api {
                 Err(reply) => reply,
             },
             Endpoint::Snapshot => match snapshot_request(body) {
-                Ok((dir, live)) => on.snapshot(&dir, live),
+                Ok((dir, kind)) => on.snapshot(&dir, kind),
                 Err(reply) => reply,
             },
             Endpoint::SendMigration => match migration_target(body) {
@@ -441,11 +452,12 @@ impl OnVm<'_> {
         }
     }
 
-    fn snapshot(&self, dir: &std::path::Path, live: Option<brisk_vmm::LiveOptions>) -> Reply {
+    fn snapshot(&self, dir: &std::path::Path, kind: SnapshotKind) -> Reply {
         use brisk_vmm::SnapshotError;
-        let made = match live {
-            Some(opts) => self.0.snapshot_live(dir, opts),
-            None => self.0.snapshot(dir),
+        let made = match kind {
+            SnapshotKind::StopAndCopy => self.0.snapshot(dir),
+            SnapshotKind::Live(opts) => self.0.snapshot_live(dir, opts),
+            SnapshotKind::Diff => self.0.snapshot_diff(dir),
         };
         match made {
             Ok(info) => Reply::typed(
@@ -460,7 +472,10 @@ impl OnVm<'_> {
                 },
             ),
             Err(
-                e @ (SnapshotError::Pause(PauseError::Ended) | SnapshotError::MigrationInProgress),
+                e @ (SnapshotError::Pause(PauseError::Ended)
+                | SnapshotError::MigrationInProgress
+                | SnapshotError::NotTracking
+                | SnapshotError::NoBase),
             ) => Reply::error(409, e.to_string()),
             Err(e @ SnapshotError::Io { .. }) => Reply::error(400, e.to_string()),
             Err(e) => Reply::error(500, e.to_string()),

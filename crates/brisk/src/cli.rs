@@ -49,6 +49,16 @@ enum Command {
     /// Firecracker drive brisk. See docs/kata.md.
     #[command(after_help = status::HELP)]
     Firecracker(crate::firecracker::FirecrackerArgs),
+    /// Fold the diff snapshots (`brisk ctl snapshot --diff`) of the
+    /// snapshot in DIR into one full memory file (synced and renamed
+    /// into place, then the state naming it; the old files go after).
+    #[command(
+        after_help = "Exit status: 0 when merged (or nothing to merge), 6 when DIR is not a snapshot brisk can read or write."
+    )]
+    MergeSnapshot {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,6 +106,11 @@ enum CtlOp {
         /// most this many milliseconds to write.
         #[arg(long, requires = "live", value_name = "MS")]
         max_stop_ms: Option<u64>,
+        /// Write only the pages written since the VM's previous snapshot
+        /// in DIR, as a layer on it (needs `run --track-dirty-pages`);
+        /// `brisk merge-snapshot DIR` folds the layers into one file.
+        #[arg(long, conflicts_with = "live")]
+        diff: bool,
     },
     /// Migrate the VM live to a `brisk run --receive-migration URL` that
     /// waits there: pre-copy while the guest runs, then a stop-and-copy
@@ -242,6 +257,12 @@ struct RunArgs {
     /// then hand it to the new brisk without copying a page.
     #[arg(long)]
     shared_memory: bool,
+    /// Keep KVM's dirty log on from the start, so `brisk ctl snapshot
+    /// --diff` can write only the pages written since the VM's previous
+    /// snapshot (Firecracker's track_dirty_pages; each first write to a
+    /// page after a snapshot then costs a fault).
+    #[arg(long)]
+    track_dirty_pages: bool,
     /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
@@ -444,10 +465,12 @@ impl From<CtlOp> for crate::ctl::Op {
                 dir,
                 live,
                 max_stop_ms,
+                diff,
             } => Op::Snapshot {
                 dir,
                 live,
                 max_stop_ms,
+                diff,
             },
             CtlOp::SendMigration {
                 url,
@@ -535,6 +558,23 @@ impl Cli {
             Command::Bench(args) => bench(args),
             Command::Ctl(args) => crate::ctl::run(&args.api_socket, args.json, args.op.into()),
             Command::Firecracker(args) => crate::firecracker::run(args),
+            Command::MergeSnapshot { dir } => match brisk_vmm::snapshot::merge(&dir) {
+                Ok(0) => {
+                    out!("{}: no diff layers to merge", dir.display());
+                    status::OK
+                }
+                Ok(n) => {
+                    out!(
+                        "{}: {n} diff layer(s) merged into one memory file",
+                        dir.display()
+                    );
+                    status::OK
+                }
+                Err(e) => {
+                    say!("brisk: {e}");
+                    status::CONFIG
+                }
+            },
         }
     }
 }
@@ -654,6 +694,7 @@ fn run(args: RunArgs) -> i32 {
         disk_io: args.disk_io.into(),
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
         shared_memory: args.shared_memory,
+        track_dirty_pages: args.track_dirty_pages,
     };
     if let Some(path) = &args.config_file {
         match crate::firecracker::config_from_file(path, config.seccomp) {
@@ -663,6 +704,7 @@ fn run(args: RunArgs) -> i32 {
                     pv_ipi: config.pv_ipi,
                     shared_memory: config.shared_memory,
                     disk_io: config.disk_io,
+                    track_dirty_pages: c.track_dirty_pages || config.track_dirty_pages,
                     ..c
                 }
             }

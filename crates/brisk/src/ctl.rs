@@ -21,6 +21,7 @@ pub enum Op {
         dir: std::path::PathBuf,
         live: bool,
         max_stop_ms: Option<u64>,
+        diff: bool,
     },
     SendMigration {
         url: String,
@@ -53,11 +54,13 @@ impl Op {
                 dir,
                 live,
                 max_stop_ms,
+                diff,
             } => {
                 let r = model::SnapshotRequest {
                     destination_url: file_url(dir)?,
                     live: *live,
                     max_stop_ms: *max_stop_ms,
+                    diff: *diff,
                 };
                 (Endpoint::Snapshot, body(&r), "")
             }

@@ -354,6 +354,24 @@ fn receiver(name: &str, extra: &[&str]) -> (Child, PathBuf) {
     (child, m)
 }
 
+/// Connect to the receiver at `m`. Its socket file appears at bind(),
+/// a moment before listen(): a connection in between is refused, so a
+/// refusal is tried again (bounded).
+fn connect(m: &Path) -> UnixStream {
+    let until = Instant::now() + SLACK;
+    loop {
+        match UnixStream::connect(m) {
+            Ok(s) => return s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused && Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("connecting to {}: {e}", m.display()),
+        }
+    }
+}
+
 /// The receiver's stderr, once it has ended.
 fn stderr_of(child: &mut Child) -> String {
     let mut s = String::new();
@@ -369,7 +387,7 @@ fn m1_a_dripping_source_is_cut_off_and_sigterm_acts_at_once() {
     require_kvm!();
     let drip = |m: PathBuf| {
         std::thread::spawn(move || {
-            let mut s = UnixStream::connect(&m).unwrap();
+            let mut s = connect(&m);
             for b in frame(HELLO, &[b'{'; 64]) {
                 if s.write_all(&[b]).is_err() {
                     return;
@@ -415,7 +433,7 @@ fn hello_of(memory: u64, disks: serde_json::Value, local: bool) -> Vec<u8> {
 
 /// Send `msgs` to the receiver at `m`; what it answers, until it closes.
 fn feed(m: &Path, msgs: &[Vec<u8>]) -> Vec<(u32, Vec<u8>)> {
-    let mut s = UnixStream::connect(m).unwrap();
+    let mut s = connect(m);
     s.set_read_timeout(Some(MESSAGE_BOUND + SLACK)).unwrap();
     for msg in msgs {
         if s.write_all(msg).is_err() {
@@ -579,7 +597,7 @@ fn l6_a_memfd_of_the_wrong_size_is_refused() {
         )
     };
     assert_eq!(sealed, 0);
-    let mut s = UnixStream::connect(&m).unwrap();
+    let mut s = connect(&m);
     s.set_read_timeout(Some(MESSAGE_BOUND + SLACK)).unwrap();
     let msg = hello_of(64 << 20, serde_json::json!([]), true);
     assert_eq!(

@@ -43,6 +43,11 @@ pub struct VmConfig {
     /// so a local upgrade can hand it to a new brisk without a copy.
     #[serde(default)]
     pub shared_memory: bool,
+    /// Keep KVM's dirty log on from the start, so a diff snapshot can
+    /// hold only what was written since the last snapshot (Firecracker's
+    /// `track_dirty_pages`; each write to a clean page then costs a fault).
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 /// A raw disk image served as virtio-blk over virtio-mmio.
@@ -281,6 +286,7 @@ impl Default for VmConfig {
             disk_io: Default::default(),
             pv_ipi: true,
             shared_memory: false,
+            track_dirty_pages: false,
         }
     }
 }

@@ -105,6 +105,8 @@ pub enum RestoreError {
     Config(#[source] crate::ConfigError),
     #[error("the saved RAM regions do not match the saved memory size")]
     Regions,
+    #[error("diff layer {0} holds pages outside the guest's RAM")]
+    LayerRuns(String),
     #[error("the state holds {saved} vCPUs; its configuration has {configured}")]
     VcpuCount { saved: usize, configured: usize },
     #[error("user-space halts and pending interrupts saved for a kernel-irqchip VM")]

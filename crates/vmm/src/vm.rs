@@ -158,6 +158,10 @@ impl Machine {
         if user_apic {
             kvm.enable_user_apic()?;
         }
+        // Diff snapshots need every write since the last snapshot.
+        if config.track_dirty_pages {
+            kvm.set_dirty_log(true)?;
+        }
         let loaded = match boot {
             Boot::Load(abort) => Some(config.payload.load(
                 &kvm,
@@ -413,6 +417,9 @@ pub struct Vm {
     /// Kernels under the user irqchip: the LAPICs the vCPU threads reach
     /// and their timer thread (stopped when dropped, after the vCPUs).
     apics: Option<Arc<Apics>>,
+    /// Where a diff snapshot may go: this VM's last snapshot, while the
+    /// dirty log holds what was written since (`track_dirty_pages`).
+    pub(crate) diff_base: Mutex<crate::snapshot::DiffBase>,
     /// The disk images' locks (let go by a migrated source).
     pub(crate) disk_locks: DiskLocks,
     /// The I/O engine, quiesced whenever the VM is paused (stopped before
@@ -473,6 +480,7 @@ impl Vm {
             migration: Mutex::new(None),
             irq: m.irq,
             apics: m.apics,
+            diff_base: Mutex::new(None),
             disk_locks: m.disk_locks,
             io: m.io,
             virtio: m.virtio,

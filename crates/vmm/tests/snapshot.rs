@@ -388,9 +388,9 @@ fn bad_snapshots_are_refused_with_a_reason() {
     snapshot::file::write(&state_path, &hostile).unwrap();
     refused("not one of brisk's");
     let mut newer = good.clone();
-    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    newer[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&state_path, &newer).unwrap();
-    refused("format version 2");
+    refused("format version 3");
     let mut older = good.clone();
     older[8..12].copy_from_slice(&0u32.to_le_bytes());
     std::fs::write(&state_path, &older).unwrap();
@@ -662,4 +662,92 @@ fn a_live_snapshot_leaves_the_guest_running_and_restores() {
     let restored = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
     check_dirty_pages(&restored, 1, 8, 2);
     restored.shutdown().unwrap();
+}
+
+/// Every page of `a`'s RAM equals `b`'s (both paused).
+fn same_ram(a: &Vm, b: &Vm) {
+    let (ma, mb) = (a.guest_memory(), b.guest_memory());
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    for i in 0..a.memory_size() / 4096 {
+        let at = vm_memory::GuestAddress(i * 4096);
+        vm_memory::Bytes::read_slice(ma, &mut pa, at).unwrap();
+        vm_memory::Bytes::read_slice(mb, &mut pb, at).unwrap();
+        assert!(pa == pb, "page {i} differs");
+    }
+}
+
+/// Diff snapshots (a VM run with `track_dirty_pages`): each holds only
+/// the pages written since the one before, as a layer on the full one;
+/// restored, base and layers make exactly the VM's RAM; merged, one full
+/// memory file does, and the layer files are gone. Without tracking, or
+/// without a snapshot of this VM there, a diff is refused.
+#[test]
+fn diff_snapshots_layer_only_what_was_written_and_merge_into_a_full_one() {
+    require_kvm!();
+    use brisk_vmm::SnapshotError;
+    let dir = Dir::new("diff");
+    let mib = 8;
+    let untracked = start("spin", 1, Irqchip::User);
+    assert!(matches!(
+        untracked.snapshot_diff(&dir.0),
+        Err(SnapshotError::NotTracking)
+    ));
+    untracked.shutdown().unwrap();
+    let config = VmConfig {
+        payload: brisk_vmm::Payload::builtin(&format!("dirty={mib}")),
+        cpus: 1,
+        irqchip: Irqchip::User,
+        track_dirty_pages: true,
+        ..VmConfig::default()
+    };
+    let vm = Vm::start(&config, Output::Null).unwrap();
+    wait_progress(&vm, 0, 2);
+    assert!(matches!(
+        vm.snapshot_diff(&dir.0),
+        Err(SnapshotError::NoBase)
+    ));
+    vm.snapshot(&dir.0).unwrap();
+    let ram_pages = vm.memory_size() / 4096;
+    for layer in 1..=2 {
+        let at = vm.progress(0);
+        wait_progress(&vm, 0, at + 1);
+        vm.pause(soon()).unwrap();
+        vm.snapshot_diff(&dir.0).unwrap();
+        let s = state(&dir.0);
+        assert_eq!(s.layers.len(), layer);
+        let pages: u64 = s.layers[layer - 1].runs.iter().map(|r| r.1).sum();
+        // The guest's whole area was swept; little else was written.
+        assert!(
+            pages >= (mib << 20) / 4096 && pages < ram_pages / 2,
+            "{pages}"
+        );
+        if layer == 1 {
+            vm.resume().unwrap();
+        }
+    }
+    let restored = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
+    assert_eq!(restored.progress(0), vm.progress(0));
+    same_ram(&vm, &restored);
+    restored.shutdown().unwrap();
+    assert_eq!(snapshot::merge(&dir.0).unwrap(), 2);
+    let s = state(&dir.0);
+    assert!(s.layers.is_empty());
+    let files = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("memory-")
+        })
+        .count();
+    assert_eq!(files, 1, "the base and layer files are gone");
+    let merged = Vm::restore(&dir.0, Output::Null, paused()).unwrap();
+    same_ram(&vm, &merged);
+    merged.resume().unwrap();
+    let at = merged.progress(0);
+    wait_progress(&merged, 0, at + 1);
+    merged.shutdown().unwrap();
+    vm.shutdown().unwrap();
 }

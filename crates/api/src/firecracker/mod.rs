@@ -482,6 +482,7 @@ impl PreBoot {
             memory: self.machine.mem_size_mib << 20,
             irqchip: Irqchip::Kernel,
             seccomp,
+            track_dirty_pages: self.machine.track_dirty_pages,
             disks,
             nets,
             vsock: self.vsock.as_ref().map(|v| brisk_vmm::VsockConfig {
@@ -681,9 +682,11 @@ impl Firecracker {
                     return Err(FcError::BeforeStart);
                 };
                 let p: SnapshotCreateParams = parse(body)?;
-                if p.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
-                    return Err(FcError::Unsupported("diff snapshots yet".into()));
-                }
+                let diff = match p.snapshot_type.as_deref() {
+                    None | Some("Full") => false,
+                    Some("Diff") => true,
+                    Some(t) => return Err(FcError::Invalid(format!("snapshot_type {t}"))),
+                };
                 if !vm.is_paused() {
                     return Err(FcError::Invalid(
                         "the microVM must be paused to create a snapshot (PATCH /vm)".into(),
@@ -694,8 +697,12 @@ impl Firecracker {
                 }
                 // brisk's snapshot is a directory (its state and memory
                 // files, replaced durably): snapshot_path names it.
-                vm.snapshot(std::path::Path::new(&p.snapshot_path))
-                    .map_err(|e| FcError::Vm(e.to_string()))?;
+                let dir = std::path::Path::new(&p.snapshot_path);
+                match diff {
+                    true => vm.snapshot_diff(dir),
+                    false => vm.snapshot(dir),
+                }
+                .map_err(|e| FcError::Vm(e.to_string()))?;
                 Ok(ok())
             }
             ("PUT", "/snapshot/load") => {

@@ -185,6 +185,7 @@ impl Vm {
     /// The whole migration; Ok(downtime).
     fn migrate(&self, opts: &MigrationOptions, job: &Outgoing) -> Result<Duration, SendError> {
         let url = opts.url.to_string();
+        self.forget_diff_base();
         let stopping = || self.stopping(job);
         let mut s = Stream::connect(&opts.url, &stopping)
             .map_err(wire_err(&format!("cannot connect to {url}")))?;
@@ -225,7 +226,11 @@ impl Vm {
                 &Bound::within(PARTING_BOUND, &never),
             );
         }
-        let _ = self.kvm.set_dirty_log(false);
+        // A VM tracking its dirty pages keeps the log (its next diff
+        // snapshot has no base now: the copy took the bits).
+        if !self.config().track_dirty_pages {
+            let _ = self.kvm.set_dirty_log(false);
+        }
         r
     }
 

@@ -23,9 +23,13 @@ use serde::Serialize;
 
 /// The first bytes of every state file.
 pub const MAGIC: &[u8; 8] = b"BRISKSNP";
-/// The state file format this brisk writes and reads. Bump it whenever
-/// the body's meaning changes; older and newer files are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// The state file format this brisk writes. Bump it whenever the body's
+/// meaning changes: a brisk refuses files newer than it reads. Version 2
+/// added diff layers (`VmState::layers`), which a version-1 reader would
+/// ignore and restore wrongly; a version-1 file has none, so it is read.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format this brisk reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 const HEADER: usize = 32;
 /// A state file is ~20 KiB a vCPU; refuse to read a file claiming more
 /// than this (it bounds what parsing may allocate).
@@ -87,7 +91,7 @@ pub enum FormatError {
     NoMagic,
     #[error("truncated: {0} bytes, shorter than the {HEADER}-byte header")]
     ShortHeader(usize),
-    #[error("snapshot format version {0}; this brisk reads version {FORMAT_VERSION} only")]
+    #[error("snapshot format version {0}; this brisk reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}")]
     Version(u32),
     #[error("corrupt: the header's reserved fields are not zero")]
     Reserved,
@@ -182,7 +186,7 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     }
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     let version = word(8);
-    if version != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
         return Err(FormatError::Version(version));
     }
     if word(12) != 0 || word(28) != 0 {
@@ -252,8 +256,12 @@ mod tests {
         assert!(refuse(&good[..20]).contains("truncated"));
         assert!(refuse(&good[..good.len() - 1]).contains("truncated"));
         let mut newer = good.clone();
-        newer[8] = 2;
-        assert!(refuse(&newer).contains("format version 2"));
+        newer[8] = 3;
+        assert!(refuse(&newer).contains("format version 3"));
+        // Version 1 (no diff layers) is still read.
+        let mut older = good.clone();
+        older[8] = 1;
+        assert!(parse::<S>(&older).is_ok());
         let mut flipped = good.clone();
         *flipped.last_mut().unwrap() ^= 1;
         assert!(refuse(&flipped).contains("checksum"));

@@ -22,8 +22,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{self, MemoryWritten, PAGE};
 use super::{
-    check_destination, file, install, io, is_memory_file_name, new_memory_file_name,
-    remove_stale_temp_files, SnapshotError, SnapshotInfo, Staged, VmState, PAUSE_BOUND, STATE_FILE,
+    check_destination, install, io, new_memory_file_name, remove_stale_temp_files, SnapshotError,
+    SnapshotInfo, Staged, PAUSE_BOUND,
 };
 use crate::{PauseError, Vm};
 
@@ -53,11 +53,15 @@ impl Default for LiveOptions {
     }
 }
 
-/// Turns KVM's dirty log off however the snapshot ends.
-struct DirtyLog<'a>(&'a brisk_kvm::Vm);
+/// Turns KVM's dirty log off however the snapshot ends (unless the VM
+/// tracks its dirty pages for diff snapshots: then it stays on).
+struct DirtyLog<'a>(&'a brisk_kvm::Vm, bool);
 
 impl Drop for DirtyLog<'_> {
     fn drop(&mut self) {
+        if !self.1 {
+            return;
+        }
         if let Err(e) = self.0.set_dirty_log(false) {
             log::warn!("live snapshot: cannot turn the dirty log off: {e}");
         }
@@ -95,10 +99,8 @@ impl Vm {
         check_destination(dir)?;
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
-        let earlier = file::read::<VmState>(&dir.join(STATE_FILE))
-            .ok()
-            .map(|s| s.memory_file)
-            .filter(|n| is_memory_file_name(n));
+        let earlier = super::earlier_files(dir);
+        self.forget_diff_base();
         remove_stale_temp_files(dir);
         let name = new_memory_file_name();
         let path = dir.join(&name);
@@ -108,7 +110,9 @@ impl Vm {
         tmp.file().set_len(ram).map_err(cannot_write())?;
 
         self.kvm.set_dirty_log(true)?;
-        let log = DirtyLog(&self.kvm);
+        // Kept on for a VM that tracks its dirty pages: the last pass
+        // (stopped) leaves only what the guest writes after the snapshot.
+        let log = DirtyLog(&self.kvm, !self.config().track_dirty_pages);
         // Pass 0, running: every page that may hold data.
         let t = Instant::now();
         let first = memory::touched_bitmaps(&self.kvm);
@@ -160,10 +164,12 @@ impl Vm {
             earlier,
             created,
         };
+        let top = staged.state.top_file().to_string();
         let (memory, replaced) = install(dir, staged)?;
-        if let Some(old) = replaced {
+        for old in replaced {
             let _ = std::fs::remove_file(old);
         }
+        self.set_diff_base(dir, top);
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             memory,

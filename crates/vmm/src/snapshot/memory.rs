@@ -102,10 +102,28 @@ fn pagemap(addr: usize, pages: usize) -> std::io::Result<Vec<bool>> {
 }
 
 /// Mark the pages of `touched` (a region at `offset` in `file`) that the
-/// file has data for (SEEK_DATA / SEEK_HOLE).
+/// file has data for.
 fn file_data(file: &File, offset: u64, touched: &mut [bool]) -> std::io::Result<()> {
+    let mut extents = Vec::new();
+    data_extents(file, offset, (touched.len() * PAGE) as u64, &mut extents)?;
+    for (data, hole) in extents {
+        let first = ((data - offset) as usize) / PAGE;
+        let last = ((hole - offset) as usize).div_ceil(PAGE);
+        touched[first..last].fill(true);
+    }
+    Ok(())
+}
+
+/// The extents (start, end) of `file` between `offset` and `offset +
+/// len` that hold data (SEEK_DATA / SEEK_HOLE), appended to `out`.
+pub(crate) fn data_extents(
+    file: &File,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<(u64, u64)>,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let end = offset + (touched.len() * PAGE) as u64;
+    let end = offset + len;
     let seek = |at: u64, whence| {
         // SAFETY: lseek on a descriptor we own; no memory is passed.
         let r = unsafe { libc::lseek(file.as_raw_fd(), at as libc::off_t, whence) };
@@ -129,9 +147,7 @@ fn file_data(file: &File, offset: u64, touched: &mut [bool]) -> std::io::Result<
             break;
         }
         let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        let first = ((data - offset) as usize) / PAGE;
-        let last = ((hole - offset) as usize).div_ceil(PAGE);
-        touched[first..last].fill(true);
+        out.push((data, hole));
         at = hole;
     }
     Ok(())

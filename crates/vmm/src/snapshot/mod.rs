@@ -15,6 +15,7 @@
 //! save completes any PIO/MMIO access that had exited (the control plane
 //! settles it before parking), so no access is half-done in the state.
 
+mod diff;
 pub mod file;
 mod live;
 pub(crate) mod memory;
@@ -28,6 +29,8 @@ use brisk_devices::{DeviceState, InterruptSink};
 use brisk_kvm::{VcpuSnapshot, VmSnapshot};
 use serde::{Deserialize, Serialize};
 
+pub(crate) use diff::DiffBase;
+pub use diff::{merge, Layer, MergeError};
 pub use live::LiveOptions;
 pub use memory::MemoryWritten;
 
@@ -48,8 +51,13 @@ const PAUSE_BOUND: Duration = Duration::from_secs(5);
 /// Everything but RAM: the state file's body.
 #[derive(Serialize, Deserialize)]
 pub struct VmState {
-    /// The memory file beside it (`memory-` and 16 hex digits).
+    /// The memory file beside it (`memory-` and 16 hex digits): all of
+    /// RAM, or the base the diff `layers` go on.
     pub memory_file: String,
+    /// Diff snapshots taken since the base, oldest first: each holds the
+    /// pages written since the one below (`Vm::snapshot_diff`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<diff::Layer>,
     /// What the VM was built from (the restore builds the same).
     pub config: VmConfig,
     /// The RAM regions (guest address, bytes), in the memory file's order.
@@ -86,6 +94,12 @@ pub enum SnapshotError {
     Kvm(#[from] brisk_kvm::Error),
     #[error("saving the VM failed (a brisk bug: the thread panicked); the VM goes on as it was")]
     Panicked,
+    /// A diff snapshot of a VM that does not track its dirty pages.
+    #[error("a diff snapshot needs a VM started with --track-dirty-pages")]
+    NotTracking,
+    /// No earlier snapshot of this VM there that the dirty log follows.
+    #[error("a diff snapshot goes on this VM's last snapshot, which is not in that directory (take a full one there first)")]
+    NoBase,
     /// A live snapshot needs the dirty log an outgoing migration holds.
     #[error("a migration of this VM is in progress; a live snapshot waits for it to end")]
     MigrationInProgress,
@@ -211,6 +225,9 @@ impl Vm {
                 .map_err(SnapshotError::Pause)?;
         }
         let pause = start.elapsed();
+        // Whatever happens next, a diff taken later must not rest on a
+        // snapshot that did not complete.
+        self.forget_diff_base();
         // A panic while saving (a brisk bug) must not leave the guest
         // stopped for good: caught, the VM goes on as it was.
         let staged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -230,10 +247,13 @@ impl Vm {
         // snapshot interleaves): the files synced and put in place. Then
         // the replaced memory file goes (its pages freed); a restored VM
         // mapping it keeps its inode.
-        let (memory, replaced) = install(dir, staged?)?;
-        if let Some(old) = replaced {
+        let staged = staged?;
+        let top = staged.state.top_file().to_string();
+        let (memory, replaced) = install(dir, staged)?;
+        for old in replaced {
             let _ = std::fs::remove_file(old);
         }
+        self.set_diff_base(dir, top);
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             memory,
@@ -316,6 +336,7 @@ impl Vm {
         }
         Ok(VmState {
             memory_file: new_memory_file_name(),
+            layers: Vec::new(),
             config: self.config(),
             regions: brisk_boot::layout::ram_regions(self.memory_size()),
             vcpus,
@@ -330,10 +351,7 @@ impl Vm {
         check_destination(dir)?;
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
-        let earlier = file::read::<VmState>(&dir.join(STATE_FILE))
-            .ok()
-            .map(|s| s.memory_file)
-            .filter(|n| is_memory_file_name(n));
+        let earlier = earlier_files(dir);
         remove_stale_temp_files(dir);
         let state = self.save_state()?;
         let mem = dir.join(&state.memory_file);
@@ -341,6 +359,8 @@ impl Vm {
         // writes guest RAM while it is (they write from vCPU threads).
         let (memory, written) = unsafe { memory::write(&self.kvm, &mem) }
             .map_err(io("cannot write guest memory to", &mem))?;
+        // Tracked: a diff taken next holds what is written from here.
+        self.drain_dirty_pages()?;
         Ok(Staged {
             state,
             memory,
@@ -358,7 +378,8 @@ impl Vm {
     pub fn restore(dir: &Path, output: Output, opts: RestoreOptions) -> Result<Vm, StartError> {
         let (state, mem) = read_snapshot(dir)?;
         check_trusted(&state.config, &opts)?;
-        Self::from_state(state, output, opts, Boot::Restore(&mem))
+        let layers = diff::open_layers(dir, &state)?;
+        Self::from_state(state, output, opts, Boot::Restore(&mem), &layers)
     }
 
     /// Build and start a VM whose RAM `boot` provides, in `state`.
@@ -367,11 +388,13 @@ impl Vm {
         output: Output,
         opts: RestoreOptions,
         boot: Boot<'_>,
+        layers: &[diff::OpenLayer],
     ) -> Result<Vm, StartError> {
         state.config.seccomp = opts.seccomp;
         check_state(&state)?;
         let m = Machine::assemble(&state.config, output, boot)
             .map_err(|e| cannot_build_here(e, "the saved VM"))?;
+        diff::apply_layers(&m.kvm, layers)?;
         Self::restore_into(m, state, opts)
     }
 
@@ -498,8 +521,9 @@ struct Staged {
     /// Guest RAM, in a temporary file beside its final name.
     memory: memory::TempFile,
     written: MemoryWritten,
-    /// The memory file of the snapshot this one replaces, if brisk's.
-    earlier: Option<String>,
+    /// The memory files of the snapshot this one replaces (brisk's):
+    /// those the new state does not name go once it is in place.
+    earlier: Vec<String>,
     /// The directory was made for it (its own name must be synced too).
     created: bool,
 }
@@ -509,7 +533,7 @@ struct Staged {
 /// A host crash at any point leaves one whole snapshot: the state names
 /// only a memory file already on disk, and the replaced memory file
 /// (returned, for the caller to remove) goes only after both.
-fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Option<PathBuf>), SnapshotError> {
+fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Vec<PathBuf>), SnapshotError> {
     let Staged {
         state,
         memory,
@@ -543,9 +567,36 @@ fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Option<PathBuf>
         dir,
     ))?;
     let replaced = earlier
-        .filter(|n| *n != state.memory_file)
-        .map(|n| dir.join(n));
+        .into_iter()
+        .filter(|n| !state.files().any(|f| f == n))
+        .map(|n| dir.join(n))
+        .collect();
     Ok((written, replaced))
+}
+
+/// The memory files the snapshot in `dir` uses (brisk's names only).
+fn earlier_files(dir: &Path) -> Vec<String> {
+    file::read::<VmState>(&dir.join(STATE_FILE))
+        .map(|s| {
+            s.files()
+                .filter(|n| is_memory_file_name(n))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl VmState {
+    /// Every memory file it uses: the base, then its diff layers.
+    pub fn files(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.memory_file.as_str())
+            .chain(self.layers.iter().map(|l| l.file.as_str()))
+    }
+
+    /// The newest of them (what a diff taken next goes on).
+    pub fn top_file(&self) -> &str {
+        self.layers.last().map_or(&self.memory_file, |l| &l.file)
+    }
 }
 
 /// Refuse a snapshot destination that is not brisk's to write, before
