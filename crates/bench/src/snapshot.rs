@@ -9,6 +9,9 @@
 //! the same VM, for a 2 GiB guest that touched all of its RAM and then
 //! idles, and for guests dirtying memory all along.
 //!
+//! diff: a diff snapshot (only what was written since the last one)
+//! against a full one of the same VM, and the pwrite of the diff's bytes.
+//!
 //! lazy restore: from `Vm::restore` to the restored guest's next step
 //! (its progress counter moving), for a 256 MiB and a 4 GiB `spin` guest:
 //! RAM is mapped from the memory file, not read, so the time should not
@@ -108,6 +111,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
             restore,
         ),
         live_snapshots(&scratch.0, opts.quick, samples),
+        diff_snapshots(&scratch.0, samples),
         lazy_restore(&scratch.0, samples),
         migration(&scratch.0, opts.quick, samples),
     ]
@@ -160,6 +164,49 @@ fn live_snapshots(dir: &Path, quick: bool, samples: usize) -> Table {
         "snapshot: guest stop time, live (memory written while the guest runs, 10 ms budget) vs stop-and-copy",
         "rows: median/p99 time the guest was stopped; the column: median total time. Ratios against the first row",
         rows,
+    )
+}
+
+/// Diff against full snapshots of a tracking VM whose guest sweeps 16
+/// MiB of its 512 MiB (the rest holding data written once), interleaved;
+/// and the pwrite floor of the bytes a diff wrote.
+fn diff_snapshots(dir: &Path, samples: usize) -> Table {
+    let memory = 512 * MIB;
+    let snap = dir.join("diff");
+    let mut c = config("dirty=16".into(), 1, memory, false);
+    c.track_dirty_pages = true;
+    let vm = Vm::start(&c, Output::Null).expect("VM");
+    // The rest of RAM holds data too (written here, once), so a full
+    // snapshot writes all of it.
+    let from = brisk_guests::DIRTY_BASE + 16 * MIB;
+    let chunk = vec![0x5au8; MIB as usize];
+    for at in (from..memory).step_by(MIB as usize) {
+        vm_memory::Bytes::write_slice(vm.guest_memory(), &chunk, vm_memory::GuestAddress(at))
+            .expect("guest RAM");
+    }
+    wait_sweeps(&vm, 1);
+    let (mut full, mut diff, mut floor, mut bytes) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for _ in 0..samples {
+        let info = vm.snapshot(&snap).expect("snapshot");
+        full.push(ns(info.total));
+        let at = vm.progress(0);
+        wait_sweeps(&vm, at + 1);
+        let info = vm.snapshot_diff(&snap).expect("diff snapshot");
+        diff.push(ns(info.total));
+        bytes = info.memory.data;
+        floor.push(pwrite_floor(dir, bytes.max(4096), true));
+    }
+    vm.shutdown().expect("shutdown");
+    let _ = std::fs::remove_dir_all(&snap);
+    let mib = bytes as f64 / MIB as f64;
+    Table::new(
+        "snapshot: diff (pages written since the last snapshot) vs full, 1 vCPU, 512 MiB, the guest sweeping 16 MiB",
+        "each diff follows a full snapshot and one sweep of the guest; the floor: pwrite + fdatasync of the diff's bytes to a file in the same directory",
+        vec![
+            Row::new("full snapshot", full),
+            Row::new(format!("diff snapshot ({mib:.0} MiB written)"), diff),
+            Row::new(format!("pwrite + fdatasync {mib:.0} MiB"), floor),
+        ],
     )
 }
 
