@@ -6,7 +6,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use brisk_control::Deadline;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::wire::{
     never, printable, Bound, Kind, Message, MigrationUrl, Stream, WireError, MAX_RUN_PAGES,
@@ -460,27 +460,13 @@ impl Vm {
         let mem = self.kvm.memory();
         let mut buf = vec![0u8; MAX_RUN_PAGES * PAGE];
         let mut sent = 0u64;
-        for (region, words) in mem.iter().zip(bitmaps) {
-            let base = region.start_addr().0;
-            let pages = region.len() as usize / PAGE;
-            let set = |i: usize| words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0);
-            let mut i = 0;
-            while i < pages {
-                if !set(i) {
-                    i += 1;
-                    continue;
-                }
-                let start = i;
-                while i < pages && set(i) && i - start < MAX_RUN_PAGES {
-                    i += 1;
-                }
-                check()?;
-                let gpa = base + (start * PAGE) as u64;
-                let run = &mut buf[..(i - start) * PAGE];
-                mem.read_slice(run, GuestAddress(gpa))
-                    .map_err(|source| SendError::Memory { gpa, source })?;
-                sent += send_run(s, gpa, run, zeros, &stopping, until)?;
-            }
+        for r in memory::runs(&self.kvm, bitmaps, MAX_RUN_PAGES) {
+            check()?;
+            let gpa = r.gpa;
+            let run = &mut buf[..r.pages * PAGE];
+            mem.read_slice(run, GuestAddress(gpa))
+                .map_err(|source| SendError::Memory { gpa, source })?;
+            sent += send_run(s, gpa, run, zeros, &stopping, until)?;
         }
         Ok(sent)
     }

@@ -14,16 +14,15 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use brisk_control::Deadline;
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{self, MemoryWritten, PAGE};
 use super::{
     check_destination, file, install, io, is_memory_file_name, new_memory_file_name, SnapshotError,
-    SnapshotInfo, Staged, VmState, PAUSE_BOUND, STATE_FILE,
+    SnapshotInfo, Staged, VmState, STATE_FILE,
 };
 use crate::{PauseError, RestoreError, StartError, Vm};
 
@@ -86,35 +85,12 @@ impl Vm {
             Some((d, top)) if d == dir && top == below.top_file() => {}
             _ => return Err(SnapshotError::NoBase),
         }
-        let was_paused = *paused;
-        if !was_paused {
-            self.pause_locked(&mut paused, Deadline::after(PAUSE_BOUND))
-                .map_err(SnapshotError::Pause)?;
-        }
-        let pause = start.elapsed();
-        // Drained below: a failure from here leaves no base to diff on.
+        // Drained while stopped: a failure from here leaves no base to
+        // diff on.
         self.forget_diff_base();
-        let staged =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.save_layer(dir, below)))
-                .unwrap_or(Err(SnapshotError::Panicked));
-        if !was_paused {
-            self.resume_locked(&mut paused);
-        }
-        let stopped = match was_paused {
-            true => Duration::ZERO,
-            false => start.elapsed(),
-        };
-        let staged = staged?;
-        let top = staged.state.top_file().to_string();
-        let (memory, _) = install(dir, staged)?;
-        self.set_diff_base(dir, top);
-        Ok(SnapshotInfo {
-            dir: dir.to_path_buf(),
-            memory,
-            pause,
-            stopped,
-            total: start.elapsed(),
-        })
+        let (staged, pause, stopped) =
+            self.while_stopped(&mut paused, start, || self.save_layer(dir, below))?;
+        self.finish(dir, staged, start, pause, stopped)
     }
 
     /// Stopped: the dirty pages into a new layer file, and the state.
@@ -150,32 +126,20 @@ fn write_runs(
     f: &File,
     dirty: &[Vec<u64>],
 ) -> std::io::Result<(Vec<(u64, u64)>, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let (mut data, mut first_page) = (0u64, 0u64);
+    let mem = kvm.memory();
     let mut page = vec![0u8; PAGE];
-    for (region, words) in kvm.memory().iter().zip(dirty) {
-        let pages = region.len() / PAGE as u64;
-        for i in 0..pages {
-            let set = words
-                .get(i as usize / 64)
-                .is_some_and(|w| w & (1 << (i % 64)) != 0);
-            if !set {
-                continue;
-            }
-            let n = first_page + i;
-            match runs.last_mut() {
-                Some((start, len)) if *start + *len == n => *len += 1,
-                _ => runs.push((n, 1)),
-            }
-            region
-                .read_slice(&mut page, vm_memory::MemoryRegionAddress(i * PAGE as u64))
+    let (mut runs, mut data) = (Vec::new(), 0u64);
+    for r in memory::runs(kvm, dirty, usize::MAX) {
+        runs.push((r.offset / PAGE as u64, r.pages as u64));
+        for p in 0..r.pages as u64 {
+            let at = p * PAGE as u64;
+            mem.read_slice(&mut page, GuestAddress(r.gpa + at))
                 .map_err(std::io::Error::other)?;
             if !memory::is_zero(&page) {
-                f.write_all_at(&page, n * PAGE as u64)?;
+                f.write_all_at(&page, r.offset + at)?;
                 data += PAGE as u64;
             }
         }
-        first_page += pages;
     }
     Ok((runs, data))
 }

@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{self, MemoryWritten, PAGE};
 use super::{
-    check_destination, install, io, new_memory_file_name, remove_stale_temp_files, SnapshotError,
+    check_destination, io, new_memory_file_name, remove_stale_temp_files, SnapshotError,
     SnapshotInfo, Staged, PAUSE_BOUND,
 };
 use crate::{PauseError, Vm};
@@ -164,19 +164,7 @@ impl Vm {
             earlier,
             created,
         };
-        let top = staged.state.top_file().to_string();
-        let (memory, replaced) = install(dir, staged)?;
-        for old in replaced {
-            let _ = std::fs::remove_file(old);
-        }
-        self.set_diff_base(dir, top);
-        Ok(SnapshotInfo {
-            dir: dir.to_path_buf(),
-            memory,
-            pause,
-            stopped,
-            total: start.elapsed(),
-        })
+        self.finish(dir, staged, start, pause, stopped)
     }
 }
 
@@ -204,29 +192,13 @@ fn write_pages(
 ) -> std::io::Result<u64> {
     let mem = kvm.memory();
     let mut buf = vec![0u8; RUN_PAGES * PAGE];
-    let (mut written, mut offset) = (0u64, 0u64);
-    for (region, words) in mem.iter().zip(bitmaps) {
-        let base = region.start_addr().0;
-        let pages = region.len() as usize / PAGE;
-        let set = |i: usize| words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0);
-        let mut i = 0;
-        while i < pages {
-            if !set(i) {
-                i += 1;
-                continue;
-            }
-            let first = i;
-            while i < pages && set(i) && i - first < RUN_PAGES {
-                i += 1;
-            }
-            let run = &mut buf[..(i - first) * PAGE];
-            // A volatile copy: the guest may be writing these pages.
-            mem.read_slice(run, GuestAddress(base + (first * PAGE) as u64))
-                .map_err(std::io::Error::other)?;
-            let at = offset + (first * PAGE) as u64;
-            written += write_run(f, run, at, punch)?;
-        }
-        offset += region.len();
+    let mut written = 0u64;
+    for r in memory::runs(kvm, bitmaps, RUN_PAGES) {
+        let run = &mut buf[..r.pages * PAGE];
+        // A volatile copy: the guest may be writing these pages.
+        mem.read_slice(run, GuestAddress(r.gpa))
+            .map_err(std::io::Error::other)?;
+        written += write_run(f, run, r.offset, punch)?;
     }
     Ok(written)
 }

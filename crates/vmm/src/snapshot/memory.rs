@@ -71,6 +71,48 @@ impl HostRegion<'_> {
     }
 }
 
+/// A run of pages set in a dirty or touched bitmap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Run {
+    /// Its first page's guest address.
+    pub(crate) gpa: u64,
+    /// Its first page's offset in the memory file (regions one after
+    /// another).
+    pub(crate) offset: u64,
+    pub(crate) pages: usize,
+}
+
+/// The runs of pages set in `bitmaps` (one per region of `kvm`'s RAM, 64
+/// pages a word), each at most `max` pages long.
+pub(crate) fn runs(kvm: &brisk_kvm::Vm, bitmaps: &[Vec<u64>], max: usize) -> Vec<Run> {
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    for (region, words) in kvm.memory().iter().zip(bitmaps) {
+        let base = region.start_addr().0;
+        let pages = region.len() as usize / PAGE;
+        let set = |i: usize| words.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0);
+        let mut i = 0;
+        while i < pages {
+            if !set(i) {
+                i += 1;
+                continue;
+            }
+            let first = i;
+            while i < pages && set(i) && i - first < max {
+                i += 1;
+            }
+            let at = (first * PAGE) as u64;
+            out.push(Run {
+                gpa: base + at,
+                offset: offset + at,
+                pages: i - first,
+            });
+        }
+        offset += region.len();
+    }
+    out
+}
+
 /// Per region of `kvm`'s RAM, a bitmap (64 pages a word) of the pages
 /// that may hold data ([`HostRegion::touched`]).
 pub(crate) fn touched_bitmaps(kvm: &brisk_kvm::Vm) -> Vec<Vec<u64>> {

@@ -219,35 +219,59 @@ impl Vm {
         if self.ended().is_some() {
             return Err(SnapshotError::Pause(PauseError::Ended));
         }
-        let was_paused = *paused;
-        if !was_paused {
-            self.pause_locked(&mut paused, Deadline::after(PAUSE_BOUND))
-                .map_err(SnapshotError::Pause)?;
-        }
-        let pause = start.elapsed();
         // Whatever happens next, a diff taken later must not rest on a
         // snapshot that did not complete.
         self.forget_diff_base();
-        // A panic while saving (a brisk bug) must not leave the guest
-        // stopped for good: caught, the VM goes on as it was.
-        let staged = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (staged, pause, stopped) = self.while_stopped(&mut paused, start, || {
             #[cfg(test)]
             tests::IN_SAVE.hit();
             self.save_paused(dir)
-        }))
-        .unwrap_or(Err(SnapshotError::Panicked));
+        })?;
+        self.finish(dir, staged, start, pause, stopped)
+    }
+
+    /// Run `save` with the guest stopped: paused first if it runs, and
+    /// resumed after (the `paused` lock held throughout). A panic in it (a
+    /// brisk bug) is an error, never a guest stopped for good. Returns its
+    /// result, the time to the pause and the time stopped (zero for a VM
+    /// paused already).
+    fn while_stopped<T>(
+        &self,
+        paused: &mut bool,
+        start: Instant,
+        save: impl FnOnce() -> Result<T, SnapshotError>,
+    ) -> Result<(T, Duration, Duration), SnapshotError> {
+        let was_paused = *paused;
         if !was_paused {
-            self.resume_locked(&mut paused);
+            self.pause_locked(paused, Deadline::after(PAUSE_BOUND))
+                .map_err(SnapshotError::Pause)?;
+        }
+        let pause = start.elapsed();
+        let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(save))
+            .unwrap_or(Err(SnapshotError::Panicked));
+        if !was_paused {
+            self.resume_locked(paused);
         }
         let stopped = match was_paused {
             true => Duration::ZERO,
             false => start.elapsed(),
         };
-        // With the guest running again (the lock still held, so no other
-        // snapshot interleaves): the files synced and put in place. Then
-        // the replaced memory file goes (its pages freed); a restored VM
-        // mapping it keeps its inode.
-        let staged = staged?;
+        Ok((saved?, pause, stopped))
+    }
+
+    /// With the guest running again (the snapshot's lock still held, so
+    /// no other snapshot interleaves): `staged`'s files synced and put in
+    /// place, then the memory files it replaced removed (their pages
+    /// freed; a restored VM mapping one keeps its inode). This VM's next
+    /// diff snapshot goes on it.
+    fn finish(
+        &self,
+        dir: &Path,
+        staged: Staged,
+        start: Instant,
+        pause: Duration,
+        stopped: Duration,
+    ) -> Result<SnapshotInfo, SnapshotError> {
         let top = staged.state.top_file().to_string();
         let (memory, replaced) = install(dir, staged)?;
         for old in replaced {
