@@ -40,11 +40,12 @@ pub trait InterruptController: Send + Sync {
     fn startup(&self) -> Startup {
         Startup::Run
     }
-    /// The task priority as CR8 shows it (bits 7:4 of the TPR).
-    fn cr8(&self) -> u8 {
-        0
+    /// The task priority as CR8 shows it (bits 7:4 of the TPR), where
+    /// the controller has one (`None`: CR8 is the guest's alone).
+    fn cr8(&self) -> Option<u8> {
+        None
     }
-    /// The guest wrote CR8.
+    /// The guest wrote CR8 (only called where `cr8` is `Some`).
     fn set_cr8(&self, _cr8: u8) {}
 }
 

@@ -197,8 +197,7 @@ impl KvmVcpu {
         };
         // The TPR written through the APIC shows in CR8 (KVM loads CR8
         // from kvm_run on entry when it has no LAPIC).
-        let tpr = source.cr8();
-        if tpr != self.cr8 {
+        if let Some(tpr) = source.cr8().filter(|&t| t != self.cr8) {
             // SAFETY: as above.
             unsafe { cr8.write(u64::from(tpr)) };
             self.cr8 = tpr;
@@ -233,7 +232,7 @@ impl KvmVcpu {
 
     /// After an exit: a CR8 the guest wrote becomes the TPR.
     fn sync_cr8(&mut self) {
-        let Some(source) = &self.interrupts else {
+        let Some(source) = self.interrupts.as_ref().filter(|s| s.cr8().is_some()) else {
             return;
         };
         // SAFETY: a plain field of the live mapping, written by KVM only

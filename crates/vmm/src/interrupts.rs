@@ -58,8 +58,8 @@ impl InterruptController for LapicSource {
         }
     }
 
-    fn cr8(&self) -> u8 {
-        self.0.cr8()
+    fn cr8(&self) -> Option<u8> {
+        Some(self.0.cr8())
     }
 
     fn set_cr8(&self, cr8: u8) {
