@@ -284,3 +284,46 @@ fn an_empty_brisk_takes_a_vm_from_restore_or_receive_migration() {
     assert!(!sock.exists() && !mig.exists() && !src_sock.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Live and diff snapshots as a user takes them, under the API thread's
+/// seccomp filter: a live one, then two diffs on it (the VM run with
+/// --track-dirty-pages), three memory files; `brisk merge-snapshot`
+/// folds them into one, and the result restores and runs.
+#[test]
+fn live_and_diff_snapshots_then_a_merge_restore_from_the_command_line() {
+    require_kvm!();
+    let (dir, sock) = (scratch("live-diff"), scratch("live-diff.sock"));
+    let (dir_s, sock_s) = (dir.to_str().unwrap(), sock.to_str().unwrap());
+    let mut vm = spawn_until(
+        &[
+            "--guest",
+            "dirty=8",
+            "--cpus",
+            "1",
+            "--track-dirty-pages",
+            "--api-socket",
+            sock_s,
+            "--timeout",
+            "120s",
+        ],
+        "running on",
+    );
+    let live = ctl(&sock, &["snapshot", dir_s, "--live"]);
+    assert_eq!(live.status.code(), Some(0), "{}", text(&live.stderr));
+    for _ in 0..2 {
+        let diff = ctl(&sock, &["snapshot", dir_s, "--diff"]);
+        assert_eq!(diff.status.code(), Some(0), "{}", text(&diff.stderr));
+    }
+    let files = || std::fs::read_dir(&dir).unwrap().count();
+    assert_eq!(files(), 4, "the state, the base and two layers");
+    ctl(&sock, &["shutdown"]);
+    assert_eq!(vm.wait().unwrap().code(), Some(0));
+    let merged = brisk(&["merge-snapshot", dir_s]);
+    assert_eq!(merged.status.code(), Some(0), "{}", text(&merged.stderr));
+    assert!(text(&merged.stdout).contains("2 diff layer(s) merged"));
+    assert_eq!(files(), 2, "the state and one memory file");
+    // The dirty guest runs on until the timeout (status 10).
+    let again = brisk(&["run", "--restore", dir_s, "--timeout", "2s"]);
+    assert_eq!(again.status.code(), Some(10), "{}", text(&again.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -160,6 +160,9 @@ fn list(kind: ThreadKind) -> Vec<i64> {
             libc::SYS_renameat2,
             libc::SYS_unlink,
             libc::SYS_unlinkat,
+            // ... a live snapshot makes a page that became zero a hole
+            // again (fallocate PUNCH_HOLE) ...
+            libc::SYS_fallocate,
             // ... durably: each file's data and the directory synced
             // before the state names them (and a migration flushes the
             // disk images before its Commit).
