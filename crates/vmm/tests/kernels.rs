@@ -3,6 +3,8 @@
 //! IOAPIC and PIT models of `brisk_devices::apic`): their serial output
 //! and debug-exit status say what they checked.
 
+mod common;
+
 use brisk_vmm::require_kvm;
 
 use std::path::PathBuf;
@@ -10,6 +12,7 @@ use std::time::Duration;
 
 use brisk_test_kernels as k;
 use brisk_vmm::{Capture, Irqchip, KernelConfig, Output, StartError, Vm, VmConfig, VmEnd};
+use common::{save_and_restore, wait_for_line};
 
 fn config(kernel: &str, cpus: usize, cmdline: &str, initrd: Option<PathBuf>) -> VmConfig {
     VmConfig {
@@ -242,34 +245,11 @@ fn an_ipi_storm_loses_nothing_across_pauses_and_snapshots() {
         let mut out = String::new();
         for trips in [400, 800, 1200, 1600] {
             let line = format!("ipistorm: {trips} round trips with CPU 1");
-            let until = std::time::Instant::now() + Duration::from_secs(120);
-            while !capture.text().contains(&line) {
-                assert!(
-                    vm.ended().is_none(),
-                    "{:?}: {out}{}",
-                    vm.ended(),
-                    capture.text()
-                );
-                assert!(
-                    std::time::Instant::now() < until,
-                    "{irqchip:?}: no '{line}'"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
+            wait_for_line(&vm, &capture, &line, Duration::from_secs(120), &out);
             let bound = brisk_vmm::control::Deadline::after(Duration::from_secs(10));
             vm.pause(bound).unwrap();
             vm.resume().unwrap();
-            vm.pause(bound).unwrap();
-            vm.snapshot(&dir).unwrap();
-            vm.shutdown().unwrap();
-            out.push_str(&capture.text());
-            capture = Capture::default();
-            vm = Vm::restore(
-                &dir,
-                Output::Capture(capture.clone()),
-                brisk_vmm::RestoreOptions::default(),
-            )
-            .expect("the snapshot restores");
+            (vm, capture) = save_and_restore(vm, &capture, &dir, &mut out);
             assert_eq!(vm.console_input(b"g"), 1);
         }
         let end = vm.wait(Some(Duration::from_secs(120)), None);

@@ -10,6 +10,8 @@
 //! panics ("Attempted to kill init") and reports it through pvpanic. On
 //! both, the kernel must first say "Run ... as init process".
 
+mod common;
+
 use std::time::Duration;
 
 use brisk_test_kernels::{guest_linux, host_is_pvm, linux_cmdline, LINUX_USERSPACE_MARKER};
@@ -17,6 +19,7 @@ use brisk_vmm::{
     require_kvm, Capture, DiskConfig, Irqchip, KernelConfig, Output, StartError, Vm, VmConfig,
     VmEnd,
 };
+use common::{save_and_restore, wait_for_line};
 
 /// Far above a boot here (about 100 s); only a hang reaches it.
 const BOOT_BOUND: Duration = Duration::from_secs(900);
@@ -106,29 +109,8 @@ fn two_vcpus_boot_linux_to_init_across_snapshots() {
         "smpboot: Total of 2 processors activated",
         "io scheduler mq-deadline registered",
     ] {
-        let until = std::time::Instant::now() + BOOT_BOUND;
-        while !capture.text().contains(line) {
-            assert!(
-                vm.ended().is_none(),
-                "{:?} before '{line}':\n{out}{}",
-                vm.ended(),
-                capture.text()
-            );
-            assert!(std::time::Instant::now() < until, "no '{line}'");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        vm.pause(brisk_vmm::control::Deadline::after(Duration::from_secs(10)))
-            .unwrap();
-        vm.snapshot(&dir).unwrap();
-        vm.shutdown().unwrap();
-        out.push_str(&capture.text());
-        capture = Capture::default();
-        vm = Vm::restore(
-            &dir,
-            Output::Capture(capture.clone()),
-            brisk_vmm::RestoreOptions::default(),
-        )
-        .expect("the snapshot restores");
+        wait_for_line(&vm, &capture, line, BOOT_BOUND, &out);
+        (vm, capture) = save_and_restore(vm, &capture, &dir, &mut out);
     }
     let end = vm.wait(Some(BOOT_BOUND), None);
     vm.shutdown().unwrap();
@@ -162,29 +144,9 @@ fn linux_on_brisks_irqchip_halts_in_user_space_across_a_snapshot() {
     let capture = Capture::default();
     let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
     let line = "smpboot: Total of 2 processors activated";
-    let until = std::time::Instant::now() + BOOT_BOUND;
-    while !capture.text().contains(line) {
-        assert!(
-            vm.ended().is_none(),
-            "{:?}:\n{}",
-            vm.ended(),
-            capture.text()
-        );
-        assert!(std::time::Instant::now() < until, "no '{line}'");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    vm.pause(brisk_vmm::control::Deadline::after(Duration::from_secs(10)))
-        .unwrap();
-    vm.snapshot(&dir).unwrap();
-    vm.shutdown().unwrap();
-    let mut out = capture.text();
-    let capture = Capture::default();
-    let vm = Vm::restore(
-        &dir,
-        Output::Capture(capture.clone()),
-        brisk_vmm::RestoreOptions::default(),
-    )
-    .expect("the snapshot restores");
+    wait_for_line(&vm, &capture, line, BOOT_BOUND, "");
+    let mut out = String::new();
+    let (vm, capture) = save_and_restore(vm, &capture, &dir, &mut out);
     // The AP idles while the BSP boots: VMM work runs on that idle time.
     let ran_on = vm.vcpus()[1]
         .run_when_idle(|k: &mut brisk_vmm::KvmVcpu| k.id())

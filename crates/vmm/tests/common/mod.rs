@@ -81,3 +81,48 @@ pub fn check_dirty_pages(vm: &Vm, cpus: usize, mib: u64, at_least: u64) {
         }
     }
 }
+
+/// Wait (polling, bounded by `bound`) until `capture` holds `line`; fail
+/// if the VM ends first. `before` is what earlier VMs of the same run
+/// printed, for the failure's message.
+pub fn wait_for_line(
+    vm: &Vm,
+    capture: &brisk_vmm::Capture,
+    line: &str,
+    bound: Duration,
+    before: &str,
+) {
+    let until = Instant::now() + bound;
+    while !capture.text().contains(line) {
+        assert!(
+            vm.ended().is_none(),
+            "{:?} before '{line}':\n{before}{}",
+            vm.ended(),
+            capture.text()
+        );
+        assert!(Instant::now() < until, "no '{line}' within {bound:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Pause `vm`, save it to `dir`, shut it down and restore it (running)
+/// into a new capture; what the old VM printed goes to `out`.
+pub fn save_and_restore(
+    vm: Vm,
+    capture: &brisk_vmm::Capture,
+    dir: &std::path::Path,
+    out: &mut String,
+) -> (Vm, brisk_vmm::Capture) {
+    vm.pause(Deadline::after(Duration::from_secs(10))).unwrap();
+    vm.snapshot(dir).unwrap();
+    vm.shutdown().unwrap();
+    out.push_str(&capture.text());
+    let capture = brisk_vmm::Capture::default();
+    let vm = Vm::restore(
+        dir,
+        Output::Capture(capture.clone()),
+        brisk_vmm::RestoreOptions::default(),
+    )
+    .expect("the snapshot restores");
+    (vm, capture)
+}
