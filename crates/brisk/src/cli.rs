@@ -94,7 +94,8 @@ enum CtlOp {
     Ping,
     /// Pause the VM, save it to DIR (guest memory and a versioned state
     /// file; created if missing, an earlier snapshot there replaced), and
-    /// let it go on as it was. Restore it with `brisk run --restore DIR`.
+    /// let it go on as it was. --live writes memory while the guest runs;
+    /// --diff adds a layer of what changed instead of replacing. Restore it with `brisk run --restore DIR`.
     Snapshot {
         /// The snapshot directory (made absolute for the API).
         dir: std::path::PathBuf,
@@ -186,10 +187,13 @@ enum BenchWhich {
     Pause,
     /// Pause/resume round trips through the API socket vs in-process.
     Api,
-    /// Timer interrupt latency (user irqchip) with and without idle-time tasks.
+    /// Timer interrupt latency (user irqchip) with and without idle-time
+    /// tasks; IPI round trip and LAPIC timer lateness, KVM's irqchip vs
+    /// brisk's (the ipistorm kernel).
     Irq,
     /// Spawn to marker and to exit: built-in hello, a multiboot kernel,
-    /// Linux (vmlinux and bzImage; built by scripts/guest-kernel.sh).
+    /// Linux (vmlinux on both irqchips, and bzImage; built by
+    /// scripts/guest-kernel.sh).
     /// Minutes under PVM; not part of `all`.
     Boot,
     /// virtio-blk 4 KiB random and sequential reads, served by the I/O
@@ -205,7 +209,9 @@ enum BenchWhich {
     /// Snapshot create and restore-to-running (1 and 2 vCPUs, 256 MiB and
     /// 2 GiB; --quick: 256 MiB) vs pwrite of the bytes and a fresh VM
     /// start; live migration downtime and total (idle, dirtying, local fd
-    /// hand-over at 2 GiB) vs pause + resume in place.
+    /// hand-over at 2 GiB) vs pause + resume in place; live vs
+    /// stop-and-copy stop time, diff vs full (512 MiB), restore by RAM
+    /// size (256 MiB and 4 GiB).
     Snapshot,
     /// All of the above but boot.
     All,
@@ -285,7 +291,7 @@ struct RunArgs {
     kernel: Option<std::path::PathBuf>,
     /// The kernel's command line. Linux gets it as given (default
     /// "console=ttyS0 reboot=k panic=-1"), with `virtio_mmio.device=`
-    /// for each --disk appended; a multiboot kernel is handed its file
+    /// for each --disk, --net and --vsock appended; a multiboot kernel is handed its file
     /// name first, then these (as GRUB and QEMU do).
     #[arg(long, default_value = "", requires = "kernel")]
     cmdline: String,
