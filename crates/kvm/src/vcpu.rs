@@ -267,6 +267,8 @@ impl KvmVcpu {
         ] {
             *seg = segment(0, false);
         }
+        // Nothing KVM had queued before the INIT survives it.
+        sregs.interrupt_bitmap = [0; 4];
         sregs.cr0 = 0x6000_0010;
         sregs.cr3 = 0;
         sregs.cr4 = 0;

@@ -17,7 +17,8 @@ const EMULATION_FAILURE: u32 = 1;
 /// MSRs to the vCPU's own LAPIC, given brisk's `apics`), HLT to a
 /// user-space halt, fatal exits to `fatal` (with the vCPU, RIP and, given
 /// guest memory `mem`, the instruction there) and [`Flow::Exit`].
-/// No allocation, no lock of its own: devices lock what they need.
+/// No lock of its own (devices lock what they need); no allocation but a
+/// TSC-deadline or APIC-base WRMSR's one-entry MSR list.
 pub fn handle(
     v: &mut KvmVcpu,
     exit: Exit,
@@ -78,8 +79,9 @@ pub fn handle(
             match &done {
                 // KVM shows CPUID's APIC bit from its own copy.
                 Ok(()) if index == msr::APIC_BASE => {
-                    let base = apics.map_or(value, |a| a.lapic(v.id()).apic_base());
-                    v.mirror_apic_base(base);
+                    if let Some(a) = apics {
+                        v.mirror_apic_base(a.lapic(v.id()).apic_base());
+                    }
                 }
                 Ok(()) => {}
                 // Kernels probe MSRs expecting #GP (rdmsr_safe): debug only.

@@ -290,8 +290,9 @@ impl Lapic {
         }
     }
 
-    /// Take a message this LAPIC was chosen for. Returns whether it
-    /// changed anything (and so woke the vCPU).
+    /// Take a message this LAPIC was chosen for. Returns whether it took
+    /// it (and so woke the vCPU; a vector already requested is taken
+    /// again, coalesced).
     pub fn accept(&self, m: &Message) -> bool {
         let mut r = self.lock();
         if !r.s.hw_enabled() {
@@ -664,7 +665,9 @@ impl Lapic {
         }
         let value = (value & BASE_WRITABLE) | (old & BASE_BSP);
         let (en, x2) = (value & BASE_ENABLE != 0, value & BASE_X2APIC != 0);
-        if x2 && !en {
+        // x2APIC only from xAPIC (SDM 11.12.5): not with EN clear, nor
+        // straight from disabled.
+        if x2 && (!en || old & BASE_ENABLE == 0) {
             return None;
         }
         if old & BASE_X2APIC != 0 && en && !x2 {
