@@ -105,8 +105,12 @@ pub enum RestoreError {
     Config(#[source] crate::ConfigError),
     #[error("the saved RAM regions do not match the saved memory size")]
     Regions,
-    #[error("diff layer {0} holds pages outside the guest's RAM")]
+    #[error(
+        "diff layer {0}: its page runs are out of order, overlap, or lie outside the guest's RAM"
+    )]
     LayerRuns(String),
+    #[error("{0} diff layers, more than brisk stacks (64): merge them with brisk merge-snapshot")]
+    TooManyLayers(usize),
     #[error("the state holds {saved} vCPUs; its configuration has {configured}")]
     VcpuCount { saved: usize, configured: usize },
     #[error("user-space halts and pending interrupts saved for a kernel-irqchip VM")]

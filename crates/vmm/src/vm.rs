@@ -417,9 +417,9 @@ pub struct Vm {
     /// Kernels under the user irqchip: the LAPICs the vCPU threads reach
     /// and their timer thread (stopped when dropped, after the vCPUs).
     apics: Option<Arc<Apics>>,
-    /// Where a diff snapshot may go: this VM's last snapshot, while the
-    /// dirty log holds what was written since (`track_dirty_pages`).
-    pub(crate) diff_base: Mutex<crate::snapshot::DiffBase>,
+    /// Who uses the dirty log besides snapshots, and where a diff
+    /// snapshot may go (`track_dirty_pages`).
+    pub(crate) dirty_use: Mutex<crate::snapshot::DirtyLogUse>,
     /// The disk images' locks (let go by a migrated source).
     pub(crate) disk_locks: DiskLocks,
     /// The I/O engine, quiesced whenever the VM is paused (stopped before
@@ -480,7 +480,7 @@ impl Vm {
             migration: Mutex::new(None),
             irq: m.irq,
             apics: m.apics,
-            diff_base: Mutex::new(None),
+            dirty_use: Mutex::new(Default::default()),
             disk_locks: m.disk_locks,
             io: m.io,
             virtio: m.virtio,

@@ -611,9 +611,12 @@ fn a_live_snapshot_of_guests_dirtying_memory_holds_exactly_their_ram() {
     for id in 0..cpus {
         wait_progress(&vm, id, 2);
     }
+    // No stop budget: two passes over dirty pages run while the guest
+    // writes, whatever the machine's speed, before it stops.
     let opts = brisk_vmm::LiveOptions {
         stay_paused: true,
-        ..brisk_vmm::LiveOptions::default()
+        max_stop: Duration::ZERO,
+        max_passes: 2,
     };
     let info = vm.snapshot_live(&dir.0, opts).unwrap();
     assert!(vm.is_paused(), "stay_paused leaves the VM paused");
@@ -655,7 +658,7 @@ fn a_live_snapshot_leaves_the_guest_running_and_restores() {
         .snapshot_live(&dir.0, brisk_vmm::LiveOptions::default())
         .unwrap();
     assert!(!vm.is_paused());
-    assert!(info.stopped <= info.total, "{info:?}");
+    assert!(info.memory.data >= 8 << 20, "the swept area: {info:?}");
     let at = vm.progress(0);
     wait_progress(&vm, 0, at + 1);
     vm.shutdown().unwrap();

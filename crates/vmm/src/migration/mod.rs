@@ -145,6 +145,8 @@ pub enum MigrationError {
     Ended,
     #[error("a migration is already in progress")]
     InProgress,
+    #[error("a live snapshot of this VM is in progress; migrate once it ends")]
+    LiveSnapshot,
     #[error(
         "a local upgrade hands over guest memory, which needs a VM started with --shared-memory"
     )]

@@ -120,6 +120,8 @@ pub enum IntakeError {
     StateFormat(#[source] crate::snapshot::file::FormatError),
     #[error("the state's configuration differs from the Hello's")]
     StateConfig,
+    #[error("the source's state names diff snapshot layers; a migration sends all of RAM")]
+    Layers,
     #[error("the source gave up: {0}")]
     GaveUp(String),
     #[error("unexpected {0:?} from the source")]
@@ -200,6 +202,11 @@ impl Intake {
                     return Err(IntakeError::StateConfig);
                 }
                 check_state(&state).map_err(|e| IntakeError::State(Box::new(e)))?;
+                // A migration carries all of RAM in its pages: layers of
+                // files the destination does not have cannot be a state.
+                if !state.layers.is_empty() {
+                    return Err(IntakeError::Layers);
+                }
                 Ok(Step::State(Box::new(state)))
             }
             Kind::Abort => Err(IntakeError::GaveUp(printable(body))),

@@ -90,6 +90,14 @@ impl Vm {
         if slot.as_ref().is_some_and(|m| !m.status().phase.is_final()) {
             return Err(MigrationError::InProgress);
         }
+        if self
+            .dirty_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+        {
+            return Err(MigrationError::LiveSnapshot);
+        }
         let out = Arc::new(Outgoing {
             status: Mutex::new(MigrationStatus::new(&opts)),
             cancel: AtomicBool::new(false),
@@ -185,7 +193,7 @@ impl Vm {
     /// The whole migration; Ok(downtime).
     fn migrate(&self, opts: &MigrationOptions, job: &Outgoing) -> Result<Duration, SendError> {
         let url = opts.url.to_string();
-        self.forget_diff_base();
+        self.dirty_log_taken_elsewhere();
         let stopping = || self.stopping(job);
         let mut s = Stream::connect(&opts.url, &stopping)
             .map_err(wire_err(&format!("cannot connect to {url}")))?;
@@ -420,7 +428,8 @@ impl Vm {
         let state = self
             .save_state()
             .map_err(|e| Stop::Failed(SendError::State(Box::new(e))))?;
-        let bytes = file::encode(&state).map_err(|e| Stop::Failed(SendError::Encode(e)))?;
+        let bytes = file::encode_versioned(&state, state.format_version())
+            .map_err(|e| Stop::Failed(SendError::Encode(e)))?;
         s.send(
             Kind::State,
             &[&bytes],

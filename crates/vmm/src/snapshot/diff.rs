@@ -35,29 +35,66 @@ pub struct Layer {
     pub runs: Vec<(u64, u64)>,
 }
 
-/// The directory and top memory file of this VM's last snapshot, while
-/// the dirty log holds exactly what was written since.
-pub(crate) type DiffBase = Option<(PathBuf, String)>;
+/// One bitmap per RAM region, 64 pages a word.
+type DirtyBitmaps = Vec<Vec<u64>>;
+
+/// Who uses the VM's dirty log besides its snapshots, and what a diff
+/// snapshot may go on. One per VM, behind a mutex.
+#[derive(Default)]
+pub(crate) struct DirtyLogUse {
+    /// Bumped whenever the log's bits go elsewhere (a migration): a base
+    /// recorded at an older epoch no longer has every write since it.
+    pub(super) epoch: u64,
+    /// This VM's last snapshot: its directory, its top memory file, and
+    /// the epoch when its bits were taken.
+    base: Option<(PathBuf, String, u64)>,
+    /// A live snapshot is passing over the log: a migration must wait.
+    pub(crate) live: bool,
+}
 
 impl Vm {
-    pub(crate) fn forget_diff_base(&self) {
-        *self.diff_base.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    pub(super) fn dirty_use(&self) -> std::sync::MutexGuard<'_, DirtyLogUse> {
+        self.dirty_use.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn set_diff_base(&self, dir: &Path, top: String) {
-        if self.config().track_dirty_pages {
-            *self.diff_base.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((dir.to_path_buf(), top));
-        }
+    /// The log's bits go elsewhere from now (a migration): no diff may
+    /// rest on an earlier snapshot.
+    pub(crate) fn dirty_log_taken_elsewhere(&self) {
+        let mut u = self.dirty_use();
+        u.epoch += 1;
+        u.base = None;
     }
 
-    /// While stopped, after a snapshot read RAM: forget what was written
-    /// before (it is in the snapshot).
-    pub(crate) fn drain_dirty_pages(&self) -> Result<(), SnapshotError> {
-        if self.config().track_dirty_pages {
-            self.kvm.take_dirty_pages()?;
+    /// This VM's next diff goes on the snapshot just put in `dir` (top file
+    /// `top`), if its bits were taken at `epoch` and nothing took them
+    /// since.
+    pub(crate) fn set_diff_base(&self, dir: &Path, top: String, epoch: Option<u64>) {
+        let mut u = self.dirty_use();
+        u.base = match epoch {
+            Some(e) if e == u.epoch => Some((dir.to_path_buf(), top, e)),
+            _ => None,
+        };
+    }
+
+    /// While stopped: take what the dirty log holds (it is in the snapshot
+    /// being made, or in the diff), with the epoch it belongs to. `None`
+    /// when the VM does not track dirty pages, or while a migration owns
+    /// the log (then nothing is taken: its copy needs every bit). The
+    /// migration's slot is held meanwhile, so none starts in between.
+    pub(crate) fn take_dirty_for_snapshot(
+        &self,
+    ) -> Result<Option<(DirtyBitmaps, u64)>, SnapshotError> {
+        if !self.config().track_dirty_pages {
+            return Ok(None);
         }
-        Ok(())
+        let slot = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_some_and(|m| !m.status().phase.is_final()) {
+            return Ok(None);
+        }
+        let bits = self.kvm.take_dirty_pages()?;
+        let epoch = self.dirty_use().epoch;
+        drop(slot);
+        Ok(Some((bits, epoch)))
     }
 
     /// Save into `dir` only what was written since this VM's previous
@@ -76,18 +113,16 @@ impl Vm {
         check_destination(dir)?;
         let below: VmState =
             file::read(&dir.join(STATE_FILE)).map_err(|_| SnapshotError::NoBase)?;
-        let base = self
-            .diff_base
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        match base {
-            Some((d, top)) if d == dir && top == below.top_file() => {}
+        match &self.dirty_use().base {
+            Some((d, top, _)) if d == dir && top == below.top_file() => {}
             _ => return Err(SnapshotError::NoBase),
         }
-        // Drained while stopped: a failure from here leaves no base to
+        if below.layers.len() >= MAX_LAYERS {
+            return Err(SnapshotError::TooManyLayers(below.layers.len()));
+        }
+        // Taken while stopped: a failure from here leaves no base to
         // diff on.
-        self.forget_diff_base();
+        self.set_diff_base(dir, String::new(), None);
         let (staged, pause, stopped) =
             self.while_stopped(&mut paused, start, || self.save_layer(dir, below))?;
         self.finish(dir, staged, start, pause, stopped)
@@ -99,10 +134,17 @@ impl Vm {
         let path = dir.join(&name);
         let cannot_write = || io("cannot write guest memory to", &path);
         let mut tmp = memory::TempFile::create(&path).map_err(io("cannot create", &path))?;
-        let ram: u64 = self.kvm.memory().iter().map(|r| r.len()).sum();
+        let ram = self.memory_size();
         tmp.file().set_len(ram).map_err(cannot_write())?;
-        let dirty = self.kvm.take_dirty_pages()?;
-        let (runs, data) = write_runs(&self.kvm, tmp.file(), &dirty).map_err(cannot_write())?;
+        let (dirty, epoch) = self
+            .take_dirty_for_snapshot()?
+            .ok_or(SnapshotError::MigrationInProgress)?;
+        let runs = memory::runs(&self.kvm, &dirty, usize::MAX)
+            .into_iter()
+            .map(|r| (r.offset / PAGE as u64, r.pages as u64))
+            .collect();
+        let data = super::live::write_pages(&self.kvm, tmp.file(), &dirty, false)
+            .map_err(cannot_write())?;
         let mut state = self.save_state()?;
         state.memory_file = below.memory_file;
         state.layers = below.layers;
@@ -114,35 +156,13 @@ impl Vm {
             // Every file below is still in use.
             earlier: Vec::new(),
             created: false,
+            diff_epoch: Some(epoch),
         })
     }
 }
 
-/// Write the pages set in `dirty` (one bitmap per region) at their
-/// memory-file offsets, zero pages as holes; the runs written and the
-/// bytes of data.
-fn write_runs(
-    kvm: &brisk_kvm::Vm,
-    f: &File,
-    dirty: &[Vec<u64>],
-) -> std::io::Result<(Vec<(u64, u64)>, u64)> {
-    let mem = kvm.memory();
-    let mut page = vec![0u8; PAGE];
-    let (mut runs, mut data) = (Vec::new(), 0u64);
-    for r in memory::runs(kvm, dirty, usize::MAX) {
-        runs.push((r.offset / PAGE as u64, r.pages as u64));
-        for p in 0..r.pages as u64 {
-            let at = p * PAGE as u64;
-            mem.read_slice(&mut page, GuestAddress(r.gpa + at))
-                .map_err(std::io::Error::other)?;
-            if !memory::is_zero(&page) {
-                f.write_all_at(&page, r.offset + at)?;
-                data += PAGE as u64;
-            }
-        }
-    }
-    Ok((runs, data))
-}
+/// The most diff layers a snapshot may stack (merge them to go on).
+pub const MAX_LAYERS: usize = 64;
 
 /// A layer's file, opened and checked against the RAM it goes on.
 pub(crate) struct OpenLayer {
@@ -153,6 +173,9 @@ pub(crate) struct OpenLayer {
 /// Open `state`'s layers in `dir`, refusing names not brisk's, files not
 /// the RAM's size and runs outside it.
 pub(crate) fn open_layers(dir: &Path, state: &VmState) -> Result<Vec<OpenLayer>, StartError> {
+    if state.layers.len() > MAX_LAYERS {
+        return Err(RestoreError::TooManyLayers(state.layers.len()).into());
+    }
     let ram: u64 = state.regions.iter().map(|r| r.1).sum();
     let pages = ram / PAGE as u64;
     state
@@ -177,11 +200,15 @@ pub(crate) fn open_layers(dir: &Path, state: &VmState) -> Result<Vec<OpenLayer>,
                 }
                 .into());
             }
-            if l.runs
-                .iter()
-                .any(|&(first, n)| first.checked_add(n).is_none_or(|end| end > pages))
-            {
-                return Err(RestoreError::LayerRuns(l.file.clone()).into());
+            // Runs in order, apart, inside RAM: a layer covers each page
+            // at most once, so reading all layers is bounded by their
+            // number times RAM.
+            let mut next = 0u64;
+            for &(first, n) in &l.runs {
+                match first.checked_add(n) {
+                    Some(end) if n > 0 && first >= next && end <= pages => next = end,
+                    _ => return Err(RestoreError::LayerRuns(l.file.clone()).into()),
+                }
             }
             Ok(OpenLayer {
                 file,
@@ -240,6 +267,7 @@ pub enum MergeError {
 /// go after). Returns how many layers were merged (0: nothing to do).
 pub fn merge(dir: &Path) -> Result<usize, MergeError> {
     let (mut state, base) = super::read_snapshot(dir)?;
+    super::check_state(&state)?;
     if state.layers.is_empty() {
         return Ok(0);
     }
@@ -283,6 +311,7 @@ pub fn merge(dir: &Path) -> Result<usize, MergeError> {
         written: MemoryWritten { ram, data },
         earlier,
         created: false,
+        diff_epoch: None,
     };
     let (_, replaced) = install(dir, staged)?;
     for old in replaced {

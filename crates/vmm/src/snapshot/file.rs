@@ -23,10 +23,12 @@ use serde::Serialize;
 
 /// The first bytes of every state file.
 pub const MAGIC: &[u8; 8] = b"BRISKSNP";
-/// The state file format this brisk writes. Bump it whenever the body's
-/// meaning changes: a brisk refuses files newer than it reads. Version 2
-/// added diff layers (`VmState::layers`), which a version-1 reader would
-/// ignore and restore wrongly; a version-1 file has none, so it is read.
+/// The newest state file format this brisk writes. Bump it whenever the
+/// body's meaning changes: a brisk refuses files newer than it reads.
+/// Version 2 added diff layers (`VmState::layers`), which a version-1
+/// reader would ignore and restore wrongly; a state without layers is
+/// still written (and read) as version 1, so older brisks and migration
+/// destinations take it.
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format this brisk reads.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
@@ -39,16 +41,34 @@ const MAX_BODY: u64 = 8 << 20;
 /// place, so a reader sees the old file or the new one, never half of one;
 /// the temporary file is removed if anything fails).
 pub fn write<T: Serialize>(path: &Path, state: &T) -> std::io::Result<()> {
-    let out = encode(state)?;
+    write_versioned(path, state, FORMAT_VERSION)
+}
+
+/// As [`write`], in format `version` (the oldest that holds `state`).
+pub fn write_versioned<T: Serialize>(path: &Path, state: &T, version: u32) -> std::io::Result<()> {
+    let out = encode_versioned(state, version)?;
     super::memory::replace(path, |f| f.write_all(&out))
 }
 
 /// The bytes of a state file holding `state` (also a migration's STATE).
 pub fn encode<T: Serialize>(state: &T) -> std::io::Result<Vec<u8>> {
+    encode_versioned(state, FORMAT_VERSION)
+}
+
+/// As [`encode`], in format `version`. A body larger than a reader takes
+/// ([`MAX_BODY`]) is refused here, so no state is written that brisk
+/// would then refuse to read.
+pub fn encode_versioned<T: Serialize>(state: &T, version: u32) -> std::io::Result<Vec<u8>> {
     let body = serde_json::to_vec(state)?;
+    if body.len() as u64 > MAX_BODY {
+        return Err(std::io::Error::other(format!(
+            "the state is {} bytes, more than the {MAX_BODY} a state file may hold",
+            body.len()
+        )));
+    }
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());

@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use brisk_control::Deadline;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::memory::{self, MemoryWritten, PAGE};
 use super::{
@@ -53,6 +53,15 @@ impl Default for LiveOptions {
     }
 }
 
+/// Gives the dirty log back to migrations however the snapshot ends.
+struct LiveClaim<'a>(&'a Vm);
+
+impl Drop for LiveClaim<'_> {
+    fn drop(&mut self) {
+        self.0.dirty_use().live = false;
+    }
+}
+
 /// Turns KVM's dirty log off however the snapshot ends (unless the VM
 /// tracks its dirty pages for diff snapshots: then it stays on).
 struct DirtyLog<'a>(&'a brisk_kvm::Vm, bool);
@@ -80,32 +89,35 @@ impl Vm {
         opts: LiveOptions,
     ) -> Result<SnapshotInfo, SnapshotError> {
         let start = Instant::now();
-        // Held throughout: no migration starts with the dirty log ours.
-        let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner());
-        if migration
-            .as_ref()
-            .is_some_and(|m| !m.status().phase.is_final())
-        {
-            return Err(SnapshotError::MigrationInProgress);
-        }
         let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
         if self.ended().is_some() {
             return Err(SnapshotError::Pause(PauseError::Ended));
         }
         if *paused {
-            drop((paused, migration));
+            drop(paused);
             return self.snapshot(dir);
         }
+        // The dirty log is ours until the end: checked and claimed under
+        // the migration's slot, which `send_migration` takes to start one
+        // (and refuses while `live`); not held, so the API answers meanwhile.
+        let _claim = {
+            let slot = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.as_ref().is_some_and(|m| !m.status().phase.is_final()) {
+                return Err(SnapshotError::MigrationInProgress);
+            }
+            self.dirty_use().live = true;
+            LiveClaim(self)
+        };
         check_destination(dir)?;
         let created = !dir.exists();
         std::fs::create_dir_all(dir).map_err(io("cannot create the snapshot directory", dir))?;
         let earlier = super::earlier_files(dir);
-        self.forget_diff_base();
+        self.set_diff_base(dir, String::new(), None);
         remove_stale_temp_files(dir);
         let name = new_memory_file_name();
         let path = dir.join(&name);
         let mut tmp = memory::TempFile::create(&path).map_err(io("cannot create", &path))?;
-        let ram: u64 = self.kvm.memory().iter().map(|r| r.len()).sum();
+        let ram = self.memory_size();
         let cannot_write = || io("cannot write guest memory to", &path);
         tmp.file().set_len(ram).map_err(cannot_write())?;
 
@@ -145,7 +157,8 @@ impl Vm {
             data += write_pages(&self.kvm, tmp.file(), &dirty, true).map_err(cannot_write())?;
             let mut state = self.save_state()?;
             state.memory_file = name.clone();
-            Ok(state)
+            // No migration could start meanwhile: the log's epoch is ours.
+            Ok((state, self.dirty_use().epoch))
         }))
         .unwrap_or(Err(SnapshotError::Panicked));
         if !opts.stay_paused {
@@ -153,7 +166,7 @@ impl Vm {
         }
         let stopped = stop.elapsed();
         drop(log);
-        let state = saved?;
+        let (state, epoch) = saved?;
         log::debug!(
             "live snapshot: {passes} passes after the first, {data} bytes, stopped {stopped:?}"
         );
@@ -163,6 +176,7 @@ impl Vm {
             written: MemoryWritten { ram, data },
             earlier,
             created,
+            diff_epoch: self.config().track_dirty_pages.then_some(epoch),
         };
         self.finish(dir, staged, start, pause, stopped)
     }
@@ -184,7 +198,7 @@ fn per_second(bytes: u64, took: Duration) -> u64 {
 /// offsets in the memory file, read from guest RAM as it is now. A page
 /// of zeros is left a hole, or made one (`punch`: the file may hold an
 /// older copy there). Returns the bytes written.
-fn write_pages(
+pub(super) fn write_pages(
     kvm: &brisk_kvm::Vm,
     f: &File,
     bitmaps: &[Vec<u64>],

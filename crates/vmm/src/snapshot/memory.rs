@@ -257,6 +257,11 @@ impl TempFile {
         })
     }
 
+    /// Where it goes once installed.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub(crate) fn file(&mut self) -> &mut File {
         &mut self.file
     }

@@ -29,7 +29,7 @@ use brisk_devices::{DeviceState, InterruptSink};
 use brisk_kvm::{VcpuSnapshot, VmSnapshot};
 use serde::{Deserialize, Serialize};
 
-pub(crate) use diff::DiffBase;
+pub(crate) use diff::DirtyLogUse;
 pub use diff::{merge, Layer, MergeError};
 pub use live::LiveOptions;
 pub use memory::MemoryWritten;
@@ -100,6 +100,11 @@ pub enum SnapshotError {
     /// No earlier snapshot of this VM there that the dirty log follows.
     #[error("a diff snapshot goes on this VM's last snapshot, which is not in that directory (take a full one there first)")]
     NoBase,
+    /// A diff would stack more layers than a restore takes.
+    #[error(
+        "the snapshot has {0} diff layers already; merge them with brisk merge-snapshot first"
+    )]
+    TooManyLayers(usize),
     /// A live snapshot needs the dirty log an outgoing migration holds.
     #[error("a migration of this VM is in progress; a live snapshot waits for it to end")]
     MigrationInProgress,
@@ -221,7 +226,7 @@ impl Vm {
         }
         // Whatever happens next, a diff taken later must not rest on a
         // snapshot that did not complete.
-        self.forget_diff_base();
+        self.set_diff_base(dir, String::new(), None);
         let (staged, pause, stopped) = self.while_stopped(&mut paused, start, || {
             #[cfg(test)]
             tests::IN_SAVE.hit();
@@ -272,12 +277,12 @@ impl Vm {
         pause: Duration,
         stopped: Duration,
     ) -> Result<SnapshotInfo, SnapshotError> {
-        let top = staged.state.top_file().to_string();
+        let (top, epoch) = (staged.state.top_file().to_string(), staged.diff_epoch);
         let (memory, replaced) = install(dir, staged)?;
         for old in replaced {
             let _ = std::fs::remove_file(old);
         }
-        self.set_diff_base(dir, top);
+        self.set_diff_base(dir, top, epoch);
         Ok(SnapshotInfo {
             dir: dir.to_path_buf(),
             memory,
@@ -384,13 +389,14 @@ impl Vm {
         let (memory, written) = unsafe { memory::write(&self.kvm, &mem) }
             .map_err(io("cannot write guest memory to", &mem))?;
         // Tracked: a diff taken next holds what is written from here.
-        self.drain_dirty_pages()?;
+        let diff_epoch = self.take_dirty_for_snapshot()?.map(|(_, e)| e);
         Ok(Staged {
             state,
             memory,
             written,
             earlier,
             created,
+            diff_epoch,
         })
     }
 
@@ -550,6 +556,9 @@ struct Staged {
     earlier: Vec<String>,
     /// The directory was made for it (its own name must be synced too).
     created: bool,
+    /// The dirty log's epoch when its bits were taken, stopped (a VM that
+    /// tracks dirty pages): the next diff may go on this snapshot.
+    diff_epoch: Option<u64>,
 }
 
 /// Put a staged snapshot in place durably: the memory file synced and
@@ -564,11 +573,14 @@ fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Vec<PathBuf>), 
         written,
         earlier,
         created,
+        diff_epoch: _,
     } = staged;
     if created {
         memory::sync_dir(dir).map_err(io("cannot sync the directory holding", dir))?;
     }
-    let mem = dir.join(&state.memory_file);
+    // The file this snapshot adds (the memory file, or a diff's layer):
+    // the one a failure from here removes, never one the old state names.
+    let mem = memory.path().to_path_buf();
     let state_path = dir.join(STATE_FILE);
     let unwind = |e: SnapshotError| {
         let _ = std::fs::remove_file(&mem);
@@ -580,7 +592,7 @@ fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Vec<PathBuf>), 
     memory::sync_dir(&mem)
         .map_err(io("cannot sync the snapshot directory", dir))
         .map_err(unwind)?;
-    file::write(&state_path, &state)
+    file::write_versioned(&state_path, &state, state.format_version())
         .map_err(io("cannot write the state file", &state_path))
         .map_err(unwind)?;
     // The state is in place and names the new memory file: from here
@@ -611,6 +623,16 @@ fn earlier_files(dir: &Path) -> Vec<String> {
 }
 
 impl VmState {
+    /// The oldest state file format that holds it: 1 without diff layers,
+    /// so a brisk (or a migration destination) of that format reads it.
+    pub fn format_version(&self) -> u32 {
+        if self.layers.is_empty() {
+            file::OLDEST_FORMAT_VERSION
+        } else {
+            file::FORMAT_VERSION
+        }
+    }
+
     /// Every memory file it uses: the base, then its diff layers.
     pub fn files(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.memory_file.as_str())
