@@ -506,7 +506,9 @@ impl OnVm<'_> {
                 }
                 None => Reply::error(500, "the migration started but has no status"),
             },
-            Err(e @ (E::Ended | E::InProgress | E::LiveSnapshot)) => Reply::error(409, e.to_string()),
+            Err(e @ (E::Ended | E::InProgress | E::LiveSnapshot)) => {
+                Reply::error(409, e.to_string())
+            }
             Err(e @ (E::NotShared | E::LocalNeedsUnix)) => Reply::error(400, e.to_string()),
             Err(e) => Reply::error(500, e.to_string()),
         }

@@ -239,6 +239,12 @@ impl Lapic {
         self.mmio_base.store(base, Relaxed);
     }
 
+    /// x2APIC's logical id, derived from the APIC id (SDM 11.12.10.2):
+    /// the cluster in bits 31:16, one bit of 16 in 15:0.
+    fn x2apic_ldr(&self) -> u32 {
+        ((self.id >> 4) << 16) | (1 << (self.id & 0xf))
+    }
+
     /// The APIC id (the vCPU index).
     pub fn id(&self) -> u32 {
         self.id
@@ -320,6 +326,10 @@ impl Lapic {
             DeliveryMode::Init => {
                 let base = r.s.apic_base;
                 r.s = LapicState::reset(base, Startup::WaitForSipi);
+                if r.s.x2apic() {
+                    // INIT keeps x2APIC mode, whose LDR is the id's.
+                    r.s.ldr = self.x2apic_ldr();
+                }
                 self.stop_timer(&mut r);
                 true
             }
@@ -681,7 +691,7 @@ impl Lapic {
         }
         if x2 && old & BASE_X2APIC == 0 {
             // x2APIC's logical id is derived from the APIC id.
-            r.s.ldr = ((self.id >> 4) << 16) | (1 << (self.id & 0xf));
+            r.s.ldr = self.x2apic_ldr();
         }
         r.s.apic_base = value;
         Some(())
@@ -992,6 +1002,18 @@ mod tests {
             .unwrap();
         let Effect::Send(m) = e else { panic!("{e:?}") };
         assert_eq!((m.dest, m.wide, m.vector), (7, true, 0x45));
+    }
+
+    #[test]
+    fn init_keeps_x2apic_mode_and_its_logical_id() {
+        let (l, _) = enabled(0x13);
+        let x2 = APIC_BASE_DEFAULT | BASE_ENABLE | BASE_X2APIC;
+        l.msr_write(msr::APIC_BASE, x2, &mut || None).unwrap();
+        let mut init = fixed(0);
+        init.mode = DeliveryMode::Init;
+        l.accept(&init);
+        assert_eq!(l.msr_read(0x80d).unwrap(), (1 << 16) | (1 << 3));
+        assert!(l.matches((1 << 16) | (1 << 3), true, true));
     }
 
     #[test]
