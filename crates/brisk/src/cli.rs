@@ -245,6 +245,9 @@ struct StressArgs {
     /// Where HLT is handled (see `brisk run --help`).
     #[arg(long, value_enum, default_value_t = IrqchipArg::User)]
     irqchip: IrqchipArg,
+    /// Run the vCPUs on a pool of N host threads (see `brisk run --help`).
+    #[arg(long, value_name = "N")]
+    vcpu_threads: Option<usize>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -255,6 +258,15 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 2)]
     cpus: usize,
+    /// M:N: run all vCPUs on a pool of N host threads (1 to --cpus)
+    /// instead of a thread each. A vCPU gives its thread back when it
+    /// halts or is paused, and when its time slice ends while another
+    /// vCPU waits; a kick to a vCPU on no thread is a queue entry, not a
+    /// signal. Halted vCPUs' idle tasks run on the pool. Needs --irqchip
+    /// user (under KVM's irqchip a halt never leaves KVM_RUN) and a host
+    /// kernel from 6.13 (before it, KVM_RUN on a new thread can stall).
+    #[arg(long, value_name = "N")]
+    vcpu_threads: Option<usize>,
     /// Guest memory, with a K, M or G suffix (e.g. 64M).
     #[arg(long, default_value = "64M", value_parser = parse_size)]
     memory: u64,
@@ -647,11 +659,13 @@ fn stress(args: StressArgs) -> i32 {
         irqchip,
         guest: Some(guest),
         deadline: args.deadline,
+        vcpu_threads: args.vcpu_threads,
     };
     if let Err(e) = (VmConfig {
         payload: brisk_vmm::Payload::builtin(guest.name()),
         cpus: args.cpus,
         irqchip,
+        vcpu_threads: args.vcpu_threads,
         ..VmConfig::default()
     })
     .validate()
@@ -701,6 +715,7 @@ fn run(args: RunArgs) -> i32 {
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
         shared_memory: args.shared_memory,
         track_dirty_pages: args.track_dirty_pages,
+        vcpu_threads: args.vcpu_threads,
     };
     if let Some(path) = &args.config_file {
         match crate::firecracker::config_from_file(path, config.seccomp) {
@@ -711,6 +726,7 @@ fn run(args: RunArgs) -> i32 {
                     shared_memory: config.shared_memory,
                     disk_io: config.disk_io,
                     track_dirty_pages: c.track_dirty_pages || config.track_dirty_pages,
+                    vcpu_threads: config.vcpu_threads,
                     ..c
                 }
             }

@@ -59,7 +59,7 @@ pub fn for_end(end: &VmEnd, signal: i32) -> i32 {
         VmEnd::Crash { .. } => GUEST_CRASH,
         VmEnd::Reboot => REBOOT,
         VmEnd::Panicked => PANICKED,
-        VmEnd::VcpuFailed { .. } => INTERNAL,
+        VmEnd::VcpuFailed { .. } | VmEnd::PoolThreadFailed { .. } => INTERNAL,
         VmEnd::Timeout => TIMEOUT,
         VmEnd::Interrupted => 128 + signal,
     }
@@ -82,6 +82,9 @@ pub fn for_start_error(e: &StartError, signal: i32) -> i32 {
         StartError::Kvm(NoKvm | KvmPermission | MissingCapability(_) | Unavailable { .. }) => {
             NO_KVM
         }
-        StartError::Kvm(_) | StartError::Setup { .. } => INTERNAL,
+        // A host kernel too old for a pool is a configuration this host
+        // cannot run, as a missing capability is.
+        StartError::Threads(brisk_vmm::PoolError::OldKernel { .. }) => CONFIG,
+        StartError::Kvm(_) | StartError::Setup { .. } | StartError::Threads(_) => INTERNAL,
     }
 }

@@ -80,4 +80,11 @@ pub enum RunError<E> {
     /// interrupt is bound to the first thread, so it refuses.
     #[error("vCPU {vcpu}'s run loop was already started once")]
     AlreadyStarted { vcpu: usize },
+    /// M:N: the guest or the exit handler panicked on a pool thread (the
+    /// pool goes on running the other vCPUs).
+    #[error("vCPU {vcpu} panicked on a pool thread")]
+    Panicked { vcpu: usize },
+    /// M:N: no pool thread could start, so the vCPU never ran.
+    #[error("vCPU {vcpu} had no pool thread to run on")]
+    NoThread { vcpu: usize },
 }

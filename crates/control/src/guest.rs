@@ -26,6 +26,13 @@ pub trait Guest {
     /// handler's pointer to `immediate_exit`) and return the interrupt.
     fn bind_thread(&mut self) -> Box<dyn Interrupt>;
 
+    /// M:N: called on the thread that ran the vCPU as it hands it on (or
+    /// ends it there), once no kicker can signal that thread for it any
+    /// more: undo what `bind_thread` prepared on this thread, so the
+    /// vCPU can be bound to (and dropped on) another. A late signal that
+    /// was already sent then finds nothing of this vCPU's to touch.
+    fn unbind_thread(&mut self) {}
+
     /// Arm or disarm the flag the interrupt sets, which makes the next or
     /// current entry return at once.
     fn set_immediate_exit(&mut self, on: bool);

@@ -99,8 +99,8 @@ impl<G> IdleGroup<G> {
         // for an interrupt meanwhile must not strand the task.
         for m in &self.members {
             if m.mode.load() == Mode::Halted {
-                let _slow = m.lock();
-                m.vcpu_cv.notify_all();
+                let mut slow = m.lock();
+                m.wake(&mut slow, crate::vcpu::Wake::Idle);
             }
         }
         Ok(RunOnTicket::new(Who::AnyOf(self.ids.clone()), rx))

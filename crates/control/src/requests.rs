@@ -16,6 +16,9 @@ pub enum Request {
     /// An interrupt is pending for the guest: leave the guest (or the halt)
     /// so the next entry can inject it.
     Interrupt = 1 << 4,
+    /// M:N: the vCPU's time slice is over and another vCPU waits for a
+    /// thread: leave this one (a no-op if nobody waits by then).
+    Preempt = 1 << 5,
 }
 
 impl Request {

@@ -10,10 +10,11 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Instant;
 
 use crate::counters::Counters;
+use crate::pool::Scheduler;
 use crate::requests::WAKES_PARKED;
 use crate::state::VcpuState;
 use crate::sync;
-use crate::vcpu::CURRENT;
+use crate::vcpu::{Whereabouts, CURRENT};
 use crate::{Classify, Flow, Guest, Mode, Request, RunError, VcpuCtl};
 
 /// Why [`VcpuCtl::run`] returned.
@@ -31,23 +32,71 @@ pub enum RunEnd {
 /// the vCPU is never failed for it.
 const MAX_SETTLE_EXITS: usize = 64;
 
-/// Marks the vCPU exited however `run` ends (return, error or panic), so no
-/// controller waits for a thread that is gone.
-struct ExitGuard<'a, G>(&'a VcpuCtl<G>);
+/// Why the loop handed its thread back without ending (M:N only: a 1:1
+/// vCPU blocks on its own thread instead).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Leave {
+    /// Halted with nothing to do: on no thread until a wake.
+    Halted,
+    /// Halted, with idle tasks left for when no vCPU waits to run.
+    HaltedIdle,
+    /// Parked for a controller: on no thread until a resume or work.
+    Parked,
+    /// Its time slice ended while another vCPU waited: back in the queue.
+    Preempted,
+}
 
-impl<G> Drop for ExitGuard<'_, G> {
-    fn drop(&mut self) {
-        let ctl = self.0;
+/// What one stretch of the loop on one thread ended with.
+pub(crate) enum Step {
+    End(RunEnd),
+    Away(Leave),
+}
+
+/// Where the loop was, kept while the vCPU is on no thread (M:N).
+#[derive(Default)]
+pub(crate) struct LoopState {
+    /// The guest executed HLT and has not been woken (user irqchip).
+    pub(crate) halted: bool,
+    /// Inside a park (between acknowledging the stop and the resume).
+    pub(crate) in_park: bool,
+    /// When the current halt and park began, for their counters.
+    halt_since: Option<Instant>,
+    park_since: Option<Instant>,
+}
+
+impl<G> VcpuCtl<G> {
+    /// The thread is about to stop running this vCPU (it leaves the loop
+    /// for good, or hands the vCPU to another thread). `mode` is already
+    /// published (Halted, Parked) or is published here (Outside, Exited).
+    /// A kicker that read InGuest may still be about to signal this
+    /// thread; once none is left, every later kicker reads the new mode,
+    /// which asks for no signal. So no kick signal reaches this thread
+    /// for this vCPU once it has gone on to other work (or exited and its
+    /// id is reused).
+    pub(crate) fn leave_thread(&self, publish: Option<Mode>) {
         CURRENT.with(|c| c.set((std::ptr::null(), std::ptr::null())));
-        ctl.mode.store(Mode::Exited);
+        if let Some(mode) = publish {
+            self.mode.store(mode);
+        }
         // Dekker with `claim_and_signal` (kickers, then mode).
         sync::dekker_fence();
-        // A kicker that read InGuest may still be about to signal this
-        // thread; once none is left, every later kicker reads Exited. So no
-        // signal reaches this thread's id after it is gone (and reused).
-        while ctl.kickers.load(SeqCst) != 0 {
+        while self.kickers.load(SeqCst) != 0 {
+            #[cfg(loom)]
+            if self
+                .model_leave_without_waiting
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                break;
+            }
             sync::yield_now();
         }
+    }
+
+    /// The end of the vCPU's loop (return, error or panic): no controller
+    /// waits for a thread that is gone, and unrun work is dropped.
+    pub(crate) fn finish_run(&self) {
+        let ctl = self;
+        ctl.leave_thread(Some(Mode::Exited));
         ctl.state.set(VcpuState::Exited);
         let orphans = {
             let mut slow = ctl.lock();
@@ -67,6 +116,16 @@ impl<G> Drop for ExitGuard<'_, G> {
     }
 }
 
+/// Marks the vCPU exited however `run` ends (return, error or panic), so no
+/// controller waits for a thread that is gone.
+struct ExitGuard<'a, G>(&'a VcpuCtl<G>);
+
+impl<G> Drop for ExitGuard<'_, G> {
+    fn drop(&mut self) {
+        self.0.finish_run();
+    }
+}
+
 impl<G: Guest> VcpuCtl<G> {
     /// The vCPU thread's loop. Call it on the thread that will own `guest`;
     /// returns when a controller asks it to exit, when `on_exit` returns
@@ -83,25 +142,68 @@ impl<G: Guest> VcpuCtl<G> {
             return Err(RunError::AlreadyStarted { vcpu: self.id() });
         }
         let guest = RefCell::new(guest);
-        let interrupt = guest.borrow_mut().bind_thread();
-        // `started` makes this the only `set`.
-        let _ = self.interrupt.set(interrupt);
+        self.bind(&guest);
         let _exit_guard = ExitGuard(self);
-        self.state.set(VcpuState::Running);
-        CURRENT.with(|c| {
-            c.set((
-                self as *const Self as *const (),
-                &guest as *const RefCell<G> as *const (),
-            ))
-        });
-        let halted = std::mem::take(&mut self.lock().guest_halted);
         let mut lp = Loop {
             ctl: self,
             guest: &guest,
             on_exit,
-            halted,
+            st: self.first_entry(),
+            sched: None,
         };
-        lp.run().map_err(RunError::Guest)
+        match lp.run().map_err(RunError::Guest)? {
+            Step::End(end) => Ok(end),
+            Step::Away(_) => unreachable!("a vCPU with a thread of its own never leaves it"),
+        }
+    }
+
+    /// Make the calling thread this vCPU's: kicks signal it, and `run_on`
+    /// from it runs inline. The caller has no other vCPU bound.
+    pub(crate) fn bind(&self, guest: &RefCell<G>) {
+        let interrupt = guest.borrow_mut().bind_thread();
+        // Nobody reads it now: it is read only by a kicker that wins
+        // InGuest -> Exiting, and the vCPU publishes InGuest after this.
+        *sync::lock(&self.interrupt) = Some(interrupt);
+        CURRENT.with(|c| {
+            c.set((
+                self as *const Self as *const (),
+                guest as *const RefCell<G> as *const (),
+            ))
+        });
+    }
+
+    /// The loop's state at its first entry (a restored vCPU may start
+    /// halted).
+    pub(crate) fn first_entry(&self) -> LoopState {
+        self.state.set(VcpuState::Running);
+        LoopState {
+            halted: std::mem::take(&mut self.lock().guest_halted),
+            ..LoopState::default()
+        }
+    }
+
+    /// Run the loop on this thread until the vCPU ends or leaves the
+    /// thread (M:N): the pool's part of `run`.
+    pub(crate) fn run_stretch<H>(
+        &self,
+        guest: &RefCell<G>,
+        on_exit: H,
+        st: &mut LoopState,
+        sched: &Scheduler,
+    ) -> Result<Step, G::Error>
+    where
+        H: FnMut(&mut G, G::Exit) -> Result<Flow, G::Error>,
+    {
+        let mut lp = Loop {
+            ctl: self,
+            guest,
+            on_exit,
+            st: std::mem::take(st),
+            sched: Some(sched),
+        };
+        let step = lp.run();
+        *st = lp.st;
+        step
     }
 
     /// Dekker, vCPU side: store `mode = InGuest`, then load `requests`.
@@ -149,31 +251,41 @@ struct Loop<'a, G: Guest, H> {
     ctl: &'a VcpuCtl<G>,
     guest: &'a RefCell<G>,
     on_exit: H,
-    /// The guest executed HLT and has not been woken (user irqchip).
-    halted: bool,
+    st: LoopState,
+    /// M:N: the pool's scheduler. Where a 1:1 vCPU blocks on its thread,
+    /// a pooled one leaves it ([`Step::Away`]).
+    sched: Option<&'a Scheduler>,
 }
 
 impl<G: Guest, H> Loop<'_, G, H>
 where
     H: FnMut(&mut G, G::Exit) -> Result<Flow, G::Error>,
 {
-    fn run(&mut self) -> Result<RunEnd, G::Error> {
+    fn run(&mut self) -> Result<Step, G::Error> {
         let ctl = self.ctl;
         loop {
+            // 0. M:N: back on a thread inside a park.
+            if self.st.in_park {
+                if let Some(step) = self.park_wait() {
+                    return Ok(step);
+                }
+            }
             // 1. Take and handle pending requests. A plain load first: the
             // common case (nothing pending) costs no locked instruction, and
             // a request that lands after it is caught at step 3.
             if ctl.requests.load(SeqCst) != 0 {
                 let req = ctl.requests.swap(0, SeqCst);
-                if let Some(end) = self.serve(req)? {
-                    return Ok(end);
+                if let Some(step) = self.serve(req)? {
+                    return Ok(step);
                 }
             }
-            if self.halted {
+            if self.st.halted {
                 // HLT with no interrupt controller in the kernel: block in
                 // user space until a request; only a kick or a deliverable
                 // interrupt lets the guest continue after its HLT.
-                self.halt_wait();
+                if let Some(step) = self.halt_wait() {
+                    return Ok(step);
+                }
                 continue;
             }
 
@@ -200,7 +312,7 @@ where
                     ctl.counters.exit(exit.kind());
                     let flow = (self.on_exit)(&mut g, exit)?;
                     if let Some(end) = self.flow(flow) {
-                        return Ok(end);
+                        return Ok(Step::End(end));
                     }
                 }
             }
@@ -212,7 +324,7 @@ where
         match flow {
             Flow::Continue => None,
             Flow::Halt => {
-                self.halted = true;
+                self.st.halted = true;
                 None
             }
             Flow::Exit => Some(RunEnd::GuestDone),
@@ -220,32 +332,39 @@ where
     }
 
     /// Act on the request bits `req`, all of which the caller took.
-    fn serve(&mut self, req: u32) -> Result<Option<RunEnd>, G::Error> {
+    fn serve(&mut self, req: u32) -> Result<Option<Step>, G::Error> {
         if req & Request::Exit.bit() != 0 {
-            return Ok(Some(RunEnd::ExitRequested));
+            return Ok(Some(Step::End(RunEnd::ExitRequested)));
         }
         if req & Request::Kick.bit() != 0 {
             // An explicit "re-enter": ends a halt (a spurious wake-up).
-            self.halted = false;
+            self.st.halted = false;
         }
         if req & Request::Interrupt.bit() != 0
-            && self.halted
+            && self.st.halted
             && self.guest.borrow().interrupt_deliverable()
         {
-            self.halted = false;
+            self.st.halted = false;
         }
-        if req & (Request::Stop.bit() | Request::Work.bit()) != 0 {
-            // Parked vCPUs and run_on closures must see a finished
-            // instruction, not a PIO-in whose data is still in flight.
+        if req & (Request::Stop.bit() | Request::Work.bit() | Request::Preempt.bit()) != 0 {
+            // Parked vCPUs, run_on closures and the vCPU's next thread must
+            // see a finished instruction, not a PIO-in whose data is still
+            // in flight.
             if let Some(end) = self.settle()? {
-                return Ok(Some(end));
+                return Ok(Some(Step::End(end)));
             }
         }
         if req & Request::Work.bit() != 0 {
             self.run_work();
         }
         if req & Request::Stop.bit() != 0 {
-            return Ok(self.park());
+            if let Some(step) = self.park() {
+                return Ok(Some(step));
+            }
+        }
+        // Last, so every other bit taken with it has been acted on.
+        if req & Request::Preempt.bit() != 0 && self.sched.is_some_and(|s| s.others_waiting()) {
+            return Ok(Some(Step::Away(Leave::Preempted)));
         }
         Ok(None)
     }
@@ -286,29 +405,50 @@ where
 
     /// Stay parked while paused, running work items as they come. Takes
     /// only the Work and Exit bits: any other request waits for the top of
-    /// the loop after the resume. Returns `Some` if asked to exit.
-    fn park(&mut self) -> Option<RunEnd> {
+    /// the loop after the resume. Returns `Some` if asked to exit, or (M:N)
+    /// when the vCPU leaves its thread to wait parked on none.
+    fn park(&mut self) -> Option<Step> {
         let ctl = self.ctl;
-        let start = Instant::now();
-        let mut slow = ctl.lock();
+        let slow = ctl.lock();
         if !slow.paused {
             return None; // resumed before we got here (resume woke the stopper)
         }
         drop(slow);
         self.guest.borrow_mut().parking();
         ctl.state.set(VcpuState::Parked);
-        slow = ctl.lock();
+        let mut slow = ctl.lock();
         slow.parked = true;
-        slow.guest_halted = self.halted;
+        slow.guest_halted = self.st.halted;
         ctl.ack_cv.notify_all();
+        drop(slow);
+        self.st.in_park = true;
+        self.st.park_since = Some(Instant::now());
+        self.park_wait()
+    }
+
+    /// The waiting part of a park (entered again by an M:N vCPU that comes
+    /// back to a thread while parked, for work or the resume).
+    fn park_wait(&mut self) -> Option<Step> {
+        let ctl = self.ctl;
+        let mut slow = ctl.lock();
         loop {
             // The mode is stored under the lock so a kicker that sees
-            // Parked, then takes the lock to notify, cannot miss our wait.
+            // Parked, then takes the lock to wake us, cannot miss our wait.
             ctl.mode.store(Mode::Parked);
             sync::dekker_fence();
-            slow = sync::wait_while(&ctl.vcpu_cv, slow, |s| {
+            let idle = |s: &mut crate::vcpu::Slow<G>| {
                 s.paused && ctl.requests.load(SeqCst) & WAKES_PARKED == 0
-            });
+            };
+            if self.sched.is_some() {
+                if idle(&mut slow) {
+                    // A wake (resume, work, exit) finds us on no thread
+                    // and queues us; the mode stays Parked.
+                    slow.whereabouts = Whereabouts::Off;
+                    return Some(Step::Away(Leave::Parked));
+                }
+            } else {
+                slow = sync::wait_while(&ctl.vcpu_cv, slow, idle);
+            }
             ctl.mode.store(Mode::Outside);
             if !slow.paused {
                 break;
@@ -316,8 +456,8 @@ where
             drop(slow);
             let req = ctl.take(WAKES_PARKED);
             if req & Request::Exit.bit() != 0 {
-                VcpuCtl::<G>::add_ns(&ctl.counters.parked_ns, start);
-                return Some(RunEnd::ExitRequested);
+                self.end_park();
+                return Some(Step::End(RunEnd::ExitRequested));
             }
             if req & Request::Work.bit() != 0 {
                 self.run_work();
@@ -327,28 +467,59 @@ where
         slow.parked = false;
         drop(slow);
         ctl.state.set(VcpuState::Running);
-        VcpuCtl::<G>::add_ns(&ctl.counters.parked_ns, start);
+        self.end_park();
         None
+    }
+
+    fn end_park(&mut self) {
+        self.st.in_park = false;
+        if let Some(since) = self.st.park_since.take() {
+            VcpuCtl::<G>::add_ns(&self.ctl.counters.parked_ns, since);
+        }
     }
 
     /// Block while the guest is halted (mode Halted) until a request
     /// arrives, running idle-time tasks meanwhile. A request ends the idle
     /// stretch between two tasks, so a task delays a due kick, stop or
-    /// interrupt by at most its own length.
-    fn halt_wait(&self) {
+    /// interrupt by at most its own length. M:N: instead of blocking, the
+    /// vCPU leaves its thread (`Some`), and it lets a vCPU waiting to run
+    /// go first before each idle task.
+    fn halt_wait(&mut self) -> Option<Step> {
         let ctl = self.ctl;
-        let start = Instant::now();
+        self.st.halt_since.get_or_insert_with(Instant::now);
         // The eventfd write is a syscall: not under the lock kickers take.
         ctl.state.set(VcpuState::Halted);
         let mut slow = ctl.lock();
         ctl.mode.store(Mode::Halted);
         sync::dekker_fence();
+        let nothing_to_do = |s: &mut crate::vcpu::Slow<G>| {
+            ctl.requests.load(SeqCst) == 0
+                && s.idle.is_empty()
+                && !s.idle_group.as_ref().is_some_and(|q| q.has_work())
+        };
+        // M:N: one idle task per stretch runs whoever waits, so idle
+        // tasks are not starved by vCPUs that never halt.
+        let mut ran_a_task = false;
         loop {
-            slow = sync::wait_while(&ctl.vcpu_cv, slow, |s| {
-                ctl.requests.load(SeqCst) == 0
-                    && s.idle.is_empty()
-                    && !s.idle_group.as_ref().is_some_and(|q| q.has_work())
-            });
+            match self.sched {
+                Some(sched) => {
+                    if nothing_to_do(&mut slow) {
+                        // A kick finds us on no thread and queues us; the
+                        // mode stays Halted.
+                        slow.whereabouts = Whereabouts::Off;
+                        return Some(Step::Away(Leave::Halted));
+                    }
+                    if ctl.requests.load(SeqCst) == 0 && ran_a_task && sched.others_waiting() {
+                        // Idle tasks wait for a thread no vCPU needs.
+                        // Queued under our lock, so a kick that finds us
+                        // there can move us up (`promote`).
+                        slow.whereabouts = Whereabouts::IdleQueued;
+                        sched.queue_idle(ctl.id());
+                        return Some(Step::Away(Leave::HaltedIdle));
+                    }
+                }
+                None => slow = sync::wait_while(&ctl.vcpu_cv, slow, nothing_to_do),
+            }
             if ctl.requests.load(SeqCst) != 0 {
                 break;
             }
@@ -363,6 +534,7 @@ where
             // Still Halted while the task runs: a kicker wakes us the same
             // way, and we look at requests as soon as it returns.
             drop(slow);
+            ran_a_task = true;
             Counters::bump_own(&ctl.counters.idle_tasks);
             let t = Instant::now();
             task(&mut self.guest.borrow_mut(), ctl.id());
@@ -372,6 +544,9 @@ where
         ctl.mode.store(Mode::Outside);
         drop(slow);
         ctl.state.set(VcpuState::Running);
-        VcpuCtl::<G>::add_ns(&ctl.counters.halted_ns, start);
+        if let Some(since) = self.st.halt_since.take() {
+            VcpuCtl::<G>::add_ns(&ctl.counters.halted_ns, since);
+        }
+        None
     }
 }

@@ -19,6 +19,25 @@ pub(crate) use loom::thread::yield_now;
 #[cfg(not(loom))]
 pub(crate) use std::thread::yield_now;
 
+#[cfg(loom)]
+pub(crate) type JoinHandle = loom::thread::JoinHandle<()>;
+#[cfg(not(loom))]
+pub(crate) type JoinHandle = std::thread::JoinHandle<()>;
+
+/// Start a named thread (a loom thread in the model, which has no names).
+pub(crate) fn spawn(
+    name: String,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle> {
+    #[cfg(loom)]
+    {
+        let _ = name;
+        Ok(loom::thread::spawn(f))
+    }
+    #[cfg(not(loom))]
+    std::thread::Builder::new().name(name).spawn(f)
+}
+
 use std::time::Duration;
 
 /// Sits between the two halves of each Dekker pair (a SeqCst store, then a
@@ -60,6 +79,22 @@ pub(crate) fn wait_until<'a, T>(
             .unwrap_or_else(|p| p.into_inner().0);
     }
     guard
+}
+
+/// One wait on `cv` (the caller re-checks what it waits for).
+pub(crate) fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(|p| p.into_inner())
+}
+
+/// One wait on `cv` of at most `timeout` (under loom: a plain wait).
+pub(crate) fn wait_timeout<'a, T>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: Duration,
+) -> MutexGuard<'a, T> {
+    cv.wait_timeout(guard, timeout)
+        .map(|(g, _)| g)
+        .unwrap_or_else(|p| p.into_inner().0)
 }
 
 /// Wait on `cv` (no deadline) until `done`.

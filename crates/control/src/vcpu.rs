@@ -9,6 +9,7 @@ use crate::counters::Counters;
 use crate::idle_queue::SharedIdle;
 use crate::mode::AtomicMode;
 use crate::oneshot;
+use crate::pool::Scheduler;
 use crate::state::{StateWatch, VcpuState};
 use crate::sync::{self, AtomicU32, Condvar, Mutex, MutexGuard};
 use crate::work::{work, RunOnTicket, Who, Work};
@@ -34,6 +35,31 @@ pub(crate) struct Slow<G> {
     /// irqchip), so it resumes halted. Before `run`: start halted (a
     /// restored vCPU that was halted when saved).
     pub(crate) guest_halted: bool,
+    /// M:N: whether a wake must queue the vCPU for a pool thread.
+    pub(crate) whereabouts: Whereabouts,
+}
+
+/// Where an M:N vCPU is, as a wake needs to know (a 1:1 vCPU is always
+/// `Held`: its thread waits on `vcpu_cv`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Whereabouts {
+    /// On a thread, or in the pool's run queue: a wake has nothing to do
+    /// (the loop looks at requests before its next wait or entry).
+    Held,
+    /// Halted or parked on no thread, in no queue: a wake queues it.
+    Off,
+    /// Halted, in the pool's low-priority queue for its idle tasks: a
+    /// wake moves it to the run queue.
+    IdleQueued,
+}
+
+/// What a wake is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// A request, a resume: the vCPU must run.
+    Run,
+    /// An idle task for a halted vCPU: it may wait for a free thread.
+    Idle,
 }
 
 /// The control block of one vCPU, shared (in an `Arc`) between its thread
@@ -47,7 +73,12 @@ pub struct VcpuCtl<G> {
     pub(crate) vcpu_cv: Condvar,
     /// Controllers wait here for `parked` / `exited`.
     pub(crate) ack_cv: Condvar,
-    pub(crate) interrupt: OnceLock<Box<dyn Interrupt>>,
+    /// How to kick the thread that runs the vCPU now. Replaced only while
+    /// the vCPU is not in the guest and no kicker is between its look at
+    /// the mode and its signal (see [`VcpuCtl::leave_thread`]).
+    pub(crate) interrupt: Mutex<Option<Box<dyn Interrupt>>>,
+    /// M:N: the pool that runs this vCPU (set once, before it first runs).
+    pub(crate) sched: OnceLock<Arc<Scheduler>>,
     /// Set by the first `run`; a second one is refused.
     pub(crate) started: std::sync::atomic::AtomicBool,
     /// Kickers between their look at `mode` and the end of their signal.
@@ -62,6 +93,10 @@ pub struct VcpuCtl<G> {
     /// Model check only: parking takes every request bit (see `run.rs`).
     #[cfg(loom)]
     pub(crate) model_park_takes_all: std::sync::atomic::AtomicBool,
+    /// Model check only: a thread hands the vCPU on without waiting for
+    /// kickers (see `run.rs`).
+    #[cfg(loom)]
+    pub(crate) model_leave_without_waiting: std::sync::atomic::AtomicBool,
 }
 
 type Current = Cell<(*const (), *const ())>;
@@ -94,10 +129,12 @@ impl<G> VcpuCtl<G> {
                 idle_group: None,
                 stop_waiters: 0,
                 guest_halted: false,
+                whereabouts: Whereabouts::Held,
             }),
             vcpu_cv: Condvar::new(),
             ack_cv: Condvar::new(),
-            interrupt: OnceLock::new(),
+            interrupt: Mutex::new(None),
+            sched: OnceLock::new(),
             started: std::sync::atomic::AtomicBool::new(false),
             kickers: AtomicU32::new(0),
             counters: Counters::default(),
@@ -106,6 +143,8 @@ impl<G> VcpuCtl<G> {
             model_broken_order: std::sync::atomic::AtomicBool::new(false),
             #[cfg(loom)]
             model_park_takes_all: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(loom)]
+            model_leave_without_waiting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -199,8 +238,8 @@ impl<G> VcpuCtl<G> {
                 // the notify cannot slip in before it waits.
                 Counters::bump(&self.counters.signals_elided);
                 Counters::bump(&self.counters.wakeups);
-                let _guard = self.lock();
-                self.vcpu_cv.notify_all();
+                let mut slow = self.lock();
+                self.wake(&mut slow, Wake::Run);
             }
             // Outside: it checks requests before entering. Exiting: already
             // signalled. Exited: nobody to tell.
@@ -220,8 +259,8 @@ impl<G> VcpuCtl<G> {
         if claimed.is_ok() {
             // We won InGuest -> Exiting: ours is the one signal.
             Counters::bump(&self.counters.signals_sent);
-            self.interrupt
-                .get()
+            sync::lock(&self.interrupt)
+                .as_ref()
                 .expect("a vCPU is InGuest only after its thread bound its interrupt")
                 .interrupt();
         }
@@ -289,7 +328,7 @@ impl<G> VcpuCtl<G> {
     pub fn resume(&self) {
         let mut slow = self.lock();
         slow.paused = false;
-        self.vcpu_cv.notify_all();
+        self.wake(&mut slow, Wake::Run);
         if slow.stop_waiters > 0 {
             self.ack_cv.notify_all();
         }
@@ -306,6 +345,41 @@ impl<G> VcpuCtl<G> {
     pub fn model_break_entry_order(&self) {
         self.model_broken_order
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Model check only: make a thread hand this vCPU on without waiting
+    /// for kickers, so a late kick signals a thread that no longer runs it.
+    #[cfg(loom)]
+    pub fn model_break_leave(&self) {
+        self.model_leave_without_waiting
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Wake the vCPU from a halt or a park, under its lock (which orders
+    /// us after its store of the mode, so it cannot be about to wait with
+    /// the news unseen). A 1:1 vCPU waits on `vcpu_cv`; an M:N vCPU on no
+    /// thread is queued for a pool thread instead, which costs no syscall
+    /// unless a pool thread sleeps.
+    pub(crate) fn wake(&self, slow: &mut Slow<G>, why: Wake) {
+        let Some(sched) = self.sched.get() else {
+            self.vcpu_cv.notify_all();
+            return;
+        };
+        match (slow.whereabouts, why) {
+            (Whereabouts::Held, _) | (Whereabouts::IdleQueued, Wake::Idle) => {}
+            (Whereabouts::Off, Wake::Run) => {
+                slow.whereabouts = Whereabouts::Held;
+                sched.queue_run(self.id);
+            }
+            (Whereabouts::Off, Wake::Idle) => {
+                slow.whereabouts = Whereabouts::IdleQueued;
+                sched.queue_idle(self.id);
+            }
+            (Whereabouts::IdleQueued, Wake::Run) => {
+                slow.whereabouts = Whereabouts::Held;
+                sched.promote(self.id);
+            }
+        }
     }
 
     /// Model check only: make parking swallow every request bit, the lost
@@ -370,11 +444,11 @@ impl<G: Guest> VcpuCtl<G> {
         F: FnOnce(&mut G) -> R + Send + 'static,
         R: Send + 'static,
     {
-        let (ticket, _slow) = self.enqueue(f, |s| &mut s.idle)?;
+        let (ticket, mut slow) = self.enqueue(f, |s| &mut s.idle)?;
         // A halted vCPU waits on this condvar with the lock released and
         // re-checks the queue: no request bit, no signal.
         if self.mode.load() == Mode::Halted {
-            self.vcpu_cv.notify_all();
+            self.wake(&mut slow, Wake::Idle);
         }
         Ok(ticket)
     }

@@ -18,6 +18,9 @@ use crate::{Error, Result};
 
 thread_local! {
     static IMMEDIATE_EXIT: Cell<*const AtomicU8> = const { Cell::new(ptr::null()) };
+    /// This thread has unblocked the kick signal (once is enough: an M:N
+    /// pool thread binds a vCPU at every stretch).
+    static UNBLOCKED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The signal brisk kicks vCPU threads with.
@@ -71,7 +74,7 @@ pub(crate) fn bind_thread(flag: *const AtomicU8) {
     // The handler runs on this thread: keep the compiler from moving the
     // store past later accesses of the mapping.
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
-    if !flag.is_null() {
+    if !flag.is_null() && !UNBLOCKED.with(|u| u.replace(true)) {
         // SAFETY: a signal set on the stack, filled by sigemptyset; the
         // mask change applies to this thread only.
         unsafe {

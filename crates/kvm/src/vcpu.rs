@@ -91,8 +91,9 @@ pub struct KvmVcpu {
     interrupts: Option<Arc<dyn InterruptController>>,
     /// CR8 as last seen in `kvm_run` (user irqchip: the TPR's mirror).
     cr8: u8,
-    /// The thread whose kick handler points at this mapping, and whether
-    /// more than one thread ever did.
+    /// The thread whose kick handler points at this mapping now, and
+    /// whether a thread we left without unbinding ever did (then its
+    /// handler may still point here).
     bound: Option<libc::pid_t>,
     bound_elsewhere: bool,
     /// The host's KVM has KVM_CAP_KVMCLOCK_CTRL.
@@ -513,6 +514,13 @@ impl Guest for KvmVcpu {
         self.bound = Some(me.tid());
         kick::bind_thread(self.immediate_exit());
         Box::new(me)
+    }
+
+    fn unbind_thread(&mut self) {
+        if kick::is_bound_to(self.immediate_exit()) {
+            kick::bind_thread(std::ptr::null());
+            self.bound = None;
+        }
     }
 
     fn set_immediate_exit(&mut self, on: bool) {

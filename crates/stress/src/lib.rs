@@ -92,6 +92,8 @@ pub struct StressConfig {
     /// Bound on every synchronous operation, and on how long an interrupt
     /// may stay pending while its vCPU runs.
     pub deadline: Duration,
+    /// M:N: run the vCPUs on a pool of this many threads.
+    pub vcpu_threads: Option<usize>,
 }
 
 impl Default for StressConfig {
@@ -104,6 +106,7 @@ impl Default for StressConfig {
             irqchip: Irqchip::User,
             guest: None,
             deadline: Duration::from_secs(5),
+            vcpu_threads: None,
         }
     }
 }
@@ -497,6 +500,7 @@ pub fn run(config: &StressConfig) -> Result<StressReport, StressFailure> {
         payload: brisk_vmm::Payload::builtin(guest.name()),
         cpus: config.cpus,
         irqchip: config.irqchip,
+        vcpu_threads: config.vcpu_threads,
         ..VmConfig::default()
     };
     let vm = Vm::start(&vm_config, Output::Null).map_err(|e| StressFailure(e.to_string()))?;

@@ -48,6 +48,10 @@ pub struct VmConfig {
     /// `track_dirty_pages`; each write to a clean page then costs a fault).
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// M:N: run every vCPU on a pool of this many host threads (a halted
+    /// or parked vCPU holds none); `None`: a thread per vCPU.
+    #[serde(default)]
+    pub vcpu_threads: Option<usize>,
 }
 
 /// A raw disk image served as virtio-blk over virtio-mmio.
@@ -287,6 +291,7 @@ impl Default for VmConfig {
             pv_ipi: true,
             shared_memory: false,
             track_dirty_pages: false,
+            vcpu_threads: None,
         }
     }
 }
@@ -316,6 +321,11 @@ pub enum ConfigError {
     /// A throttled inline queue would have nobody to serve it later.
     #[error("disk rate limits (bw=, ops=) need --disk-io engine")]
     LimitNeedsEngine,
+    #[error("--vcpu-threads {threads} for {cpus} vCPUs: give 1 to {cpus} threads")]
+    VcpuThreads { threads: usize, cpus: usize },
+    /// Under KVM's irqchip a halt never leaves KVM_RUN.
+    #[error("--vcpu-threads needs --irqchip user: with KVM's in-kernel irqchip a halted vCPU stays inside KVM_RUN and keeps its thread")]
+    PoolNeedsUserIrqchip,
 }
 
 impl VmConfig {
@@ -323,6 +333,17 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cpus == 0 || self.cpus > MAX_VCPUS {
             return Err(ConfigError::Cpus(self.cpus));
+        }
+        if let Some(threads) = self.vcpu_threads {
+            if threads == 0 || threads > self.cpus {
+                return Err(ConfigError::VcpuThreads {
+                    threads,
+                    cpus: self.cpus,
+                });
+            }
+            if self.irqchip == Irqchip::Kernel {
+                return Err(ConfigError::PoolNeedsUserIrqchip);
+            }
         }
         if self.memory < MIN_MEMORY || self.memory > MAX_MEMORY || self.memory % 4096 != 0 {
             return Err(ConfigError::Memory(self.memory));

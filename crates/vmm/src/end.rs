@@ -23,6 +23,8 @@ pub enum VmEnd {
     Crash { vcpu: usize, what: String, rip: u64 },
     /// A vCPU thread failed (KVM error or panic).
     VcpuFailed { vcpu: usize, error: String },
+    /// A thread of the vCPU pool could not start (M:N).
+    PoolThreadFailed { thread: usize, error: String },
     /// The wait's timeout passed with the guest still running.
     Timeout,
     /// The caller's interrupt fd became readable (e.g. Ctrl-C).
@@ -44,6 +46,9 @@ impl fmt::Display for VmEnd {
                 write!(f, "guest crashed: vCPU {vcpu}: {what} at RIP {rip:#x}")
             }
             VmEnd::VcpuFailed { vcpu, error } => write!(f, "vCPU {vcpu} failed: {error}"),
+            VmEnd::PoolThreadFailed { thread, error } => {
+                write!(f, "vCPU pool thread {thread} failed: {error}")
+            }
             VmEnd::Timeout => write!(f, "timed out with the guest still running"),
             VmEnd::Interrupted => write!(f, "interrupted"),
             VmEnd::ShutdownRequested => write!(f, "shut down on request"),

@@ -28,6 +28,7 @@ mod payload;
 pub mod platform;
 pub mod seccomp;
 pub mod snapshot;
+mod vcpu_threads;
 mod vm;
 
 pub use brisk_devices::virtio::Mac;
@@ -39,6 +40,7 @@ pub use migration::{MigrationError, MigrationOptions, MigrationStatus, Migration
 pub use output::{Capture, Output};
 pub use payload::{KernelConfig, Payload, Platform};
 pub use snapshot::{LiveOptions, RestoreOptions, SnapshotError, SnapshotInfo};
+pub use vcpu_threads::{PoolError, POOL_SLICE};
 pub use vm::{ChangeError, Machine, PauseError, ShutdownError, StartError, Vm, SHUTDOWN_BOUND};
 
 pub use brisk_control as control;

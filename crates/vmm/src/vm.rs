@@ -3,12 +3,10 @@
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use brisk_boot::layout;
-use brisk_control::RunEnd;
 use brisk_devices::{Apics, CounterDevice, DeviceManager, Doorbell, PeriodicTimers, Uart};
 use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, MemoryBacking, PendingInterrupts};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -18,7 +16,8 @@ use crate::end::EndLatch;
 use crate::interrupts::LapicSource;
 use crate::platform::{self, Lines, Wiring};
 use crate::seccomp::{self, Seccomp, ThreadKind};
-use crate::{exits, ConfigError, Output, Platform, UserInterrupts, Vcpu, VmConfig, VmEnd};
+use crate::vcpu_threads::{Finished, Stopped, VcpuEnv, VcpuThreads};
+use crate::{ConfigError, Output, Platform, UserInterrupts, Vcpu, VmConfig, VmEnd};
 use brisk_devices::{IoEngine, NotParked};
 
 /// Why a VM could not start.
@@ -54,6 +53,9 @@ pub enum StartError {
     /// The caller's abort (a signal, its timeout) stopped the set-up.
     #[error(transparent)]
     Interrupted(#[from] crate::Interruption),
+    /// The vCPUs' threads cannot start (M:N: the pool cannot run here).
+    #[error(transparent)]
+    Threads(#[from] crate::PoolError),
     /// A step of assembling the VM failed.
     #[error("setting up the VM: {what}: {source}")]
     Setup {
@@ -366,24 +368,6 @@ fn list(vcpus: &[usize]) -> String {
     brisk_control::Error::list(vcpus)
 }
 
-/// Which vCPU threads have left their loop (set as their last act).
-#[derive(Default)]
-struct Finished {
-    done: Mutex<Vec<bool>>,
-    cv: Condvar,
-}
-
-/// Marks its vCPU finished however its thread ends.
-struct FinishGuard(Arc<Finished>, usize);
-
-impl Drop for FinishGuard {
-    fn drop(&mut self) {
-        let mut done = self.0.done.lock().unwrap_or_else(|p| p.into_inner());
-        done[self.1] = true;
-        self.0.cv.notify_all();
-    }
-}
-
 /// A running VM. Dropping it stops and joins every vCPU thread (bounded by
 /// [`SHUTDOWN_BOUND`]).
 pub struct Vm {
@@ -391,7 +375,7 @@ pub struct Vm {
     /// no thread that may still run the guest sees its memory unmapped.
     pub(crate) kvm: ManuallyDrop<brisk_kvm::Vm>,
     pub(crate) vcpus: Vec<Arc<Vcpu>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: VcpuThreads,
     finished: Arc<Finished>,
     /// A vCPU thread was left running: keep what it may use.
     stuck: bool,
@@ -459,12 +443,9 @@ impl Vm {
         let config = m.config.clone();
         let mut vm = Vm {
             kvm: ManuallyDrop::new(m.kvm),
-            vcpus: Vec::new(),
-            threads: Vec::new(),
-            finished: Arc::new(Finished {
-                done: Mutex::new(vec![false; config.cpus]),
-                cv: Condvar::new(),
-            }),
+            vcpus: m.ctls.clone(),
+            threads: VcpuThreads::OneEach(Vec::new()),
+            finished: Finished::new(config.cpus),
             stuck: false,
             devices: m.devices,
             uart: m.uart,
@@ -485,57 +466,20 @@ impl Vm {
             io: m.io,
             virtio: m.virtio,
         };
-        for (v, ctl) in m.vcpus.into_iter().zip(m.ctls) {
-            vm.spawn(v, ctl).map_err(setup("starting a vCPU thread"))?;
-        }
+        let env = VcpuEnv {
+            devices: vm.devices.clone(),
+            end: vm.end.clone(),
+            mem: vm.kvm.memory().clone(),
+            apics: vm.apics.clone(),
+            seccomp: vm.seccomp,
+            finished: vm.finished.clone(),
+        };
+        let vcpus = m.vcpus.into_iter().zip(m.ctls).collect();
+        vm.threads.start(&env, vcpus, config.vcpu_threads)?;
         // The I/O engine stays parked: the caller releases it once the VM
         // runs (a paused restore, a migration's destination before its
         // Commit, must not serve a queue or a TAP).
         Ok(vm)
-    }
-
-    fn spawn(&mut self, v: KvmVcpu, ctl: Arc<Vcpu>) -> std::io::Result<()> {
-        let id = v.id();
-        let (thread_ctl, devices, end) = (ctl.clone(), self.devices.clone(), self.end.clone());
-        let mem = self.kvm.memory().clone();
-        let apics = self.apics.clone();
-        let finished = FinishGuard(self.finished.clone(), id);
-        let policy = self.seccomp;
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let _finished = finished;
-                if let Err(e) = seccomp::install(ThreadKind::Vcpu, policy) {
-                    let error = format!("cannot install its seccomp filter: {e}");
-                    end.end(VmEnd::VcpuFailed { vcpu: id, error });
-                    return;
-                }
-                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let fatal = |e| {
-                        end.end(e);
-                    };
-                    let bus = devices.bus();
-                    thread_ctl.run(v, |v, exit| {
-                        Ok(exits::handle(
-                            v,
-                            exit,
-                            bus,
-                            apics.as_deref(),
-                            Some(&mem),
-                            &fatal,
-                        ))
-                    })
-                }));
-                let error = match run {
-                    Ok(Ok(RunEnd::ExitRequested | RunEnd::GuestDone)) => return,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "the vCPU thread panicked".to_string(),
-                };
-                end.end(VmEnd::VcpuFailed { vcpu: id, error });
-            })?;
-        self.vcpus.push(ctl);
-        self.threads.push(thread);
-        Ok(())
     }
 
     /// The vCPUs' control blocks.
@@ -927,7 +871,7 @@ impl Vm {
     }
 
     fn stop_threads(&mut self, bound: Duration) -> Result<(), ShutdownError> {
-        if self.threads.is_empty() {
+        if self.threads.count() == 0 {
             return Ok(());
         }
         // Ask all first, then wait: no vCPU waits for another to be joined.
@@ -935,48 +879,19 @@ impl Vm {
         for v in &self.vcpus {
             v.request_exit();
         }
-        // The last reference to the VM may be dropped on a vCPU thread (an
-        // orphaned closure holding it): that thread cannot be waited for
-        // from inside itself, and it finishes on its own.
-        let me = std::thread::current().id();
-        let deadline = Instant::now() + bound;
-        let done = {
-            let guard = self.finished.done.lock().unwrap_or_else(|p| p.into_inner());
-            let threads = &self.threads;
-            let all_done = |d: &mut Vec<bool>| {
-                d.iter()
-                    .zip(threads)
-                    .all(|(done, t)| *done || t.thread().id() == me)
-            };
-            let (guard, _) = self
-                .finished
-                .cv
-                .wait_timeout_while(guard, bound, |d| !all_done(d) && Instant::now() < deadline)
-                .unwrap_or_else(|p| p.into_inner());
-            guard.clone()
-        };
-        let mut result = Ok(());
-        let mut stuck = Vec::new();
-        for (id, t) in self.threads.drain(..).enumerate() {
-            if t.thread().id() == me {
-                continue; // detached: it is us
-            }
-            if !done[id] {
-                stuck.push(id);
-                continue; // detached
-            }
-            if t.join().is_err() && result.is_ok() {
-                result = Err(ShutdownError::Panicked { vcpu: id });
+        match self.threads.stop(&self.finished, Instant::now() + bound) {
+            Stopped::Clean => Ok(()),
+            Stopped::Panicked(vcpu) => Err(ShutdownError::Panicked { vcpu }),
+            Stopped::Stuck(vcpus) => {
+                self.stuck = true;
+                Err(ShutdownError::Stuck { vcpus, bound })
             }
         }
-        if !stuck.is_empty() {
-            self.stuck = true;
-            return Err(ShutdownError::Stuck {
-                vcpus: stuck,
-                bound,
-            });
-        }
-        result
+    }
+
+    /// Host threads running the vCPUs (with `--vcpu-threads`, the pool's).
+    pub fn vcpu_thread_count(&self) -> usize {
+        self.threads.count()
     }
 }
 
