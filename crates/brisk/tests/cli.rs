@@ -396,3 +396,110 @@ fn stdin_reaches_the_guest_through_the_uart_interrupt() {
     assert_eq!(status.code(), Some(1), "{rest}"); // debug-exit 0: pass
     assert!(rest.contains("got 'ping'"), "{rest}");
 }
+
+/// M:N as the user runs it: 64 `tick` vCPUs on two pool threads
+/// run to the end, and while they run the process holds the pool, its
+/// slicer and a handful of others, not a thread per vCPU.
+#[test]
+fn sixty_four_vcpus_on_two_threads_run_with_a_handful_of_threads() {
+    require_kvm!();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .args([
+            "run",
+            "--guest",
+            "tick=2000",
+            "--cpus",
+            "64",
+            "--vcpu-threads",
+            "2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let tasks = format!("/proc/{}/task", child.id());
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&tasks)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                    .map(|n| n.trim().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Once the pool runs (its threads exist until the guest ends).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = names();
+    while !seen.iter().any(|n| n == "vcpu-pool1") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "ended before its pool ran"
+        );
+        assert!(
+            std::time::Instant::now() < until,
+            "no pool threads: {seen:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        seen = names();
+    }
+    assert!(seen.len() <= 8, "{} threads: {seen:?}", seen.len());
+    assert!(!seen
+        .iter()
+        .any(|n| n.starts_with("vcpu") && n[4..].starts_with(|c: char| c.is_ascii_digit())));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn vcpu_threads_is_refused_in_one_sentence_where_it_cannot_work() {
+    for (args, needle) in [
+        (
+            &[
+                "run",
+                "--guest",
+                "halt",
+                "--cpus",
+                "2",
+                "--vcpu-threads",
+                "3",
+            ][..],
+            "--vcpu-threads 3 for 2 vCPUs",
+        ),
+        (
+            &[
+                "run",
+                "--guest",
+                "halt",
+                "--irqchip",
+                "kernel",
+                "--vcpu-threads",
+                "1",
+            ][..],
+            "needs --irqchip user",
+        ),
+    ] {
+        let out = brisk(args);
+        assert_eq!(out.status.code(), Some(6), "{args:?}");
+        assert_one_sentence(&out);
+        assert!(text(&out.stderr).contains(needle), "{}", text(&out.stderr));
+    }
+}
+
+/// `brisk stress --vcpu-threads 2` passes (the detector included).
+#[test]
+fn stress_on_a_pool_passes() {
+    require_kvm!();
+    let out = brisk(&[
+        "stress",
+        "--vcpu-threads",
+        "2",
+        "--cpus",
+        "6",
+        "--ops",
+        "5000",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("lost-wake-up detector: PASS"));
+}

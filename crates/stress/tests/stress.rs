@@ -48,3 +48,28 @@ fn the_kernel_irqchip_keeps_them_too() {
     eprintln!("{report}");
     assert_eq!(report.ops, config.ops);
 }
+
+/// M:N: eight vCPUs (spinning, PIO-looping and interrupt-driven halting)
+/// on two pool threads keep every guarantee, the lost-wake-up detector's
+/// included: a vCPU that holds no thread is still woken by its interrupts.
+#[test]
+fn eight_vcpus_on_two_pool_threads_keep_them_too() {
+    require_kvm!();
+    let config = StressConfig {
+        ops: 40_000,
+        seed: 21,
+        cpus: 8,
+        vcpu_threads: Some(2),
+        ..StressConfig::default()
+    };
+    let report = run(&config).unwrap_or_else(|e| panic!("seed {}: {e}", config.seed));
+    eprintln!("{report}");
+    assert_eq!(report.ops, config.ops);
+    assert!(report.idle_tasks_ran > 10, "{}", report.idle_tasks_ran);
+    let irq = report
+        .interrupts
+        .as_ref()
+        .expect("stress-irq counts interrupts");
+    assert!(irq.injected > 0 && irq.doorbell_rings > 0);
+    assert!(report.detector.is_some(), "the detector ran");
+}

@@ -560,7 +560,8 @@ impl Vm {
 
     /// Console input for the guest: bytes queued in the UART's receive
     /// FIFO (raising IRQ 4 if the guest enabled receive interrupts).
-    /// Returns how many fit.
+    /// Returns how many fit: none while a vCPU holds the UART (it never
+    /// waits for one); offer the rest again.
     pub fn console_input(&self, bytes: &[u8]) -> usize {
         self.uart.input(bytes)
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use brisk_test_kernels as k;
 use brisk_vmm::{Capture, Irqchip, KernelConfig, Output, StartError, Vm, VmConfig, VmEnd};
-use common::{save_and_restore, wait_for_line};
+use common::{save_and_restore, type_in, wait_for_line};
 
 fn config(kernel: &str, cpus: usize, cmdline: &str, initrd: Option<PathBuf>) -> VmConfig {
     VmConfig {
@@ -201,7 +201,7 @@ fn the_uart_interrupt_reaches_the_kernel_through_the_ioapic() {
             assert!(std::time::Instant::now() < ready, "{}", capture.text());
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(vm.console_input(b"ping"), 4);
+        type_in(&vm, b"ping");
         let end = vm.wait(Some(Duration::from_secs(60)), None);
         vm.shutdown().unwrap();
         let out = capture.text();
@@ -233,13 +233,25 @@ fn sixteen_gib_split_around_the_32_bit_hole() {
 /// types a byte, so the storm cannot end first): no IPI is lost (a lost one stops its ping-pong
 /// pair, and the kernel would never finish), none is doubled (the kernel
 /// checks every count), and the restored LAPICs go on where they were.
+/// Under brisk's irqchip also M:N, the 4 vCPUs on 2 pool threads: each
+/// IPI wakes a vCPU that holds no thread, and the restored VM is pooled.
 #[test]
 fn an_ipi_storm_loses_nothing_across_pauses_and_snapshots() {
     require_kvm!();
-    for irqchip in IRQCHIPS {
-        let c = on(irqchip, config(k::IPISTORM, 4, "hold", None));
-        let dir =
-            std::env::temp_dir().join(format!("brisk-ipistorm-{irqchip:?}-{}", std::process::id()));
+    let runs = [
+        (Irqchip::Kernel, None),
+        (Irqchip::User, None),
+        (Irqchip::User, Some(2)),
+    ];
+    for (irqchip, vcpu_threads) in runs {
+        let c = VmConfig {
+            vcpu_threads,
+            ..on(irqchip, config(k::IPISTORM, 4, "hold", None))
+        };
+        let dir = std::env::temp_dir().join(format!(
+            "brisk-ipistorm-{irqchip:?}-{vcpu_threads:?}-{}",
+            std::process::id()
+        ));
         let mut capture = Capture::default();
         let mut vm = Vm::start(&c, Output::Capture(capture.clone())).expect("kernel boots");
         let mut out = String::new();
@@ -250,13 +262,14 @@ fn an_ipi_storm_loses_nothing_across_pauses_and_snapshots() {
             vm.pause(bound).unwrap();
             vm.resume().unwrap();
             (vm, capture) = save_and_restore(vm, &capture, &dir, &mut out);
-            assert_eq!(vm.console_input(b"g"), 1);
+            type_in(&vm, b"g");
         }
+        assert_eq!(vm.vcpu_thread_count(), vcpu_threads.map_or(4, |n| n + 1));
         let end = vm.wait(Some(Duration::from_secs(120)), None);
         vm.shutdown().unwrap();
         out.push_str(&capture.text());
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(end, PASS, "{irqchip:?}: {out}");
+        assert_eq!(end, PASS, "{irqchip:?} {vcpu_threads:?}: {out}");
         assert!(out.contains("24000 round trips on 4 CPUs"), "{out}");
     }
 }

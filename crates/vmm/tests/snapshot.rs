@@ -355,7 +355,7 @@ fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
     let after = Capture::default();
     let vm = cycle(vm, &dir.0, Output::Capture(after.clone()));
     vm.resume().unwrap();
-    assert_eq!(vm.console_input(b"ping"), 4);
+    common::type_in(&vm, b"ping");
     run_to(&vm, PASS);
     vm.shutdown().unwrap();
     assert!(after.text().contains("got 'ping'"), "{}", after.text());

@@ -82,6 +82,19 @@ pub fn check_dirty_pages(vm: &Vm, cpus: usize, mib: u64, at_least: u64) {
     }
 }
 
+/// Type `bytes` at the guest's console, offering again what the UART did
+/// not take (a vCPU was using it), for at most 10 s.
+pub fn type_in(vm: &Vm, mut bytes: &[u8]) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !bytes.is_empty() {
+        bytes = &bytes[vm.console_input(bytes)..];
+        assert!(Instant::now() < until, "the console took no input for 10 s");
+        if !bytes.is_empty() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 /// Wait (polling, bounded by `bound`) until `capture` holds `line`; fail
 /// if the VM ends first. `before` is what earlier VMs of the same run
 /// printed, for the failure's message.
