@@ -338,13 +338,13 @@ where
         }
         if req & Request::Kick.bit() != 0 {
             // An explicit "re-enter": ends a halt (a spurious wake-up).
-            self.st.halted = false;
+            self.end_halt();
         }
         if req & Request::Interrupt.bit() != 0
             && self.st.halted
             && self.guest.borrow().interrupt_deliverable()
         {
-            self.st.halted = false;
+            self.end_halt();
         }
         if req & (Request::Stop.bit() | Request::Work.bit() | Request::Preempt.bit()) != 0 {
             // Parked vCPUs, run_on closures and the vCPU's next thread must
@@ -367,6 +367,17 @@ where
             return Ok(Some(Step::Away(Leave::Preempted)));
         }
         Ok(None)
+    }
+
+    /// The guest goes on after its HLT. A 1:1 vCPU closed its halt's
+    /// books as it left `halt_wait`; an M:N vCPU that left its thread
+    /// halted comes back here, still in the halt, and closes them now.
+    fn end_halt(&mut self) {
+        self.st.halted = false;
+        if let Some(since) = self.st.halt_since.take() {
+            self.ctl.state.set(VcpuState::Running);
+            VcpuCtl::<G>::add_ns(&self.ctl.counters.halted_ns, since);
+        }
     }
 
     /// Complete a half-done access, serving the exits that takes (bounded).

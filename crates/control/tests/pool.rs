@@ -158,6 +158,8 @@ fn a_kick_to_a_vcpu_on_no_thread_sends_no_signal_and_wakes_it() {
     let c = rig.ctls[1].counters().snapshot();
     assert_eq!(c.signals_sent, 0);
     assert!(c.wakeups >= 1);
+    // The halt it left a thread in is counted when it ends.
+    assert!(c.halted_ns > 0, "{c:?}");
 }
 
 #[test]

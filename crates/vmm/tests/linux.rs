@@ -167,6 +167,37 @@ fn linux_on_brisks_irqchip_halts_in_user_space_across_a_snapshot() {
     }
 }
 
+/// M:N: a 4-vCPU Linux on brisk's irqchip over 2 pool threads reaches
+/// init. Every vCPU halts in user space, giving its thread to the others;
+/// all four run on the pool's two threads (and its slicer).
+#[test]
+fn four_vcpu_linux_on_two_pool_threads_reaches_init() {
+    require_kvm!();
+    let linux = guest_linux().expect("scripts/guest-kernel.sh builds the guest kernel");
+    let mut c = config(&linux.vmlinux, 4);
+    c.irqchip = Irqchip::User;
+    c.vcpu_threads = Some(2);
+    if let brisk_vmm::Payload::Kernel(k) = &mut c.payload {
+        k.initrd = Some(linux.initramfs.clone());
+    }
+    let capture = Capture::default();
+    let vm = Vm::start(&c, Output::Capture(capture.clone())).expect("Linux starts");
+    assert_eq!(vm.vcpu_thread_count(), 3);
+    let end = vm.wait(Some(BOOT_BOUND), None);
+    let counters: Vec<_> = vm.vcpus().iter().map(|v| v.counters().snapshot()).collect();
+    vm.shutdown().unwrap();
+    let out = capture.text();
+    assert!(
+        out.contains("smpboot: Total of 4 processors activated"),
+        "{out}"
+    );
+    assert_reached_init(&end, &out, "/init");
+    for (id, k) in counters.iter().enumerate() {
+        let halts = k.exits_of(brisk_vmm::control::ExitKind::Halt);
+        assert!(halts > 0 && k.halted_ns > 0, "vCPU {id}: {k:?}");
+    }
+}
+
 /// Linux configures its virtio-net NIC from the command line and its
 /// kernel answers a ping from the host (guest user mode is only /idle,
 /// spinning); the VM saved and restored onto the same TAP answers again.
