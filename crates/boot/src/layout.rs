@@ -98,14 +98,46 @@ pub const STACKS: u64 = 0x10000;
 pub const STACK_SIZE: u64 = 0x1000;
 /// Where guest code is loaded and every vCPU starts.
 pub const CODE: u64 = 0x10_0000;
-/// The most vCPUs this layout has room for.
+/// The most vCPUs of a kernel (its MADT lists xAPIC entries), and of a
+/// built-in guest in the low areas above (`VCPU_DATA`, `PVCLOCK`,
+/// `STACKS`, and the low per-vCPU ports).
 pub const MAX_VCPUS: usize = 64;
+/// The most vCPUs of a built-in guest (KVM's `KVM_CAP_MAX_VCPUS` on
+/// common hosts): vCPUs from [`MAX_VCPUS`] on have their data, pvclock
+/// and stack in the high areas below (above the code), and their ports in
+/// the high port ranges. The first 64 keep the low areas, so a built-in
+/// guest of up to 64 vCPUs is laid out as it always was.
+pub const MAX_BUILTIN_VCPUS: usize = 1024;
+/// Per-vCPU data of vCPUs 64 and up (as `VCPU_DATA`).
+pub const VCPU_DATA_HIGH: u64 = 0x18_0000;
+/// Per-vCPU pvclock structures of vCPUs 64 and up (as `PVCLOCK`).
+pub const PVCLOCK_HIGH: u64 = 0x19_0000;
+/// Stacks of vCPUs 64 and up (as `STACKS`), up to 0x5c_0000.
+pub const STACKS_HIGH: u64 = 0x20_0000;
 /// The least RAM a built-in guest needs (code at 1 MiB, plus room).
 pub const MIN_MEMORY: u64 = 2 << 20;
+/// The least RAM of a built-in guest with more than [`MAX_VCPUS`] vCPUs
+/// (the high stacks end below 6 MiB).
+pub const MIN_MEMORY_HIGH_VCPUS: u64 = 8 << 20;
+
+/// `low + id * stride` for the first [`MAX_VCPUS`] vCPUs, `high + (id -
+/// MAX_VCPUS) * stride` for the rest: where each per-vCPU area is.
+pub const fn per_vcpu(id: usize, low: u64, high: u64, stride: u64) -> u64 {
+    if id < MAX_VCPUS {
+        low + id as u64 * stride
+    } else {
+        high + (id - MAX_VCPUS) as u64 * stride
+    }
+}
 
 /// Address of vCPU `id`'s progress counter.
 pub const fn progress(id: usize) -> u64 {
-    VCPU_DATA + id as u64 * VCPU_DATA_STRIDE
+    per_vcpu(id, VCPU_DATA, VCPU_DATA_HIGH, VCPU_DATA_STRIDE)
+}
+
+/// Address of vCPU `id`'s pvclock structure (the `kvmclock` guest).
+pub const fn pvclock(id: usize) -> u64 {
+    per_vcpu(id, PVCLOCK, PVCLOCK_HIGH, VCPU_DATA_STRIDE)
 }
 
 /// Address of vCPU `id`'s last counter-device value.
@@ -115,7 +147,7 @@ pub const fn last_read(id: usize) -> u64 {
 
 /// Top of vCPU `id`'s stack.
 pub const fn stack_top(id: usize) -> u64 {
-    STACKS + (id as u64 + 1) * STACK_SIZE
+    per_vcpu(id, STACKS, STACKS_HIGH, STACK_SIZE) + STACK_SIZE
 }
 
 // A Linux kernel's boot data (the 64-bit boot protocol and PVH). The
@@ -151,4 +183,34 @@ pub const MAX_VIRTIO_DEVICES: usize = VIRTIO_IRQS.len();
 /// The register window of virtio-mmio device `i`.
 pub const fn virtio_mmio(i: usize) -> u64 {
     VIRTIO_MMIO_BASE + i as u64 * VIRTIO_MMIO_STRIDE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports;
+
+    /// The first 64 vCPUs keep the low areas; the rest, up to 1024, get
+    /// places of their own that touch nothing else.
+    #[test]
+    fn every_vcpu_up_to_the_builtin_limit_has_its_own_places() {
+        assert_eq!(progress(63), VCPU_DATA + 63 * 64);
+        assert_eq!(stack_top(0), STACKS + STACK_SIZE);
+        assert_eq!(ports::counter(1), ports::COUNTER + 4);
+        assert_eq!(ports::timer(2), ports::TIMER + 16);
+        let last = MAX_BUILTIN_VCPUS - 1;
+        assert_eq!(progress(MAX_VCPUS), VCPU_DATA_HIGH);
+        assert!(progress(last) + VCPU_DATA_STRIDE <= PVCLOCK_HIGH);
+        assert!(pvclock(last) + VCPU_DATA_STRIDE <= STACKS_HIGH);
+        assert!(stack_top(last) <= MIN_MEMORY_HIGH_VCPUS - (2 << 20));
+        let counters = ports::counter(MAX_VCPUS)..ports::counter(last) + 4;
+        let timers = ports::timer(MAX_VCPUS)..ports::timer(last) + 8;
+        assert!(counters.end <= timers.start);
+        assert!(timers.end <= ports::DOORBELL || ports::DOORBELL < counters.start);
+        assert!(ports::counter(MAX_VCPUS - 1) + 4 <= ports::TIMER);
+        for id in 1..MAX_BUILTIN_VCPUS {
+            assert!(progress(id) >= progress(id - 1) + VCPU_DATA_STRIDE);
+            assert!(stack_top(id) >= stack_top(id - 1) + STACK_SIZE);
+        }
+    }
 }

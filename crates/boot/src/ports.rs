@@ -37,12 +37,25 @@ pub const PCI_CONFIG: u16 = 0xcf8;
 /// A port no device claims (reads all-ones).
 pub const UNCLAIMED: u16 = 0x80;
 
+/// Counter devices of vCPUs 64 and up (as [`COUNTER`]), to 0x4f00.
+pub const COUNTER_HIGH: u16 = 0x4000;
+/// Timer registers of vCPUs 64 and up (as [`TIMER`]), to 0x6e00.
+pub const TIMER_HIGH: u16 = 0x5000;
+/// Bytes of ports per vCPU: counter, timer.
+pub const COUNTER_STRIDE: u16 = 4;
+pub const TIMER_STRIDE: u16 = 8;
+
 /// Port of vCPU `id`'s counter device.
 pub const fn counter(id: usize) -> u16 {
-    COUNTER + 4 * id as u16
+    crate::layout::per_vcpu(
+        id,
+        COUNTER as u64,
+        COUNTER_HIGH as u64,
+        COUNTER_STRIDE as u64,
+    ) as u16
 }
 
 /// First port of vCPU `id`'s timer registers.
 pub const fn timer(id: usize) -> u16 {
-    TIMER + 8 * id as u16
+    crate::layout::per_vcpu(id, TIMER as u64, TIMER_HIGH as u64, TIMER_STRIDE as u64) as u16
 }

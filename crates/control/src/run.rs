@@ -430,6 +430,8 @@ where
         let mut slow = ctl.lock();
         slow.parked = true;
         slow.guest_halted = self.st.halted;
+        // Parked before the stopper can look: it returns seeing the mode.
+        ctl.mode.store(Mode::Parked);
         ctl.ack_cv.notify_all();
         drop(slow);
         self.st.in_park = true;

@@ -58,7 +58,12 @@ pub struct PeriodicTimers {
 
 /// The bus side of [`PeriodicTimers`]: register it over
 /// `vcpus * TIMER_STRIDE` ports.
-pub struct TimerPorts(Arc<Inner>);
+pub struct TimerPorts {
+    inner: Arc<Inner>,
+    /// Where its port windows start, and the vCPU whose registers are
+    /// first in each (a layout may place the vCPUs in two windows).
+    windows: Vec<(u16, usize)>,
+}
 
 impl PeriodicTimers {
     /// Timers for `vcpus` vCPUs raising into `sink`. Spawns the timer thread.
@@ -101,7 +106,17 @@ impl PeriodicTimers {
 
     /// The device to put on the bus.
     pub fn ports(&self) -> Arc<TimerPorts> {
-        Arc::new(TimerPorts(self.inner.clone()))
+        self.windows(vec![(0, 0)])
+    }
+
+    /// The registers, for port windows at these bases, each starting with
+    /// the given vCPU (register the device at each base; a window not
+    /// listed reads as the first).
+    pub fn windows(&self, windows: Vec<(u16, usize)>) -> Arc<TimerPorts> {
+        Arc::new(TimerPorts {
+            inner: self.inner.clone(),
+            windows,
+        })
     }
 
     /// Ticks raised for vCPU `vcpu` so far.
@@ -209,9 +224,9 @@ fn serve(inner: &Inner) {
 }
 
 impl DevicePio for TimerPorts {
-    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
-        let (vcpu, reg) = (offset as usize / 8, offset % 8);
-        let state = self.0.lock();
+    fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        let (vcpu, reg) = self.register(base, offset);
+        let state = self.inner.lock();
         let Some(t) = state.timers.get(vcpu) else {
             data.fill(0xff);
             return;
@@ -224,10 +239,10 @@ impl DevicePio for TimerPorts {
         crate::put_port_value(data, v);
     }
 
-    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
-        let (vcpu, reg) = (offset as usize / 8, offset % 8);
+    fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        let (vcpu, reg) = self.register(base, offset);
         let v = crate::port_value(data);
-        let mut state = self.0.lock();
+        let mut state = self.inner.lock();
         let Some(t) = state.timers.get_mut(vcpu) else {
             return;
         };
@@ -245,7 +260,22 @@ impl DevicePio for TimerPorts {
             _ => return,
         }
         drop(state);
-        self.0.cv.notify_all();
+        self.inner.cv.notify_all();
+    }
+}
+
+impl TimerPorts {
+    /// The vCPU and register at `offset`.
+    fn register(&self, base: PioAddress, offset: PioAddressOffset) -> (usize, PioAddressOffset) {
+        let first = self
+            .windows
+            .iter()
+            .find(|(b, _)| *b == base.0)
+            .map_or(0, |(_, first)| *first);
+        (
+            first + (offset / TIMER_STRIDE) as usize,
+            offset % TIMER_STRIDE,
+        )
     }
 }
 
@@ -264,7 +294,7 @@ impl crate::Stateful for TimerPorts {
     type State = Vec<TimerState>;
 
     fn save(&self) -> Vec<TimerState> {
-        let state = self.0.lock();
+        let state = self.inner.lock();
         let now = state.frozen_at.unwrap_or_else(Instant::now);
         state
             .timers
@@ -282,7 +312,7 @@ impl crate::Stateful for TimerPorts {
 
     fn restore(&self, saved: Vec<TimerState>) -> Result<(), crate::InvalidState> {
         let now = Instant::now();
-        let mut state = self.0.lock();
+        let mut state = self.inner.lock();
         if saved.len() != state.timers.len() {
             return Err(crate::InvalidState::Count {
                 what: "timers",
@@ -309,7 +339,7 @@ impl crate::Stateful for TimerPorts {
             t.ticks = s.ticks;
         }
         drop(state);
-        self.0.cv.notify_all();
+        self.inner.cv.notify_all();
         Ok(())
     }
 }

@@ -14,18 +14,47 @@ pub(crate) fn finish(mut a: Asm) -> Result<Vec<u8>, IcedError> {
     a.assemble(layout::CODE)
 }
 
+/// `dst` = this vCPU's place in a per-vCPU area (`rdi` = vCPU index), as
+/// [`layout::per_vcpu`] has it: `low + id * stride` for the first
+/// [`layout::MAX_VCPUS`], `high + (id - MAX_VCPUS) * stride` after.
+fn per_vcpu(a: &mut Asm, dst: AsmRegister64, low: u64, high: u64, stride: u64) -> R {
+    let (mut first, mut done) = (a.create_label(), a.create_label());
+    a.mov(dst, rdi)?;
+    a.cmp(rdi, layout::MAX_VCPUS as i32)?;
+    a.jb(first)?;
+    a.sub(dst, layout::MAX_VCPUS as i32)?;
+    a.shl(dst, stride.trailing_zeros())?;
+    a.add(dst, high as i32)?;
+    a.jmp(done)?;
+    a.set_label(&mut first)?;
+    a.shl(dst, stride.trailing_zeros())?;
+    a.add(dst, low as i32)?;
+    a.set_label(&mut done)?;
+    a.nop()
+}
+
 /// `rbx` = this vCPU's data line (`rdi` = vCPU index).
 pub(crate) fn vcpu_data_to_rbx(a: &mut Asm) -> R {
-    a.mov(rbx, rdi)?;
-    a.shl(rbx, layout::VCPU_DATA_STRIDE.trailing_zeros())?;
-    a.add(rbx, layout::VCPU_DATA as i32)
+    let (low, high) = (layout::VCPU_DATA, layout::VCPU_DATA_HIGH);
+    per_vcpu(a, rbx, low, high, layout::VCPU_DATA_STRIDE)
+}
+
+/// `rax` = this vCPU's pvclock structure.
+pub(crate) fn pvclock_to_rax(a: &mut Asm) -> R {
+    let (low, high) = (layout::PVCLOCK, layout::PVCLOCK_HIGH);
+    per_vcpu(a, rax, low, high, layout::VCPU_DATA_STRIDE)
 }
 
 /// `edx` = this vCPU's counter port.
 pub(crate) fn counter_port_to_edx(a: &mut Asm) -> R {
-    a.mov(edx, edi)?;
-    a.shl(edx, 2)?;
-    a.add(edx, ports::COUNTER as i32)
+    let (low, high) = (ports::COUNTER.into(), ports::COUNTER_HIGH.into());
+    per_vcpu(a, rdx, low, high, ports::COUNTER_STRIDE.into())
+}
+
+/// `edx` = this vCPU's first timer port.
+pub(crate) fn timer_port_to_edx(a: &mut Asm) -> R {
+    let (low, high) = (ports::TIMER.into(), ports::TIMER_HIGH.into());
+    per_vcpu(a, rdx, low, high, ports::TIMER_STRIDE.into())
 }
 
 /// `cli; hlt; jmp` forever, starting at `l`.

@@ -355,7 +355,7 @@ pub const DEBUG_EXIT_VALUE: u8 = 0x21;
 
 /// Where `kvmclock` puts vCPU `id`'s pvclock structure.
 pub const fn pvclock(id: usize) -> u64 {
-    brisk_boot::layout::PVCLOCK + id as u64 * brisk_boot::layout::VCPU_DATA_STRIDE
+    brisk_boot::layout::pvclock(id)
 }
 
 /// Look up a built-in guest by name.
@@ -418,4 +418,21 @@ pub const STRESS_RAISE_VECTOR: u8 = 0x22;
 /// counter reads: `Vm::last_read` reads it).
 pub const fn stress_irq_handled(id: usize) -> u64 {
     brisk_boot::layout::last_read(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every program fits between its load address and the first area
+    /// of the high vCPUs (vCPUs 64 and up keep their data above the code).
+    #[test]
+    fn every_program_fits_below_the_high_vcpu_areas() {
+        let room = (brisk_boot::layout::VCPU_DATA_HIGH - brisk_boot::layout::CODE) as usize;
+        for g in ALL {
+            let value = g.param.map_or(0, |p| p.default);
+            let code = (g.assemble)(value).unwrap();
+            assert!(code.len() < room, "{}: {} bytes", g.name, code.len());
+        }
+    }
 }

@@ -340,9 +340,7 @@ pub(crate) fn tick(ticks: u64) -> Program {
     asm::idt_gate(&mut a, TICK_VECTOR, handler)?;
     asm::load_idt(&mut a)?;
     // This vCPU's timer: vector, then period (starts it).
-    a.mov(edx, edi)?;
-    a.shl(edx, 3)?;
-    a.add(edx, ports::TIMER as i32)?;
+    asm::timer_port_to_edx(&mut a)?;
     a.mov(al, TICK_VECTOR as u32)?;
     a.out(dx, al)?;
     a.add(edx, 4)?;
@@ -453,9 +451,7 @@ const PVCLOCK_GUEST_STOPPED: u32 = 2;
 pub(crate) fn kvmclock(_n: u64) -> Program {
     let mut a = asm::new()?;
     asm::vcpu_data_to_rbx(&mut a)?;
-    a.mov(rax, rdi)?;
-    a.shl(rax, layout::VCPU_DATA_STRIDE.trailing_zeros())?;
-    a.add(rax, layout::PVCLOCK as i32)?;
+    asm::pvclock_to_rax(&mut a)?;
     a.mov(r14, rax)?;
     a.or(eax, 1)?; // enable
     a.xor(edx, edx)?;
@@ -561,9 +557,7 @@ pub(crate) fn stress_irq(_n: u64) -> Program {
 
     // This vCPU's timer: vector, then period (starts it); then halt.
     a.set_label(&mut timer)?;
-    a.mov(edx, edi)?;
-    a.shl(edx, 3)?;
-    a.add(edx, ports::TIMER as i32)?;
+    asm::timer_port_to_edx(&mut a)?;
     a.mov(al, TICK_VECTOR as u32)?;
     a.out(dx, al)?;
     a.add(edx, 4)?;

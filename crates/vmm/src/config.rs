@@ -1,6 +1,8 @@
 //! What to build: payload, vCPUs, memory, irqchip.
 
-use brisk_boot::layout::{MAX_MEMORY, MAX_VCPUS, MIN_MEMORY};
+use brisk_boot::layout::{
+    MAX_BUILTIN_VCPUS, MAX_MEMORY, MAX_VCPUS, MIN_MEMORY, MIN_MEMORY_HIGH_VCPUS,
+};
 use brisk_kvm::{Irqchip, Mwait};
 
 use crate::Payload;
@@ -301,8 +303,15 @@ impl Default for VmConfig {
 pub enum ConfigError {
     #[error(transparent)]
     Guest(#[from] brisk_guests::ChoiceError),
-    #[error("{0} vCPUs requested; brisk supports 1 to {MAX_VCPUS}")]
-    Cpus(usize),
+    #[error("{cpus} vCPUs requested; brisk supports 1 to {max} for {what}")]
+    Cpus {
+        cpus: usize,
+        max: usize,
+        what: &'static str,
+    },
+    /// The high per-vCPU areas of a big built-in guest need the RAM.
+    #[error("{cpus} vCPUs need at least {} MiB of memory (their stacks and data lie up to 6 MiB)", MIN_MEMORY_HIGH_VCPUS >> 20)]
+    MemoryForVcpus { cpus: usize },
     #[error("{0} bytes of memory requested; need a multiple of 4 KiB from {min} MiB to {max} GiB", min = MIN_MEMORY >> 20, max = MAX_MEMORY >> 30)]
     Memory(u64),
     /// The guest's interrupts come from user-space devices.
@@ -331,8 +340,21 @@ pub enum ConfigError {
 impl VmConfig {
     /// Check the configuration without touching KVM.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.cpus == 0 || self.cpus > MAX_VCPUS {
-            return Err(ConfigError::Cpus(self.cpus));
+        // A kernel's MADT lists xAPIC entries; a built-in guest has room
+        // for KVM's usual maximum (its vCPUs from 64 on in the high areas).
+        let (max, what) = match self.payload {
+            Payload::Builtin(_) => (MAX_BUILTIN_VCPUS, "a built-in guest"),
+            Payload::Kernel(_) => (MAX_VCPUS, "a kernel"),
+        };
+        if self.cpus == 0 || self.cpus > max {
+            return Err(ConfigError::Cpus {
+                cpus: self.cpus,
+                max,
+                what,
+            });
+        }
+        if self.cpus > MAX_VCPUS && self.memory < MIN_MEMORY_HIGH_VCPUS {
+            return Err(ConfigError::MemoryForVcpus { cpus: self.cpus });
         }
         if let Some(threads) = self.vcpu_threads {
             if threads == 0 || threads > self.cpus {

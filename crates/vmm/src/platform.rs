@@ -405,13 +405,23 @@ pub(crate) fn devices(w: Wiring<'_>, output: Output) -> Result<Devices, StartErr
         };
         let timers = PeriodicTimers::with_thread_init(w.cpus, sink.clone(), Box::new(init))
             .map_err(setup("starting the timer thread"))?;
+        // vCPUs 0-63 in the low window, the rest in the high one.
+        let low = w.cpus.min(layout::MAX_VCPUS);
+        let high = w.cpus - low;
+        let windows = vec![(ports::TIMER, 0), (ports::TIMER_HIGH, layout::MAX_VCPUS)];
+        let dev = timers.windows(windows);
         m.add_pio(
             "timers",
             ports::TIMER,
-            TIMER_STRIDE * w.cpus as u16,
-            timers.ports(),
+            TIMER_STRIDE * low as u16,
+            dev.clone(),
         )
         .map_err(place())?;
+        if high > 0 {
+            let len = TIMER_STRIDE * high as u16;
+            m.add_pio("timers", ports::TIMER_HIGH, len, dev)
+                .map_err(place())?;
+        }
         let doorbell = Arc::new(Doorbell::new(sink.clone(), w.cpus));
         m.add_pio("doorbell", ports::DOORBELL, 4, doorbell.clone())
             .map_err(place())?;

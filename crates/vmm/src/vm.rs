@@ -65,6 +65,26 @@ pub enum StartError {
     },
 }
 
+/// Raise the soft limit on open files (up to the hard one) if a VM of
+/// `cpus` vCPUs needs more: each vCPU holds two (its KVM fd and its state
+/// eventfd), and a 1024-vCPU guest would pass the common soft limit of
+/// 1024. If it cannot be raised, creating a vCPU fails with EMFILE, which
+/// the error names.
+fn room_for_fds(cpus: usize) {
+    let need = (cpus as u64) * 2 + 256;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct on the stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < need {
+            lim.rlim_cur = need.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// `map_err` for a set-up step named `what`.
 pub(crate) fn setup<E: std::error::Error + Send + Sync + 'static>(
     what: &'static str,
@@ -176,6 +196,7 @@ impl Machine {
         let guest = config.payload.name();
 
         let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);
+        room_for_fds(config.cpus);
         let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {

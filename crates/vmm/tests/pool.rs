@@ -102,3 +102,19 @@ fn a_pool_is_refused_under_the_kernel_irqchip_and_beyond_the_vcpus() {
         }))
     ));
 }
+
+/// KVM's usual vCPU limit on this host's two cores: 1024 `tick` vCPUs
+/// (960 of them with their data, stack and timer in the high areas) run
+/// to completion on two pool threads.
+#[test]
+fn a_thousand_and_twenty_four_tick_vcpus_on_two_threads() {
+    require_kvm!();
+    let vm = Vm::start(&pooled("tick=20", 1024, 2), Output::Null).expect("VM starts");
+    let end = vm.wait(Some(Duration::from_secs(300)), None);
+    assert_eq!(end, VmEnd::PowerOff);
+    for id in [0, 63, 64, 500, 1023] {
+        assert!(vm.progress(id) >= 20, "vCPU {id}");
+        assert!(vm.timer_ticks(id).unwrap() >= 20, "vCPU {id}");
+    }
+    vm.shutdown().unwrap();
+}
