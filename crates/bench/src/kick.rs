@@ -34,11 +34,11 @@ const STRATEGIES: [(Strategy, &str); 3] = [
 ];
 
 /// A vCPU thread under one strategy, and how to kick it.
-struct Kickable {
-    kick: Box<dyn Fn()>,
-    returns: Receiver<u64>,
-    epoch: Instant,
-    stop: Box<dyn FnOnce()>,
+pub(crate) struct Kickable {
+    pub(crate) kick: Box<dyn Fn()>,
+    pub(crate) returns: Receiver<u64>,
+    pub(crate) epoch: Instant,
+    pub(crate) stop: Box<dyn FnOnce()>,
 }
 
 fn start(strategy: Strategy, guest: &str, irqchip: Irqchip) -> Kickable {
@@ -125,7 +125,7 @@ fn brisk_loop(
 
 /// Kick `n` times, a gap apart (the vCPU is back in the guest, or blocked
 /// in HLT, by then); latency = kick call -> KVM_RUN returned on the vCPU.
-fn latencies(k: &Kickable, n: usize, gap: Duration) -> Vec<u64> {
+pub(crate) fn latencies(k: &Kickable, n: usize, gap: Duration) -> Vec<u64> {
     let mut out = Vec::with_capacity(n);
     thread::sleep(Duration::from_millis(20));
     for _ in 0..n {
@@ -197,11 +197,7 @@ fn halted_wake(opts: &Opts) -> Table {
     let mut cost = [(0u64, 0u64, 0u64); 2];
     for _ in 0..3 {
         for (i, irqchip) in [Irqchip::User, Irqchip::Kernel].into_iter().enumerate() {
-            let mut rig = Rig::new("halt", 1, irqchip);
-            let epoch = Instant::now();
-            let (tx, returns) = mpsc::channel();
-            let timed = Timed::entries(rig.vcpus.pop().unwrap(), epoch, tx);
-            let (kickable, counters) = brisk_loop(rig, timed, returns, epoch);
+            let (kickable, counters) = halted(irqchip);
             samples[i].extend(latencies(&kickable, n / 3, Duration::from_millis(1)));
             let c = counters.counters().snapshot();
             cost[i].0 += c.kicks;
@@ -225,6 +221,16 @@ fn halted_wake(opts: &Opts) -> Table {
                 .with("wakeups/kick", wakes_per_kick(cost[1])),
         ],
     )
+}
+
+/// The `halt` guest on one vCPU in brisk's own loop on its own thread,
+/// reporting when the loop is back at its entry point.
+pub(crate) fn halted(irqchip: Irqchip) -> (Kickable, Arc<VcpuCtl<Timed>>) {
+    let mut rig = Rig::new("halt", 1, irqchip);
+    let epoch = Instant::now();
+    let (tx, returns) = mpsc::channel();
+    let timed = Timed::entries(rig.vcpus.pop().unwrap(), epoch, tx);
+    brisk_loop(rig, timed, returns, epoch)
 }
 
 /// stop() on a vCPU that is already parked: brisk needs no signal and no

@@ -16,6 +16,9 @@
 //! - [`net`]: virtio-net on a TAP vs a host thread on the TAP: frames/s
 //!   guest → host, round trips host → guest → host.
 //! - [`vsock`]: hybrid vsock to an echoing guest vs a Unix socket pair.
+//! - [`mn`]: M:N (a pool of host threads runs every vCPU) vs a thread
+//!   per vCPU: threads, RSS, CPU, tick latency, pingpong, fairness, wake
+//!   latency, the cost of a move.
 //! - [`snapshot`]: snapshot create and restore vs writing the bytes and
 //!   starting a fresh VM; migration downtime and total time (idle,
 //!   dirtying, local fd hand-over) vs pausing in place.
@@ -25,6 +28,7 @@ pub mod boot;
 pub mod exit;
 pub mod irq;
 pub mod kick;
+pub mod mn;
 pub mod net;
 pub mod pause;
 pub mod plot;
@@ -50,6 +54,7 @@ pub enum Which {
     Net,
     Vsock,
     Snapshot,
+    Mn,
     All,
 }
 
@@ -135,6 +140,9 @@ pub fn run(which: Which, opts: &Opts, mut print: impl FnMut(&Table)) -> Report {
     }
     if matches!(which, Which::Snapshot | Which::All) {
         go(snapshot::run);
+    }
+    if matches!(which, Which::Mn | Which::All) {
+        go(mn::run);
     }
     Report {
         quick: opts.quick,

@@ -123,6 +123,10 @@ impl Guest for Timed {
         self.inner.bind_thread()
     }
 
+    fn unbind_thread(&mut self) {
+        self.inner.unbind_thread()
+    }
+
     fn set_immediate_exit(&mut self, on: bool) {
         if self.at_entry && !on {
             if let Some(k) = &self.kicked {

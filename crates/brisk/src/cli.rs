@@ -213,6 +213,12 @@ enum BenchWhich {
     /// stop-and-copy stop time, diff vs full (512 MiB), restore by RAM
     /// size (256 MiB and 4 GiB).
     Snapshot,
+    /// M:N (--vcpu-threads 2) vs a thread per vCPU: 64 tick vCPUs
+    /// (threads, RSS, CPU per guest second, tick latency), 1024 tick vCPUs
+    /// (start-up to exit, RSS, threads), pingpong on 8 vCPUs, fairness of
+    /// CPU-bound vCPUs, wake latency of a halted vCPU (pool, 1:1 user
+    /// space, in-kernel), and the cost of moving a vCPU between threads.
+    Mn,
     /// All of the above but boot.
     All,
 }
@@ -620,6 +626,7 @@ fn bench(args: BenchArgs) -> i32 {
         BenchWhich::Net => brisk_bench::Which::Net,
         BenchWhich::Vsock => brisk_bench::Which::Vsock,
         BenchWhich::Snapshot => brisk_bench::Which::Snapshot,
+        BenchWhich::Mn => brisk_bench::Which::Mn,
         BenchWhich::All => brisk_bench::Which::All,
     };
     let opts = brisk_bench::Opts { quick: args.quick };
