@@ -14,7 +14,9 @@
 //! - wake latency of a halted vCPU: on no thread (pool) vs halted in user
 //!   space on its own thread vs halted inside KVM;
 //! - the cost of moving a vCPU to another thread: its first KVM_RUN there
-//!   vs a KVM_RUN on the thread that ran it last.
+//!   vs a KVM_RUN on the thread that ran it last;
+//! - the host CPU a VM of 4 spinning vCPUs takes with 1 pool thread vs 4
+//!   threads: M:N keeps the guest's work within N host CPUs.
 
 use std::sync::{mpsc, Arc};
 use std::thread;
@@ -37,6 +39,7 @@ pub fn run(opts: &Opts) -> Vec<Table> {
         fairness(opts),
         wake(opts),
         moving(opts),
+        bounded(opts),
     ]
 }
 
@@ -69,6 +72,11 @@ struct Process {
 /// Run `brisk run ARGS` to its end, sampling its thread count; its CPU
 /// time and peak RSS come from wait4's rusage.
 fn whole_run(args: &[String]) -> Result<Process, String> {
+    whole_run_ending(args, 0)
+}
+
+/// As [`whole_run`], for a run that ends with exit status `want`.
+fn whole_run_ending(args: &[String], want: i32) -> Result<Process, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     let child = std::process::Command::new(exe)
@@ -103,8 +111,8 @@ fn whole_run(args: &[String]) -> Result<Process, String> {
     // SAFETY: as above; std's Child is not waited for after this.
     let r = unsafe { libc::wait4(pid, &mut wstatus, 0, &mut usage) };
     let wall = t0.elapsed();
-    if r != pid || !libc::WIFEXITED(wstatus) || libc::WEXITSTATUS(wstatus) != 0 {
-        return Err(format!("brisk run {} did not exit 0", args.join(" ")));
+    if r != pid || !libc::WIFEXITED(wstatus) || libc::WEXITSTATUS(wstatus) != want {
+        return Err(format!("brisk run {} did not exit {want}", args.join(" ")));
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok(Process {
@@ -428,6 +436,35 @@ fn moving(opts: &Opts) -> Table {
             Row::new("KVM_RUN on the same thread", same),
             Row::new("first KVM_RUN after a move", moved),
         ],
+    )
+}
+
+/// 4 vCPUs spinning for 1 s (`--timeout 1s`, exit status 10): the host
+/// CPU time of the whole process per second of wall time.
+fn bounded(opts: &Opts) -> Table {
+    let rounds = if opts.quick { 1 } else { 3 };
+    let cpus = 4;
+    let variants = [None, Some(1)];
+    let mut samples: Vec<Vec<u64>> = vec![Vec::new(); 2];
+    for _ in 0..rounds {
+        for (i, threads) in variants.into_iter().enumerate() {
+            let mut a = args("spin", cpus, threads);
+            a.extend(["--timeout".to_string(), "1s".to_string()]);
+            match whole_run_ending(&a, 10) {
+                Ok(p) => samples[i].push((p.cpu.as_secs_f64() / p.wall.as_secs_f64() * 1e9) as u64),
+                Err(e) => eprintln!("bench mn: {e}"),
+            }
+        }
+    }
+    let rows = variants
+        .into_iter()
+        .zip(samples)
+        .map(|(threads, s)| Row::new(threads_name(threads, cpus), s))
+        .collect();
+    Table::new(
+        "mn: host CPU of 4 spinning vCPUs, CPU ns per wall second of a whole brisk run (1e9 = one host CPU)",
+        "M:N keeps the guest's work within its N threads (here 1 of the 2 cores); 1:1 takes every core it can",
+        rows,
     )
 }
 

@@ -43,6 +43,7 @@ fn bench_quick_runs_and_writes_well_formed_json() {
         "vsock:",
         "snapshot:",
         "migration:",
+        "mn:",
     ] {
         assert!(
             titles.iter().any(|t| t.starts_with(prefix)),
