@@ -58,7 +58,7 @@ fn bad_input_is_one_sentence_and_a_distinct_status() {
     for (args, status, needle) in [
         (&["run", "--guest", "nope"][..], 6, "unknown guest 'nope'"),
         (&["run", "--cpus", "0"][..], 6, "0 vCPUs"),
-        (&["run", "--cpus", "65"][..], 6, "65 vCPUs"),
+        (&["run", "--cpus", "1025"][..], 6, "1025 vCPUs"),
         (&["run", "--memory", "1K"][..], 6, "memory"),
         (&["run", "--memory", "lots"][..], 2, "not a size"),
         (&["run", "--timeout", "soon"][..], 2, "--timeout"),

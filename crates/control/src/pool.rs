@@ -73,7 +73,8 @@ pub struct PoolConfig {
     /// others spin in the guest; `None`: no slicer thread (a spinning vCPU
     /// keeps its thread until it halts, parks or ends).
     pub slice: Option<Duration>,
-    /// Runs first on each pool thread.
+    /// Runs first on each pool thread (0 to `threads - 1`) and on the
+    /// slicer (`threads`).
     pub on_thread_start: Option<ThreadStart>,
 }
 
@@ -102,9 +103,9 @@ struct Queue {
     last: Vec<usize>,
     /// Threads waiting on their condvar that nobody has woken yet.
     sleeping: Vec<bool>,
-    /// What each thread runs now, since when (`None`: starting, between
-    /// two vCPUs or asleep: about to take from the queue itself).
-    running: Vec<Option<(usize, Instant)>>,
+    /// What each thread runs now (`None`: starting, between two vCPUs or
+    /// asleep: about to take from the queue itself).
+    running: Vec<Option<Running>>,
     /// Threads that could not start.
     gone: Vec<bool>,
     /// vCPUs whose loop has not ended.
@@ -113,12 +114,30 @@ struct Queue {
     threads_live: usize,
 }
 
+/// A thread's current stretch, as the slicer sees it.
+#[derive(Clone, Copy)]
+struct Running {
+    vcpu: usize,
+    since: Instant,
+    /// The slicer has asked it to leave (it has not yet).
+    preempted: bool,
+}
+
 impl Queue {
     /// Whether a vCPU or an idle task waits for a thread.
     fn waiting(&self) -> bool {
         !self.run.is_empty() || !self.idle.is_empty()
     }
+
+    /// How many wait for a thread: queued vCPUs, and the idle queue's
+    /// vCPUs as one.
+    fn waiters(&self) -> usize {
+        self.run.len() + usize::from(!self.idle.is_empty())
+    }
 }
+
+/// The shortest slice the slicer keeps (a zero one would spin).
+const MIN_SLICE: Duration = Duration::from_micros(100);
 
 /// How far down the run queue a thread looks for a vCPU it ran last.
 const AFFINITY_LOOKAHEAD: usize = 8;
@@ -222,7 +241,11 @@ impl Scheduler {
                 .or_else(|| q.idle.pop_front().map(|(v, _)| v));
             if let Some(id) = id {
                 q.last[id] = me;
-                q.running[me] = Some((id, Instant::now()));
+                q.running[me] = Some(Running {
+                    vcpu: id,
+                    since: Instant::now(),
+                    preempted: false,
+                });
                 if q.waiting() && self.slice_now(&q) {
                     // Others still wait and this thread is the last free
                     // one: the slicer must start counting.
@@ -259,7 +282,7 @@ impl Scheduler {
                 q.run.push_back(id);
             }
             // Off (a wake queues it) or already in the idle queue.
-            Outcome::Away(_) => {}
+            Outcome::Away(_) | Outcome::Gone => {}
             Outcome::Ended => {
                 q.live -= 1;
                 if q.live == 0 {
@@ -292,6 +315,8 @@ impl Scheduler {
 enum Outcome {
     Away(Leave),
     Ended,
+    /// The vCPU had ended before (counted then).
+    Gone,
 }
 
 /// A vCPU between stretches: everything its loop needs on the next thread.
@@ -392,7 +417,15 @@ impl Pool {
         }
         if config.slice.is_some() {
             let mine = shared.clone();
-            match sync::spawn("vcpu-slicer".into(), move || mine.slicer()) {
+            let start = config.on_thread_start.clone();
+            let slicer = move || {
+                // A slicer that cannot start leaves: vCPUs then keep their
+                // threads until they halt or park.
+                if start.is_none_or(|f| f(threads)) {
+                    mine.slicer();
+                }
+            };
+            match sync::spawn("vcpu-slicer".into(), slicer) {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     Pool {
@@ -459,7 +492,7 @@ impl<G: Guest> Shared<G> {
         // Waits here while the previous thread is still leaving.
         let mut held = sync::lock(&slot.runner);
         let Some(r) = held.as_mut() else {
-            return Outcome::Ended; // unreachable: an ended vCPU is never queued
+            return Outcome::Gone; // unreachable: an ended vCPU is never queued
         };
         ctl.lock().whereabouts = Whereabouts::Held;
         ctl.bind(&r.guest);
@@ -515,33 +548,49 @@ impl<G: Guest> Shared<G> {
 
     /// The slicer: while a vCPU waits for a thread and none sleeps, kick
     /// the one that has run longest once its slice is over.
+    ///
+    /// One preemption per waiter: a vCPU asked to leave counts until its
+    /// thread takes the next one, so one waiter never costs every thread a
+    /// switch.
     fn slicer(&self) {
         let Some(slice) = self.slice else { return };
+        let slice = slice.max(MIN_SLICE);
         let sched = &*self.sched;
         let mut q = sync::lock(&sched.queue);
         loop {
             if q.live == 0 {
                 return;
             }
-            if !q.waiting() || !sched.slice_now(&q) {
+            let asked = q.running.iter().flatten().filter(|r| r.preempted).count();
+            // Each of these changes only with a queue entry or a thread
+            // taking one, which notify us.
+            if !q.waiting() || !sched.slice_now(&q) || asked >= q.waiters() {
                 q = sync::wait(&sched.slicer, q);
                 continue;
             }
-            let oldest = q.running.iter().flatten().min_by_key(|(_, since)| *since);
-            let due = oldest.map_or(slice, |(_, since)| slice.saturating_sub(since.elapsed()));
+            let oldest = q
+                .running
+                .iter()
+                .flatten()
+                .filter(|r| !r.preempted)
+                .min_by_key(|r| r.since)
+                .copied();
+            let Some(oldest) = oldest else {
+                q = sync::wait(&sched.slicer, q);
+                continue;
+            };
+            let due = slice.saturating_sub(oldest.since.elapsed());
             if !due.is_zero() {
                 q = sync::wait_timeout(&sched.slicer, q, due);
                 continue;
             }
-            let (victim, _) = *oldest.expect("due is zero only with a running vCPU");
-            // Counted from now: the kick is not sent twice for one slice.
             for r in q.running.iter_mut().flatten() {
-                if r.0 == victim {
-                    r.1 = Instant::now();
+                if r.vcpu == oldest.vcpu {
+                    r.preempted = true;
                 }
             }
             drop(q);
-            self.slots[victim].ctl.kick(Request::Preempt);
+            self.slots[oldest.vcpu].ctl.kick(Request::Preempt);
             q = sync::lock(&sched.queue);
         }
     }

@@ -333,6 +333,11 @@ where
 
     /// Act on the request bits `req`, all of which the caller took.
     fn serve(&mut self, req: u32) -> Result<Option<Step>, G::Error> {
+        // M:N: a halt the vCPU left its thread in is counted up to here
+        // (a park or work may follow); `halt_wait` opens a new stretch.
+        if let Some(since) = self.st.halt_since.take() {
+            VcpuCtl::<G>::add_ns(&self.ctl.counters.halted_ns, since);
+        }
         if req & Request::Exit.bit() != 0 {
             return Ok(Some(Step::End(RunEnd::ExitRequested)));
         }
@@ -362,22 +367,24 @@ where
                 return Ok(Some(step));
             }
         }
-        // Last, so every other bit taken with it has been acted on.
-        if req & Request::Preempt.bit() != 0 && self.sched.is_some_and(|s| s.others_waiting()) {
+        // Last, so every other bit taken with it has been acted on. A
+        // halted vCPU leaves at its halt instead (or yields between idle
+        // tasks), never into the run queue.
+        if req & Request::Preempt.bit() != 0
+            && !self.st.halted
+            && self.sched.is_some_and(|s| s.others_waiting())
+        {
             return Ok(Some(Step::Away(Leave::Preempted)));
         }
         Ok(None)
     }
 
-    /// The guest goes on after its HLT. A 1:1 vCPU closed its halt's
-    /// books as it left `halt_wait`; an M:N vCPU that left its thread
-    /// halted comes back here, still in the halt, and closes them now.
+    /// The guest goes on after its HLT. A 1:1 vCPU published Running as
+    /// it left `halt_wait`; an M:N vCPU that left its thread halted comes
+    /// back here still Halted (a no-op otherwise: no transition).
     fn end_halt(&mut self) {
         self.st.halted = false;
-        if let Some(since) = self.st.halt_since.take() {
-            self.ctl.state.set(VcpuState::Running);
-            VcpuCtl::<G>::add_ns(&self.ctl.counters.halted_ns, since);
-        }
+        self.ctl.state.set(VcpuState::Running);
     }
 
     /// Complete a half-done access, serving the exits that takes (bounded).

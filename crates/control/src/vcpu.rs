@@ -232,6 +232,11 @@ impl<G> VcpuCtl<G> {
         };
         match seen {
             Ok(()) => {}
+            // A preemption is for a vCPU in the guest: one that halted or
+            // parked meanwhile has given its thread back already.
+            Err(Mode::Halted) | Err(Mode::Parked) if req == Request::Preempt => {
+                Counters::bump(&self.counters.signals_elided)
+            }
             Err(Mode::Halted) | Err(Mode::Parked) => {
                 // Blocked in user space: a futex wake, never a signal.
                 // Taking the lock orders us after its store of the mode, so

@@ -321,3 +321,30 @@ fn exit_ends_halted_parked_and_running_vcpus_and_the_threads() {
     let ends = rig.finish();
     assert!(ends.iter().all(|e| *e == Ok(RunEnd::ExitRequested)));
 }
+
+/// A halted vCPU on no thread that is parked and resumed counts the park
+/// as parked time only: halted and parked time never add up to more than
+/// the time that passed.
+#[test]
+fn a_park_of_a_halted_vcpu_is_not_counted_as_halted_too() {
+    let t0 = std::time::Instant::now();
+    let rig = PoolRig::start(1, &[Behaviour::Halt], false);
+    rig.all_halted();
+    let v = &rig.ctls[0];
+    v.stop(soon()).unwrap();
+    // However long this takes, it is parked time.
+    std::thread::sleep(Duration::from_millis(30));
+    v.resume();
+    rig.all_halted();
+    v.stop(soon()).unwrap();
+    let c = v.counters().snapshot();
+    let elapsed = t0.elapsed().as_nanos() as u64;
+    assert!(c.parked_ns > 0 && c.halted_ns > 0, "{c:?}");
+    assert!(
+        c.halted_ns + c.parked_ns <= elapsed,
+        "halted {} + parked {} > {elapsed} ns elapsed",
+        c.halted_ns,
+        c.parked_ns
+    );
+    v.resume();
+}

@@ -171,6 +171,10 @@ pub(crate) enum Stopped {
     Stuck(Vec<usize>),
     /// vCPU `i`'s own thread panicked.
     Panicked(usize),
+    /// The caller is a pool thread: the other pool threads may still run
+    /// vCPUs, and nothing here can wait for them; they finish on their own
+    /// and the VM's memory must stay for them.
+    LeftToFinish,
 }
 
 impl VcpuThreads {
@@ -287,7 +291,7 @@ impl VcpuThreads {
                 if p.runs_on(me) {
                     // Our own loop (the vCPU we run) ends when we return;
                     // the pool's threads leave once every vCPU has.
-                    return Stopped::Clean;
+                    return Stopped::LeftToFinish;
                 }
                 let done = finished.wait(deadline, |_| false);
                 let stuck: Vec<usize> = (0..done.len()).filter(|&i| !done[i]).collect();

@@ -904,6 +904,11 @@ impl Vm {
         match self.threads.stop(&self.finished, Instant::now() + bound) {
             Stopped::Clean => Ok(()),
             Stopped::Panicked(vcpu) => Err(ShutdownError::Panicked { vcpu }),
+            Stopped::LeftToFinish => {
+                // Dropped on a pool thread: keep what the others may use.
+                self.stuck = true;
+                Ok(())
+            }
             Stopped::Stuck(vcpus) => {
                 self.stuck = true;
                 Err(ShutdownError::Stuck { vcpus, bound })
