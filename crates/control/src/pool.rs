@@ -549,9 +549,10 @@ impl<G: Guest> Shared<G> {
     /// The slicer: while a vCPU waits for a thread and none sleeps, kick
     /// the one that has run longest once its slice is over.
     ///
-    /// One preemption per waiter: a vCPU asked to leave counts until its
-    /// thread takes the next one, so one waiter never costs every thread a
-    /// switch.
+    /// One preemption per waiter: a vCPU asked counts for a slice (until
+    /// its thread takes the next, or it declines because nobody waited by
+    /// then, and is asked again a slice on), so one waiter never costs
+    /// every thread a switch.
     fn slicer(&self) {
         let Some(slice) = self.slice else { return };
         let slice = slice.max(MIN_SLICE);
@@ -561,22 +562,24 @@ impl<G: Guest> Shared<G> {
             if q.live == 0 {
                 return;
             }
-            let asked = q.running.iter().flatten().filter(|r| r.preempted).count();
-            // Each of these changes only with a queue entry or a thread
-            // taking one, which notify us.
-            if !q.waiting() || !sched.slice_now(&q) || asked >= q.waiters() {
+            // Whether anyone waits and every thread is busy changes only
+            // with a queue entry or a thread taking one, which notify us.
+            if !q.waiting() || !sched.slice_now(&q) {
                 q = sync::wait(&sched.slicer, q);
                 continue;
             }
+            let asked = |r: &&Running| r.preempted && r.since.elapsed() < slice;
+            let pending = q.running.iter().flatten().filter(asked).count();
             let oldest = q
                 .running
                 .iter()
                 .flatten()
-                .filter(|r| !r.preempted)
+                .filter(|r| !asked(r))
                 .min_by_key(|r| r.since)
                 .copied();
-            let Some(oldest) = oldest else {
-                q = sync::wait(&sched.slicer, q);
+            let Some(oldest) = oldest.filter(|_| pending < q.waiters()) else {
+                // Enough are asked: look again once their asks expire.
+                q = sync::wait_timeout(&sched.slicer, q, slice);
                 continue;
             };
             let due = slice.saturating_sub(oldest.since.elapsed());
@@ -587,6 +590,7 @@ impl<G: Guest> Shared<G> {
             for r in q.running.iter_mut().flatten() {
                 if r.vcpu == oldest.vcpu {
                     r.preempted = true;
+                    r.since = Instant::now();
                 }
             }
             drop(q);
