@@ -140,6 +140,39 @@ fn tick_guest_migrates_over_unix_and_loses_no_tick() {
     Arc::try_unwrap(src).ok().unwrap().shutdown().unwrap();
 }
 
+/// M:N: a tick guest on 4 vCPUs over 2 pool threads moves mid-run; the
+/// destination runs it on a pool too (the configuration travels), and no
+/// tick is lost or doubled.
+#[test]
+fn a_pooled_vm_migrates_and_runs_pooled_there() {
+    require_kvm!();
+    let config = VmConfig {
+        payload: Payload::builtin("tick=1500"),
+        cpus: 4,
+        irqchip: Irqchip::User,
+        vcpu_threads: Some(2),
+        ..VmConfig::default()
+    };
+    let src = Arc::new(Vm::start(&config, Output::Null).unwrap());
+    wait_progress(&src, 0, 200);
+    let vm = migrate(&src, MigrationOptions::new(url("pooled")));
+    assert_eq!(vm.vcpu_thread_count(), 3, "2 pool threads and the slicer");
+    let before: Vec<u64> = (0..4)
+        .map(|id| src.interrupt_stats(id).unwrap().injected)
+        .collect();
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(60)), None),
+        VmEnd::PowerOff
+    );
+    for (id, b) in before.iter().enumerate() {
+        let handled = vm.progress(id);
+        assert!((1500..=1501).contains(&handled), "vCPU {id}: {handled}");
+        assert_eq!(b + vm.interrupt_stats(id).unwrap().injected, handled);
+    }
+    vm.shutdown().unwrap();
+    Arc::try_unwrap(src).ok().unwrap().shutdown().unwrap();
+}
+
 /// Pingpong moves over TCP on loopback (paused) and finishes its rounds
 /// there.
 #[test]
