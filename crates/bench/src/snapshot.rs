@@ -194,7 +194,7 @@ fn diff_snapshots(dir: &Path, samples: usize) -> Table {
         let info = vm.snapshot_diff(&snap).expect("diff snapshot");
         diff.push(ns(info.total));
         bytes = info.memory.data;
-        floor.push(pwrite_floor(dir, bytes.max(4096), true));
+        floor.push(pwrite_floor(dir, bytes.max(4096), Floor::Sync));
     }
     vm.shutdown().expect("shutdown");
     let _ = std::fs::remove_dir_all(&snap);
@@ -273,24 +273,34 @@ fn snapshot_shape(dir: &Path, cpus: usize, memory: u64, samples: usize) -> (Vec<
     )
     .expect("VM");
     wait_sweeps(&vm, 1);
-    // Interleaved with the floor, so both see the same machine.
-    let (mut made, mut floor, mut synced, mut written) = (Vec::new(), Vec::new(), Vec::new(), 0);
-    for _ in 0..samples {
-        let info = vm.snapshot(&snap).expect("snapshot");
+    // Interleaved with the floors, so all see the same machine: a
+    // snapshot into a new directory (create) and one over the previous
+    // snapshot (replace: the old memory file is removed, its pages freed,
+    // before it returns), against writing the bytes to a new file, and to
+    // a new file that replaces an old one of the same size.
+    let (mut made, mut replaced, mut written) = (Vec::new(), Vec::new(), 0);
+    let (mut floor, mut synced, mut synced_replacing) = (Vec::new(), Vec::new(), Vec::new());
+    vm.snapshot(&snap).expect("snapshot"); // the first one to replace
+    for i in 0..samples {
+        let fresh_dir = dir.join(format!("create-{i}"));
+        settle_storage();
+        let info = vm.snapshot(&fresh_dir).expect("snapshot");
         written = info.memory.data;
         made.push(ns(info.total));
-        // Untimed: flush it, so the next writes (ours or the floor's) do
-        // not wait for this one's writeback.
-        let name = brisk_vmm::snapshot::file::read::<brisk_vmm::snapshot::VmState>(
-            &snap.join(brisk_vmm::snapshot::STATE_FILE),
-        )
-        .expect("the state just written")
-        .memory_file;
-        let mem = std::fs::File::open(snap.join(name));
-        mem.and_then(|f| f.sync_all())
-            .expect("flushing the memory file");
-        floor.push(pwrite_floor(dir, written, false));
-        synced.push(pwrite_floor(dir, written, true));
+        flush(&fresh_dir);
+        let _ = std::fs::remove_dir_all(&fresh_dir);
+        settle_storage();
+        let info = vm.snapshot(&snap).expect("snapshot");
+        replaced.push(ns(info.total));
+        flush(&snap);
+        for (how, out) in [
+            (Floor::Write, &mut floor),
+            (Floor::Sync, &mut synced),
+            (Floor::SyncReplacing, &mut synced_replacing),
+        ] {
+            settle_storage();
+            out.push(pwrite_floor(dir, written, how));
+        }
     }
     vm.shutdown().expect("shutdown");
     let (mut restored, mut fresh) = (Vec::new(), Vec::new());
@@ -310,13 +320,24 @@ fn snapshot_shape(dir: &Path, cpus: usize, memory: u64, samples: usize) -> (Vec<
     let (floor, synced, made) = (
         Row::new(format!("pwrite {mib:.0} MiB ({shape})"), floor),
         Row::new(format!("pwrite + fdatasync {mib:.0} MiB ({shape})"), synced),
-        Row::new(format!("brisk snapshot, {shape}"), made),
+        Row::new(format!("brisk snapshot, new dir, {shape}"), made),
+    );
+    let (synced_replacing, replaced) = (
+        Row::new(
+            format!("pwrite + fdatasync + unlink old {mib:.0} MiB ({shape})"),
+            synced_replacing,
+        ),
+        Row::new(format!("brisk snapshot, replacing, {shape}"), replaced),
     );
     let made = {
         let (x, xs) = (over(&made, &floor), over(&made, &synced));
         made.with("MiB written", mib)
             .with("x its pwrite", x)
             .with("x its pwrite + fdatasync", xs)
+    };
+    let replaced = {
+        let x = over(&replaced, &synced_replacing);
+        replaced.with("x its pwrite + fdatasync + unlink", x)
     };
     let (fresh, restored) = (
         Row::new(format!("fresh VM start, {shape}"), fresh),
@@ -326,23 +347,70 @@ fn snapshot_shape(dir: &Path, cpus: usize, memory: u64, samples: usize) -> (Vec<
         let x = over(&restored, &fresh);
         restored.with("x its fresh start", x)
     };
-    (vec![floor, synced, made], vec![fresh, restored])
+    (
+        vec![floor, synced, made, synced_replacing, replaced],
+        vec![fresh, restored],
+    )
+}
+
+/// Sync a snapshot's files (untimed), so the next writes do not wait for
+/// their writeback.
+fn flush(snap: &Path) {
+    let name = brisk_vmm::snapshot::file::read::<brisk_vmm::snapshot::VmState>(
+        &snap.join(brisk_vmm::snapshot::STATE_FILE),
+    )
+    .expect("the state just written")
+    .memory_file;
+    let mem = std::fs::File::open(snap.join(name));
+    mem.and_then(|f| f.sync_all())
+        .expect("flushing the memory file");
+}
+
+/// Untimed, before each timed write: the file system's earlier work
+/// (writeback, freed blocks, the journal) done, so no variant pays for
+/// the one before it.
+fn settle_storage() {
+    // SAFETY: sync has no preconditions.
+    unsafe { libc::sync() };
+}
+
+/// What the floor does with the bytes.
+#[derive(Clone, Copy, PartialEq)]
+enum Floor {
+    /// pwrite them into the page cache.
+    Write,
+    /// and fdatasync them (a snapshot syncs its memory file).
+    Sync,
+    /// and remove an old file of the same size, synced, as a snapshot
+    /// that replaces an earlier one does.
+    SyncReplacing,
 }
 
 /// Write `bytes` of touched, non-zero memory (as large as the guest's,
-/// so it costs the same to walk) to a new file in 1 MiB pwrites, then
-/// `fdatasync` it if `sync` (a snapshot syncs its memory file); the time.
-fn pwrite_floor(dir: &Path, bytes: u64, sync: bool) -> u64 {
-    let path = dir.join("floor");
-    let f = std::fs::File::create(&path).expect("floor file");
+/// so it costs the same to walk) to a new file in 1 MiB pwrites, as
+/// `how` says; the time.
+fn pwrite_floor(dir: &Path, bytes: u64, how: Floor) -> u64 {
     let buf = vec![0x5au8; bytes as usize];
-    let t = Instant::now();
-    f.set_len(bytes).expect("set_len");
-    for (i, chunk) in buf.chunks(MIB as usize).enumerate() {
-        f.write_all_at(chunk, i as u64 * MIB).expect("pwrite");
+    let write = |path: &Path| {
+        let f = std::fs::File::create(path).expect("floor file");
+        f.set_len(bytes).expect("set_len");
+        for (i, chunk) in buf.chunks(MIB as usize).enumerate() {
+            f.write_all_at(chunk, i as u64 * MIB).expect("pwrite");
+        }
+        f
+    };
+    let old = dir.join("floor-old");
+    if how == Floor::SyncReplacing {
+        write(&old).sync_all().expect("fsync");
     }
-    if sync {
+    let path = dir.join("floor");
+    let t = Instant::now();
+    let f = write(&path);
+    if how != Floor::Write {
         f.sync_data().expect("fdatasync");
+    }
+    if how == Floor::SyncReplacing {
+        std::fs::remove_file(&old).expect("unlink");
     }
     let took = ns(t.elapsed());
     drop(f);
