@@ -4,7 +4,6 @@
 //! or PVH start info. It must refuse or load, never panic, hang or touch
 //! memory outside the guest's.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use brisk_boot::linux::{load_kernel, KernelFormat};
