@@ -108,6 +108,9 @@ struct Queue {
     running: Vec<Option<Running>>,
     /// Threads that could not start.
     gone: Vec<bool>,
+    /// The slicer waits with nothing to count (a notify is a syscall even
+    /// with no waiter: sent only then).
+    slicer_idle: bool,
     /// vCPUs whose loop has not ended.
     live: usize,
     /// Pool threads still able to run vCPUs.
@@ -152,6 +155,7 @@ impl Scheduler {
                 sleeping: vec![false; threads],
                 running: vec![None; threads],
                 gone: vec![false; threads],
+                slicer_idle: false,
                 live: vcpus,
                 threads_live: threads,
             }),
@@ -212,7 +216,15 @@ impl Scheduler {
                 q.sleeping[t] = false;
                 self.threads[t].notify_one();
             }
-            None => self.slicer.notify_one(),
+            None => self.wake_slicer(q),
+        }
+    }
+
+    /// Tell the slicer to look again, if it waits with nothing to count.
+    fn wake_slicer(&self, q: &mut Queue) {
+        if q.slicer_idle {
+            q.slicer_idle = false;
+            self.slicer.notify_one();
         }
     }
 
@@ -249,7 +261,7 @@ impl Scheduler {
                 if q.waiting() && self.slice_now(&q) {
                     // Others still wait and this thread is the last free
                     // one: the slicer must start counting.
-                    self.slicer.notify_one();
+                    self.wake_slicer(&mut q);
                 }
                 return Some(id);
             }
@@ -565,7 +577,9 @@ impl<G: Guest> Shared<G> {
             // Whether anyone waits and every thread is busy changes only
             // with a queue entry or a thread taking one, which notify us.
             if !q.waiting() || !sched.slice_now(&q) {
+                q.slicer_idle = true;
                 q = sync::wait(&sched.slicer, q);
+                q.slicer_idle = false;
                 continue;
             }
             let asked = |r: &&Running| r.preempted && r.since.elapsed() < slice;
