@@ -110,17 +110,33 @@ fn brisk_loop(
         let _rig = rig;
         c.run(timed, |t, exit| Ok(answer(&mut t.inner, exit, &bus)))
     });
-    let (k, s) = (ctl.clone(), ctl.clone());
-    let kickable = Kickable {
-        kick: Box::new(move || k.kick(Request::Kick)),
-        returns,
-        epoch,
-        stop: Box::new(move || {
-            s.request_exit();
-            t.join().unwrap().expect("brisk loop");
-        }),
-    };
+    let kickable = Kickable::of_vcpu(ctl.clone(), returns, epoch, move || {
+        t.join().unwrap().expect("brisk loop");
+    });
     (kickable, ctl)
+}
+
+impl Kickable {
+    /// A vCPU in brisk's loop (on its own thread or a pool's), kicked with
+    /// `VcpuCtl::kick`; stopped by an exit request, then `finish` (its
+    /// join).
+    pub(crate) fn of_vcpu(
+        ctl: Arc<VcpuCtl<Timed>>,
+        returns: Receiver<u64>,
+        epoch: Instant,
+        finish: impl FnOnce() + 'static,
+    ) -> Kickable {
+        let k = ctl.clone();
+        Kickable {
+            kick: Box::new(move || k.kick(Request::Kick)),
+            returns,
+            epoch,
+            stop: Box::new(move || {
+                ctl.request_exit();
+                finish();
+            }),
+        }
+    }
 }
 
 /// Kick `n` times, a gap apart (the vCPU is back in the guest, or blocked

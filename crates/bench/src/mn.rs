@@ -22,7 +22,7 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use brisk_control::{Guest, Interrupt, Pool, PoolConfig, PoolVcpu, Request, VcpuCtl};
+use brisk_control::{Guest, Interrupt, Pool, PoolConfig, PoolVcpu, VcpuCtl};
 use brisk_kvm::{Exit, Irqchip};
 use brisk_vmm::{Output, Vm, VmConfig, VmEnd};
 
@@ -318,7 +318,7 @@ fn fairness(opts: &Opts) -> Table {
 
 /// The `halt` guest on one vCPU run by a pool of `threads` (M:N), kicked
 /// with `VcpuCtl::kick`: the vCPU is on no thread when kicked.
-fn pool_loop(threads: usize) -> (Kickable, Arc<VcpuCtl<Timed>>) {
+fn pool_loop(threads: usize) -> Kickable {
     let mut rig = Rig::new("halt", 1, Irqchip::User);
     let bus = rig.bus.clone();
     let epoch = Instant::now();
@@ -340,26 +340,18 @@ fn pool_loop(threads: usize) -> (Kickable, Arc<VcpuCtl<Timed>>) {
         on_thread_start: None,
     };
     let pool = Pool::start(config, vec![vcpu]).expect("pool");
-    let (k, s) = (ctl.clone(), ctl.clone());
-    let kickable = Kickable {
-        kick: Box::new(move || k.kick(Request::Kick)),
-        returns,
-        epoch,
-        stop: Box::new(move || {
-            s.request_exit();
-            assert!(done.recv().unwrap_or(false), "pool loop");
-            pool.join();
-            drop(rig);
-        }),
-    };
-    (kickable, ctl)
+    Kickable::of_vcpu(ctl, returns, epoch, move || {
+        assert!(done.recv().unwrap_or(false), "pool loop");
+        pool.join();
+        drop(rig);
+    })
 }
 
 fn wake(opts: &Opts) -> Table {
     let n = if opts.quick { 150 } else { 1500 };
     let mut samples = [Vec::new(), Vec::new(), Vec::new()];
     for _ in 0..3 {
-        let (k, _) = pool_loop(2);
+        let k = pool_loop(2);
         samples[0].extend(latencies(&k, n / 3, Duration::from_millis(1)));
         (k.stop)();
         for (i, irqchip) in [(1, Irqchip::User), (2, Irqchip::Kernel)] {

@@ -113,8 +113,6 @@ struct Queue {
     slicer_idle: bool,
     /// vCPUs whose loop has not ended.
     live: usize,
-    /// Pool threads still able to run vCPUs.
-    threads_live: usize,
 }
 
 /// A thread's current stretch, as the slicer sees it.
@@ -157,7 +155,6 @@ impl Scheduler {
                 gone: vec![false; threads],
                 slicer_idle: false,
                 live: vcpus,
-                threads_live: threads,
             }),
             threads: (0..threads).map(|_| Condvar::new()).collect(),
             slicer: Condvar::new(),
@@ -318,8 +315,7 @@ impl Scheduler {
     fn thread_lost(&self, me: usize) -> bool {
         let mut q = sync::lock(&self.queue);
         q.gone[me] = true;
-        q.threads_live -= 1;
-        q.threads_live == 0
+        q.gone.iter().all(|&g| g)
     }
 }
 
