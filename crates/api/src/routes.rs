@@ -370,16 +370,6 @@ impl Api {
 }
 
 impl OnVm<'_> {
-    fn state(&self) -> &'static str {
-        if self.0.ended().is_some() {
-            "shutdown"
-        } else if self.0.is_paused() {
-            "paused"
-        } else {
-            "running"
-        }
-    }
-
     fn info(&self) -> Reply {
         let vcpus = self
             .0
@@ -392,7 +382,7 @@ impl OnVm<'_> {
             })
             .collect();
         let info = model::VmInfo {
-            state: self.state().into(),
+            state: self.0.state().name().into(),
             guest: self.0.guest().into(),
             memory_bytes: self.0.memory_size(),
             irqchip: match self.0.irqchip() {

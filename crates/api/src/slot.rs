@@ -89,6 +89,13 @@ impl VmSlot {
         self.vm.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Where the API's VM is in its life: `Configured` until one is
+    /// built and put in.
+    pub fn state(&self) -> brisk_vmm::VmState {
+        self.get()
+            .map_or(brisk_vmm::VmState::Configured, |vm| vm.state())
+    }
+
     /// Put the VM in (the builder, once it runs); no more requests.
     pub fn set(&self, vm: Arc<Vm>) {
         *self.vm.lock().unwrap_or_else(|p| p.into_inner()) = Some(vm);

@@ -397,7 +397,7 @@ fn every_path_in_openapi_yaml_answers() {
             assert_eq!(s.call("PUT", "vm.resume", None).status, 204);
         }
     }
-    let saved: brisk_vmm::snapshot::VmState =
+    let saved: brisk_vmm::snapshot::SavedVm =
         brisk_vmm::snapshot::file::read(&snap.join("state")).unwrap();
     assert!(snap.join(&saved.memory_file).exists());
     std::fs::remove_dir_all(&snap).unwrap();

@@ -356,7 +356,7 @@ fn snapshot_shape(dir: &Path, cpus: usize, memory: u64, samples: usize) -> (Vec<
 /// Sync a snapshot's files (untimed), so the next writes do not wait for
 /// their writeback.
 fn flush(snap: &Path) {
-    let name = brisk_vmm::snapshot::file::read::<brisk_vmm::snapshot::VmState>(
+    let name = brisk_vmm::snapshot::file::read::<brisk_vmm::snapshot::SavedVm>(
         &snap.join(brisk_vmm::snapshot::STATE_FILE),
     )
     .expect("the state just written")

@@ -198,7 +198,7 @@ fn a_replacing_snapshot_is_durable_before_the_old_one_goes() {
 }
 
 fn memory_file(dir: &Path) -> PathBuf {
-    let state: brisk_vmm::snapshot::VmState =
+    let state: brisk_vmm::snapshot::SavedVm =
         brisk_vmm::snapshot::file::read(&dir.join("state")).unwrap();
     dir.join(state.memory_file)
 }

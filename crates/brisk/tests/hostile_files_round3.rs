@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use brisk_vmm::snapshot::{file, VmState, STATE_FILE};
+use brisk_vmm::snapshot::{file, SavedVm, STATE_FILE};
 
 /// A snapshot of a running spin guest in a new directory; the guest's
 /// brisk is shut down.
@@ -28,7 +28,7 @@ fn snapshot(name: &str) -> PathBuf {
 }
 
 fn memory_file(dir: &Path) -> PathBuf {
-    let state: VmState = file::read(&dir.join(STATE_FILE)).unwrap();
+    let state: SavedVm = file::read(&dir.join(STATE_FILE)).unwrap();
     dir.join(state.memory_file)
 }
 
@@ -82,7 +82,7 @@ fn m5_disk_paths_in_a_state_are_not_trusted() {
         ("/etc/shadow", "--trust-disk-paths"),
         ("disk1.img", "relative"),
     ] {
-        let mut state: VmState = file::read(&path).unwrap();
+        let mut state: SavedVm = file::read(&path).unwrap();
         state.config.disks = vec![disk.parse().unwrap()];
         file::write(&path, &state).unwrap();
         let (code, err) = restore(&dir, &[]);

@@ -1,10 +1,6 @@
-//! How a VM ended, and the one place that records it.
+//! How a VM ended (recorded by `lifecycle`, as its last state).
 
 use std::fmt;
-use std::sync::Mutex;
-
-use brisk_devices::{GuestStop, StopSink};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why the VM stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,48 +50,5 @@ impl fmt::Display for VmEnd {
             VmEnd::ShutdownRequested => write!(f, "shut down on request"),
             VmEnd::Migrated { to } => write!(f, "migrated to {to}"),
         }
-    }
-}
-
-/// Records the first end and wakes the thread waiting for it.
-pub(crate) struct EndLatch {
-    end: Mutex<Option<VmEnd>>,
-    pub(crate) fd: EventFd,
-}
-
-impl EndLatch {
-    pub(crate) fn new() -> std::io::Result<Self> {
-        Ok(EndLatch {
-            end: Mutex::new(None),
-            fd: EventFd::new(EFD_NONBLOCK)?,
-        })
-    }
-
-    /// Record `end` unless an earlier end is recorded; whether it was.
-    pub(crate) fn end(&self, end: VmEnd) -> bool {
-        let mut slot = self.end.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return false;
-        }
-        log::debug!("VM end: {end}");
-        *slot = Some(end);
-        // Cannot fail short of a counter overflow; the slot is set anyway.
-        let _ = self.fd.write(1);
-        true
-    }
-
-    pub(crate) fn get(&self) -> Option<VmEnd> {
-        self.end.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl StopSink for EndLatch {
-    fn guest_stopped(&self, why: GuestStop) {
-        self.end(match why {
-            GuestStop::PowerOff => VmEnd::PowerOff,
-            GuestStop::DebugExit(v) => VmEnd::DebugExit(v),
-            GuestStop::Reset => VmEnd::Reboot,
-            GuestStop::Panic => VmEnd::Panicked,
-        });
     }
 }

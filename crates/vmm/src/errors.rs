@@ -126,7 +126,7 @@ pub enum RestoreError {
     #[error(transparent)]
     Device(#[from] brisk_devices::StateError),
     #[error("the restored VM did not park: {0}")]
-    DidNotPark(#[source] Box<dyn std::error::Error + Send + Sync>),
+    DidNotPark(#[source] Box<crate::PauseError>),
 }
 
 /// A migration's destination refused its source or its stream.

@@ -15,7 +15,7 @@ use brisk_devices::{
 use brisk_kvm::Irqchip;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::end::EndLatch;
+use crate::lifecycle::Lifecycle;
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::vm::setup;
 use crate::{DiskConfig, DiskError, Output, Platform, StartError, UserInterrupts, VmConfig};
@@ -186,7 +186,7 @@ pub(crate) struct Wiring<'a> {
     pub(crate) cpus: usize,
     pub(crate) memory: u64,
     pub(crate) seccomp: Seccomp,
-    pub(crate) end: &'a Arc<EndLatch>,
+    pub(crate) end: &'a Arc<Lifecycle>,
     pub(crate) lines: Lines<'a>,
     pub(crate) disks: &'a [DiskConfig],
     pub(crate) nets: &'a [crate::NetConfig],

@@ -10,7 +10,7 @@ use brisk_control::{Pool, PoolConfig, PoolVcpu, RunEnd, RunError};
 use brisk_devices::{Apics, DeviceManager};
 use brisk_kvm::KvmVcpu;
 
-use crate::end::EndLatch;
+use crate::lifecycle::Lifecycle;
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::{exits, Vcpu, VmEnd};
 
@@ -70,7 +70,7 @@ fn parse_release(release: &str) -> Option<(u32, u32)> {
 #[derive(Clone)]
 pub(crate) struct VcpuEnv {
     pub(crate) devices: Arc<DeviceManager>,
-    pub(crate) end: Arc<EndLatch>,
+    pub(crate) life: Arc<Lifecycle>,
     pub(crate) mem: brisk_kvm::GuestRam,
     pub(crate) apics: Option<Arc<Apics>>,
     pub(crate) seccomp: Seccomp,
@@ -81,7 +81,7 @@ impl VcpuEnv {
     /// Handle one exit of a vCPU.
     fn handle(&self, v: &mut KvmVcpu, exit: brisk_kvm::Exit) -> brisk_control::Flow {
         let fatal = |e| {
-            self.end.end(e);
+            self.life.end(e);
         };
         let bus = self.devices.bus();
         exits::handle(v, exit, bus, self.apics.as_deref(), Some(&self.mem), &fatal)
@@ -98,7 +98,7 @@ impl VcpuEnv {
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the vCPU thread panicked".to_string(),
         };
-        self.end.end(VmEnd::VcpuFailed { vcpu: id, error });
+        self.life.end(VmEnd::VcpuFailed { vcpu: id, error });
     }
 
     /// Install this thread's seccomp filter; a failure ends the VM with
@@ -107,7 +107,7 @@ impl VcpuEnv {
         match seccomp::install(ThreadKind::Vcpu, self.seccomp) {
             Ok(()) => true,
             Err(e) => {
-                self.end
+                self.life
                     .end(failed(format!("cannot install its seccomp filter: {e}")));
                 false
             }

@@ -12,8 +12,8 @@ use brisk_kvm::{InterruptStats, Irqchip, KvmVcpu, MemoryBacking, PendingInterrup
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use crate::disk_lock::DiskLocks;
-use crate::end::EndLatch;
 use crate::interrupts::LapicSource;
+use crate::lifecycle::Lifecycle;
 use crate::platform::{self, Lines, Wiring};
 use crate::seccomp::{self, Seccomp, ThreadKind};
 use crate::vcpu_threads::{Finished, Stopped, VcpuEnv, VcpuThreads};
@@ -110,7 +110,7 @@ pub struct Machine {
     pub config: VmConfig,
     uart: Arc<Uart>,
     counters: Vec<Arc<CounterDevice>>,
-    end: Arc<EndLatch>,
+    life: Arc<Lifecycle>,
     irq: Option<IrqSources>,
     /// Kernels under the user irqchip: brisk's LAPICs and IOAPIC.
     apics: Option<Arc<Apics>>,
@@ -195,7 +195,7 @@ impl Machine {
         };
         let guest = config.payload.name();
 
-        let end = Arc::new(EndLatch::new().map_err(setup("an eventfd"))?);
+        let life = Arc::new(Lifecycle::new().map_err(setup("an eventfd"))?);
         room_for_fds(config.cpus);
         let ctls: Vec<Arc<Vcpu>> = (0..config.cpus).map(|id| Arc::new(Vcpu::new(id))).collect();
         let mut vcpus = Vec::new();
@@ -232,7 +232,7 @@ impl Machine {
             cpus: config.cpus,
             memory: config.memory,
             seccomp: config.seccomp,
-            end: &end,
+            end: &life,
             lines,
             disks: &config.disks,
             nets: &config.nets,
@@ -261,7 +261,7 @@ impl Machine {
             config: config.clone(),
             uart: d.uart,
             counters: d.counters,
-            end,
+            life,
             irq,
             apics,
             disk_locks,
@@ -342,9 +342,9 @@ pub enum PauseError {
     AlreadyPaused,
     #[error("the VM is not paused")]
     NotPaused,
-    /// A snapshot or migration holds the VM; try again after it.
-    #[error("a snapshot or migration is in progress")]
-    Busy,
+    /// Something else holds the VM; try again after it.
+    #[error("{0} is in progress")]
+    Busy(crate::lifecycle::Hold),
     /// Some vCPU did not park in time; every vCPU was resumed again.
     #[error("{0}")]
     Control(#[source] brisk_control::Error),
@@ -407,14 +407,10 @@ pub struct Vm {
     guest: String,
     memory_size: u64,
     seccomp: Seccomp,
-    /// Paused as a whole ([`Vm::pause`]); the lock also serialises pause
-    /// and resume (and snapshots and migrations, which pause).
-    pub(crate) paused: Mutex<bool>,
-    /// The same, readable without the lock.
-    paused_now: std::sync::atomic::AtomicBool,
+    /// Where it is in its life, and how it ended (`lifecycle`).
+    pub(crate) life: Arc<Lifecycle>,
     /// What it was built from, as changed since (a drive's file swapped).
     config: Mutex<VmConfig>,
-    pub(crate) end: Arc<EndLatch>,
     /// The outgoing migration, if one was started.
     pub(crate) migration: Mutex<Option<Arc<crate::migration::Outgoing>>>,
     /// Dropped after the vCPU threads are joined (fields drop after `drop`).
@@ -471,13 +467,11 @@ impl Vm {
             devices: m.devices,
             uart: m.uart,
             counters: m.counters,
-            end: m.end,
+            life: m.life,
             started: Instant::now(),
             guest: m.guest,
             memory_size: config.memory,
             seccomp: config.seccomp,
-            paused: Mutex::new(false),
-            paused_now: std::sync::atomic::AtomicBool::new(false),
             config: Mutex::new(m.config),
             migration: Mutex::new(None),
             irq: m.irq,
@@ -489,7 +483,7 @@ impl Vm {
         };
         let env = VcpuEnv {
             devices: vm.devices.clone(),
-            end: vm.end.clone(),
+            life: vm.life.clone(),
             mem: vm.kvm.memory().clone(),
             apics: vm.apics.clone(),
             seccomp: vm.seccomp,
@@ -497,6 +491,7 @@ impl Vm {
         };
         let vcpus = m.vcpus.into_iter().zip(m.ctls).collect();
         vm.threads.start(&env, vcpus, config.vcpu_threads)?;
+        vm.life.started();
         // The I/O engine stays parked: the caller releases it once the VM
         // runs (a paused restore, a migration's destination before its
         // Commit, must not serve a queue or a TAP).
@@ -587,82 +582,6 @@ impl Vm {
         self.uart.input(bytes)
     }
 
-    /// How the VM ended, if it has.
-    pub fn ended(&self) -> Option<VmEnd> {
-        self.end.get()
-    }
-
-    /// End the VM as [`VmEnd::ShutdownRequested`]: whoever waits in
-    /// [`Vm::wait`] returns and shuts it down. No effect if it has ended.
-    pub fn request_shutdown(&self) {
-        self.end.end(VmEnd::ShutdownRequested);
-    }
-
-    /// Pause every vCPU (signal all, then wait for all, at most until
-    /// `deadline`). If one does not park in time, all are resumed again and
-    /// the error names it: no VM is left half-paused.
-    pub fn pause(&self, deadline: brisk_control::Deadline) -> Result<(), PauseError> {
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ended().is_some() {
-            return Err(PauseError::Ended);
-        }
-        if *paused {
-            return Err(PauseError::AlreadyPaused);
-        }
-        self.pause_locked(&mut paused, deadline)
-    }
-
-    /// Pause, holding the `paused` lock (not paused yet).
-    pub(crate) fn pause_locked(
-        &self,
-        paused: &mut bool,
-        deadline: brisk_control::Deadline,
-    ) -> Result<(), PauseError> {
-        let vcpus = || self.vcpus.iter().map(|v| &**v);
-        if let Err(e) = brisk_control::pause_all(vcpus(), deadline) {
-            brisk_control::resume_all(vcpus());
-            return Err(PauseError::Control(e));
-        }
-        // Then the devices' queues: the request in progress finishes, no
-        // new one starts, so nothing is half done in what is saved.
-        if let Err(e) = self.quiesce_io(deadline) {
-            brisk_control::resume_all(vcpus());
-            return Err(PauseError::Io(e));
-        }
-        *paused = true;
-        self.paused_now
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// Resume a VM paused with [`Vm::pause`].
-    pub fn resume(&self) -> Result<(), PauseError> {
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        // An ended VM stays where it is: a migrated one runs elsewhere now.
-        if self.ended().is_some() {
-            return Err(PauseError::Ended);
-        }
-        if !*paused {
-            return Err(PauseError::NotPaused);
-        }
-        self.resume_locked(&mut paused);
-        Ok(())
-    }
-
-    /// Resume, holding the `paused` lock (paused); not an ended VM.
-    pub(crate) fn resume_locked(&self, paused: &mut bool) {
-        if self.ended().is_some() {
-            return;
-        }
-        if let Some(io) = &self.io {
-            io.release();
-        }
-        brisk_control::resume_all(self.vcpus.iter().map(|v| &**v));
-        *paused = false;
-        self.paused_now
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-
     /// Let the I/O engine serve (the VM runs).
     pub(crate) fn release_io(&self) {
         if let Some(io) = &self.io {
@@ -671,7 +590,7 @@ impl Vm {
     }
 
     /// Park the I/O engine, waiting at most until `deadline`.
-    fn quiesce_io(&self, deadline: brisk_control::Deadline) -> Result<(), NotParked> {
+    pub(crate) fn quiesce_io(&self, deadline: brisk_control::Deadline) -> Result<(), NotParked> {
         match &self.io {
             // A pause that took its whole deadline still lets the engine
             // finish the call in progress.
@@ -684,61 +603,6 @@ impl Vm {
     /// are served off the vCPU threads).
     pub fn io_serves(&self) -> Option<u64> {
         self.io.as_ref().map(|io| io.serves())
-    }
-
-    /// Record that every vCPU was started paused (a restore); the I/O
-    /// engine, never released, stays parked.
-    pub(crate) fn mark_paused(&self) -> Result<(), NotParked> {
-        self.quiesce_io(brisk_control::Deadline::after(Duration::from_secs(5)))?;
-        *self.paused.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        self.paused_now
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// The `paused` lock if it is free. One poisoned by a panic while it
-    /// was held (a snapshot's or a migration's) is free too: its flag
-    /// still says what the vCPUs are, so the VM stays resumable.
-    fn try_hold(&self) -> Result<std::sync::MutexGuard<'_, bool>, PauseError> {
-        match self.paused.try_lock() {
-            Ok(held) => Ok(held),
-            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => Err(PauseError::Busy),
-        }
-    }
-
-    /// As [`Vm::pause`], but refused at once ([`PauseError::Busy`]) while
-    /// a snapshot or migration holds the VM (for the API's event loop,
-    /// which must not wait for one).
-    pub fn try_pause(&self, deadline: brisk_control::Deadline) -> Result<(), PauseError> {
-        let mut paused = self.try_hold()?;
-        if self.ended().is_some() {
-            return Err(PauseError::Ended);
-        }
-        if *paused {
-            return Err(PauseError::AlreadyPaused);
-        }
-        self.pause_locked(&mut paused, deadline)
-    }
-
-    /// As [`Vm::resume`], refused at once while a snapshot or migration
-    /// holds the VM.
-    pub fn try_resume(&self) -> Result<(), PauseError> {
-        let mut paused = self.try_hold()?;
-        if self.ended().is_some() {
-            return Err(PauseError::Ended);
-        }
-        if !*paused {
-            return Err(PauseError::NotPaused);
-        }
-        self.resume_locked(&mut paused);
-        Ok(())
-    }
-
-    /// Whether the VM is paused as a whole.
-    pub fn is_paused(&self) -> bool {
-        // Not the lock: a snapshot or migration may hold it for long.
-        self.paused_now.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Serve disk `index` from `path` from now on (Firecracker's `PATCH
@@ -847,11 +711,11 @@ impl Vm {
     pub fn wait(&self, timeout: Option<Duration>, interrupt: Option<RawFd>) -> VmEnd {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            if let Some(end) = self.end.get() {
+            if let Some(end) = self.ended() {
                 return end;
             }
             let mut fds = vec![libc::pollfd {
-                fd: self.end.fd.as_raw_fd(),
+                fd: self.life.ended_fd.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             }];
@@ -874,7 +738,7 @@ impl Vm {
             };
             // SAFETY: `fds` is a valid array of pollfd for the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-            if n > 0 && fds.get(1).is_some_and(|f| f.revents != 0) && self.end.get().is_none() {
+            if n > 0 && fds.get(1).is_some_and(|f| f.revents != 0) && self.ended().is_none() {
                 return VmEnd::Interrupted;
             }
             // n == 0 (timeout) is caught at the top; EINTR just loops.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use brisk_guests::PINGPONG_ROUNDS;
 use brisk_test_kernels as k;
 use brisk_vmm::control::Mode;
-use brisk_vmm::snapshot::{self, VmState};
+use brisk_vmm::snapshot::{self, SavedVm};
 use brisk_vmm::{
     Capture, Irqchip, KernelConfig, Output, RestoreOptions, StartError, Vm, VmConfig, VmEnd,
 };
@@ -38,7 +38,7 @@ impl Drop for Dir {
     }
 }
 
-fn state(dir: &Path) -> VmState {
+fn state(dir: &Path) -> SavedVm {
     snapshot::file::read(&dir.join(snapshot::STATE_FILE)).unwrap()
 }
 
@@ -569,14 +569,14 @@ fn every_guest_clock_moves_on_by_the_time_saved() {
         kvmclock >= saved_for.as_nanos() as u64,
         "kvmclock moved on {kvmclock} ns over {saved_for:?} saved"
     );
-    let ticks = |s: &VmState| s.devices["pm-timer"].data["ticks"].as_u64().unwrap();
+    let ticks = |s: &SavedVm| s.devices["pm-timer"].data["ticks"].as_u64().unwrap();
     let pm = ticks(&after) - ticks(&before);
     let want = saved_for.as_secs_f64() * brisk_devices::PM_TIMER_HZ as f64;
     assert!(
         pm as f64 >= want,
         "the PM timer moved on {pm} ticks, want {want}"
     );
-    let tsc = |s: &VmState| {
+    let tsc = |s: &SavedVm| {
         s.vcpus[0]
             .kvm
             .msrs

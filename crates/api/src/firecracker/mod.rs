@@ -527,6 +527,21 @@ pub fn is_slow(path: &str) -> bool {
     matches!(path, "/actions" | "/snapshot/create" | "/snapshot/load")
 }
 
+/// Firecracker's three instance states, for brisk's: a VM held by a
+/// pause, resume, snapshot or migration is named as the guest stands
+/// (Firecracker's own snapshot needs a paused VM), an ended one as it
+/// last was (Firecracker exits with its guest).
+fn instance_state(state: &brisk_vmm::VmState) -> &'static str {
+    use brisk_vmm::{Hold, VmState};
+    match state {
+        VmState::Configured => "Not started",
+        VmState::Paused | VmState::Held(Hold::Resuming | Hold::Snapshot) | VmState::Ended(_) => {
+            "Paused"
+        }
+        VmState::Running | VmState::Held(Hold::Pausing | Hold::Migration) => "Running",
+    }
+}
+
 fn ok() -> Reply {
     Reply::no_content()
 }
@@ -566,12 +581,6 @@ impl Firecracker {
         body: &[u8],
     ) -> Result<Reply, FcError> {
         let vm = slot.get();
-        let starting = self.starting.load(std::sync::atomic::Ordering::SeqCst);
-        let pre_boot = |vm: &Option<_>| match vm {
-            Some(_) => Err(FcError::AfterStart),
-            None if starting => Err(FcError::Starting),
-            None => Ok(()),
-        };
         if let Some((_, what)) = UNSUPPORTED.iter().find(|(p, _)| path.starts_with(p)) {
             return Err(FcError::Unsupported(what.to_string()));
         }
@@ -584,12 +593,7 @@ impl Firecracker {
             ("GET", "/") => Ok(json(&InstanceInfo {
                 app_name: "brisk".into(),
                 id: self.id.clone(),
-                state: match &vm {
-                    None => "Not started",
-                    Some(vm) if vm.is_paused() => "Paused",
-                    Some(_) => "Running",
-                }
-                .into(),
+                state: instance_state(&slot.state()).into(),
                 vmm_version: env!("CARGO_PKG_VERSION").into(),
             })),
             ("GET", "/version") => Ok(json(&FirecrackerVersion {
@@ -598,18 +602,15 @@ impl Firecracker {
             ("GET", "/machine-config") => Ok(json(&self.pre().machine)),
             ("GET", "/vm/config") => Ok(json(&self.pre().full())),
             ("PUT", "/machine-config") => {
-                pre_boot(&vm)?;
-                self.pre().set_machine(parse(body)?)?;
+                self.configuring(slot)?.set_machine(parse(body)?)?;
                 Ok(ok())
             }
             ("PATCH", "/machine-config") => {
-                pre_boot(&vm)?;
-                self.pre().patch_machine(parse(body)?)?;
+                self.configuring(slot)?.patch_machine(parse(body)?)?;
                 Ok(ok())
             }
             ("PUT", "/boot-source") => {
-                pre_boot(&vm)?;
-                self.pre().set_boot_source(parse(body)?)?;
+                self.configuring(slot)?.set_boot_source(parse(body)?)?;
                 Ok(ok())
             }
             ("PUT", "/logger") => {
@@ -617,27 +618,23 @@ impl Firecracker {
                 Ok(ok())
             }
             ("PUT", "/vsock") => {
-                pre_boot(&vm)?;
-                self.pre().set_vsock(parse(body)?)?;
+                self.configuring(slot)?.set_vsock(parse(body)?)?;
                 Ok(ok())
             }
             ("PUT", "/metrics") => {
-                pre_boot(&vm)?;
-                self.pre().metrics = Some(parse(body)?);
+                self.configuring(slot)?.metrics = Some(parse(body)?);
                 Ok(ok())
             }
             ("PUT", p) if p.starts_with("/drives/") => {
                 let id =
                     id_of("/drives/").ok_or_else(|| FcError::NoRoute(format!("{method} {p}")))?;
-                pre_boot(&vm)?;
-                self.pre().put_drive(&id, parse(body)?)?;
+                self.configuring(slot)?.put_drive(&id, parse(body)?)?;
                 Ok(ok())
             }
             ("PUT", p) if p.starts_with("/network-interfaces/") => {
                 let id = id_of("/network-interfaces/")
                     .ok_or_else(|| FcError::NoRoute(format!("{method} {p}")))?;
-                pre_boot(&vm)?;
-                self.pre().put_net(&id, parse(body)?)?;
+                self.configuring(slot)?.put_net(&id, parse(body)?)?;
                 Ok(ok())
             }
             ("PATCH", p) if p.starts_with("/drives/") => {
@@ -706,7 +703,6 @@ impl Firecracker {
                 Ok(ok())
             }
             ("PUT", "/snapshot/load") => {
-                pre_boot(&vm)?;
                 let p: SnapshotLoadParams = parse(body)?;
                 if p.mem_backend
                     .as_ref()
@@ -721,7 +717,7 @@ impl Firecracker {
                     dir: p.snapshot_path.into(),
                     paused: !p.resume_vm,
                 };
-                self.bring(slot, what)?;
+                self.start(slot, |_| Ok(what))?;
                 Ok(ok())
             }
             _ => Err(FcError::NoRoute(format!(
@@ -731,13 +727,35 @@ impl Firecracker {
         }
     }
 
-    /// Have brisk's main thread build the VM, the configuration closed
-    /// meanwhile (and open again if it fails).
-    fn bring(&self, slot: &VmSlot, what: Bring) -> Result<(), FcError> {
+    /// The pre-boot configuration, open for a change: refused once a VM
+    /// runs or one is being built. Checked under the configuration's
+    /// lock, which a start holds while it reads the configuration and
+    /// marks itself starting: no change slips in between.
+    fn configuring(&self, slot: &VmSlot) -> Result<std::sync::MutexGuard<'_, PreBoot>, FcError> {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.starting.swap(true, SeqCst) {
-            return Err(FcError::Starting);
+        let pre = self.pre();
+        match slot.get() {
+            Some(_) => Err(FcError::AfterStart),
+            None if self.starting.load(SeqCst) => Err(FcError::Starting),
+            None => Ok(pre),
         }
+    }
+
+    /// Have brisk's main thread build the VM that `what` makes of the
+    /// configuration, the configuration closed meanwhile (and open again
+    /// if it fails).
+    fn start(
+        &self,
+        slot: &VmSlot,
+        what: impl FnOnce(&PreBoot) -> Result<Bring, FcError>,
+    ) -> Result<(), FcError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let what = {
+            let pre = self.configuring(slot)?;
+            let what = what(&pre)?;
+            self.starting.store(true, SeqCst);
+            what
+        };
         let r = slot.bring(what).map_err(|e| FcError::Vm(e.to_string()));
         self.starting.store(false, SeqCst);
         r
@@ -752,8 +770,9 @@ impl Firecracker {
         match (a.action_type.as_str(), vm) {
             ("InstanceStart", Some(_)) => Err(FcError::AfterStart),
             ("InstanceStart", None) => {
-                let config = self.pre().vm_config(self.seccomp)?;
-                self.bring(slot, Bring::Start(Box::new(config)))?;
+                self.start(slot, |pre| {
+                    Ok(Bring::Start(Box::new(pre.vm_config(self.seccomp)?)))
+                })?;
                 Ok(ok())
             }
             // brisk has no keyboard to press it on: the VM is shut down

@@ -19,7 +19,7 @@ use super::wire::{
     never, printable, Bound, Kind, MigrationUrl, Stream, WireError, PARTING_BOUND, PROTOCOL_VERSION,
 };
 use super::Hello;
-use crate::snapshot::{cannot_build_here, check_state, check_trusted, file, VmState};
+use crate::snapshot::{cannot_build_here, check_state, check_trusted, file, SavedVm};
 use crate::vm::{Boot, Machine};
 use crate::{Interruption, Output, ReceiveError, RestoreOptions, StartError, Vm, VmConfig};
 
@@ -135,7 +135,7 @@ pub enum Step<'a> {
     /// These pages are zero: give them back (never write zeros).
     Discard { at: u64, len: u64 },
     /// The VM's state: restore it.
-    State(Box<VmState>),
+    State(Box<SavedVm>),
 }
 
 /// The checks a source's messages pass before they touch anything
@@ -194,7 +194,7 @@ impl Intake {
                 Ok(Step::Discard { at, len })
             }
             Kind::State => {
-                let mut state: VmState = file::parse(body).map_err(IntakeError::StateFormat)?;
+                let mut state: SavedVm = file::parse(body).map_err(IntakeError::StateFormat)?;
                 state.config.seccomp = self.config.seccomp;
                 if serde_json::to_value(&state.config).ok()
                     != serde_json::to_value(&self.config).ok()

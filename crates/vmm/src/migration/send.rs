@@ -13,6 +13,7 @@ use super::wire::{
     PARTING_BOUND, PROTOCOL_VERSION,
 };
 use super::{Hello, MigrationError, MigrationOptions, MigrationStatus, Phase};
+use crate::lifecycle::{Hold, Wait, HOLD_WAIT};
 use crate::snapshot::{file, memory};
 use crate::{Vm, VmEnd};
 
@@ -319,13 +320,13 @@ impl Vm {
         crate::disk_lock::flush(&self.config().disks).map_err(SendError::Flush)?;
         // Stop and copy: from here the guest runs nowhere until the
         // destination runs it (or this side resumes it after a failure).
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        let was_paused = *paused;
+        let mut held = self
+            .hold(Hold::Migration, Wait::Until(Deadline::after(HOLD_WAIT)))
+            .map_err(SendError::Pause)?;
+        let was_paused = held.was_paused();
         let downtime = Instant::now();
-        if !was_paused {
-            self.pause_locked(&mut paused, Deadline::after(Duration::from_secs(5)))
-                .map_err(SendError::Pause)?;
-        }
+        held.stop(Deadline::after(Duration::from_secs(5)))
+            .map_err(SendError::Pause)?;
         job.update(|st| st.phase = Phase::Stopped);
         // However the destination behaves, the guest is stopped here for
         // at most this long before it resumes here.
@@ -352,23 +353,19 @@ impl Vm {
             true => Err(SendError::Cancelled),
             false => Ok(()),
         });
-        if let Err(e) = r {
-            if !was_paused {
-                self.resume_locked(&mut paused);
-            }
-            return Err(e);
-        }
+        // On failure the guard resumes the guest here.
+        r?;
         // Commit: this side ends first, so the guest never runs twice. If
         // something else ended it meanwhile (a shutdown asked for, a
         // crash), the destination must not run it either.
         let url = opts.url.to_string();
-        if !self.end.end(VmEnd::Migrated { to: url.clone() }) {
+        if !self.life.end(VmEnd::Migrated { to: url.clone() }) {
             return Err(SendError::EndedDuringSwitch(self.ended()));
         }
-        // Ended: nothing left for the lock to guard, and the API may read
-        // the state meanwhile. Its disks are the destination's to lock now
-        // (on one host, the same images).
-        drop(paused);
+        // Ended: the hold is over (the guard resumes nothing now). Its
+        // disks are the destination's to lock now (on one host, the same
+        // images).
+        drop(held);
         self.disk_locks.release();
         // Ended here: neither a cancel nor the shutdown that follows may
         // stop the Commit now; only its bound does.

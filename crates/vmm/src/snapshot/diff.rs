@@ -21,10 +21,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{self, MemoryWritten, PAGE};
 use super::{
-    check_destination, file, install, io, is_memory_file_name, new_memory_file_name, SnapshotError,
-    SnapshotInfo, Staged, VmState, STATE_FILE,
+    check_destination, file, install, io, is_memory_file_name, new_memory_file_name, SavedVm,
+    SnapshotError, SnapshotInfo, Staged, STATE_FILE,
 };
-use crate::{PauseError, RestoreError, StartError, Vm};
+use crate::{RestoreError, StartError, Vm};
 
 /// One diff layer: its file, and the page runs (first page, pages) of
 /// the memory file's address space it holds. Inside a run, a hole in the
@@ -106,12 +106,9 @@ impl Vm {
         if !self.config().track_dirty_pages {
             return Err(SnapshotError::NotTracking);
         }
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ended().is_some() {
-            return Err(SnapshotError::Pause(PauseError::Ended));
-        }
+        let mut held = self.hold_for_snapshot()?;
         check_destination(dir)?;
-        let below: VmState =
+        let below: SavedVm =
             file::read(&dir.join(STATE_FILE)).map_err(|_| SnapshotError::NoBase)?;
         match &self.dirty_use().base {
             Some((d, top, _)) if d == dir && top == below.top_file() => {}
@@ -124,12 +121,12 @@ impl Vm {
         // diff on.
         self.set_diff_base(dir, String::new(), None);
         let (staged, pause, stopped) =
-            self.while_stopped(&mut paused, start, || self.save_layer(dir, below))?;
+            self.while_stopped(&mut held, start, || self.save_layer(dir, below))?;
         self.finish(dir, staged, start, pause, stopped)
     }
 
     /// Stopped: the dirty pages into a new layer file, and the state.
-    fn save_layer(&self, dir: &Path, below: VmState) -> Result<Staged, SnapshotError> {
+    fn save_layer(&self, dir: &Path, below: SavedVm) -> Result<Staged, SnapshotError> {
         let name = new_memory_file_name();
         let path = dir.join(&name);
         let cannot_write = || io("cannot write guest memory to", &path);
@@ -172,7 +169,7 @@ pub(crate) struct OpenLayer {
 
 /// Open `state`'s layers in `dir`, refusing names not brisk's, files not
 /// the RAM's size and runs outside it.
-pub(crate) fn open_layers(dir: &Path, state: &VmState) -> Result<Vec<OpenLayer>, StartError> {
+pub(crate) fn open_layers(dir: &Path, state: &SavedVm) -> Result<Vec<OpenLayer>, StartError> {
     if state.layers.len() > MAX_LAYERS {
         return Err(RestoreError::TooManyLayers(state.layers.len()).into());
     }

@@ -8,7 +8,7 @@
 //!     16     8  body length in bytes (u64 LE)
 //!     24     4  CRC-32 (IEEE) of the body (u32 LE)
 //!     28     4  reserved, 0
-//!     32     -  body: the VmState as JSON
+//!     32     -  body: the SavedVm as JSON
 //! ```
 //!
 //! Reading checks each in that order, so a file from another program, from
@@ -25,7 +25,7 @@ use serde::Serialize;
 pub const MAGIC: &[u8; 8] = b"BRISKSNP";
 /// The newest state file format this brisk writes. Bump it whenever the
 /// body's meaning changes: a brisk refuses files newer than it reads.
-/// Version 2 added diff layers (`VmState::layers`), which a version-1
+/// Version 2 added diff layers (`SavedVm::layers`), which a version-1
 /// reader would ignore and restore wrongly; a state without layers is
 /// still written (and read) as version 1, so older brisks and migration
 /// destinations take it.

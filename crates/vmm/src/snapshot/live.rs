@@ -25,7 +25,7 @@ use super::{
     check_destination, io, new_memory_file_name, remove_stale_temp_files, SnapshotError,
     SnapshotInfo, Staged, PAUSE_BOUND,
 };
-use crate::{PauseError, Vm};
+use crate::Vm;
 
 /// Pages read and written at a time.
 const RUN_PAGES: usize = 256;
@@ -89,12 +89,9 @@ impl Vm {
         opts: LiveOptions,
     ) -> Result<SnapshotInfo, SnapshotError> {
         let start = Instant::now();
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ended().is_some() {
-            return Err(SnapshotError::Pause(PauseError::Ended));
-        }
-        if *paused {
-            drop(paused);
+        let mut held = self.hold_for_snapshot()?;
+        if held.was_paused() {
+            drop(held);
             return self.snapshot(dir);
         }
         // The dirty log is ours until the end: checked and claimed under
@@ -146,7 +143,7 @@ impl Vm {
         };
         // Stopped: the last pages and the state.
         let stop = Instant::now();
-        self.pause_locked(&mut paused, Deadline::after(PAUSE_BOUND))
+        held.stop(Deadline::after(PAUSE_BOUND))
             .map_err(SnapshotError::Pause)?;
         let pause = start.elapsed();
         let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -161,8 +158,9 @@ impl Vm {
             Ok((state, self.dirty_use().epoch))
         }))
         .unwrap_or(Err(SnapshotError::Panicked));
-        if !opts.stay_paused {
-            self.resume_locked(&mut paused);
+        match opts.stay_paused {
+            true => held.leave_paused(),
+            false => held.run_again(),
         }
         let stopped = stop.elapsed();
         drop(log);

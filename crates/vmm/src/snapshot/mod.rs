@@ -4,7 +4,7 @@
 //! A snapshot directory holds two files (docs/snapshot.md):
 //! - `memory`: guest RAM, the regions one after another, holes where the
 //!   pages read as zero; the restore maps it copy-on-write.
-//! - `state`: a versioned, checksummed header and the [`VmState`] as JSON
+//! - `state`: a versioned, checksummed header and the [`SavedVm`] as JSON
 //!   (see [`file`]).
 //!
 //! What is saved, and why it is enough: KVM's view of each vCPU and of
@@ -34,6 +34,7 @@ pub use diff::{merge, Layer, MergeError};
 pub use live::LiveOptions;
 pub use memory::MemoryWritten;
 
+use crate::lifecycle::{HeldVm, Hold, Wait, HOLD_WAIT};
 use crate::vm::{setup, Boot, Machine};
 use crate::{Output, PauseError, RestoreError, StartError, Vm, VmConfig};
 
@@ -50,7 +51,7 @@ const PAUSE_BOUND: Duration = Duration::from_secs(5);
 
 /// Everything but RAM: the state file's body.
 #[derive(Serialize, Deserialize)]
-pub struct VmState {
+pub struct SavedVm {
     /// The memory file beside it (`memory-` and 16 hex digits): all of
     /// RAM, or the base the diff `layers` go on.
     pub memory_file: String,
@@ -220,14 +221,11 @@ impl Vm {
     /// paused as it was.
     pub fn snapshot(&self, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
         let start = Instant::now();
-        let mut paused = self.paused.lock().unwrap_or_else(|p| p.into_inner());
-        if self.ended().is_some() {
-            return Err(SnapshotError::Pause(PauseError::Ended));
-        }
+        let mut held = self.hold_for_snapshot()?;
         // Whatever happens next, a diff taken later must not rest on a
         // snapshot that did not complete.
         self.set_diff_base(dir, String::new(), None);
-        let (staged, pause, stopped) = self.while_stopped(&mut paused, start, || {
+        let (staged, pause, stopped) = self.while_stopped(&mut held, start, || {
             #[cfg(test)]
             tests::IN_SAVE.hit();
             self.save_paused(dir)
@@ -235,28 +233,30 @@ impl Vm {
         self.finish(dir, staged, start, pause, stopped)
     }
 
+    /// Hold the VM for a snapshot, waiting for one in progress.
+    pub(crate) fn hold_for_snapshot(&self) -> Result<HeldVm<'_>, SnapshotError> {
+        self.hold(Hold::Snapshot, Wait::Until(Deadline::after(HOLD_WAIT)))
+            .map_err(SnapshotError::Pause)
+    }
+
     /// Run `save` with the guest stopped: paused first if it runs, and
-    /// resumed after (the `paused` lock held throughout). A panic in it (a
-    /// brisk bug) is an error, never a guest stopped for good. Returns its
-    /// result, the time to the pause and the time stopped (zero for a VM
-    /// paused already).
-    fn while_stopped<T>(
+    /// run again after (still held). A panic in it (a brisk bug) is an
+    /// error, never a guest stopped for good. Returns its result, the
+    /// time to the pause and the time stopped (zero for a VM paused
+    /// already).
+    pub(crate) fn while_stopped<T>(
         &self,
-        paused: &mut bool,
+        held: &mut HeldVm<'_>,
         start: Instant,
         save: impl FnOnce() -> Result<T, SnapshotError>,
     ) -> Result<(T, Duration, Duration), SnapshotError> {
-        let was_paused = *paused;
-        if !was_paused {
-            self.pause_locked(paused, Deadline::after(PAUSE_BOUND))
-                .map_err(SnapshotError::Pause)?;
-        }
+        let was_paused = held.was_paused();
+        held.stop(Deadline::after(PAUSE_BOUND))
+            .map_err(SnapshotError::Pause)?;
         let pause = start.elapsed();
         let saved = std::panic::catch_unwind(std::panic::AssertUnwindSafe(save))
             .unwrap_or(Err(SnapshotError::Panicked));
-        if !was_paused {
-            self.resume_locked(paused);
-        }
+        held.run_again();
         let stopped = match was_paused {
             true => Duration::ZERO,
             false => start.elapsed(),
@@ -295,7 +295,7 @@ impl Vm {
     /// The state of a paused VM (every vCPU parked). User-irqchip timers
     /// are frozen meanwhile, so the ticks they counted and the interrupts
     /// pending agree.
-    pub(crate) fn save_state(&self) -> Result<VmState, SnapshotError> {
+    pub(crate) fn save_state(&self) -> Result<SavedVm, SnapshotError> {
         /// Thaws the timers however the reading ends (a panic included).
         struct Frozen<'a>(Option<&'a brisk_devices::PeriodicTimers>);
         impl Drop for Frozen<'_> {
@@ -313,7 +313,7 @@ impl Vm {
         self.collect_state()
     }
 
-    fn collect_state(&self) -> Result<VmState, SnapshotError> {
+    fn collect_state(&self) -> Result<SavedVm, SnapshotError> {
         self.kvm.check_xsave_fits()?;
         let msrs = self.kvm.msr_index_list()?;
         // Devices and the VM's irqchip/PIT first, then the vCPUs: an
@@ -363,7 +363,7 @@ impl Vm {
                 pending,
             });
         }
-        Ok(VmState {
+        Ok(SavedVm {
             memory_file: new_memory_file_name(),
             layers: Vec::new(),
             config: self.config(),
@@ -414,7 +414,7 @@ impl Vm {
 
     /// Build and start a VM whose RAM `boot` provides, in `state`.
     pub(crate) fn from_state(
-        mut state: VmState,
+        mut state: SavedVm,
         output: Output,
         opts: RestoreOptions,
         boot: Boot<'_>,
@@ -432,7 +432,7 @@ impl Vm {
     /// filled) and start it.
     pub(crate) fn restore_into(
         m: Machine,
-        state: VmState,
+        state: SavedVm,
         opts: RestoreOptions,
     ) -> Result<Vm, StartError> {
         check_state(&state)?;
@@ -477,14 +477,10 @@ impl Vm {
         // one hangs a driver).
         vm.devices.reassert_interrupts();
         if opts.paused {
-            // Return once every vCPU has parked, so what follows (a
-            // snapshot, say) finds a paused VM, not one still on its way.
-            brisk_control::pause_all(
-                vm.vcpus().iter().map(|v| &**v),
-                Deadline::after(PAUSE_BOUND),
-            )
-            .map_err(|e| RestoreError::DidNotPark(Box::new(e)))?;
-            vm.mark_paused()
+            // Return once every vCPU (each started paused) has parked,
+            // so what follows (a snapshot, say) finds a paused VM, not
+            // one still on its way.
+            vm.pause(Deadline::after(PAUSE_BOUND))
                 .map_err(|e| RestoreError::DidNotPark(Box::new(e)))?;
         } else {
             vm.release_io();
@@ -496,11 +492,11 @@ impl Vm {
 
 /// The state and memory file of the snapshot in `dir`, checked against
 /// each other.
-pub fn read_snapshot(dir: &Path) -> Result<(VmState, std::fs::File), StartError> {
+pub fn read_snapshot(dir: &Path) -> Result<(SavedVm, std::fs::File), StartError> {
     if !dir.is_dir() {
         return Err(RestoreError::NotADirectory(dir.into()).into());
     }
-    let state: VmState = file::read(&dir.join(STATE_FILE))?;
+    let state: SavedVm = file::read(&dir.join(STATE_FILE))?;
     if !is_memory_file_name(&state.memory_file) {
         let shown = state.memory_file.chars().take(64).collect();
         return Err(RestoreError::MemoryFileName(shown).into());
@@ -547,7 +543,7 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Snapsho
 
 /// A snapshot written while the guest was stopped, not yet in place.
 struct Staged {
-    state: VmState,
+    state: SavedVm,
     /// Guest RAM, in a temporary file beside its final name.
     memory: memory::TempFile,
     written: MemoryWritten,
@@ -612,7 +608,7 @@ fn install(dir: &Path, staged: Staged) -> Result<(MemoryWritten, Vec<PathBuf>), 
 
 /// The memory files the snapshot in `dir` uses (brisk's names only).
 fn earlier_files(dir: &Path) -> Vec<String> {
-    file::read::<VmState>(&dir.join(STATE_FILE))
+    file::read::<SavedVm>(&dir.join(STATE_FILE))
         .map(|s| {
             s.files()
                 .filter(|n| is_memory_file_name(n))
@@ -622,7 +618,7 @@ fn earlier_files(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-impl VmState {
+impl SavedVm {
     /// The oldest state file format that holds it: 1 without diff layers,
     /// so a brisk (or a migration destination) of that format reads it.
     pub fn format_version(&self) -> u32 {
@@ -762,7 +758,7 @@ fn new_memory_file_name() -> String {
 
 /// What must hold before a VM is built from `state` (pure: no KVM, no
 /// files; the fuzz target drives it).
-pub fn check_state(state: &VmState) -> Result<(), StartError> {
+pub fn check_state(state: &SavedVm) -> Result<(), StartError> {
     let c = &state.config;
     c.validate().map_err(RestoreError::Config)?;
     if state.regions != brisk_boot::layout::ram_regions(c.memory) {
