@@ -77,7 +77,7 @@ pub fn migration_target(b: &[u8]) -> Result<brisk_vmm::MigrationOptions, Reply> 
 pub fn bring_target(endpoint: Endpoint, b: &[u8]) -> Result<Bring, Reply> {
     if endpoint == Endpoint::Restore {
         let r: model::Restore = body(b, "{\"source_url\": \"file:///DIR\", \"paused\": false}")?;
-        let dir = file_url(&r.source_url).map_err(|e| Reply::error(400, e))?;
+        let dir = file_url(&r.source_url).map_err(|e| Reply::error(400, e.to_string()))?;
         return Ok(Bring::Restore {
             dir,
             paused: r.paused,
@@ -97,23 +97,30 @@ pub fn bring_target(endpoint: Endpoint, b: &[u8]) -> Result<Bring, Reply> {
     })
 }
 
+/// Why a `file://` URL in a request body names no directory.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileUrlError {
+    /// Another scheme (the URL as given, shortened).
+    #[error("'{0}' is not a file:// URL (snapshots go to file:///DIR)")]
+    NotFile(String),
+    /// A relative or empty path (the URL as given, shortened).
+    #[error("'{0}': the directory must be an absolute path (file:///DIR)")]
+    Relative(String),
+    #[error("the directory name contains a NUL byte")]
+    Nul,
+}
+
 /// The directory a `file://` URL names (`file:///abs/dir`); other
 /// schemes and relative or empty paths are refused by name.
-pub fn file_url(url: &str) -> Result<std::path::PathBuf, String> {
+pub fn file_url(url: &str) -> Result<std::path::PathBuf, FileUrlError> {
     let Some(path) = url.strip_prefix("file://") else {
-        return Err(format!(
-            "'{}' is not a file:// URL (snapshots go to file:///DIR)",
-            shorten(url)
-        ));
+        return Err(FileUrlError::NotFile(shorten(url)));
     };
     if !path.starts_with('/') {
-        return Err(format!(
-            "'{}': the directory must be an absolute path (file:///DIR)",
-            shorten(url)
-        ));
+        return Err(FileUrlError::Relative(shorten(url)));
     }
     if path.contains('\0') {
-        return Err("the directory name contains a NUL byte".into());
+        return Err(FileUrlError::Nul);
     }
     Ok(path.into())
 }
@@ -151,7 +158,7 @@ enum SnapshotKind {
 /// The directory and the kind of snapshot; or the 400 reply.
 fn snapshot_request(b: &[u8]) -> Result<(std::path::PathBuf, SnapshotKind), Reply> {
     let s: model::SnapshotRequest = body(b, "{\"destination_url\": \"file:///DIR\"}")?;
-    let dir = file_url(&s.destination_url).map_err(|e| Reply::error(400, e))?;
+    let dir = file_url(&s.destination_url).map_err(|e| Reply::error(400, e.to_string()))?;
     if !s.live && s.max_stop_ms.is_some() {
         return Err(Reply::error(
             400,

@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use brisk_test_kernels as k;
@@ -19,9 +19,26 @@ use brisk_test_kernels as k;
 use crate::stats::{Row, Table};
 use crate::Opts;
 
+/// Why one timed boot gave no figures.
+#[derive(Debug, thiserror::Error)]
+enum BootError {
+    #[error("cannot find brisk's own executable: {0}")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot spawn brisk run: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot wait for brisk run: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("brisk run {args} ended ({status}) without printing '{marker}'")]
+    NoMarker {
+        args: String,
+        status: ExitStatus,
+        marker: String,
+    },
+}
+
 /// One boot: nanoseconds to the marker and to exit, and the exit status.
-fn boot_once(args: &[String], marker: &str) -> Result<(u64, u64), String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+fn boot_once(args: &[String], marker: &str) -> Result<(u64, u64), BootError> {
+    let exe = std::env::current_exe().map_err(BootError::Exe)?;
     let t0 = Instant::now();
     let mut child = Command::new(exe)
         .arg("run")
@@ -29,7 +46,7 @@ fn boot_once(args: &[String], marker: &str) -> Result<(u64, u64), String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot spawn brisk run: {e}"))?;
+        .map_err(BootError::Spawn)?;
     let stdout = child.stdout.take().expect("piped");
     let mut to_marker = None;
     for line in BufReader::new(stdout).lines() {
@@ -38,13 +55,12 @@ fn boot_once(args: &[String], marker: &str) -> Result<(u64, u64), String> {
             to_marker = Some(t0.elapsed().as_nanos() as u64);
         }
     }
-    let status = child.wait().map_err(|e| e.to_string())?;
+    let status = child.wait().map_err(BootError::Wait)?;
     let to_exit = t0.elapsed().as_nanos() as u64;
-    let to_marker = to_marker.ok_or_else(|| {
-        format!(
-            "brisk run {} ended ({status}) without printing '{marker}'",
-            args.join(" ")
-        )
+    let to_marker = to_marker.ok_or_else(|| BootError::NoMarker {
+        args: args.join(" "),
+        status,
+        marker: marker.to_string(),
     })?;
     Ok((to_marker, to_exit))
 }

@@ -144,18 +144,29 @@ fn ipi_round_trips(opts: &Opts) -> Table {
     )
 }
 
-fn ipistorm(irqchip: Irqchip, cpus: usize) -> Result<u64, String> {
+/// Why an ipistorm run gave no figures.
+#[derive(Debug, thiserror::Error)]
+enum IpistormError {
+    #[error("cannot start the ipistorm kernel: {0}")]
+    Start(#[from] brisk_vmm::StartError),
+    #[error("ended {end:?}: {out}")]
+    Failed { end: VmEnd, out: String },
+    #[error("no round-trip figure in: {out}")]
+    NoFigure { out: String },
+}
+
+fn ipistorm(irqchip: Irqchip, cpus: usize) -> Result<u64, IpistormError> {
     let out = run_ipistorm(irqchip, cpus, "")?;
     out.lines()
         .find_map(|l| l.strip_suffix(" ns per round trip"))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no round-trip figure in: {out}"))
+        .ok_or(IpistormError::NoFigure { out })
 }
 
 /// Boot the ipistorm kernel with `cmdline`; its console output if it
 /// passed.
-fn run_ipistorm(irqchip: Irqchip, cpus: usize, cmdline: &str) -> Result<String, String> {
+fn run_ipistorm(irqchip: Irqchip, cpus: usize, cmdline: &str) -> Result<String, IpistormError> {
     let config = VmConfig {
         cpus,
         irqchip,
@@ -167,12 +178,12 @@ fn run_ipistorm(irqchip: Irqchip, cpus: usize, cmdline: &str) -> Result<String, 
         ..VmConfig::default()
     };
     let capture = Capture::default();
-    let vm = Vm::start(&config, Output::Capture(capture.clone())).map_err(|e| e.to_string())?;
+    let vm = Vm::start(&config, Output::Capture(capture.clone()))?;
     let end = vm.wait(Some(Duration::from_secs(120)), None);
     let _ = vm.shutdown();
     let out = capture.text();
     if end != VmEnd::DebugExit(k::PASS as u32) {
-        return Err(format!("ended {end:?}: {out}"));
+        return Err(IpistormError::Failed { end, out });
     }
     Ok(out)
 }

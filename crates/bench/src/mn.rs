@@ -69,15 +69,32 @@ struct Process {
     max_threads: u64,
 }
 
+/// Why a whole `brisk run` gave no figures.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("cannot find brisk's own executable: {0}")]
+    Exe(#[source] std::io::Error),
+    #[error("cannot spawn brisk run: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("cannot wait for brisk run {args}: {source}")]
+    Wait {
+        args: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("brisk run {args} did not exit {want}")]
+    Exit { args: String, want: i32 },
+}
+
 /// Run `brisk run ARGS` to its end, sampling its thread count; its CPU
 /// time and peak RSS come from wait4's rusage.
-fn whole_run(args: &[String]) -> Result<Process, String> {
+fn whole_run(args: &[String]) -> Result<Process, RunError> {
     whole_run_ending(args, 0)
 }
 
 /// As [`whole_run`], for a run that ends with exit status `want`.
-fn whole_run_ending(args: &[String], want: i32) -> Result<Process, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+fn whole_run_ending(args: &[String], want: i32) -> Result<Process, RunError> {
+    let exe = std::env::current_exe().map_err(RunError::Exe)?;
     let t0 = Instant::now();
     let child = std::process::Command::new(exe)
         .arg("run")
@@ -85,7 +102,7 @@ fn whole_run_ending(args: &[String], want: i32) -> Result<Process, String> {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot spawn brisk run: {e}"))?;
+        .map_err(RunError::Spawn)?;
     let pid = child.id() as libc::pid_t;
     // Sample the thread count until the process has exited (a zombie
     // until we reap it).
@@ -111,8 +128,17 @@ fn whole_run_ending(args: &[String], want: i32) -> Result<Process, String> {
     // SAFETY: as above; std's Child is not waited for after this.
     let r = unsafe { libc::wait4(pid, &mut wstatus, 0, &mut usage) };
     let wall = t0.elapsed();
-    if r != pid || !libc::WIFEXITED(wstatus) || libc::WEXITSTATUS(wstatus) != want {
-        return Err(format!("brisk run {} did not exit {want}", args.join(" ")));
+    if r != pid {
+        return Err(RunError::Wait {
+            args: args.join(" "),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if !libc::WIFEXITED(wstatus) || libc::WEXITSTATUS(wstatus) != want {
+        return Err(RunError::Exit {
+            args: args.join(" "),
+            want,
+        });
     }
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Ok(Process {

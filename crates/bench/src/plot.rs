@@ -1,7 +1,7 @@
 //! Latency distributions as SVG charts (one CDF per table), so the tails
 //! are visible.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
 
@@ -18,13 +18,35 @@ const COLORS: [RGBColor; 8] = [
     RGBColor(128, 0, 128),
 ];
 
+/// Why the charts could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("cannot create {}: {source}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot draw {}: {source}", path.display())]
+    Chart {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
 /// Write `DIR/<n>-<slug>.svg` for each table; returns the files written.
-pub fn write(dir: &Path, tables: &[Table]) -> Result<Vec<String>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+pub fn write(dir: &Path, tables: &[Table]) -> Result<Vec<String>, PlotError> {
+    std::fs::create_dir_all(dir).map_err(|source| PlotError::Dir {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     let mut files = Vec::new();
     for (i, t) in tables.iter().enumerate() {
         let path = dir.join(format!("{i:02}-{}.svg", slug(&t.title)));
-        cdf(&path, t).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Err(source) = cdf(&path, t) {
+            return Err(PlotError::Chart { path, source });
+        }
         files.push(path.display().to_string());
     }
     Ok(files)
@@ -48,7 +70,7 @@ fn log_us(ns: u64) -> f64 {
     (ns.max(1) as f64 / 1e3).log10()
 }
 
-fn cdf(path: &Path, t: &Table) -> Result<(), Box<dyn std::error::Error>> {
+fn cdf(path: &Path, t: &Table) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let lo = t
         .rows
         .iter()
