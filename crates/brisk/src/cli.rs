@@ -287,6 +287,13 @@ struct RunArgs {
     /// page after a snapshot then costs a fault).
     #[arg(long)]
     track_dirty_pages: bool,
+    /// Track the guest's writes (for migrations, live and diff snapshots)
+    /// with KVM's per-vCPU dirty rings (KVM_CAP_DIRTY_LOG_RING) instead of
+    /// its per-slot bitmaps: each look at the log then costs in proportion
+    /// to the pages written, not to RAM; a vCPU whose ring fills (16 MiB
+    /// of new writes) stops to collect it. Refused where KVM has no ring.
+    #[arg(long)]
+    dirty_ring: bool,
     /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
     #[arg(long, value_parser = parse_duration)]
     timeout: Option<Duration>,
@@ -722,6 +729,7 @@ fn run(args: RunArgs) -> i32 {
         pv_ipi: args.kvm_pv_ipi == OnOff::On,
         shared_memory: args.shared_memory,
         track_dirty_pages: args.track_dirty_pages,
+        dirty_ring: args.dirty_ring,
         vcpu_threads: args.vcpu_threads,
     };
     if let Some(path) = &args.config_file {
@@ -733,6 +741,7 @@ fn run(args: RunArgs) -> i32 {
                     shared_memory: config.shared_memory,
                     disk_io: config.disk_io,
                     track_dirty_pages: c.track_dirty_pages || config.track_dirty_pages,
+                    dirty_ring: config.dirty_ring,
                     vcpu_threads: config.vcpu_threads,
                     ..c
                 }

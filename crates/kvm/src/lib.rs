@@ -4,6 +4,7 @@
 //! [`KvmVcpu`] implements [`brisk_control::Guest`], so the control plane's
 //! run loop drives it without knowing it is KVM.
 
+mod dirty_ring;
 mod error;
 mod exact;
 mod interrupts;

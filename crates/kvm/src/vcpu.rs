@@ -102,6 +102,8 @@ pub struct KvmVcpu {
     clock_stops: u64,
     /// The VM has the in-kernel irqchip: this vCPU has a LAPIC.
     lapic: bool,
+    /// The VM's dirty rings, collected here when this vCPU's fills.
+    pub(crate) dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with it;
@@ -133,6 +135,7 @@ impl KvmVcpu {
             kvmclock_ctrl,
             clock_stops: 0,
             lapic,
+            dirty_rings: None,
         }
     }
 
@@ -419,6 +422,13 @@ impl KvmVcpu {
         }
     }
 
+    /// The last KVM_RUN stopped because this vCPU's dirty ring is full.
+    fn ring_full(&self) -> bool {
+        // SAFETY: KVM_RUN returned 0: exit_reason is valid, read by value.
+        let reason = unsafe { addr_of_mut!((*self.run).exit_reason).read() };
+        reason == kvm_bindings::KVM_EXIT_DIRTY_RING_FULL
+    }
+
     fn read_exit(&self) -> Exit {
         // SAFETY: KVM_RUN returned 0, so exit_reason and the union member it
         // names are valid; each is read by value through a raw pointer.
@@ -477,8 +487,20 @@ impl KvmVcpu {
     /// One KVM_RUN. `Ok(None)` when it returned EINTR (kick or immediate_exit).
     fn run_once(&mut self) -> Result<Option<Exit>> {
         self.last = None;
-        match self.fd.run() {
-            Ok(_) => {
+        // The exit is read from `kvm_run` (`read_exit`), not from what
+        // kvm-ioctls decoded.
+        let ran = self.fd.run().map(drop);
+        match ran {
+            Ok(()) if self.ring_full() => {
+                // Collected, the vCPU may run again: an entry like one a
+                // kick interrupted (nothing for the exit handlers).
+                if let Some(rings) = &self.dirty_rings {
+                    rings.collect_full()?;
+                }
+                self.io_pending = false;
+                Ok(None)
+            }
+            Ok(()) => {
                 let exit = self.read_exit();
                 // KVM finishes these instructions on the next KVM_RUN
                 // (with what brisk answered): a WRMSR to the ICR saved

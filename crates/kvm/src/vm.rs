@@ -70,6 +70,9 @@ pub struct Vm {
     memory_file: Option<std::fs::File>,
     /// KVM logs the guest's writes (KVM_MEM_LOG_DIRTY_PAGES).
     dirty_log: std::sync::atomic::AtomicBool,
+    /// The log comes from per-vCPU rings instead of per-slot bitmaps
+    /// ([`Vm::enable_dirty_ring`]).
+    dirty_rings: Option<std::sync::Arc<crate::dirty_ring::DirtyRings>>,
     irqchip: Irqchip,
     mwait: Mwait,
     /// Offer KVM's PV send-IPI hypercall in CPUID (as QEMU's kvm-pv-ipi).
@@ -140,6 +143,7 @@ impl Vm {
             shared_memory: ram.shared,
             memory_file: ram.file,
             dirty_log: std::sync::atomic::AtomicBool::new(false),
+            dirty_rings: None,
             irqchip,
             mwait: Mwait::default(),
             pv_ipi: true,
@@ -326,6 +330,10 @@ impl Vm {
             for region in self.memory.iter() {
                 vm_memory::MmapRegion::bitmap(region).reset();
             }
+            // Pages pushed by an earlier log are no news to this one.
+            if let Some(rings) = &self.dirty_rings {
+                rings.take()?;
+            }
         }
         self.dirty_log.store(on, SeqCst);
         Ok(())
@@ -339,12 +347,19 @@ impl Vm {
         if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::State("dirty logging is off".into()));
         }
+        let mut rings = match &self.dirty_rings {
+            Some(r) => r.take()?.into_iter(),
+            None => Vec::new().into_iter(),
+        };
         let mut out = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
-            let mut kvm = self
-                .fd
-                .get_dirty_log(slot as u32, region.len() as usize)
-                .map_err(Error::sys("KVM_GET_DIRTY_LOG"))?;
+            let mut kvm = match self.dirty_rings {
+                Some(_) => rings.next().unwrap_or_default(),
+                None => self
+                    .fd
+                    .get_dirty_log(slot as u32, region.len() as usize)
+                    .map_err(Error::sys("KVM_GET_DIRTY_LOG"))?,
+            };
             let ours = vm_memory::MmapRegion::bitmap(region).get_and_reset();
             for (k, o) in kvm.iter_mut().zip(ours) {
                 *k |= o;
@@ -352,6 +367,20 @@ impl Vm {
             out.push(kvm);
         }
         Ok(out)
+    }
+
+    /// Learn the guest's writes from per-vCPU dirty rings instead of
+    /// per-slot bitmaps (`dirty_ring.rs`). Call before creating vCPUs.
+    pub fn enable_dirty_ring(&mut self) -> Result<()> {
+        let pages: Vec<u64> = self.memory.iter().map(|r| r.len() / 4096).collect();
+        let rings = crate::dirty_ring::DirtyRings::enable(&self.fd, &pages)?;
+        self.dirty_rings = Some(std::sync::Arc::new(rings));
+        Ok(())
+    }
+
+    /// Whether the dirty log comes from rings ([`Vm::enable_dirty_ring`]).
+    pub fn has_dirty_ring(&self) -> bool {
+        self.dirty_rings.is_some()
     }
 
     /// The VM fd, for ioctls this crate does not wrap.
@@ -492,13 +521,18 @@ impl Vm {
             fd.set_mp_state(state)
                 .map_err(Error::sys("KVM_SET_MP_STATE"))?;
         }
-        Ok(KvmVcpu::new(
+        if let Some(rings) = &self.dirty_rings {
+            rings.add_vcpu(&fd)?;
+        }
+        let mut vcpu = KvmVcpu::new(
             id,
             fd,
             self.run_size,
             self.kvmclock_ctrl,
             self.irqchip == Irqchip::Kernel,
-        ))
+        );
+        vcpu.dirty_rings = self.dirty_rings.clone();
+        Ok(vcpu)
     }
 }
 

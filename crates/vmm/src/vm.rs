@@ -180,6 +180,9 @@ impl Machine {
         if user_apic {
             kvm.enable_user_apic()?;
         }
+        if config.dirty_ring {
+            kvm.enable_dirty_ring()?;
+        }
         // Diff snapshots need every write since the last snapshot.
         if config.track_dirty_pages {
             kvm.set_dirty_log(true)?;

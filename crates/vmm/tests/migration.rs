@@ -203,13 +203,32 @@ fn pingpong_migrates_over_tcp() {
 /// destination holds what the guest last wrote there.
 #[test]
 fn memory_dirtying_guest_migrates_with_every_page() {
+    dirtying_guest_migrates_with_every_page(false);
+}
+
+/// The same, the dirty log from KVM's per-vCPU rings (each vCPU dirties
+/// more than its ring holds between two looks).
+#[test]
+fn memory_dirtying_guest_tracked_by_dirty_rings_migrates_with_every_page() {
+    dirtying_guest_migrates_with_every_page(true);
+}
+
+fn dirtying_guest_migrates_with_every_page(dirty_ring: bool) {
     require_kvm!();
     let (cpus, mib) = (2, 24);
-    let src = source(&format!("dirty={mib}"), cpus, 128 << 20, false);
+    let config = VmConfig {
+        payload: Payload::builtin(&format!("dirty={mib}")),
+        cpus,
+        memory: 128 << 20,
+        irqchip: Irqchip::User,
+        dirty_ring,
+        ..VmConfig::default()
+    };
+    let src = Arc::new(Vm::start(&config, Output::Null).unwrap());
     for id in 0..cpus {
         wait_progress(&src, id, 2);
     }
-    let mut opts = MigrationOptions::new(url("dirty"));
+    let mut opts = MigrationOptions::new(url(if dirty_ring { "dirty-ring" } else { "dirty" }));
     opts.downtime = Duration::from_micros(1);
     opts.timeout = Duration::from_secs(1);
     opts.force_on_timeout = true;
