@@ -114,7 +114,76 @@ pub fn run(opts: &Opts) -> Vec<Table> {
         diff_snapshots(&scratch.0, samples),
         lazy_restore(&scratch.0, samples),
         migration(&scratch.0, opts.quick, samples),
+        dirty_trackers(&scratch.0, opts.quick, samples),
     ]
+}
+
+/// Migrations of the same VM tracked by KVM's dirty bitmap and by its
+/// dirty ring (`--dirty-ring`), at several sizes of what the guest keeps
+/// dirtying: downtime in the rows, totals and the ring's ratio in columns.
+fn dirty_trackers(dir: &Path, quick: bool, samples: usize) -> Table {
+    let big = if quick { 256 * MIB } else { 2048 * MIB };
+    let cases = [
+        ("spin".to_string(), big, 0, "idle"),
+        (
+            "dirty=4".to_string(),
+            256 * MIB,
+            1,
+            "dirtying 4 MiB per vCPU",
+        ),
+        (
+            "dirty=16".to_string(),
+            256 * MIB,
+            1,
+            "dirtying 16 MiB per vCPU",
+        ),
+        (
+            "dirty=64".to_string(),
+            256 * MIB,
+            1,
+            "dirtying 64 MiB per vCPU",
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (guest, memory, warm, what) in cases {
+        let mut bitmap_median = 0;
+        for ring in [false, true] {
+            let c = VmConfig {
+                dirty_ring: ring,
+                ..config(guest.clone(), 2, memory, false)
+            };
+            let (mut down, mut total) = (Vec::new(), Vec::new());
+            for _ in 0..samples {
+                let (d, t) = migrate_once(dir, &c, false, warm);
+                down.push(d);
+                total.push(t);
+            }
+            let tracker = if ring { "ring" } else { "bitmap" };
+            let row = Row::new(
+                format!("{tracker}, 2 vCPUs, {} MiB, {what}", memory / MIB),
+                down,
+            );
+            let row = row.with(
+                "total ms (median)",
+                Row::new("", total).median_ns as f64 / 1e6,
+            );
+            rows.push(match ring {
+                false => {
+                    bitmap_median = row.median_ns;
+                    row
+                }
+                true => {
+                    let ratio = row.median_ns as f64 / bitmap_median.max(1) as f64;
+                    row.with("downtime vs bitmap", ratio)
+                }
+            });
+        }
+    }
+    Table::new(
+        "migration: dirty bitmap (KVM_GET_DIRTY_LOG) vs dirty ring (KVM_CAP_DIRTY_LOG_RING), unix socket on this host",
+        "rows: median/p99 downtime of the same migration with each tracker; columns: median total time, and the ring's downtime over the bitmap's. A ring found overflowed (this host's emulated writes outrun its ring-full exit) counts every page as dirty from then on",
+        rows,
+    )
 }
 
 /// Live against stop-and-copy snapshots of the same VM, interleaved:

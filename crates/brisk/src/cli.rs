@@ -211,7 +211,8 @@ enum BenchWhich {
     /// start; live migration downtime and total (idle, dirtying, local fd
     /// hand-over at 2 GiB) vs pause + resume in place; live vs
     /// stop-and-copy stop time, diff vs full (512 MiB), restore by RAM
-    /// size (256 MiB and 4 GiB).
+    /// size (256 MiB and 4 GiB), migration tracked by the dirty bitmap vs
+    /// the dirty ring (idle, and dirtying 4, 16 and 64 MiB per vCPU).
     Snapshot,
     /// M:N (--vcpu-threads 2) vs a thread per vCPU: 64 tick vCPUs
     /// (threads, RSS, CPU per guest second, tick latency), 1024 tick vCPUs

@@ -78,6 +78,21 @@ pub fn realtime_ns() -> u64 {
 
 /// IA32_TSC.
 const MSR_IA32_TSC: u32 = 0x10;
+/// The LAPIC timer's deadline, a TSC value: KVM arms it against the
+/// TSC as it is when written.
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Order saved MSRs for writing: the TSC first and the TSC deadline
+/// last, whatever order KVM listed them in, so the deadline is armed
+/// against the restored TSC (written after, against the old one, it
+/// would fire at once or far too late). Others keep their order.
+fn tsc_before_deadline(msrs: &mut [kvm_msr_entry]) {
+    msrs.sort_by_key(|m| match m.index {
+        MSR_IA32_TSC => 0,
+        MSR_IA32_TSC_DEADLINE => 2,
+        _ => 1,
+    });
+}
 
 /// The chips KVM_GET_IRQCHIP knows, in the order they are saved.
 const CHIPS: [u32; 3] = [
@@ -356,6 +371,7 @@ impl KvmVcpu {
             m.data = m.data.wrapping_add(ticks);
             tsc_wanted = Some(m.data);
         }
+        tsc_before_deadline(&mut msrs);
         self.write_msrs(&msrs)?;
         if let (Some(wanted), Some(khz)) = (tsc_wanted, khz) {
             let got = self.read_msrs(&[MSR_IA32_TSC])?;
@@ -388,6 +404,30 @@ impl KvmVcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// KVM lists the deadline (0x6e0) after the TSC (0x10) today, but a
+    /// saved list in any order is written TSC first, deadline last, the
+    /// rest as they were (review: TSC_DEADLINE restored after the TSC,
+    /// explicitly).
+    #[test]
+    fn the_tsc_is_written_before_the_deadline_armed_against_it() {
+        let msr = |index| kvm_msr_entry {
+            index,
+            data: u64::from(index),
+            ..Default::default()
+        };
+        let mut m = vec![
+            msr(0x6e0),
+            msr(0x174),
+            msr(0x10),
+            msr(0xc000_0080),
+            msr(0x277),
+        ];
+        tsc_before_deadline(&mut m);
+        let order: Vec<u32> = m.iter().map(|e| e.index).collect();
+        assert_eq!(order, [0x10, 0x174, 0xc000_0080, 0x277, 0x6e0]);
+        assert!(m.iter().all(|e| e.data == u64::from(e.index)));
+    }
 
     fn saved() -> serde_json::Value {
         let v = VcpuSnapshot {

@@ -113,8 +113,16 @@ fn two_vcpus_boot_linux_to_init_across_snapshots() {
         (vm, capture) = save_and_restore(vm, &capture, &dir, &mut out);
     }
     let end = vm.wait(Some(BOOT_BOUND), None);
+    // A VM that hangs is saved where it stands, and what each vCPU was
+    // doing goes into the failure message (the review's first step for
+    // the intermittent failure: wave2-review.md).
+    let hung = match end {
+        VmEnd::Timeout => what_hung(&vm, &dir.with_extension("hung")),
+        _ => String::new(),
+    };
     vm.shutdown().unwrap();
     out.push_str(&capture.text());
+    out.push_str(&hung);
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(
         out.contains("smpboot: Total of 2 processors activated"),
@@ -122,6 +130,31 @@ fn two_vcpus_boot_linux_to_init_across_snapshots() {
     );
     assert!(!out.contains("watchdog: BUG: soft lockup"), "{out}");
     assert_reached_init(&end, &out, "/init");
+}
+
+/// Save a hung VM into `dir` (kept) and say where each vCPU stands.
+fn what_hung(vm: &Vm, dir: &std::path::Path) -> String {
+    if let Err(e) = vm.snapshot(dir) {
+        return format!("\n(the hung VM could not be saved: {e})");
+    }
+    let (state, _) = match brisk_vmm::snapshot::read_snapshot(dir) {
+        Ok(s) => s,
+        Err(e) => return format!("\n(the hung VM's snapshot cannot be read: {e})"),
+    };
+    let mut said = format!("\nthe hung VM is saved in {}:", dir.display());
+    for (id, v) in state.vcpus.iter().enumerate() {
+        let k = &v.kvm;
+        said.push_str(&format!(
+            "\n  vCPU {id}: mp_state {} RIP {:#x} RFLAGS {:#x} CR3 {:#x}; interrupt {}pending, NMI {}pending",
+            k.mp_state.mp_state,
+            k.regs.rip,
+            k.regs.rflags,
+            k.sregs.cr3,
+            if k.events.interrupt.injected != 0 { "" } else { "not " },
+            if k.events.nmi.pending != 0 { "" } else { "not " },
+        ));
+    }
+    said
 }
 
 /// Under brisk's own interrupt controllers (`--irqchip user`: the LAPICs,
