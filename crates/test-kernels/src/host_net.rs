@@ -44,17 +44,25 @@ pub struct HostTap {
     pub name: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
+/// Why an `ip` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IpError {
+    #[error("cannot run ip (apt-get install iproute2): {0}")]
+    Run(#[source] io::Error),
+    #[error("ip {args}: {stderr}")]
+    Failed { args: String, stderr: String },
+}
+
+fn ip(args: &[&str]) -> Result<(), IpError> {
     let out = Command::new("ip")
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run ip (apt-get install iproute2): {e}"))?;
+        .map_err(IpError::Run)?;
     if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(IpError::Failed {
+            args: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -63,7 +71,7 @@ impl HostTap {
     /// Make a TAP interface (its name from `tag`, this process and a
     /// counter), IPv6 off (no router solicitations on the wire), with
     /// address `cidr` if given, up.
-    pub fn create(tag: &str, cidr: Option<&str>) -> Result<HostTap, String> {
+    pub fn create(tag: &str, cidr: Option<&str>) -> Result<HostTap, IpError> {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let tag: String = tag
@@ -87,7 +95,7 @@ impl HostTap {
 
     /// A static neighbour entry: frames to `addr` go to `mac` without ARP
     /// (the test kernels do not answer it).
-    pub fn neighbour(&self, addr: &str, mac: &str) -> Result<(), String> {
+    pub fn neighbour(&self, addr: &str, mac: &str) -> Result<(), IpError> {
         ip(&["neigh", "replace", addr, "lladdr", mac, "dev", &self.name])
     }
 

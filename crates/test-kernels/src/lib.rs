@@ -76,27 +76,60 @@ pub struct GuestLinux {
 /// What the marker init prints once user space runs.
 pub const LINUX_USERSPACE_MARKER: &str = "brisk-init: userspace reached";
 
+/// Why the guest kernel is not there.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum GuestKernelError {
+    #[error("cannot run {script}: {source}")]
+    Run {
+        script: &'static str,
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
+    },
+    #[error("{script} failed ({status})")]
+    Failed {
+        script: &'static str,
+        status: std::process::ExitStatus,
+    },
+    #[error("{script} printed no {key}= line: {printed}")]
+    NoPath {
+        script: &'static str,
+        key: &'static str,
+        printed: String,
+    },
+}
+
 /// Run `scripts/guest-kernel.sh` (a cache hit takes a second; a miss
 /// builds the kernel, about 8 minutes on 2 cores) and take the paths from
 /// its last lines.
-pub fn guest_linux() -> Result<GuestLinux, String> {
-    static ONCE: std::sync::OnceLock<Result<GuestLinux, String>> = std::sync::OnceLock::new();
+pub fn guest_linux() -> Result<GuestLinux, GuestKernelError> {
+    static ONCE: std::sync::OnceLock<Result<GuestLinux, GuestKernelError>> =
+        std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/guest-kernel.sh");
         let out = std::process::Command::new("bash")
             .arg(script)
             .stderr(std::process::Stdio::inherit())
             .output()
-            .map_err(|e| format!("cannot run {script}: {e}"))?;
+            .map_err(|e| GuestKernelError::Run {
+                script,
+                source: std::sync::Arc::new(e),
+            })?;
         if !out.status.success() {
-            return Err(format!("{script} failed ({})", out.status));
+            return Err(GuestKernelError::Failed {
+                script,
+                status: out.status,
+            });
         }
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let get = |key: &str| {
+        let get = |key: &'static str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(&format!("{key}=")))
                 .map(std::path::PathBuf::from)
-                .ok_or_else(|| format!("{script} printed no {key}= line: {text}"))
+                .ok_or_else(|| GuestKernelError::NoPath {
+                    script,
+                    key,
+                    printed: text.clone(),
+                })
         };
         Ok(GuestLinux {
             bzimage: get("bzImage")?,
