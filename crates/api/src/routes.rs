@@ -469,7 +469,7 @@ impl OnVm<'_> {
                 },
             ),
             Err(
-                e @ (SnapshotError::Pause(PauseError::Ended)
+                e @ (SnapshotError::Pause(PauseError::Ended | PauseError::Busy(_))
                 | SnapshotError::MigrationInProgress
                 | SnapshotError::NotTracking
                 | SnapshotError::NoBase),

@@ -29,10 +29,6 @@ use crate::{Error, Result};
 /// The fewest entries per vCPU ring (QEMU's default).
 const MIN_ENTRIES: u32 = 4096;
 
-/// Entries KVM keeps free at the end of a ring: it stops a vCPU whose
-/// ring has fewer left (KVM_EXIT_DIRTY_RING_FULL) before it can fill it.
-const RESERVED: u32 = 64;
-
 /// `kvm_dirty_gfn.flags`: KVM pushed it; brisk collected it.
 const DIRTY: u32 = 1;
 const RESET: u32 = 2;
@@ -193,18 +189,26 @@ impl DirtyRings {
         Ok(())
     }
 
-    /// A vCPU's ring is full (KVM_EXIT_DIRTY_RING_FULL): collect. A full
-    /// ring with nothing to collect is one whose count went wrong (an
-    /// overflow): every page counts as dirty from then on.
-    pub(crate) fn collect_full(&self) -> Result<()> {
-        if !self.collect()? {
+    /// A vCPU's ring is full (KVM_EXIT_DIRTY_RING_FULL): collect.
+    /// `empty_before`: this vCPU's full exits in a row that found nothing
+    /// to collect. One such exit is a race (another thread collected and
+    /// reset first; KVM checks again before the next entry); a second in
+    /// a row means KVM's count of the ring went wrong (an overflow): every
+    /// page counts as dirty from then on. Returns the new count.
+    pub(crate) fn collect_full(&self, empty_before: u32) -> Result<u32> {
+        if self.collect()? {
+            return Ok(0);
+        }
+        if empty_before >= 1 {
             let mut c = self.lock();
             if !c.overflowed {
-                log::debug!("a full dirty ring had nothing to collect: every page counts as dirty");
+                log::debug!(
+                    "a full dirty ring had nothing to collect twice: every page counts as dirty"
+                );
                 c.overflowed = true;
             }
         }
-        Ok(())
+        Ok(empty_before + 1)
     }
 
     /// Collect every entry KVM pushed, on every ring, into the bitmaps,
@@ -232,9 +236,13 @@ impl DirtyRings {
                 }
                 // SAFETY: an entry of the mapping, published by KVM
                 // before its DIRTY flag (read with Acquire above).
+                // Volatile: after an overflow KVM may be rewriting it.
                 let (slot, offset) = unsafe {
                     let e = ring.entries.add((ring.next % *entries) as usize);
-                    ((*e).slot, (*e).offset)
+                    (
+                        std::ptr::addr_of!((*e).slot).read_volatile(),
+                        std::ptr::addr_of!((*e).offset).read_volatile(),
+                    )
                 };
                 // The slot id's low 16 bits name the slot (address space
                 // 0 only: x86 without SMM).
@@ -248,12 +256,12 @@ impl DirtyRings {
                 ring.next = ring.next.wrapping_add(1);
                 any = true;
             }
-            // KVM stops a vCPU before its ring has fewer than RESERVED
-            // entries free; a ring found past that point may have gone
-            // round (a host that pushes faster than it stops the vCPU:
-            // PVM's instruction emulator, measured) and overwritten
+            // KVM stops a vCPU while its ring still has entries free (at
+            // least 64); a ring found entirely full went round (a host
+            // that pushes faster than it stops the vCPU: PVM's
+            // instruction emulator, measured) and may have overwritten
             // entries. Then no page can be trusted clean.
-            if ring.next.wrapping_sub(first) >= *entries - RESERVED && !*overflowed {
+            if ring.next.wrapping_sub(first) >= *entries && !*overflowed {
                 log::debug!("a dirty ring filled past its reserve: every page counts as dirty");
                 *overflowed = true;
             }

@@ -104,6 +104,8 @@ pub struct KvmVcpu {
     lapic: bool,
     /// The VM's dirty rings, collected here when this vCPU's fills.
     pub(crate) dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
+    /// Ring-full exits in a row that found nothing to collect.
+    empty_full_exits: u32,
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with it;
@@ -136,6 +138,7 @@ impl KvmVcpu {
             clock_stops: 0,
             lapic,
             dirty_rings: None,
+            empty_full_exits: 0,
         }
     }
 
@@ -495,7 +498,7 @@ impl KvmVcpu {
                 // Collected, the vCPU may run again: an entry like one a
                 // kick interrupted (nothing for the exit handlers).
                 if let Some(rings) = &self.dirty_rings {
-                    rings.collect_full()?;
+                    self.empty_full_exits = rings.collect_full(self.empty_full_exits)?;
                 }
                 self.io_pending = false;
                 Ok(None)

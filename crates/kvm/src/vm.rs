@@ -354,7 +354,9 @@ impl Vm {
         let mut out = Vec::new();
         for (slot, region) in self.memory.iter().enumerate() {
             let mut kvm = match self.dirty_rings {
-                Some(_) => rings.next().unwrap_or_default(),
+                Some(_) => rings
+                    .next()
+                    .ok_or_else(|| Error::State("the dirty rings have a bitmap per slot".into()))?,
                 None => self
                     .fd
                     .get_dirty_log(slot as u32, region.len() as usize)

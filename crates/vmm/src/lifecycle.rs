@@ -152,6 +152,15 @@ impl Lifecycle {
         }
     }
 
+    /// A VM whose vCPUs started paused (a paused restore) and have all
+    /// parked: Running to Paused, before anyone else can see it.
+    pub(crate) fn paused_at_start(&self) {
+        let mut s = self.lock();
+        if *s == VmState::Running {
+            *s = VmState::Paused;
+        }
+    }
+
     /// Record `end` unless the VM has ended already; whether it was.
     pub(crate) fn end(&self, end: VmEnd) -> bool {
         let mut s = self.lock();
@@ -308,7 +317,12 @@ impl Vm {
     fn resume_with(&self, wait: Wait) -> Result<(), PauseError> {
         let mut held = self.hold(Hold::Resuming, wait)?;
         held.after = After::Running;
-        Ok(())
+        drop(held);
+        // Ended meanwhile: nothing was resumed.
+        match self.ended() {
+            Some(_) => Err(PauseError::Ended),
+            None => Ok(()),
+        }
     }
 }
 

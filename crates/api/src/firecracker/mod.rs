@@ -684,7 +684,13 @@ impl Firecracker {
                     Some("Diff") => true,
                     Some(t) => return Err(FcError::Invalid(format!("snapshot_type {t}"))),
                 };
-                if !vm.is_paused() {
+                // Another snapshot holding it: this one waits for it.
+                let paused = matches!(
+                    vm.state(),
+                    brisk_vmm::VmState::Paused
+                        | brisk_vmm::VmState::Held(brisk_vmm::Hold::Snapshot)
+                );
+                if !paused {
                     return Err(FcError::Invalid(
                         "the microVM must be paused to create a snapshot (PATCH /vm)".into(),
                     ));
@@ -750,15 +756,20 @@ impl Firecracker {
         what: impl FnOnce(&PreBoot) -> Result<Bring, FcError>,
     ) -> Result<(), FcError> {
         use std::sync::atomic::Ordering::SeqCst;
-        let what = {
+        /// Opens the configuration again however the start ends.
+        struct Started<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Started<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, SeqCst);
+            }
+        }
+        let (what, _started) = {
             let pre = self.configuring(slot)?;
             let what = what(&pre)?;
             self.starting.store(true, SeqCst);
-            what
+            (what, Started(&self.starting))
         };
-        let r = slot.bring(what).map_err(|e| FcError::Vm(e.to_string()));
-        self.starting.store(false, SeqCst);
-        r
+        slot.bring(what).map_err(|e| FcError::Vm(e.to_string()))
     }
 
     fn action(

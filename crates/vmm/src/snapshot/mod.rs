@@ -479,9 +479,15 @@ impl Vm {
         if opts.paused {
             // Return once every vCPU (each started paused) has parked,
             // so what follows (a snapshot, say) finds a paused VM, not
-            // one still on its way.
-            vm.pause(Deadline::after(PAUSE_BOUND))
-                .map_err(|e| RestoreError::DidNotPark(Box::new(e)))?;
+            // one still on its way. Never resumed on failure (as a pause
+            // would): a migration's destination must not run the guest
+            // before the source commits.
+            let deadline = Deadline::after(PAUSE_BOUND);
+            let parked = brisk_control::pause_all(vm.vcpus().iter().map(|v| &**v), deadline)
+                .map_err(PauseError::Control)
+                .and_then(|()| vm.quiesce_io(deadline).map_err(PauseError::Io));
+            parked.map_err(|e| RestoreError::DidNotPark(Box::new(e)))?;
+            vm.life.paused_at_start();
         } else {
             vm.release_io();
         }
