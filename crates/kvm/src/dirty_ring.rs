@@ -9,7 +9,10 @@
 //! was pushed, marks each entry collected, and KVM_RESET_DIRTY_RINGS
 //! write-protects just those pages again: the cost grows with the pages
 //! written. A vCPU whose ring fills exits (KVM_EXIT_DIRTY_RING_FULL) and
-//! collects before it runs again, so nothing is dropped.
+//! collects before it runs again, so nothing is dropped, on a host that
+//! stops it in time. One that does not (PVM pushes an entry per emulated
+//! write, and outruns that exit) can overflow a ring; brisk notices and
+//! then counts every page as dirty (`Collected::overflowed`).
 //!
 //! A VM uses one or the other from its creation: KVM refuses the bitmap
 //! once the ring is on.

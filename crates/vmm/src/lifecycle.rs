@@ -10,6 +10,9 @@
 //!  any state ──end──▶ Ended(why)   (for good)
 //! ```
 //!
+//! A VM restored paused goes from Running to Paused once its vCPUs,
+//! started paused, have parked: before anyone else can see it.
+//!
 //! Whatever pauses, resumes or saves the VM first *holds* it
 //! ([`Vm::hold`]): a checked transition from Running or Paused to `Held`,
 //! under a lock held only for the transition, never while vCPUs park.
@@ -74,6 +77,7 @@ impl VmState {
 }
 
 impl Hold {
+    /// The held state's name in the API (`vm.info`'s "state").
     pub fn name(&self) -> &'static str {
         match self {
             Hold::Pausing => "pausing",
