@@ -291,8 +291,12 @@ struct RunArgs {
     /// Track the guest's writes (for migrations, live and diff snapshots)
     /// with KVM's per-vCPU dirty rings (KVM_CAP_DIRTY_LOG_RING) instead of
     /// its per-slot bitmaps: each look at the log then costs in proportion
-    /// to the pages written, not to RAM; a vCPU whose ring fills (16 MiB
-    /// of new writes) stops to collect it. Refused where KVM has no ring.
+    /// to the pages written, not to RAM. A vCPU whose ring fills stops to
+    /// collect it; where the host outruns that stop (PVM) a ring can
+    /// overflow, and brisk then counts every page as dirty (correct, but
+    /// no faster than stop-and-copy). Refused where KVM has no ring. Not
+    /// the default: never faster than the bitmap on the hosts measured
+    /// (docs/benchmarks.md).
     #[arg(long)]
     dirty_ring: bool,
     /// Stop the guest after this long (e.g. 10s, 500ms, 2m); exit status 10.
