@@ -11,7 +11,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use brisk_test_kernels as k;
@@ -22,10 +22,8 @@ use crate::Opts;
 /// Why one timed boot gave no figures.
 #[derive(Debug, thiserror::Error)]
 enum BootError {
-    #[error("cannot find brisk's own executable: {0}")]
-    Exe(#[source] std::io::Error),
-    #[error("cannot spawn brisk run: {0}")]
-    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Spawn(#[from] crate::process::SpawnError),
     #[error("cannot wait for brisk run: {0}")]
     Wait(#[source] std::io::Error),
     #[error("brisk run {args} ended ({status}) without printing '{marker}'")]
@@ -38,15 +36,8 @@ enum BootError {
 
 /// One boot: nanoseconds to the marker and to exit, and the exit status.
 fn boot_once(args: &[String], marker: &str) -> Result<(u64, u64), BootError> {
-    let exe = std::env::current_exe().map_err(BootError::Exe)?;
     let t0 = Instant::now();
-    let mut child = Command::new(exe)
-        .arg("run")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(BootError::Spawn)?;
+    let mut child = crate::process::brisk_run(args, Stdio::piped())?;
     let stdout = child.stdout.take().expect("piped");
     let mut to_marker = None;
     for line in BufReader::new(stdout).lines() {

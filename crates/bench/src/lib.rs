@@ -32,6 +32,7 @@ pub mod mn;
 pub mod net;
 pub mod pause;
 pub mod plot;
+mod process;
 mod rig;
 mod sigmask;
 pub mod snapshot;

@@ -72,10 +72,8 @@ struct Process {
 /// Why a whole `brisk run` gave no figures.
 #[derive(Debug, thiserror::Error)]
 enum RunError {
-    #[error("cannot find brisk's own executable: {0}")]
-    Exe(#[source] std::io::Error),
-    #[error("cannot spawn brisk run: {0}")]
-    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Spawn(#[from] crate::process::SpawnError),
     #[error("cannot wait for brisk run {args}: {source}")]
     Wait {
         args: String,
@@ -94,15 +92,8 @@ fn whole_run(args: &[String]) -> Result<Process, RunError> {
 
 /// As [`whole_run`], for a run that ends with exit status `want`.
 fn whole_run_ending(args: &[String], want: i32) -> Result<Process, RunError> {
-    let exe = std::env::current_exe().map_err(RunError::Exe)?;
     let t0 = Instant::now();
-    let child = std::process::Command::new(exe)
-        .arg("run")
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(RunError::Spawn)?;
+    let child = crate::process::brisk_run(args, std::process::Stdio::null())?;
     let pid = child.id() as libc::pid_t;
     // Sample the thread count until the process has exited (a zombie
     // until we reap it).
