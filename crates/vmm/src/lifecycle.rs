@@ -405,16 +405,23 @@ mod tests {
     }
 
     /// The guest runs: its progress counter moves (bounded by a long
-    /// deadline, not a timing).
+    /// deadline, not a timing; polled asleep, so the vCPU gets the core).
     fn runs(vm: &Vm) -> bool {
         let (before, d) = (vm.progress(0), soon());
         while !d.passed() {
             if vm.progress(0) != before {
                 return true;
             }
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(1));
         }
         false
+    }
+
+    /// `vm` held for `hold`, its vCPUs stopped.
+    fn stopped(vm: &Vm, hold: Hold) -> HeldVm<'_> {
+        let mut held = vm.hold(hold, Wait::No).unwrap();
+        held.stop(soon()).unwrap();
+        held
     }
 
     #[test]
@@ -444,8 +451,7 @@ mod tests {
     fn a_held_vm_says_what_holds_it_and_runs_again_after() {
         crate::require_kvm!();
         let vm = spin_vm();
-        let mut held = vm.hold(Hold::Snapshot, Wait::No).unwrap();
-        held.stop(soon()).unwrap();
+        let held = stopped(&vm, Hold::Snapshot);
         assert_eq!(vm.state(), VmState::Held(Hold::Snapshot));
         assert_eq!(vm.try_pause(soon()), Err(PauseError::Busy(Hold::Snapshot)));
         let passed = Deadline::after(Duration::ZERO);
@@ -469,8 +475,7 @@ mod tests {
         drop(vm.hold(Hold::Snapshot, Wait::No).unwrap());
         assert_eq!(vm.state(), VmState::Paused);
         vm.resume().unwrap();
-        let mut held = vm.hold(Hold::Snapshot, Wait::No).unwrap();
-        held.stop(soon()).unwrap();
+        let mut held = stopped(&vm, Hold::Snapshot);
         held.leave_paused();
         drop(held);
         assert_eq!(vm.state(), VmState::Paused);
@@ -493,8 +498,7 @@ mod tests {
         let vm = spin_vm();
         let r = std::thread::scope(|s| {
             s.spawn(|| {
-                let mut held = vm.hold(Hold::Migration, Wait::No).unwrap();
-                held.stop(soon()).unwrap();
+                let _held = stopped(&vm, Hold::Migration);
                 panic!("a bug while the guest is stopped");
             })
             .join()
@@ -513,8 +517,7 @@ mod tests {
     fn an_end_while_held_stays() {
         crate::require_kvm!();
         let vm = spin_vm();
-        let mut held = vm.hold(Hold::Migration, Wait::No).unwrap();
-        held.stop(soon()).unwrap();
+        let held = stopped(&vm, Hold::Migration);
         let to = VmEnd::Migrated {
             to: "unix:x".into(),
         };
