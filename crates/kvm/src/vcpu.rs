@@ -494,7 +494,7 @@ impl KvmVcpu {
         // kvm-ioctls decoded.
         let ran = self.fd.run().map(drop);
         match ran {
-            Ok(()) if self.ring_full() => {
+            Ok(()) if self.dirty_rings.is_some() && self.ring_full() => {
                 // Collected, the vCPU may run again: an entry like one a
                 // kick interrupted (nothing for the exit handlers).
                 if let Some(rings) = &self.dirty_rings {
