@@ -99,8 +99,8 @@ impl std::fmt::Display for Hold {
     }
 }
 
-/// How long a snapshot or migration waits for another one holding the
-/// VM (writing a large guest's memory takes a while) before refusing.
+/// How long a snapshot, a migration or a resume waits for whatever holds
+/// the VM (writing a large guest's memory takes a while) before refusing.
 pub(crate) const HOLD_WAIT: Duration = Duration::from_secs(600);
 
 /// Whether to wait for a VM another operation holds.
@@ -307,10 +307,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Resume a VM paused with [`Vm::pause`] (waiting for a snapshot or
-    /// migration that holds it).
+    /// Resume a VM paused with [`Vm::pause`] (waiting, at most
+    /// [`HOLD_WAIT`], for a snapshot or migration that holds it).
     pub fn resume(&self) -> Result<(), PauseError> {
-        self.resume_with(Wait::Until(Deadline::after(Duration::from_secs(3600))))
+        self.resume_with(Wait::Until(Deadline::after(HOLD_WAIT)))
     }
 
     /// As [`Vm::resume`], refused at once while something holds the VM.
