@@ -308,7 +308,7 @@ impl Vm {
     }
 
     /// Resume a VM paused with [`Vm::pause`] (waiting, at most
-    /// [`HOLD_WAIT`], for a snapshot or migration that holds it).
+    /// `HOLD_WAIT`, ten minutes, for a snapshot or migration that holds it).
     pub fn resume(&self) -> Result<(), PauseError> {
         self.resume_with(Wait::Until(Deadline::after(HOLD_WAIT)))
     }

@@ -264,7 +264,7 @@ impl Vm {
         Ok((saved?, pause, stopped))
     }
 
-    /// With the guest running again (the snapshot's lock still held, so
+    /// With the guest running again (the VM still held for the snapshot, so
     /// no other snapshot interleaves): `staged`'s files synced and put in
     /// place, then the memory files it replaced removed (their pages
     /// freed; a restored VM mapping one keeps its inode). This VM's next
