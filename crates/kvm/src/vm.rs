@@ -347,28 +347,27 @@ impl Vm {
         if !self.dirty_log.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Error::State("dirty logging is off".into()));
         }
-        let mut rings = match &self.dirty_rings {
-            Some(r) => r.take()?.into_iter(),
-            None => Vec::new().into_iter(),
+        // KVM's log, a bitmap per slot (the rings keep one per slot too).
+        let mut log = match &self.dirty_rings {
+            Some(rings) => rings.take()?,
+            None => self
+                .memory
+                .iter()
+                .enumerate()
+                .map(|(slot, region)| {
+                    self.fd
+                        .get_dirty_log(slot as u32, region.len() as usize)
+                        .map_err(Error::sys("KVM_GET_DIRTY_LOG"))
+                })
+                .collect::<Result<Vec<_>>>()?,
         };
-        let mut out = Vec::new();
-        for (slot, region) in self.memory.iter().enumerate() {
-            let mut kvm = match self.dirty_rings {
-                Some(_) => rings
-                    .next()
-                    .ok_or_else(|| Error::State("the dirty rings have a bitmap per slot".into()))?,
-                None => self
-                    .fd
-                    .get_dirty_log(slot as u32, region.len() as usize)
-                    .map_err(Error::sys("KVM_GET_DIRTY_LOG"))?,
-            };
+        for (kvm, region) in log.iter_mut().zip(self.memory.iter()) {
             let ours = vm_memory::MmapRegion::bitmap(region).get_and_reset();
             for (k, o) in kvm.iter_mut().zip(ours) {
                 *k |= o;
             }
-            out.push(kvm);
         }
-        Ok(out)
+        Ok(log)
     }
 
     /// Learn the guest's writes from per-vCPU dirty rings instead of
