@@ -320,13 +320,14 @@ impl Vm {
 
     fn resume_with(&self, wait: Wait) -> Result<(), PauseError> {
         let mut held = self.hold(Hold::Resuming, wait)?;
-        held.after = After::Running;
-        drop(held);
-        // Ended meanwhile: nothing was resumed.
-        match self.ended() {
-            Some(_) => Err(PauseError::Ended),
-            None => Ok(()),
+        // Ended since the hold was taken (the vCPUs still parked): there
+        // is nothing to resume. An end after the guard runs the vCPUs
+        // again is the guest's own, after a resume that happened.
+        if self.ended().is_some() {
+            return Err(PauseError::Ended);
         }
+        held.after = After::Running;
+        Ok(())
     }
 }
 
