@@ -361,6 +361,56 @@ fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
     assert!(after.text().contains("got 'ping'"), "{}", after.text());
 }
 
+/// Wave2 review #1, restore side: a device's pending interrupt is the
+/// source of truth. The UART kernel waits, halted, for input; paused, it
+/// is saved (A), then input arrives and it is saved again (B): B's UART
+/// holds the byte with its interrupt identified, A's irqchip and LAPICs
+/// know nothing of it, the state an irqfd injection that lands after the
+/// irqchip was read leaves. Restored from A's machine with B's devices,
+/// the guest must still take the interrupt and answer. The UART's own
+/// restore pulls its line before any LAPIC is back (each vCPU's
+/// KVM_SET_LAPIC overwrites, and a reset LAPIC ignores, what arrives
+/// then): only the pull after the LAPICs are restored reaches the guest.
+#[test]
+fn a_device_interrupt_missing_from_the_saved_irqchip_is_raised_after_the_restore() {
+    require_kvm!();
+    let (a, b) = (Dir::new("reassert-a"), Dir::new("reassert-b"));
+    let capture = Capture::default();
+    let vm = Vm::start(&kernel(k::UARTIRQ, 2), Output::Capture(capture.clone())).unwrap();
+    let ready = std::time::Instant::now() + Duration::from_secs(60);
+    while !capture.text().contains("ready for input") {
+        assert!(vm.ended().is_none(), "{:?}: {}", vm.ended(), capture.text());
+        assert!(std::time::Instant::now() < ready, "{}", capture.text());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm.pause(soon()).unwrap();
+    vm.snapshot(&a.0).unwrap();
+    common::type_in(&vm, b"ping");
+    vm.snapshot(&b.0).unwrap();
+    vm.shutdown().unwrap();
+    let mut mixed = state(&a.0);
+    mixed
+        .devices
+        .insert("uart".into(), state(&b.0).devices["uart"].clone());
+    assert_ne!(
+        mixed.devices["uart"].data,
+        state(&a.0).devices["uart"].data,
+        "the input is in B's UART"
+    );
+    snapshot::file::write(&a.0.join(snapshot::STATE_FILE), &mixed).unwrap();
+    let after = Capture::default();
+    let vm = Vm::restore(&a.0, Output::Capture(after.clone()), paused()).unwrap();
+    vm.resume().unwrap();
+    assert_eq!(
+        vm.wait(Some(Duration::from_secs(60)), None),
+        PASS,
+        "the restored guest never took the UART's interrupt: {}",
+        after.text()
+    );
+    vm.shutdown().unwrap();
+    assert!(after.text().contains("got 'ping'"), "{}", after.text());
+}
+
 /// Snapshots that cannot be used are refused, in one sentence, before a
 /// VM is built.
 #[test]
