@@ -142,11 +142,14 @@ impl Vm {
         Ok(())
     }
 
-    /// Save the irqchip, PIT and clock (every vCPU paused).
+    /// Save the irqchip, PIT and clock (every vCPU paused). Interrupts
+    /// irqfds have in flight are delivered first, so the irqchip read
+    /// holds every one a device pulled before the call.
     pub fn save_state(&self) -> Result<VmSnapshot> {
         let mut irqchips = Vec::new();
         let mut pit = None;
         if self.irqchip() == Irqchip::Kernel {
+            self.flush_irqfds()?;
             for chip_id in CHIPS {
                 let mut chip = kvm_irqchip {
                     chip_id,

@@ -195,7 +195,7 @@ impl Vm {
     /// schedules anything written meanwhile (KVM checks the eventfd as it
     /// assigns), which may still land after the read: the devices' own
     /// state, pulled again after a restore, covers that.
-    pub fn flush_irqfds(&self) -> Result<()> {
+    pub(crate) fn flush_irqfds(&self) -> Result<()> {
         for (evt, gsi) in self.irqfds.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             self.fd
                 .unregister_irqfd(evt, *gsi)
