@@ -200,19 +200,40 @@ impl Vm {
                 .set_irqchip(chip)
                 .map_err(Error::sys("KVM_SET_IRQCHIP"))?;
         }
-        // kvmclock moves on by the time since the save, as the TSC does.
+        // kvmclock moves on by the time since the save, as the TSC does:
+        // by KVM itself where it can (KVM_CLOCK_REALTIME: it adds the
+        // wall-clock time since `realtime` as it sets the clock), else
+        // here.
         let advance = match s.saved_at_ns {
             0 => 0,
             at => realtime_ns().saturating_sub(at),
         };
-        let clock = kvm_clock_data {
-            clock: s.clock.clock.saturating_add(advance),
-            ..Default::default()
+        let clock = if s.saved_at_ns != 0 && self.adjusts_clock_by_realtime() {
+            kvm_clock_data {
+                clock: s.clock.clock,
+                flags: kvm_bindings::KVM_CLOCK_REALTIME,
+                realtime: s.saved_at_ns,
+                ..Default::default()
+            }
+        } else {
+            kvm_clock_data {
+                clock: s.clock.clock.saturating_add(advance),
+                ..Default::default()
+            }
         };
         self.fd()
             .set_clock(&clock)
             .map_err(Error::sys("KVM_SET_CLOCK"))?;
         Ok(std::time::Duration::from_nanos(advance))
+    }
+
+    /// Whether KVM_SET_CLOCK takes KVM_CLOCK_REALTIME (KVM_CAP_ADJUST_CLOCK
+    /// lists it; Linux 5.16 and later).
+    fn adjusts_clock_by_realtime(&self) -> bool {
+        let flags = self
+            .fd()
+            .check_extension_raw(kvm_bindings::KVM_CAP_ADJUST_CLOCK.into());
+        flags > 0 && flags as u32 & kvm_bindings::KVM_CLOCK_REALTIME != 0
     }
 }
 
