@@ -320,8 +320,8 @@ impl Vm {
         // interrupt raised in between (console input, the in-kernel PIT)
         // is then in both (a spurious one after the restore) rather than
         // in the device's state only (a lost one).
-        // The irqchip read delivers first what the devices pulled through
-        // irqfds (brisk_kvm::Vm::save_state), their saves included.
+        // The irqchip read below first delivers what the devices pulled
+        // through irqfds up to then (brisk_kvm::Vm::save_state).
         let devices = self.devices.save();
         let vm = self.kvm.save_state()?;
         let mut vcpus = Vec::new();
