@@ -338,12 +338,9 @@ fn smp_kernel_passes_across_cycles_at_random_points() {
     }
 }
 
-/// The UART-interrupt kernel waits, halted, for input through the IOAPIC;
-/// restored from a snapshot taken there, it takes the input and passes.
-#[test]
-fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
-    require_kvm!();
-    let dir = Dir::new("uartirq");
+/// The UART-interrupt kernel on 2 vCPUs, once it waits, halted, for
+/// input through the IOAPIC.
+fn uart_kernel_waiting_for_input() -> Vm {
     let capture = Capture::default();
     let vm = Vm::start(&kernel(k::UARTIRQ, 2), Output::Capture(capture.clone())).unwrap();
     let ready = std::time::Instant::now() + Duration::from_secs(60);
@@ -352,6 +349,16 @@ fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
         assert!(std::time::Instant::now() < ready, "{}", capture.text());
         std::thread::sleep(Duration::from_millis(5));
     }
+    vm
+}
+
+/// The UART-interrupt kernel waits, halted, for input through the IOAPIC;
+/// restored from a snapshot taken there, it takes the input and passes.
+#[test]
+fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
+    require_kvm!();
+    let dir = Dir::new("uartirq");
+    let vm = uart_kernel_waiting_for_input();
     let after = Capture::default();
     let vm = cycle(vm, &dir.0, Output::Capture(after.clone()));
     vm.resume().unwrap();
@@ -375,14 +382,7 @@ fn uart_irq_kernel_waiting_for_input_is_restored_and_answers() {
 fn a_device_interrupt_missing_from_the_saved_irqchip_is_raised_after_the_restore() {
     require_kvm!();
     let (a, b) = (Dir::new("reassert-a"), Dir::new("reassert-b"));
-    let capture = Capture::default();
-    let vm = Vm::start(&kernel(k::UARTIRQ, 2), Output::Capture(capture.clone())).unwrap();
-    let ready = std::time::Instant::now() + Duration::from_secs(60);
-    while !capture.text().contains("ready for input") {
-        assert!(vm.ended().is_none(), "{:?}: {}", vm.ended(), capture.text());
-        assert!(std::time::Instant::now() < ready, "{}", capture.text());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let vm = uart_kernel_waiting_for_input();
     vm.pause(soon()).unwrap();
     vm.snapshot(&a.0).unwrap();
     common::type_in(&vm, b"ping");
@@ -557,13 +557,7 @@ fn mtrrs_survive_a_snapshot() {
 fn a_restored_vm_saves_the_state_it_was_restored_from() {
     require_kvm!();
     let (first, second) = (Dir::new("rt1"), Dir::new("rt2"));
-    let capture = Capture::default();
-    let vm = Vm::start(&kernel(k::UARTIRQ, 2), Output::Capture(capture.clone())).unwrap();
-    let ready = std::time::Instant::now() + Duration::from_secs(60);
-    while !capture.text().contains("ready for input") {
-        assert!(std::time::Instant::now() < ready, "{}", capture.text());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let vm = uart_kernel_waiting_for_input();
     vm.pause(soon()).unwrap();
     vm.snapshot(&first.0).unwrap();
     vm.shutdown().unwrap();
