@@ -237,14 +237,63 @@ impl Vm {
     }
 }
 
+/// HLT's opcode.
+const HLT: u8 = 0xf4;
+
+impl VcpuSnapshot {
+    /// A vCPU stopped between STI and HLT (in the STI interrupt shadow,
+    /// with `next`, the byte at CS:RIP, a HLT) is recorded as having run
+    /// the HLT: past it, halted, no shadow. That is what the HLT does:
+    /// the shadow holds interrupts off until it has run, and one pending
+    /// then wakes the vCPU after it. Saved as stopped, a host that does
+    /// not honour a restored shadow (PVM: shown in docs/snapshot.md)
+    /// would deliver the interrupt before the HLT, which then sleeps
+    /// through the wake-up the handler made. Returns whether it did;
+    /// without a LAPIC (brisk's own irqchip) the caller records the halt,
+    /// which lives in user space.
+    pub fn run_hlt_in_sti_shadow(&mut self, next: Option<u8>) -> bool {
+        let shadowed = u32::from(self.events.interrupt.shadow) & KVM_X86_SHADOW_INT_STI != 0;
+        if !shadowed || next != Some(HLT) {
+            return false;
+        }
+        self.regs.rip = self.regs.rip.wrapping_add(1);
+        self.events.interrupt.shadow = 0;
+        if self.lapic.is_some() {
+            self.mp_state.mp_state = KVM_MP_STATE_HALTED;
+        }
+        true
+    }
+}
+
 impl KvmVcpu {
+    /// The byte at CS:RIP in `memory`, through the guest's page tables
+    /// (KVM_TRANSLATE); `None` where it is not mapped.
+    fn byte_at_rip(&self, s: &VcpuSnapshot, memory: &crate::GuestRam) -> Option<u8> {
+        use vm_memory::Bytes;
+        let linear = s.sregs.cs.base.wrapping_add(s.regs.rip);
+        let t = self.fd().translate_gva(linear).ok()?;
+        if t.valid == 0 {
+            return None;
+        }
+        memory
+            .read_obj::<u8>(vm_memory::GuestAddress(t.physical_address))
+            .ok()
+    }
+
     /// Save this vCPU (not running: parked, or never started). `msr_index`
-    /// is [`Vm::msr_index_list`].
+    /// is [`Vm::msr_index_list`]; `memory`, the VM's RAM, is read for the
+    /// instruction at RIP when the vCPU stopped in an STI shadow
+    /// ([`VcpuSnapshot::run_hlt_in_sti_shadow`]: whether it did is
+    /// returned too).
     ///
     /// KVM's order: KVM_GET_MP_STATE first (it accepts pending INIT/SIPI
     /// events, which change the LAPIC and registers), KVM_GET_VCPU_EVENTS
     /// last (reading MSRs and the LAPIC can raise events).
-    pub fn save_state(&self, msr_index: &[u32]) -> Result<VcpuSnapshot> {
+    pub fn save_state(
+        &self,
+        msr_index: &[u32],
+        memory: &crate::GuestRam,
+    ) -> Result<(VcpuSnapshot, bool)> {
         let fd = self.fd();
         let mp_state = fd.get_mp_state().map_err(Error::sys("KVM_GET_MP_STATE"))?;
         let regs = fd.get_regs().map_err(Error::sys("KVM_GET_REGS"))?;
@@ -268,7 +317,7 @@ impl KvmVcpu {
         let events = fd
             .get_vcpu_events()
             .map_err(Error::sys("KVM_GET_VCPU_EVENTS"))?;
-        Ok(VcpuSnapshot {
+        let mut s = VcpuSnapshot {
             cpuid,
             mp_state,
             regs,
@@ -280,7 +329,9 @@ impl KvmVcpu {
             msrs,
             events,
             tsc_khz,
-        })
+        };
+        let ran_hlt = s.run_hlt_in_sti_shadow(self.byte_at_rip(&s, memory));
+        Ok((s, ran_hlt))
     }
 
     /// Every MSR of `index` KVM lets this vCPU read. KVM_GET_MSRS stops
@@ -453,8 +504,8 @@ mod tests {
         assert!(m.iter().all(|e| e.data == u64::from(e.index)));
     }
 
-    fn saved() -> serde_json::Value {
-        let v = VcpuSnapshot {
+    fn snapshot() -> VcpuSnapshot {
+        VcpuSnapshot {
             cpuid: vec![kvm_cpuid_entry2::default(); 2],
             mp_state: kvm_mp_state::default(),
             regs: kvm_regs {
@@ -469,8 +520,40 @@ mod tests {
             msrs: vec![kvm_msr_entry::default()],
             events: kvm_vcpu_events::default(),
             tsc_khz: None,
+        }
+    }
+
+    fn saved() -> serde_json::Value {
+        serde_json::to_value(snapshot()).unwrap()
+    }
+
+    /// Only the STI shadow in front of a HLT counts as the HLT run; the
+    /// MOV SS shadow, or another instruction, leave the state as read.
+    #[test]
+    fn only_a_hlt_in_the_sti_shadow_is_run_at_the_save() {
+        let in_shadow = |shadow: u32| {
+            let mut s = snapshot();
+            s.events.interrupt.shadow = shadow as u8;
+            s.mp_state.mp_state = KVM_MP_STATE_RUNNABLE;
+            s
         };
-        serde_json::to_value(&v).unwrap()
+        let mut s = in_shadow(KVM_X86_SHADOW_INT_STI);
+        assert!(s.run_hlt_in_sti_shadow(Some(HLT)));
+        assert_eq!(s.regs.rip, 0x1235);
+        assert_eq!(s.mp_state.mp_state, KVM_MP_STATE_HALTED);
+        assert_eq!(s.events.interrupt.shadow, 0);
+        for (shadow, next) in [
+            (KVM_X86_SHADOW_INT_STI, Some(0x90)),
+            (KVM_X86_SHADOW_INT_STI, None),
+            (KVM_X86_SHADOW_INT_MOV_SS, Some(HLT)),
+            (0, Some(HLT)),
+        ] {
+            let mut s = in_shadow(shadow);
+            assert!(!s.run_hlt_in_sti_shadow(next), "{shadow} {next:?}");
+            assert_eq!(s.regs.rip, 0x1234);
+            assert_eq!(s.mp_state.mp_state, KVM_MP_STATE_RUNNABLE);
+            assert_eq!(u32::from(s.events.interrupt.shadow), shadow);
+        }
     }
 
     #[test]

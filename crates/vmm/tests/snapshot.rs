@@ -411,6 +411,60 @@ fn a_device_interrupt_missing_from_the_saved_irqchip_is_raised_after_the_restore
     assert!(after.text().contains("got 'ping'"), "{}", after.text());
 }
 
+/// A vCPU stopped between STI and HLT is saved as having run the HLT:
+/// past it, halted, no interrupt shadow. A host that does not honour a
+/// restored shadow (PVM) would otherwise deliver a pending interrupt
+/// before the HLT, which then sleeps through the wake-up its handler
+/// made. The UART kernel waits in `sti; hlt`; paused there, its vCPU 0
+/// is put back on the HLT with the STI shadow set, as a pause landing
+/// between the two leaves it; the restored guest still takes its input.
+#[test]
+fn a_vcpu_stopped_between_sti_and_hlt_is_saved_halted_past_the_hlt() {
+    require_kvm!();
+    use brisk_vmm::KvmVcpu;
+    use kvm_bindings::{
+        KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE, KVM_VCPUEVENT_VALID_SHADOW,
+        KVM_X86_SHADOW_INT_STI,
+    };
+    let dir = Dir::new("sti-hlt");
+    let vm = uart_kernel_waiting_for_input();
+    vm.pause(soon()).unwrap();
+    let hlt_at = vm.vcpus()[0]
+        .run_on(
+            |k: &mut KvmVcpu| {
+                let fd = k.fd();
+                assert_eq!(fd.get_mp_state().unwrap().mp_state, KVM_MP_STATE_HALTED);
+                let mut regs = fd.get_regs().unwrap();
+                regs.rip -= 1; // back onto the HLT it ran
+                fd.set_regs(&regs).unwrap();
+                let runnable = kvm_bindings::kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                };
+                fd.set_mp_state(runnable).unwrap();
+                let mut events = fd.get_vcpu_events().unwrap();
+                events.interrupt.shadow = KVM_X86_SHADOW_INT_STI as u8;
+                events.flags |= KVM_VCPUEVENT_VALID_SHADOW;
+                fd.set_vcpu_events(&events).unwrap();
+                regs.rip
+            },
+            soon(),
+        )
+        .unwrap();
+    vm.snapshot(&dir.0).unwrap();
+    vm.shutdown().unwrap();
+    let saved = &state(&dir.0).vcpus[0].kvm;
+    assert_eq!(saved.regs.rip, hlt_at + 1, "saved on the HLT, not past it");
+    assert_eq!(saved.mp_state.mp_state, KVM_MP_STATE_HALTED);
+    assert_eq!(saved.events.interrupt.shadow, 0);
+    let after = Capture::default();
+    let vm = Vm::restore(&dir.0, Output::Capture(after.clone()), paused()).unwrap();
+    vm.resume().unwrap();
+    common::type_in(&vm, b"ping");
+    run_to(&vm, PASS);
+    vm.shutdown().unwrap();
+    assert!(after.text().contains("got 'ping'"), "{}", after.text());
+}
+
 /// Snapshots that cannot be used are refused, in one sentence, before a
 /// VM is built.
 #[test]

@@ -332,7 +332,8 @@ impl Vm {
                 source,
             };
             let index = msrs.clone();
-            let kvm = ctl
+            let memory = self.kvm.memory().clone();
+            let (kvm, ran_hlt) = ctl
                 .run_on(
                     move |v| {
                         // Parking settles an exited PIO/MMIO access, but a
@@ -343,15 +344,18 @@ impl Vm {
                                 "it is in the middle of an I/O instruction; try again".into(),
                             ));
                         }
-                        v.save_state(&index)
+                        v.save_state(&index, &memory)
                     },
                     Deadline::after(PAUSE_BOUND),
                 )
                 .map_err(|e| fail(Box::new(e)))?
                 .map_err(|e| fail(Box::new(e)))?;
+            // A HLT run from its STI shadow halts where the HLT does: in
+            // KVM with its irqchip (mp_state), else in user space.
             let halted = ctl
                 .halted_while_parked()
-                .ok_or_else(|| fail("it is not parked".into()))?;
+                .ok_or_else(|| fail("it is not parked".into()))?
+                || (ran_hlt && kvm.lapic.is_none());
             let pending = self
                 .pending_interrupts(id)
                 .map(|p| p.pending_vectors())
