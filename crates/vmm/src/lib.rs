@@ -37,7 +37,7 @@ pub use config::{ConfigError, DiskConfig, Limit, NetConfig, VmConfig, VsockConfi
 pub use end::VmEnd;
 pub use errors::{DiskError, Interruption, KernelError, ReceiveError, RestoreError};
 pub use interrupts::UserInterrupts;
-pub use lifecycle::{Hold, VmState};
+pub use lifecycle::{Hold, VmState, Was};
 pub use migration::{MigrationError, MigrationOptions, MigrationStatus, MigrationUrl};
 pub use output::{Capture, Output};
 pub use payload::{KernelConfig, Payload, Platform};

@@ -5,7 +5,7 @@
 //!                           │  ▲            │  ▲
 //!                      hold │  │ guard   hold│  │ guard
 //!                           ▼  │ drops       ▼  │ drops
-//!                          Held(Pausing | Resuming | Snapshot | Migration)
+//!       Held(Pausing | Resuming | Snapshot | Migration, Was::Running | Was::Paused)
 //!
 //!  any state ──end──▶ Ended(why)   (for good)
 //! ```
@@ -45,7 +45,9 @@ pub enum VmState {
     /// Every vCPU is parked and the I/O engine too, until resumed.
     Paused,
     /// An operation has the VM to itself; pause and resume wait for it.
-    Held(Hold),
+    /// What the VM was before (and is again after, unless the holder
+    /// pauses or resumes it) is kept: Firecracker's API reports that.
+    Held(Hold, Was),
     /// It ended, for good.
     Ended(VmEnd),
 }
@@ -63,6 +65,13 @@ pub enum Hold {
     Migration,
 }
 
+/// What a held VM was when the hold began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Was {
+    Running,
+    Paused,
+}
+
 impl VmState {
     /// The state's name in the API (`vm.info`'s "state").
     pub fn name(&self) -> &'static str {
@@ -70,7 +79,7 @@ impl VmState {
             VmState::Configured => "configured",
             VmState::Running => "running",
             VmState::Paused => "paused",
-            VmState::Held(h) => h.name(),
+            VmState::Held(h, _) => h.name(),
             VmState::Ended(_) => "shutdown",
         }
     }
@@ -192,7 +201,7 @@ impl Lifecycle {
                 VmState::Paused if hold == Hold::Pausing => return Err(PauseError::AlreadyPaused),
                 VmState::Running => true,
                 VmState::Paused => false,
-                VmState::Held(by) => {
+                VmState::Held(by, _) => {
                     let left = match wait {
                         Wait::Until(d) if !d.passed() => d.remaining(),
                         _ => return Err(PauseError::Busy(*by)),
@@ -205,7 +214,11 @@ impl Lifecycle {
                     continue;
                 }
             };
-            *s = VmState::Held(hold);
+            let was = match was_running {
+                true => Was::Running,
+                false => Was::Paused,
+            };
+            *s = VmState::Held(hold, was);
             return Ok(was_running);
         }
     }
@@ -213,7 +226,7 @@ impl Lifecycle {
     /// Back from Held to `to`, unless the VM ended meanwhile.
     fn put_back(&self, to: VmState) {
         let mut s = self.lock();
-        if matches!(*s, VmState::Held(_)) {
+        if matches!(*s, VmState::Held(..)) {
             *s = to;
         }
         drop(s);
@@ -453,7 +466,7 @@ mod tests {
         crate::require_kvm!();
         let vm = spin_vm();
         let held = stopped(&vm, Hold::Snapshot);
-        assert_eq!(vm.state(), VmState::Held(Hold::Snapshot));
+        assert_eq!(vm.state(), VmState::Held(Hold::Snapshot, Was::Running));
         assert_eq!(vm.try_pause(soon()), Err(PauseError::Busy(Hold::Snapshot)));
         let passed = Deadline::after(Duration::ZERO);
         assert_eq!(vm.pause(passed), Err(PauseError::Busy(Hold::Snapshot)));

@@ -528,17 +528,15 @@ pub fn is_slow(path: &str) -> bool {
 }
 
 /// Firecracker's three instance states, for brisk's: a VM held by a
-/// pause, resume, snapshot or migration is named as the guest stands
-/// (Firecracker's own snapshot needs a paused VM), an ended one as it
-/// last was (Firecracker exits with its guest).
+/// pause, resume, snapshot or migration is named as it was when the hold
+/// began (Firecracker's state changes once an action is done), an ended
+/// one "Paused" (Firecracker exits with its guest).
 fn instance_state(state: &brisk_vmm::VmState) -> &'static str {
-    use brisk_vmm::{Hold, VmState};
+    use brisk_vmm::{VmState, Was};
     match state {
         VmState::Configured => "Not started",
-        VmState::Paused | VmState::Held(Hold::Resuming | Hold::Snapshot) | VmState::Ended(_) => {
-            "Paused"
-        }
-        VmState::Running | VmState::Held(Hold::Pausing | Hold::Migration) => "Running",
+        VmState::Paused | VmState::Held(_, Was::Paused) | VmState::Ended(_) => "Paused",
+        VmState::Running | VmState::Held(_, Was::Running) => "Running",
     }
 }
 
@@ -688,7 +686,10 @@ impl Firecracker {
                 let paused = matches!(
                     vm.state(),
                     brisk_vmm::VmState::Paused
-                        | brisk_vmm::VmState::Held(brisk_vmm::Hold::Snapshot)
+                        | brisk_vmm::VmState::Held(
+                            brisk_vmm::Hold::Snapshot,
+                            brisk_vmm::Was::Paused
+                        )
                 );
                 if !paused {
                     return Err(FcError::Invalid(
@@ -808,6 +809,26 @@ impl Firecracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A held VM is reported as it was when the hold began: a live
+    /// snapshot of a running VM leaves it "Running", a snapshot of a
+    /// paused one "Paused", a resume on its way still "Paused".
+    #[test]
+    fn a_held_vm_reports_what_it_was() {
+        use brisk_vmm::{Hold, VmState, Was};
+        for (state, want) in [
+            (VmState::Configured, "Not started"),
+            (VmState::Running, "Running"),
+            (VmState::Paused, "Paused"),
+            (VmState::Held(Hold::Snapshot, Was::Running), "Running"),
+            (VmState::Held(Hold::Snapshot, Was::Paused), "Paused"),
+            (VmState::Held(Hold::Migration, Was::Paused), "Paused"),
+            (VmState::Held(Hold::Pausing, Was::Running), "Running"),
+            (VmState::Held(Hold::Resuming, Was::Paused), "Paused"),
+        ] {
+            assert_eq!(instance_state(&state), want, "{state:?}");
+        }
+    }
 
     fn drive(id: &str, root: bool) -> Drive {
         Drive {
