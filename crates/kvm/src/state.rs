@@ -242,7 +242,8 @@ const HLT: u8 = 0xf4;
 
 impl VcpuSnapshot {
     /// A vCPU stopped between STI and HLT (in the STI interrupt shadow,
-    /// with `next`, the byte at CS:RIP, a HLT) is recorded as having run
+    /// with `next`, the byte at CS:RIP, a HLT; asked only in the shadow)
+    /// is recorded as having run
     /// the HLT: past it, halted, no shadow. That is what the HLT does:
     /// the shadow holds interrupts off until it has run, and one pending
     /// then wakes the vCPU after it. Saved as stopped, a host that does
@@ -251,9 +252,9 @@ impl VcpuSnapshot {
     /// through the wake-up the handler made. Returns whether it did;
     /// without a LAPIC (brisk's own irqchip) the caller records the halt,
     /// which lives in user space.
-    pub fn run_hlt_in_sti_shadow(&mut self, next: Option<u8>) -> bool {
+    pub fn run_hlt_in_sti_shadow(&mut self, next: impl FnOnce(&Self) -> Option<u8>) -> bool {
         let shadowed = u32::from(self.events.interrupt.shadow) & KVM_X86_SHADOW_INT_STI != 0;
-        if !shadowed || next != Some(HLT) {
+        if !shadowed || next(self) != Some(HLT) {
             return false;
         }
         self.regs.rip = self.regs.rip.wrapping_add(1);
@@ -330,7 +331,7 @@ impl KvmVcpu {
             events,
             tsc_khz,
         };
-        let ran_hlt = s.run_hlt_in_sti_shadow(self.byte_at_rip(&s, memory));
+        let ran_hlt = s.run_hlt_in_sti_shadow(|s| self.byte_at_rip(s, memory));
         Ok((s, ran_hlt))
     }
 
@@ -538,7 +539,7 @@ mod tests {
             s
         };
         let mut s = in_shadow(KVM_X86_SHADOW_INT_STI);
-        assert!(s.run_hlt_in_sti_shadow(Some(HLT)));
+        assert!(s.run_hlt_in_sti_shadow(|_| Some(HLT)));
         assert_eq!(s.regs.rip, 0x1235);
         assert_eq!(s.mp_state.mp_state, KVM_MP_STATE_HALTED);
         assert_eq!(s.events.interrupt.shadow, 0);
@@ -549,7 +550,7 @@ mod tests {
             (0, Some(HLT)),
         ] {
             let mut s = in_shadow(shadow);
-            assert!(!s.run_hlt_in_sti_shadow(next), "{shadow} {next:?}");
+            assert!(!s.run_hlt_in_sti_shadow(|_| next), "{shadow} {next:?}");
             assert_eq!(s.regs.rip, 0x1234);
             assert_eq!(s.mp_state.mp_state, KVM_MP_STATE_RUNNABLE);
             assert_eq!(u32::from(s.events.interrupt.shadow), shadow);
