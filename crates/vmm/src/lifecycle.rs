@@ -190,17 +190,17 @@ impl Lifecycle {
     }
 
     /// The one check of who may hold the VM: from Running (or Paused)
-    /// to `Held(hold)`; a pause needs Running, a resume Paused. Returns
-    /// whether it was running.
-    fn take(&self, hold: Hold, wait: Wait) -> Result<bool, PauseError> {
+    /// to `Held(hold, was)`; a pause needs Running, a resume Paused.
+    /// Returns what it was.
+    fn take(&self, hold: Hold, wait: Wait) -> Result<Was, PauseError> {
         let mut s = self.lock();
         loop {
-            let was_running = match &*s {
+            let was = match &*s {
                 VmState::Ended(_) | VmState::Configured => return Err(PauseError::Ended),
                 VmState::Running if hold == Hold::Resuming => return Err(PauseError::NotPaused),
                 VmState::Paused if hold == Hold::Pausing => return Err(PauseError::AlreadyPaused),
-                VmState::Running => true,
-                VmState::Paused => false,
+                VmState::Running => Was::Running,
+                VmState::Paused => Was::Paused,
                 VmState::Held(by, _) => {
                     let left = match wait {
                         Wait::Until(d) if !d.passed() => d.remaining(),
@@ -214,12 +214,8 @@ impl Lifecycle {
                     continue;
                 }
             };
-            let was = match was_running {
-                true => Was::Running,
-                false => Was::Paused,
-            };
             *s = VmState::Held(hold, was);
-            return Ok(was_running);
+            return Ok(was);
         }
     }
 
@@ -259,7 +255,7 @@ enum After {
 /// [`HeldVm::leave_paused`]) and ends the hold.
 pub(crate) struct HeldVm<'a> {
     vm: &'a Vm,
-    was_running: bool,
+    was: Was,
     stopped: bool,
     after: After,
 }
@@ -267,10 +263,10 @@ pub(crate) struct HeldVm<'a> {
 impl Vm {
     /// Hold the VM for `hold` (see the module's doc).
     pub(crate) fn hold(&self, hold: Hold, wait: Wait) -> Result<HeldVm<'_>, PauseError> {
-        let was_running = self.life.take(hold, wait)?;
+        let was = self.life.take(hold, wait)?;
         Ok(HeldVm {
             vm: self,
-            was_running,
+            was,
             stopped: false,
             after: After::AsBefore,
         })
@@ -349,7 +345,7 @@ impl HeldVm<'_> {
     /// what is saved), unless stopped already. On failure every vCPU
     /// runs again and the VM stays held.
     pub(crate) fn stop(&mut self, deadline: Deadline) -> Result<(), PauseError> {
-        if !self.was_running || self.stopped {
+        if self.was == Was::Paused || self.stopped {
             return Ok(());
         }
         let vcpus = || self.vm.vcpus.iter().map(|v| &**v);
@@ -377,7 +373,7 @@ impl HeldVm<'_> {
 
     /// Whether the VM was paused when taken.
     pub(crate) fn was_paused(&self) -> bool {
-        !self.was_running
+        self.was == Was::Paused
     }
 
     /// Leave the VM paused when the hold ends (it then stands exactly as
@@ -389,11 +385,11 @@ impl HeldVm<'_> {
 
 impl Drop for HeldVm<'_> {
     fn drop(&mut self) {
-        let parked = self.stopped || !self.was_running;
+        let parked = self.stopped || self.was_paused();
         // vCPUs never parked run on, whatever was asked.
         let run = !parked
             || match self.after {
-                After::AsBefore => self.was_running,
+                After::AsBefore => self.was == Was::Running,
                 After::Paused => false,
                 After::Running => true,
             };
