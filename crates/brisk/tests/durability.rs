@@ -79,15 +79,15 @@ static void message(int fd, const void *buf, size_t n) {
 }
 
 ssize_t write(int fd, const void *buf, size_t n) {
-    static ssize_t (*real)(int, const void *, size_t);
-    if (!real) real = (ssize_t (*)(int, const void *, size_t))dlsym(RTLD_NEXT, "write");
+    ssize_t (*real)(int, const void *, size_t) =
+        (ssize_t (*)(int, const void *, size_t))dlsym(RTLD_NEXT, "write");
     message(fd, buf, n);
     return real(fd, buf, n);
 }
 
 ssize_t send(int fd, const void *buf, size_t n, int flags) {
-    static ssize_t (*real)(int, const void *, size_t, int);
-    if (!real) real = (ssize_t (*)(int, const void *, size_t, int))dlsym(RTLD_NEXT, "send");
+    ssize_t (*real)(int, const void *, size_t, int) =
+        (ssize_t (*)(int, const void *, size_t, int))dlsym(RTLD_NEXT, "send");
     message(fd, buf, n);
     return real(fd, buf, n, flags);
 }
@@ -95,8 +95,8 @@ ssize_t send(int fd, const void *buf, size_t n, int flags) {
 /* KVM_GET_DIRTY_LOG: a migration's last one is its final copy, taken
  * with the guest stopped. */
 int ioctl(int fd, unsigned long request, void *arg) {
-    static int (*real)(int, unsigned long, void *);
-    if (!real) real = (int (*)(int, unsigned long, void *))dlsym(RTLD_NEXT, "ioctl");
+    int (*real)(int, unsigned long, void *) =
+        (int (*)(int, unsigned long, void *))dlsym(RTLD_NEXT, "ioctl");
     if (request == 0x4010ae42UL) note("KVM_GET_DIRTY_LOG\n");
     return real(fd, request, arg);
 }

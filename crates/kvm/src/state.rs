@@ -243,8 +243,8 @@ const HLT: u8 = 0xf4;
 impl VcpuSnapshot {
     /// A vCPU stopped between STI and HLT (in the STI interrupt shadow,
     /// with `next`, the byte at CS:RIP, a HLT; asked only in the shadow)
-    /// is recorded as having run
-    /// the HLT: past it, halted, no shadow. That is what the HLT does:
+    /// is recorded as having run the HLT: past it, halted, no shadow.
+    /// That is what the HLT does:
     /// the shadow holds interrupts off until it has run, and one pending
     /// then wakes the vCPU after it. Saved as stopped, a host that does
     /// not honour a restored shadow (PVM: shown in docs/snapshot.md)
